@@ -1,0 +1,27 @@
+"""Build a CacheBackend from ``cache_backend`` + ``cache_config``. Adding a method is one line here."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from ditserve.cache.base import CacheBackend
+from ditserve.errors import CacheConfigError
+
+#: ``cache_backend`` name -> "module:Class"
+BACKENDS: dict[str, str] = {}
+
+
+def available_backends() -> list[str]:
+    return sorted(BACKENDS)
+
+
+def build_cache_backend(name: str, config: Mapping[str, Any] | None = None) -> CacheBackend:
+    target = BACKENDS.get(name)
+    if target is None:
+        raise CacheConfigError(f"cache_backend={name!r} is unknown; choose one of {available_backends()}",
+                               param="cache_backend")
+    module_name, class_name = target.split(":")
+    backend_class = getattr(importlib.import_module(module_name), class_name)
+    return backend_class(config or {})

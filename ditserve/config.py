@@ -1,0 +1,234 @@
+"""Configuration objects: sampling params of a request, engine config, parallel config, limits.
+
+Public names follow vLLM-Omni (``OmniDiffusionSamplingParams``, ``OmniDiffusionConfig``,
+``DiffusionParallelConfig``) so its users can switch with little change. Every object validates itself on
+construction and rejects unknown keys with an error that lists the allowed ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ditserve.errors import InvalidParameterError, InvalidTypeError, check_choice, check_keys
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidTypeError(f"{name} must be an integer, got {type(value).__name__}", param=name)
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise InvalidParameterError(f"{name}={value} must be >= {minimum}{upper}", param=name)
+
+
+def _check_float(name: str, value: Any, minimum: float, maximum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__}", param=name)
+    if not math.isfinite(value) or not minimum <= value <= maximum:
+        raise InvalidParameterError(f"{name}={value} must be a finite number in [{minimum}, {maximum}]", param=name)
+
+
+def _check_optional_str(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise InvalidTypeError(f"{name} must be a string or None, got {type(value).__name__}", param=name)
+
+
+@dataclass
+class OmniDiffusionSamplingParams:
+    """How to sample one request. ``None`` means "the model family's default" (the same default diffusers'
+    own pipeline uses, or the model folder's ``ditserve_defaults.json``)."""
+
+    num_inference_steps: int | None = None
+    height: int | None = None
+    width: int | None = None
+    #: seed ``s`` gives the initial noise of diffusers with ``torch.Generator("cpu").manual_seed(s)``;
+    #: ``None`` draws a seed, reported in the output.
+    seed: int | None = None
+    #: distilled (embedded) guidance for FLUX.1-dev-like models, classic CFG scale for SD3 / Z-Image / Wan
+    guidance_scale: float | None = None
+    #: "true" classifier-free guidance with a negative prompt (FLUX, Qwen-Image)
+    true_cfg_scale: float | None = None
+    negative_prompt: str | None = None
+    num_outputs_per_prompt: int = 1
+    num_frames: int | None = None
+    fps: int | None = None
+    max_sequence_length: int | None = None
+    #: Wan2.2 A14B: guidance of the low-noise expert, and the boundary between the two experts
+    guidance_scale_2: float | None = None
+    boundary_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.num_inference_steps is not None:
+            _check_int("num_inference_steps", self.num_inference_steps, 1)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, 8)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**63 - 1)
+        for name in ("guidance_scale", "true_cfg_scale", "guidance_scale_2"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_float(name, value, 0.0, 100.0)
+        if self.boundary_ratio is not None:
+            _check_float("boundary_ratio", self.boundary_ratio, 0.0, 1.0)
+        _check_optional_str("negative_prompt", self.negative_prompt)
+        _check_int("num_outputs_per_prompt", self.num_outputs_per_prompt, 1)
+        if self.num_frames is not None:
+            _check_int("num_frames", self.num_frames, 1)
+        if self.fps is not None:
+            _check_int("fps", self.fps, 1, 240)
+        if self.max_sequence_length is not None:
+            _check_int("max_sequence_length", self.max_sequence_length, 1, 4096)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> OmniDiffusionSamplingParams:
+        check_keys("sampling params", values.keys(), cls.field_names())
+        return cls(**dict(values))
+
+    def replace(self, **changes: Any) -> OmniDiffusionSamplingParams:
+        check_keys("sampling params", changes.keys(), self.field_names())
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Limits:
+    """Upper bounds a request may ask for: protects a server from a request that would run for hours."""
+
+    max_steps: int = 200
+    max_image_size: int = 2048
+    max_n: int = 8
+    max_frames: int = 257
+    max_prompt_chars: int = 4000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_int(f.name, getattr(self, f.name), 1)
+
+
+@dataclass
+class DiffusionParallelConfig:
+    """Degrees of each kind of multi-device parallelism; their product is the world size."""
+
+    cfg_parallel_size: int = 1
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    tensor_parallel_size: int = 1
+    vae_patch_parallel_size: int = 1
+    #: seconds a collective may wait before the run fails (a dead rank must never hang the engine)
+    timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("cfg_parallel_size", "ulysses_degree", "ring_degree", "tensor_parallel_size",
+                     "vae_patch_parallel_size"):
+            _check_int(name, getattr(self, name), 1, 64)
+        if self.cfg_parallel_size not in (1, 2):
+            raise InvalidParameterError(
+                f"cfg_parallel_size={self.cfg_parallel_size}: allowed values are 1 and 2 "
+                "(one rank per guidance branch)", param="cfg_parallel_size")
+        _check_float("timeout_s", self.timeout_s, 1.0, 3600.0)
+
+    @property
+    def sequence_parallel_size(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg_parallel_size * self.sequence_parallel_size * self.tensor_parallel_size
+
+    @classmethod
+    def from_any(cls, value: DiffusionParallelConfig | Mapping[str, Any] | None) -> DiffusionParallelConfig:
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            check_keys("parallel_config", value.keys(), [f.name for f in fields(cls)])
+            return cls(**dict(value))
+        raise InvalidTypeError(
+            f"parallel_config must be a DiffusionParallelConfig or a dict, got {type(value).__name__}",
+            param="parallel_config")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = (None, "fp8", "gguf", "int8")
+
+
+@dataclass
+class OmniDiffusionConfig:
+    """Everything an engine is built from. ``Omni(**kwargs)`` builds one of these."""
+
+    #: local diffusers folder, hub id, or ``None`` / ``"ditserve-shapes"`` for the bundled demo model
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    cache_backend: str | None = None
+    cache_config: dict[str, Any] | None = None
+    #: prompt-embedding cache (``None``: on, unless OMNI_DIFFUSION_PROMPT_EMBED_CACHE says otherwise)
+    enable_prompt_embed_cache: bool | None = None
+    prompt_embed_cache_size: int | None = None
+    max_batch_size: int = 4
+    #: requests allowed to wait; beyond it new ones are refused (QueueFullError, HTTP 429). None: unbounded
+    max_queue_size: int | None = None
+    #: ``False`` compiles the family's repeated transformer blocks with torch.compile (regional compile)
+    enforce_eager: bool = True
+    enable_cpu_offload: bool = False
+    enable_layerwise_offload: bool = False
+    vae_use_slicing: bool = False
+    vae_use_tiling: bool = False
+    quantization: str | None = None
+    ignored_layers: list[str] | None = None
+    gguf_model: str | None = None
+    parallel_config: DiffusionParallelConfig = field(default_factory=DiffusionParallelConfig)
+    limits: Limits = field(default_factory=Limits)
+    #: tqdm progress bar over denoising steps
+    show_progress: bool = False
+
+    def __post_init__(self) -> None:
+        _check_optional_str("model", self.model)
+        check_choice("dtype", self.dtype, DTYPES)
+        if not isinstance(self.device, str):
+            raise InvalidTypeError("device must be a string such as 'auto', 'cpu', 'cuda' or 'cuda:1'",
+                                   param="device")
+        _check_optional_str("cache_backend", self.cache_backend)
+        if self.cache_config is not None and not isinstance(self.cache_config, Mapping):
+            raise InvalidTypeError("cache_config must be a dict", param="cache_config")
+        if self.cache_config and self.cache_backend is None:
+            raise InvalidParameterError("cache_config was given without cache_backend; set cache_backend too",
+                                        param="cache_config")
+        _check_int("max_batch_size", self.max_batch_size, 1, 256)
+        if self.max_queue_size is not None:
+            _check_int("max_queue_size", self.max_queue_size, 1)
+        check_choice("quantization", self.quantization, QUANTIZATIONS)
+        if self.quantization == "gguf" and not self.gguf_model:
+            raise InvalidParameterError("quantization='gguf' needs gguf_model (path to a .gguf transformer file)",
+                                        param="gguf_model")
+        if self.gguf_model and self.quantization != "gguf":
+            raise InvalidParameterError("gguf_model is only used with quantization='gguf'", param="gguf_model")
+        if self.enable_cpu_offload and self.enable_layerwise_offload:
+            raise InvalidParameterError(
+                "enable_cpu_offload and enable_layerwise_offload are mutually exclusive; choose one",
+                param="enable_layerwise_offload")
+        self.parallel_config = DiffusionParallelConfig.from_any(self.parallel_config)
+        if isinstance(self.limits, Mapping):
+            check_keys("limits", self.limits.keys(), [f.name for f in fields(Limits)])
+            self.limits = Limits(**dict(self.limits))
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> OmniDiffusionConfig:
+        check_keys("Omni", kwargs.keys(), cls.field_names())
+        return cls(**dict(kwargs))

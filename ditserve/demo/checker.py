@@ -1,0 +1,198 @@
+"""Adherence checker: does an image show what its prompt says?
+
+Every pixel is labelled with its nearest palette colour. For each object of the prompt the checker looks, near
+the object's cell, for the largest connected region of the object's colour, then judges:
+
+* present (colour + position): the region is big enough and centred near the cell's centre;
+* size: the region's box side (every shape is as tall and as wide as its box) against the small/large cut;
+* shape: how much of its bounding box the region fills (square 1, disc pi/4, triangle 1/2), and for the
+  triangle that its mass sits low (apex up).
+
+A prompt is correct when every object is, the background has the right colour, and no empty cell holds an
+extra object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from ditserve.demo.language import COLORS, POSITIONS, Scene, ShapeObject, parse_prompt
+from ditserve.demo.render import BOX_SIDE, MAX_JITTER, PALETTE, cell_center
+from ditserve.errors import InvalidParameterError
+
+# Half side of the search window around a cell centre: a large object (0.17) plus full jitter plus slack.
+SEARCH_HALF = BOX_SIDE["large"] / 2 + MAX_JITTER + 0.03
+# A region's bounding-box centre may sit this far from its cell centre (jitter plus slack).
+POSITION_TOLERANCE = MAX_JITTER + 0.06
+# Smallest region accepted as an object: 40 % of the smallest shape (small triangle, 0.02 S^2).
+MIN_AREA = 0.4 * BOX_SIDE["small"] ** 2 / 2
+SIZE_CUT = (BOX_SIDE["small"] + BOX_SIDE["large"]) / 2
+# Fill of the bounding box: square 1.0, disc 0.785, triangle 0.5; cuts half way.
+SQUARE_FILL_CUT = 0.89
+DISC_FILL_CUT = 0.64
+# A triangle's centroid is 2/3 of the way down its box; a disc's or square's is half way.
+APEX_UP_CUT = 0.58
+# Pixels farther than this (RGB distance) from every palette colour are left unlabelled.
+MAX_COLOR_DISTANCE = 90.0
+# An empty cell's inner square (that no neighbour reaches) may hold this fraction of non-background pixels.
+INNER_HALF = BOX_SIDE["small"] / 2
+MAX_FOREIGN_FRACTION = 0.3
+
+_PALETTE_ARRAY = np.array([PALETTE[c] for c in COLORS], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ObjectScore:
+    object: ShapeObject
+    present: bool
+    shape_ok: bool
+    size_ok: bool
+
+    @property
+    def correct(self) -> bool:
+        return self.present and self.shape_ok and self.size_ok
+
+
+@dataclass(frozen=True)
+class PromptScore:
+    objects: tuple[ObjectScore, ...]
+    background_ok: bool
+    extra_objects: int
+
+    @property
+    def object_accuracy(self) -> float:
+        return sum(o.correct for o in self.objects) / len(self.objects)
+
+    @property
+    def correct(self) -> bool:
+        return all(o.correct for o in self.objects) and self.background_ok and self.extra_objects == 0
+
+
+def _to_array(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
+    """RGB uint8-valued float array (H, W, 3) from a PIL image, an HWC uint8 array or a CHW tensor in [0, 1]."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32)
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise InvalidParameterError(f"image tensor must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}", param="image")
+        return image.detach().float().clamp(0, 1).mul(255).permute(1, 2, 0).cpu().numpy()
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3:
+        return image.astype(np.float32)
+    raise InvalidParameterError(
+        f"image must be a PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor, got {type(image).__name__}",
+        param="image",
+    )
+
+
+def label_colors(pixels: np.ndarray) -> np.ndarray:
+    """Index into COLORS of each pixel's nearest palette colour; -1 where none is near."""
+    distances = np.linalg.norm(pixels[:, :, None, :] - _PALETTE_ARRAY[None, None], axis=-1)
+    labels = distances.argmin(axis=-1)
+    labels[distances.min(axis=-1) > MAX_COLOR_DISTANCE] = -1
+    return labels
+
+
+def _window(center: tuple[float, float], half: float, side: int) -> tuple[slice, slice]:
+    cx, cy = center
+    x0, x1 = max(0, round((cx - half) * side)), min(side, round((cx + half) * side))
+    y0, y1 = max(0, round((cy - half) * side)), min(side, round((cy + half) * side))
+    return slice(y0, y1), slice(x0, x1)
+
+
+def _largest_region(mask: np.ndarray) -> np.ndarray | None:
+    regions, count = ndimage.label(mask)
+    if count == 0:
+        return None
+    areas = ndimage.sum_labels(mask, regions, index=np.arange(1, count + 1))
+    return regions == (int(np.argmax(areas)) + 1)
+
+
+def _classify_shape(region: np.ndarray) -> str:
+    rows, cols = np.nonzero(region)
+    height = rows.max() - rows.min() + 1
+    width = cols.max() - cols.min() + 1
+    fill = region.sum() / (height * width)
+    if fill > SQUARE_FILL_CUT:
+        return "square"
+    if fill > DISC_FILL_CUT:
+        return "circle"
+    centroid_depth = (rows.mean() - rows.min() + 0.5) / height
+    return "triangle" if centroid_depth > APEX_UP_CUT else "unknown"
+
+
+def _score_object(labels: np.ndarray, obj: ShapeObject) -> ObjectScore:
+    side = labels.shape[0]
+    center = cell_center(*obj.cell)
+    window = _window(center, SEARCH_HALF, side)
+    region = _largest_region(labels[window] == COLORS.index(obj.color))
+    if region is None or region.sum() < MIN_AREA * side * side:
+        return ObjectScore(obj, present=False, shape_ok=False, size_ok=False)
+    rows, cols = np.nonzero(region)
+    box_x = ((cols.min() + cols.max() + 1) / 2 + window[1].start) / side
+    box_y = ((rows.min() + rows.max() + 1) / 2 + window[0].start) / side
+    if max(abs(box_x - center[0]), abs(box_y - center[1])) > POSITION_TOLERANCE:
+        return ObjectScore(obj, present=False, shape_ok=False, size_ok=False)
+    box_side = ((rows.max() - rows.min() + 1) + (cols.max() - cols.min() + 1)) / 2 / side
+    size = "large" if box_side > SIZE_CUT else "small"
+    return ObjectScore(obj, present=True, shape_ok=_classify_shape(region) == obj.shape, size_ok=size == obj.size)
+
+
+def _count_extra_objects(labels: np.ndarray, scene: Scene, background: int) -> int:
+    occupied = {obj.position for obj in scene.objects}
+    extra = 0
+    for index, position in enumerate(POSITIONS):
+        if position in occupied:
+            continue
+        inner = labels[_window(cell_center(*divmod(index, 3)), INNER_HALF, labels.shape[0])]
+        extra += int((inner != background).mean() > MAX_FOREIGN_FRACTION)
+    return extra
+
+
+def score(image: Image.Image | np.ndarray | torch.Tensor, prompt: str | Scene) -> PromptScore:
+    """Score one square image against its prompt."""
+    scene = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    pixels = _to_array(image)
+    if pixels.shape[0] != pixels.shape[1]:
+        raise InvalidParameterError(f"image must be square, got {pixels.shape[1]}x{pixels.shape[0]}", param="image")
+    labels = label_colors(pixels)
+    background = COLORS.index(scene.background_color)
+    known = labels[labels >= 0]
+    dominant = int(np.bincount(known, minlength=len(COLORS)).argmax()) if known.size else -1
+    return PromptScore(
+        objects=tuple(_score_object(labels, obj) for obj in scene.objects),
+        background_ok=dominant == background,
+        extra_objects=_count_extra_objects(labels, scene, background),
+    )
+
+
+def evaluate(images: list, prompts: list[str | Scene]) -> dict[str, float]:
+    """Aggregate adherence of ``images`` to ``prompts`` (same length, paired by index)."""
+    if len(images) != len(prompts):
+        raise InvalidParameterError(f"images and prompts must pair up, got {len(images)} and {len(prompts)}", param="images")
+    if not images:
+        raise InvalidParameterError("evaluate needs at least one image", param="images")
+    scores = [score(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+    objects = [o for s in scores for o in s.objects]
+    heldout = [o for o in objects if o.object.is_heldout]
+    return {
+        "prompts": len(scores),
+        "objects": len(objects),
+        "object_accuracy": _mean(o.correct for o in objects),
+        "prompt_accuracy": _mean(s.correct for s in scores),
+        "present_accuracy": _mean(o.present for o in objects),
+        "shape_accuracy": _mean(o.shape_ok for o in objects),
+        "size_accuracy": _mean(o.size_ok for o in objects),
+        "background_accuracy": _mean(s.background_ok for s in scores),
+        "extra_object_rate": _mean(s.extra_objects > 0 for s in scores),
+        "heldout_object_accuracy": _mean(o.correct for o in heldout) if heldout else float("nan"),
+    }
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(values)) / len(values)

@@ -1,0 +1,121 @@
+"""Ground-truth renderer of the demo language: batched torch rasterisation, on any device.
+
+Geometry is in fractions of the image side S: an object's centre is its 3x3 cell's centre (training may jitter
+it by up to ``MAX_JITTER``), a small object fits a box of side 0.20 S, a large one 0.34 S. Shapes are drawn
+2x supersampled and averaged, so edges are anti-aliased like those of a decoded image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ditserve.demo.language import COLORS, MAX_OBJECTS, SHAPES, Scene, parse_prompt
+from ditserve.errors import InvalidParameterError
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 70),
+    "blue": (40, 90, 220),
+    "yellow": (240, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+}
+BOX_SIDE: dict[str, float] = {"small": 0.20, "large": 0.34}
+MAX_JITTER = 0.04
+SUPERSAMPLING = 2
+
+
+def cell_center(row: int, column: int) -> tuple[float, float]:
+    """(x, y) of a grid cell's centre, in fractions of the image side."""
+    return (column + 0.5) / 3.0, (row + 0.5) / 3.0
+
+
+def _palette_tensor(device: torch.device) -> torch.Tensor:
+    return torch.tensor([PALETTE[c] for c in COLORS], dtype=torch.float32, device=device) / 255.0
+
+
+def _scene_tables(scenes: list[Scene], device: torch.device) -> dict[str, torch.Tensor]:
+    """Per scene and object slot: centre, half side, shape id, colour id and presence, padded to MAX_OBJECTS."""
+    count = len(scenes)
+    center = torch.zeros(count, MAX_OBJECTS, 2)
+    half = torch.zeros(count, MAX_OBJECTS)
+    shape = torch.zeros(count, MAX_OBJECTS, dtype=torch.long)
+    color = torch.zeros(count, MAX_OBJECTS, dtype=torch.long)
+    present = torch.zeros(count, MAX_OBJECTS, dtype=torch.bool)
+    background = torch.zeros(count, dtype=torch.long)
+    for i, scene in enumerate(scenes):
+        background[i] = COLORS.index(scene.background_color)
+        for j, obj in enumerate(scene.objects):
+            center[i, j] = torch.tensor(cell_center(*obj.cell))
+            half[i, j] = BOX_SIDE[obj.size] / 2
+            shape[i, j] = SHAPES.index(obj.shape)
+            color[i, j] = COLORS.index(obj.color)
+            present[i, j] = True
+    tables = {"center": center, "half": half, "shape": shape, "color": color, "present": present, "background": background}
+    return {name: t.to(device) for name, t in tables.items()}
+
+
+def _shape_masks(x: torch.Tensor, y: torch.Tensor, center: torch.Tensor, half: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, MAX_OBJECTS, H, W) coverage of every object slot, for pixel coordinates ``x``, ``y``."""
+    dx = x - center[..., 0, None, None]
+    dy = y - center[..., 1, None, None]
+    h = half[..., None, None]
+    disc = dx * dx + dy * dy <= h * h
+    square = (dx.abs() <= h) & (dy.abs() <= h)
+    # Apex up: at depth d below the apex the triangle is d wide (base and height both 2h).
+    depth = dy + h
+    triangle = (depth >= 0) & (dy <= h) & (dx.abs() <= depth / 2)
+    shape = shape[..., None, None]
+    return torch.where(shape == 0, disc, torch.where(shape == 1, square, triangle))
+
+
+def render_batch(
+    scenes: list[Scene],
+    size: int = 128,
+    jitter: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Render scenes to a float tensor (B, 3, size, size) in [0, 1] on ``device``.
+
+    ``jitter`` moves each object's centre uniformly by up to that fraction of the side in x and y
+    (training only; at most MAX_JITTER). ``generator`` must live on ``device`` when jitter is used.
+    """
+    if not 0.0 <= jitter <= MAX_JITTER:
+        raise InvalidParameterError(f"jitter must be in [0, {MAX_JITTER}], got {jitter}", param="jitter")
+    if size < 8:
+        raise InvalidParameterError(f"size must be >= 8 pixels, got {size}", param="size")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    tables = _scene_tables(scenes, device)
+    center = tables["center"]
+    if jitter > 0:
+        offsets = torch.rand(center.shape, generator=generator, device=device) * 2 - 1
+        center = center + jitter * offsets
+    fine = size * SUPERSAMPLING
+    coords = (torch.arange(fine, device=device, dtype=torch.float32) + 0.5) / fine
+    y, x = coords[:, None], coords[None, :]
+    masks = _shape_masks(x, y, center, tables["half"], tables["shape"]) & tables["present"][..., None, None]
+    palette = _palette_tensor(device)
+    image = palette[tables["background"]][:, :, None, None].expand(-1, -1, fine, fine)
+    # Later objects are painted over earlier ones, as in the prompt's order.
+    for slot in range(MAX_OBJECTS):
+        color = palette[tables["color"][:, slot]][:, :, None, None]
+        image = torch.where(masks[:, slot, None], color, image)
+    return F.avg_pool2d(image, SUPERSAMPLING)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Float (B, 3, H, W) in [0, 1] to PIL RGB images."""
+    array = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+
+def render(prompt: str | Scene, size: int = 128) -> Image.Image:
+    """The ground-truth picture of one prompt (no jitter)."""
+    scene = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    return to_pil(render_batch([scene], size=size))[0]

@@ -1,0 +1,113 @@
+"""``Omni``: offline generation, the same engine the server uses.
+
+    from ditserve import Omni, OmniDiffusionSamplingParams
+    with Omni(model="path/or/hub-id", cache_backend="tea_cache") as omni:
+        outputs = omni.generate("a cat", OmniDiffusionSamplingParams(num_inference_steps=50, seed=0))
+        outputs[0].images[0].save("cat.png")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
+from ditserve.engine.engine import DiffusionEngine
+from ditserve.engine.request import Request, RequestOutput
+from ditserve.errors import InvalidParameterError, InvalidTypeError, check_keys
+
+PROMPT_KEYS = ("prompt", "negative_prompt", "multi_modal_data")
+MULTI_MODAL_KEYS = ("image",)
+
+
+def as_pil_images(value: Any) -> list[Image.Image]:
+    """``multi_modal_data["image"]``: a PIL image, an HxWx3 uint8 array, a file path, or a list of those."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    images = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            images.append(item.convert("RGB"))
+        elif isinstance(item, np.ndarray):
+            images.append(Image.fromarray(np.asarray(item, dtype=np.uint8)).convert("RGB"))
+        elif isinstance(item, str):
+            images.append(Image.open(item).convert("RGB"))
+        else:
+            raise InvalidTypeError(f"image must be a PIL image, a uint8 array or a path, got {type(item).__name__}",
+                                   param="image")
+    return images
+
+
+def as_sampling_params(value: Any) -> OmniDiffusionSamplingParams:
+    if value is None:
+        return OmniDiffusionSamplingParams()
+    if isinstance(value, OmniDiffusionSamplingParams):
+        return value
+    if isinstance(value, Mapping):
+        return OmniDiffusionSamplingParams.from_dict(value)
+    raise InvalidTypeError(
+        f"sampling params must be an OmniDiffusionSamplingParams or a dict, got {type(value).__name__}",
+        param="sampling_params")
+
+
+class Omni:
+    def __init__(self, model: str | None = None, *, od_config: OmniDiffusionConfig | None = None,
+                 **kwargs: Any) -> None:
+        if od_config is not None:
+            if kwargs or model is not None:
+                raise InvalidParameterError("pass either od_config or model/keyword options, not both",
+                                            param="od_config")
+            self.config = od_config
+        else:
+            self.config = OmniDiffusionConfig.from_kwargs({"model": model, **kwargs})
+        self.engine = DiffusionEngine(self.config)
+
+    @property
+    def model_kind(self) -> str:
+        return self.engine.adapter.kind
+
+    def generate(self, prompts: Any, sampling_params: Any = None, **overrides: Any) -> list[RequestOutput]:
+        """One RequestOutput per prompt. ``prompts``: a string, a dict with ``prompt`` / ``negative_prompt`` /
+        ``multi_modal_data``, or a list of those. ``sampling_params``: one for all, or a list (one per prompt).
+        Keyword overrides (``num_inference_steps=20``...) apply to every prompt."""
+        items = prompts if isinstance(prompts, list) else [prompts]
+        if not items:
+            raise InvalidParameterError("prompts is empty", param="prompt")
+        params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
+        if len(params_list) != len(items):
+            raise InvalidParameterError(
+                f"got {len(params_list)} sampling params for {len(items)} prompts", param="sampling_params")
+        requests = [self._request(item, as_sampling_params(p), overrides) for item, p in zip(items, params_list, strict=True)]
+        return self.engine.generate(requests)
+
+    def _request(self, item: Any, params: OmniDiffusionSamplingParams, overrides: Mapping[str, Any]) -> Request:
+        if overrides:
+            params = params.replace(**overrides)
+        images: list[Image.Image] = []
+        if isinstance(item, Mapping):
+            check_keys("prompt dict", item.keys(), PROMPT_KEYS)
+            if "prompt" not in item:
+                raise InvalidParameterError("a prompt dict needs a 'prompt' key", param="prompt")
+            if item.get("negative_prompt") is not None:
+                params = params.replace(negative_prompt=item["negative_prompt"])
+            multi_modal = item.get("multi_modal_data") or {}
+            if not isinstance(multi_modal, Mapping):
+                raise InvalidTypeError("multi_modal_data must be a dict", param="multi_modal_data")
+            check_keys("multi_modal_data", multi_modal.keys(), MULTI_MODAL_KEYS)
+            if "image" in multi_modal:
+                images = as_pil_images(multi_modal["image"])
+            prompt = item["prompt"]
+        else:
+            prompt = item
+        return self.engine.make_request(prompt, params, images)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Omni:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

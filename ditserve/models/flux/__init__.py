@@ -1,0 +1,3 @@
+from ditserve.models.flux.adapter import FluxAdapter
+
+__all__ = ["FluxAdapter"]

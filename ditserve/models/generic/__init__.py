@@ -1,0 +1,3 @@
+from ditserve.models.generic.adapter import GenericAdapter
+
+__all__ = ["GenericAdapter"]

@@ -1,0 +1,131 @@
+"""Any other diffusers pipeline: run its own ``__call__`` (LongCat-Image, Ovis-Image, LTX-2, ...).
+
+What this path can do: every sampling param the pipeline's ``__call__`` accepts, per-request seeds, progress,
+abort between steps (from ``callback_on_step_end``), stage timings, and caches that hook the transformer.
+What it cannot do is an error, never silently skipped: a param the pipeline does not take, and batching
+(each request runs alone, so that its output equals diffusers' own exactly).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from ditserve.engine.context import ForwardContext, _current
+from ditserve.engine.request import Request
+from ditserve.errors import InvalidParameterError
+from ditserve.models.base import BatchResult, ModelAdapter, StageTimings, StepHooks, request_generator
+
+# our param name -> diffusers' name where they differ
+_RENAMED = {"num_outputs_per_prompt": "num_images_per_prompt"}
+_NOT_FORWARDED = {"seed", "fps", "boundary_ratio"}
+
+
+class GenericAdapter(ModelAdapter):
+    uses_shared_loop = False
+
+    def __init__(self, pipeline: Any, model_defaults: dict[str, Any] | None = None) -> None:
+        super().__init__(pipeline, model_defaults)
+        self._call_params = inspect.signature(type(pipeline).__call__).parameters
+        self.kind = self._infer_kind()
+
+    def _infer_kind(self) -> str:
+        if "num_frames" in self._call_params:
+            return "video"
+        if "image" in self._call_params:
+            return "edit"
+        return "image"
+
+    def transformers(self) -> list[torch.nn.Module]:
+        found = [getattr(self.pipeline, n, None) for n in ("transformer", "transformer_2", "unet")]
+        return [m for m in found if isinstance(m, torch.nn.Module)]
+
+    def family_defaults(self) -> dict[str, Any]:
+        ours = {f.name for f in fields(self._params_type())}
+        defaults = {}
+        for name in ours - _NOT_FORWARDED:
+            param = self._call_params.get(_RENAMED.get(name, name))
+            if param is not None and param.default is not inspect.Parameter.empty and param.default is not None:
+                defaults[name] = param.default
+        return defaults
+
+    @staticmethod
+    def _params_type() -> type:
+        from ditserve.config import OmniDiffusionSamplingParams
+
+        return OmniDiffusionSamplingParams
+
+    def validate_params(self, params: Any) -> None:
+        for f in fields(params):
+            value = getattr(params, f.name)
+            if f.name in _NOT_FORWARDED or value is None or (f.name == "num_outputs_per_prompt" and value == 1):
+                continue
+            if _RENAMED.get(f.name, f.name) not in self._call_params:
+                raise InvalidParameterError(
+                    f"{f.name} is not a parameter of {self.pipeline_class_name}.__call__ (generic path)",
+                    param=f.name)
+
+    def batch_key(self, request: Request) -> tuple[Any, ...]:
+        # diffusers draws one noise tensor for the whole batch: batching would change a request's output
+        return (request.request_id,)
+
+    def _call_kwargs(self, request: Request) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"prompt": request.prompt, "generator": request_generator(request)}
+        for f in fields(request.params):
+            value = getattr(request.params, f.name)
+            name = _RENAMED.get(f.name, f.name)
+            if f.name not in _NOT_FORWARDED and value is not None and name in self._call_params:
+                kwargs[name] = value
+        if request.images:
+            kwargs["image"] = request.images[0] if len(request.images) == 1 else request.images
+        if self.kind == "video":
+            kwargs["output_type"] = "np"
+        return kwargs
+
+    def generate(self, requests: Sequence[Request], hooks: StepHooks,
+                 encode: Callable[[Request], Any]) -> BatchResult:
+        (request,) = requests
+        before_step, after_step = hooks
+        steps = request.params.num_inference_steps or 0
+        marks: dict[str, float] = {}
+
+        def on_transformer_call(_module: torch.nn.Module, _args: Any) -> None:
+            marks.setdefault("denoise_start", time.perf_counter())
+
+        def on_step_end(_pipe: Any, step_index: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            after_step(step_index, steps)
+            marks["denoise_end"] = time.perf_counter()
+            _current.set(ForwardContext(step_index + 1, steps, row_request_ids=(request.request_id,)))
+            if step_index + 1 < steps:
+                before_step(step_index + 1, steps)
+            return tensors
+
+        handles = [m.register_forward_pre_hook(on_transformer_call) for m in self.transformers()]
+        token = _current.set(ForwardContext(0, steps, row_request_ids=(request.request_id,)))
+        start = time.perf_counter()
+        try:
+            before_step(0, steps)
+            with torch.inference_mode():
+                result = self.pipeline(**self._call_kwargs(request), callback_on_step_end=on_step_end)
+        finally:
+            _current.reset(token)
+            for handle in handles:
+                handle.remove()
+        end = time.perf_counter()
+        denoise_start = marks.get("denoise_start", start)
+        denoise_end = marks.get("denoise_end", end)
+        timings = StageTimings(encode_s=denoise_start - start, denoise_s=denoise_end - denoise_start,
+                               decode_s=end - denoise_end)
+        return BatchResult(media=[self._media(result)], timings=timings)
+
+    def _media(self, result: Any) -> list[Any]:
+        if self.kind == "video":
+            frames = result.frames
+            return [(np.clip(np.asarray(v), 0, 1) * 255).round().astype(np.uint8) for v in frames]
+        return list(result.images)

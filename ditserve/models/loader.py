@@ -1,0 +1,111 @@
+"""Find a model, pick device and dtype, load the diffusers pipeline and wrap it in its family adapter."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditserve.errors import InvalidParameterError, ModelNotFoundError, UnsupportedModelError
+from ditserve.models.base import ModelAdapter
+from ditserve.models.registry import adapter_class_for, supported_pipelines
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_NAME = "ditserve-shapes"
+#: a model folder may carry this file: {"sampling_defaults": {...}} overriding the family's defaults
+DEFAULTS_FILE = "ditserve_defaults.json"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: str
+    pipeline: Any
+    adapter: ModelAdapter
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise InvalidParameterError(f"device={device!r} is not a torch device (e.g. 'auto', 'cpu', 'cuda:0')",
+                                    param="device") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError("device='cuda' was asked for but CUDA is not available", param="device")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 where the hardware runs it well; CPU stays fp32 (exact parity, and bf16 gains little there)
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def resolve_model_path(model: str | None) -> str:
+    """A local diffusers folder, the bundled demo model, or a hub id (left to diffusers to fetch)."""
+    if model is None or model == DEMO_MODEL_NAME:
+        from ditserve.demo import demo_model_path
+
+        path = demo_model_path()
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(f"the bundled demo model is missing at {path}", param="model")
+        return str(path)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(f"{model!r} has no model_index.json: not a diffusers-format folder",
+                                     param="model")
+        return str(path)
+    if model.count("/") != 1 or model.startswith(("/", ".", "~")):
+        raise ModelNotFoundError(
+            f"model {model!r} is neither an existing folder nor a hub id of the form 'org/name'", param="model")
+    return model
+
+
+def read_pipeline_class_name(path: str) -> str:
+    local = Path(path) / "model_index.json"
+    if local.is_file():
+        return json.loads(local.read_text())["_class_name"]
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(path)["_class_name"]
+
+
+def read_model_defaults(path: str) -> dict[str, Any]:
+    file = Path(path) / DEFAULTS_FILE
+    if not file.is_file():
+        return {}
+    return dict(json.loads(file.read_text()).get("sampling_defaults", {}))
+
+
+def load_model(model: str | None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    import diffusers
+
+    path = resolve_model_path(model)
+    class_name = read_pipeline_class_name(path)
+    pipeline_class = getattr(diffusers, class_name, None)
+    if pipeline_class is None:
+        raise UnsupportedModelError(
+            f"{class_name} (from {path}/model_index.json) is not a pipeline class of diffusers "
+            f"{diffusers.__version__}; family adapters exist for {supported_pipelines()}", param="model")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    pipeline = pipeline_class.from_pretrained(path, dtype=torch_dtype)
+    pipeline.to(torch_device)
+    pipeline.set_progress_bar_config(disable=True)
+    adapter = adapter_class_for(class_name)(pipeline, read_model_defaults(path))
+    name = DEMO_MODEL_NAME if model in (None, DEMO_MODEL_NAME) else model
+    logger.info("loaded %s (%s, %s adapter) on %s in %s", name, class_name, type(adapter).__name__,
+                torch_device, torch_dtype)
+    return LoadedModel(name=name, path=path, pipeline=pipeline, adapter=adapter, device=torch_device,
+                       dtype=torch_dtype)

@@ -1,0 +1,29 @@
+"""``model_index.json`` ``_class_name`` -> family adapter. Adding a family is one line here.
+
+Entries are "module:Class" strings so that importing the registry does not import every family.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ditserve.models.base import ModelAdapter
+
+ADAPTERS: dict[str, str] = {
+    "FluxPipeline": "ditserve.models.flux:FluxAdapter",
+}
+
+
+def supported_pipelines() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_class_for(pipeline_class_name: str) -> type[ModelAdapter]:
+    """The family adapter for a pipeline class, or the generic adapter that runs diffusers' ``__call__``."""
+    target = ADAPTERS.get(pipeline_class_name)
+    if target is None:
+        from ditserve.models.generic import GenericAdapter
+
+        return GenericAdapter
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)

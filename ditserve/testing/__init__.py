@@ -1,0 +1,42 @@
+"""Tiny random-weight pipelines of every family, built locally (no download) for tests, benchmarks and docs.
+
+``tiny_pipeline_dir(family)`` builds the family's folder once per process (in a temp dir) and returns it.
+Adding a family is one line in ``BUILDERS``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib
+import shutil
+import tempfile
+from pathlib import Path
+
+#: family name -> "module:function(path) -> path"
+BUILDERS: dict[str, str] = {
+    "flux": "ditserve.testing.flux:build_tiny_flux",
+}
+
+_ROOT: Path | None = None
+
+
+def _root() -> Path:
+    global _ROOT
+    if _ROOT is None:
+        _ROOT = Path(tempfile.mkdtemp(prefix="ditserve-tiny-"))
+        atexit.register(shutil.rmtree, _ROOT, True)
+    return _ROOT
+
+
+def families() -> list[str]:
+    return sorted(BUILDERS)
+
+
+@functools.cache
+def tiny_pipeline_dir(family: str) -> str:
+    if family not in BUILDERS:
+        raise KeyError(f"no tiny builder for {family!r}; known: {families()}")
+    module_name, function_name = BUILDERS[family].split(":")
+    build = getattr(importlib.import_module(module_name), function_name)
+    return str(build(_root() / family))
