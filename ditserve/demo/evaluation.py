@@ -1,0 +1,115 @@
+"""Sampling the demo model with plain ``diffusers.FluxPipeline`` and measuring it: adherence, gallery and the
+step-to-step change of the transformer output (the redundancy that caches exploit)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+from PIL import Image, ImageDraw, ImageFont
+
+from ditserve.demo.checker import evaluate
+from ditserve.errors import InvalidParameterError
+
+DEFAULTS_FILE = "ditserve_defaults.json"
+
+
+def load_sampling_defaults(model_dir: str | Path) -> dict:
+    """The ``sampling_defaults`` mapping of a model folder's ditserve_defaults.json."""
+    path = Path(model_dir) / DEFAULTS_FILE
+    if not path.is_file():
+        raise InvalidParameterError(f"{path} is missing: the demo model folder needs its {DEFAULTS_FILE}", param="model")
+    return json.loads(path.read_text())["sampling_defaults"]
+
+
+def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu") -> FluxPipeline:
+    pipe = FluxPipeline.from_pretrained(str(model_dir)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(
+    pipe: FluxPipeline,
+    prompts: list[str],
+    *,
+    num_inference_steps: int,
+    true_cfg_scale: float,
+    seed: int = 0,
+    batch_size: int = 16,
+    height: int = 128,
+    width: int = 128,
+    max_sequence_length: int | None = None,
+) -> list[Image.Image]:
+    """One image per prompt; prompt i always uses seed + i, whatever the batching."""
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+        # negative_prompt="" enables true CFG only when the scale is above 1 (FluxPipeline's rule).
+        extra = {"max_sequence_length": max_sequence_length} if max_sequence_length else {}
+        output = pipe(
+            prompt=chunk,
+            negative_prompt=[""] * len(chunk),
+            true_cfg_scale=true_cfg_scale,
+            num_inference_steps=num_inference_steps,
+            height=height,
+            width=width,
+            generator=generators,
+            **extra,
+        )
+        images.extend(output.images)
+    return images
+
+
+def adherence(pipe: FluxPipeline, prompts: list[str], settings: list[tuple[int, float]], seed: int = 0,
+              max_sequence_length: int | None = None) -> list[dict]:
+    """Checker figures for each (steps, true_cfg_scale) setting, on the same prompts and seeds."""
+    results = []
+    for steps, cfg_scale in settings:
+        images = generate(pipe, prompts, num_inference_steps=steps, true_cfg_scale=cfg_scale, seed=seed,
+                          max_sequence_length=max_sequence_length)
+        results.append({"num_inference_steps": steps, "true_cfg_scale": cfg_scale, **evaluate(images, prompts)})
+    return results
+
+
+def gallery(images: list[Image.Image], prompts: list[str], columns: int = 4, caption_width: int = 34) -> Image.Image:
+    """Images in a grid with each prompt written under its picture."""
+    font = ImageFont.load_default()
+    side = images[0].width * 2
+    lines = [textwrap.wrap(p, caption_width) for p in prompts]
+    caption_height = 12 * max(len(line) for line in lines) + 6
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * (side + 8), rows * (side + caption_height + 8)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (image, caption) in enumerate(zip(images, lines, strict=True)):
+        x = (index % columns) * (side + 8) + 4
+        y = (index // columns) * (side + caption_height + 8) + 4
+        sheet.paste(image.resize((side, side), Image.NEAREST), (x, y))
+        for line_number, line in enumerate(caption):
+            draw.text((x, y + side + 3 + 12 * line_number), line, fill="black", font=font)
+    return sheet
+
+
+def step_changes(pipe: FluxPipeline, prompts: list[str], *, num_inference_steps: int, true_cfg_scale: float,
+                 seed: int = 0, max_sequence_length: int | None = None) -> list[float]:
+    """Mean over prompts of the relative L1 change of the transformer output between consecutive steps.
+
+    Only conditional-branch calls are compared: with true CFG, FluxPipeline calls the transformer twice a step,
+    conditional first, then the empty prompt.
+    """
+    calls: list[torch.Tensor] = []
+    handle = pipe.transformer.register_forward_hook(lambda m, a, o: calls.append(o[0].detach().float()))
+    try:
+        generate(pipe, prompts, num_inference_steps=num_inference_steps, true_cfg_scale=true_cfg_scale, seed=seed,
+                 batch_size=len(prompts), max_sequence_length=max_sequence_length)
+    finally:
+        handle.remove()
+    stride = 2 if true_cfg_scale > 1 else 1
+    outputs = calls[::stride]
+    changes = []
+    for previous, current in zip(outputs[:-1], outputs[1:], strict=True):
+        changes.append(((current - previous).abs().mean() / previous.abs().mean()).item())
+    return changes

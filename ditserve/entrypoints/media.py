@@ -1,0 +1,62 @@
+"""Writing outputs to files or bytes: images (PNG/JPEG/WebP) and videos (MP4 through PyAV)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ditserve.engine.request import RequestOutput
+from ditserve.errors import InvalidParameterError
+
+IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+def image_bytes(image: Image.Image, output_format: str = "png") -> bytes:
+    fmt = IMAGE_FORMATS.get(output_format.lower())
+    if fmt is None:
+        raise InvalidParameterError(f"output_format={output_format!r}; choose one of {sorted(IMAGE_FORMATS)}",
+                                    param="output_format")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def video_bytes(frames: np.ndarray, fps: int = 16) -> bytes:
+    """H.264 MP4 from uint8 frames (T x H x W x 3); PyAV's wheel carries its own FFmpeg."""
+    import av
+
+    frames = np.asarray(frames, dtype=np.uint8)
+    # yuv420p needs even sides; pad by repeating the last row/column rather than failing
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def save_output(output: RequestOutput, path: str) -> str:
+    """Write the first image or video of ``output`` to ``path`` (format from the extension)."""
+    target = Path(path)
+    suffix = target.suffix.lower().lstrip(".")
+    if output.videos:
+        if suffix != "mp4":
+            raise InvalidParameterError(f"this model makes videos: use an .mp4 output, not .{suffix}", param="output")
+        target.write_bytes(video_bytes(output.videos[0], output.fps or 16))
+    else:
+        if suffix not in IMAGE_FORMATS:
+            raise InvalidParameterError(f"unknown image extension .{suffix}; use one of {sorted(IMAGE_FORMATS)}",
+                                        param="output")
+        target.write_bytes(image_bytes(output.images[0], suffix))
+    return str(target)
