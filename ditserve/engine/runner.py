@@ -16,6 +16,7 @@ from ditserve.cache.prompt_embed import PromptEmbedCache, resolve_prompt_embed_c
 from ditserve.config import OmniDiffusionConfig
 from ditserve.engine.request import Request, RequestOutput
 from ditserve.errors import RequestAbortedError
+from ditserve.levers import apply_levers
 from ditserve.models.base import BatchResult
 from ditserve.models.loader import LoadedModel, load_model
 
@@ -26,6 +27,7 @@ class ModelRunner:
     def __init__(self, config: OmniDiffusionConfig) -> None:
         self.config = config
         self.model: LoadedModel = load_model(config.model, device=config.device, dtype=config.dtype)
+        apply_levers(self.model, config)
         self.adapter = self.model.adapter
         enabled, size = resolve_prompt_embed_cache_config(config.enable_prompt_embed_cache,
                                                           config.prompt_embed_cache_size)
