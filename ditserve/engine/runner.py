@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ditserve.cache.base import CacheBackend
 from ditserve.cache.prompt_embed import PromptEmbedCache, resolve_prompt_embed_cache_config
 from ditserve.config import OmniDiffusionConfig
@@ -47,12 +49,15 @@ class ModelRunner:
         key = self.adapter.prompt_cache_key(request)
         return self.prompt_cache.lookup(key, lambda: self.adapter.encode_request(request))
 
-    def _step_hooks(self, batch: Sequence[Request]) -> tuple[Any, Any]:
+    def _step_hooks(self, batch: Sequence[Request], progress_bar: Any) -> tuple[Any, Any]:
         def before_step(step_index: int, num_steps: int) -> None:
             if all(r.aborted for r in batch):
                 raise RequestAbortedError(f"aborted before step {step_index + 1} of {num_steps}")
 
         def after_step(step_index: int, num_steps: int) -> None:
+            if progress_bar is not None:
+                progress_bar.total = num_steps
+                progress_bar.update(1)
             for request in batch:
                 if request.progress_callback is not None:
                     request.progress_callback(step_index + 1, num_steps)
@@ -64,13 +69,17 @@ class ModelRunner:
         if self.cache is not None:
             self.cache.refresh(self.model.pipeline, batch[0].params.num_inference_steps,
                                [r.request_id for r in batch])
+        progress_bar = tqdm(desc=f"denoising x{len(batch)}", unit="step") if self.config.show_progress else None
         try:
-            result = self.adapter.generate(batch, self._step_hooks(batch), self._encode)
+            result = self.adapter.generate(batch, self._step_hooks(batch, progress_bar), self._encode)
         except BaseException:
             if self.cache is not None:
                 # a failed run must not leave half-updated state for the next request
                 self.cache.refresh(self.model.pipeline, batch[0].params.num_inference_steps, [])
             raise
+        finally:
+            if progress_bar is not None:
+                progress_bar.close()
         total = time.perf_counter() - start
         return [self._output(request, result, index, total, len(batch)) for index, request in enumerate(batch)]
 

@@ -40,3 +40,8 @@ def build_tiny_flux(path: Path, guidance_embeds: bool = False, seed: int = 0) ->
         tokenizer_2=t5_tokenizer, transformer=transformer)
     pipeline.save_pretrained(path)
     return path
+
+
+def build_tiny_flux_dev(path: Path) -> Path:
+    """FLUX.1-dev layout: guidance embedded in the transformer (``guidance_scale``, no second pass)."""
+    return build_tiny_flux(path, guidance_embeds=True, seed=1)

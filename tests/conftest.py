@@ -1,0 +1,29 @@
+"""Session-wide fixtures: tiny pipelines are built once per test run and shared."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditserve.testing import tiny_pipeline_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _deterministic_threads() -> None:
+    # two cores here; more threads only add contention and run-to-run noise
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir() -> str:
+    return tiny_pipeline_dir("flux")
+
+
+@pytest.fixture(scope="session")
+def flux_omni(tiny_flux_dir: str):
+    from ditserve import Omni
+
+    omni = Omni(model=tiny_flux_dir, max_batch_size=4)
+    yield omni
+    omni.close()
+
