@@ -16,7 +16,6 @@ from pathlib import Path
 #: family name -> "module:function(path) -> path"
 BUILDERS: dict[str, str] = {
     "sd3": "ditserve.testing.sd3:build_tiny_sd3",
-    "sd3": "ditserve.testing.sd3:build_tiny_sd3",
     "flux": "ditserve.testing.flux:build_tiny_flux",
     "flux_dev": "ditserve.testing.flux:build_tiny_flux_dev",
 }
