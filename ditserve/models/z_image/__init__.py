@@ -1,0 +1,3 @@
+from ditserve.models.z_image.adapter import ZImageAdapter
+
+__all__ = ["ZImageAdapter"]
