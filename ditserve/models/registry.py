@@ -12,6 +12,7 @@ from ditserve.models.base import ModelAdapter
 ADAPTERS: dict[str, str] = {
     "FluxPipeline": "ditserve.models.flux:FluxAdapter",
     "StableDiffusion3Pipeline": "ditserve.models.sd3:StableDiffusion3Adapter",
+    "ZImagePipeline": "ditserve.models.z_image:ZImageAdapter",
 }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 #: family name -> "module:function(path) -> path"
 BUILDERS: dict[str, str] = {
     "sd3": "ditserve.testing.sd3:build_tiny_sd3",
+    "z_image": "ditserve.testing.z_image:build_tiny_z_image",
     "flux": "ditserve.testing.flux:build_tiny_flux",
     "flux_dev": "ditserve.testing.flux:build_tiny_flux_dev",
 }
