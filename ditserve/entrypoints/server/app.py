@@ -1,0 +1,352 @@
+"""The OpenAI-compatible HTTP API over a ``DiffusionEngine``: images, edits, async video jobs, models,
+health and metrics.
+
+Generation always runs on the engine's own thread; handlers only await its futures, so the event loop stays
+free for other clients. A client that disconnects while waiting has its request aborted (the engine stops it
+within one denoising step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Query
+from fastapi import Path as PathParam
+from fastapi import Request as HTTPRequest
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, Response
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ditserve.config import OmniDiffusionSamplingParams
+from ditserve.engine.engine import DiffusionEngine
+from ditserve.engine.request import Request, RequestOutput
+from ditserve.entrypoints.media import image_bytes
+from ditserve.entrypoints.server.errors import APIError, install_error_handlers
+from ditserve.entrypoints.server.metrics import MetricsMiddleware, ServerMetrics
+from ditserve.entrypoints.server.protocol import (
+    VIDEO_ID_PATTERN,
+    GenerationOptions,
+    ImageData,
+    ImageEditFields,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    VideoCreateFields,
+    VideoDeleted,
+    VideoList,
+    VideoObject,
+    form_schema,
+    json_safe,
+    parse_size,
+    validate_fields,
+)
+from ditserve.entrypoints.server.security import APIKeyMiddleware, BodyLimitMiddleware
+from ditserve.entrypoints.server.uploads import read_form, read_images
+from ditserve.entrypoints.server.videos import VideoJob, VideoJobRunner, VideoStore, new_video_id
+
+logger = logging.getLogger(__name__)
+
+#: how often a waiting handler checks whether its client is still there
+DISCONNECT_POLL_S = 0.05
+#: status recorded (metrics, logs) for a request whose client went away; nobody receives it
+CLIENT_CLOSED_REQUEST = 499
+DEFAULT_FPS = 16
+DEFAULT_OUTPUT_DIR = Path.home() / ".cache" / "ditserve" / "server"
+
+
+@dataclass
+class ServerSettings:
+    served_model_name: str
+    #: clients must send ``Authorization: Bearer <api_key>`` on /v1 routes; None: no authentication
+    api_key: str | None = None
+    #: video jobs' database and MP4 files
+    output_dir: Path = field(default_factory=lambda: DEFAULT_OUTPUT_DIR)
+    max_body_mb: float = 32.0
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+class ServerState:
+    """What the routes share: the engine, the settings, the video jobs, the metrics, the model card."""
+
+    def __init__(self, engine: DiffusionEngine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.kind: str = engine.adapter.kind
+        self.defaults = engine.adapter.resolve_params(OmniDiffusionSamplingParams())
+        self.metrics = ServerMetrics(engine.queue_depth)
+        self.store = VideoStore(settings.output_dir)
+        self.videos = VideoJobRunner(engine, self.store)
+        self.created = int(time.time())
+
+    def model_card(self) -> ModelCard:
+        d = self.defaults
+        size = f"{d.width}x{d.height}" if d.width and d.height else "auto"
+        return ModelCard(id=self.settings.served_model_name, created=self.created, kind=self.kind,  # type: ignore[arg-type]
+                         default_size=size, default_num_inference_steps=d.num_inference_steps,
+                         default_num_frames=d.num_frames if self.kind == "video" else None)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.settings.served_model_name:
+            raise APIError(404, f"model {model!r} is not served here; this server serves "
+                                f"{self.settings.served_model_name!r}", param="model", code="model_not_found")
+
+    def require_kind(self, kind: str, route: str) -> None:
+        if self.kind == kind:
+            return
+        where = {"image": "POST /v1/images/generations", "edit": "POST /v1/images/edits",
+                 "video": "POST /v1/videos"}[self.kind]
+        raise APIError(400, f"{route} needs {with_article(kind)} model; {self.settings.served_model_name!r} is "
+                            f"{with_article(self.kind)} model: use {where}", param="model",
+                       code="unsupported_for_model")
+
+
+def with_article(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def get_state(request: HTTPRequest) -> ServerState:
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(get_state)]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def sampling_params(options: GenerationOptions, size: str | None, **extra: Any) -> OmniDiffusionSamplingParams:
+    """Our sampling params from a request's fields (unset fields stay None: the model's defaults)."""
+    values: dict[str, Any] = {name: getattr(options, name) for name in
+                              ("seed", "num_inference_steps", "guidance_scale", "true_cfg_scale", "negative_prompt")}
+    dimensions = parse_size(size)
+    if dimensions is not None:
+        values["width"], values["height"] = dimensions
+    values.update(extra)
+    return OmniDiffusionSamplingParams(**{k: v for k, v in values.items() if v is not None})
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def run_until_done(http_request: HTTPRequest, engine: DiffusionEngine, request: Request) -> RequestOutput:
+    """Submit and wait, aborting the request as soon as its client goes away."""
+    future = asyncio.wrap_future(engine.submit(request))
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return future.result()
+        if await http_request.is_disconnected():
+            engine.abort(request.request_id)
+            raise ClientDisconnected(request.request_id)
+
+
+def _encode_images(images: list[Image.Image], output_format: str) -> list[str]:
+    return [base64.b64encode(image_bytes(image, output_format)).decode("ascii") for image in images]
+
+
+async def images_response(output: RequestOutput, output_format: str) -> ImagesResponse:
+    encoded = await run_in_threadpool(_encode_images, output.images, output_format)
+    return ImagesResponse(
+        created=int(time.time()), data=[ImageData(b64_json=b64) for b64 in encoded],
+        output_format=output_format,  # type: ignore[arg-type]
+        size=f"{output.params.width}x{output.params.height}", seed=output.seed,
+        timings=json_safe(output.timings), cache_stats=json_safe(output.cache_stats))
+
+
+async def generate_images(http_request: HTTPRequest, state: ServerState, fields: ImageGenerationRequest,
+                          images: list[Image.Image]) -> ImagesResponse | Response:
+    params = sampling_params(fields, fields.size, num_outputs_per_prompt=fields.n)
+    request = state.engine.make_request(fields.prompt, params, images)
+    try:
+        output = await run_until_done(http_request, state.engine, request)
+    except ClientDisconnected:
+        logger.info("client went away: aborted %s", request.request_id)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return await images_response(output, fields.output_format or "png")
+
+
+async def read_json_object(http_request: HTTPRequest) -> dict[str, Any]:
+    try:
+        value = json.loads(await http_request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise APIError(400, f"the body is not valid JSON: {error}", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return value
+
+
+def video_seconds_to_frames(fields: VideoCreateFields, default_fps: int) -> int | None:
+    if fields.seconds is None:
+        return fields.num_frames
+    if fields.num_frames is not None:
+        raise APIError(400, "give either seconds or num_frames, not both", param="seconds",
+                       code="invalid_parameter")
+    return int(fields.seconds) * (fields.fps or default_fps) + 1
+
+
+def new_video_job(state: ServerState, video_id: str, request: Request) -> VideoJob:
+    p = request.params
+    seconds = f"{p.num_frames / p.fps:g}" if p.num_frames and p.fps else "auto"
+    size = f"{p.width}x{p.height}" if p.width and p.height else "auto"
+    return VideoJob(id=video_id, created_at=int(time.time()), status="queued",
+                    model=state.settings.served_model_name, prompt=request.prompt, size=size, seconds=seconds,
+                    num_frames=p.num_frames, fps=p.fps, seed=p.seed)
+
+
+# ---------------------------------------------------------------------------------------------- OpenAPI
+_BINARY = {"type": "string", "format": "binary"}
+EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form_schema(
+    ImageEditFields, {"image": {"anyOf": [_BINARY, {"type": "array", "items": _BINARY, "maxItems": 8}]},
+                      "mask": _BINARY}, ("image",))}}}}
+VIDEO_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": VideoCreateFields.model_json_schema()},
+    "multipart/form-data": {"schema": form_schema(VideoCreateFields, {"input_reference": _BINARY}, ())}}}}
+VideoIdParam = Annotated[str, PathParam(pattern=VIDEO_ID_PATTERN, max_length=38)]
+
+
+# ---------------------------------------------------------------------------------------------- routes
+def add_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(state: State) -> dict[str, Any]:
+        return {"status": "ok", "model": state.settings.served_model_name, "kind": state.kind,
+                "queue_depth": state.engine.queue_depth()}
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics(state: State) -> Response:
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(state: State) -> ModelList:
+        return ModelList(data=[state.model_card()])
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse)
+    async def create_images(body: ImageGenerationRequest, http_request: HTTPRequest, state: State) -> Any:
+        state.check_model(body.model)
+        state.require_kind("image", "POST /v1/images/generations")
+        return await generate_images(http_request, state, body, [])
+
+    @app.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=EDIT_BODY)
+    async def edit_images(http_request: HTTPRequest, state: State) -> Any:
+        form = await read_form(http_request, ("image", "mask"), state.settings.max_body_bytes)
+        fields = validate_fields(ImageEditFields, form.fields, strict=False)
+        state.check_model(fields.model)
+        state.require_kind("edit", "POST /v1/images/edits")
+        if "mask" in form.files:
+            raise APIError(400, f"mask: {state.settings.served_model_name!r} edits from the prompt and takes no mask",
+                           param="mask", code="invalid_parameter")
+        if not form.files.get("image"):
+            raise APIError(400, "image: at least one input image is required", param="image",
+                           code="invalid_parameter")
+        images = await read_images(form.files["image"], "image", state.engine.config.limits.max_image_size)
+        return await generate_images(http_request, state, fields, images)
+
+    @app.post("/v1/videos", response_model=VideoObject, openapi_extra=VIDEO_BODY)
+    async def create_video(http_request: HTTPRequest, state: State) -> VideoObject:
+        content_type = http_request.headers.get("content-type", "")
+        images: list[Image.Image] = []
+        if content_type.startswith("application/json"):
+            fields = validate_fields(VideoCreateFields, await read_json_object(http_request), strict=True)
+        else:
+            form = await read_form(http_request, ("input_reference",), state.settings.max_body_bytes)
+            fields = validate_fields(VideoCreateFields, form.fields, strict=False)
+            if form.files.get("input_reference"):
+                images = await read_images(form.files["input_reference"], "input_reference",
+                                           state.engine.config.limits.max_image_size)
+        state.check_model(fields.model)
+        state.require_kind("video", "POST /v1/videos")
+        default_fps = state.defaults.fps or DEFAULT_FPS
+        params = sampling_params(fields, fields.size, num_frames=video_seconds_to_frames(fields, default_fps),
+                                 fps=fields.fps)
+        video_id = new_video_id()
+        request = state.engine.make_request(fields.prompt, params, images, request_id=video_id,
+                                            progress_callback=state.videos.progress_callback(video_id))
+        job = new_video_job(state, video_id, request)
+        state.videos.start(job, request)
+        return job.to_api()
+
+    @app.get("/v1/videos", response_model=VideoList)
+    async def list_videos(state: State,
+                          after: Annotated[str | None, Query(pattern=VIDEO_ID_PATTERN, max_length=38)] = None,
+                          limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                          order: Literal["asc", "desc"] = "desc") -> VideoList:
+        jobs, has_more = state.store.list(after, limit, order)
+        data = [job.to_api() for job in jobs]
+        return VideoList(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                         last_id=data[-1].id if data else None)
+
+    @app.get("/v1/videos/{video_id}", response_model=VideoObject)
+    async def retrieve_video(video_id: VideoIdParam, state: State) -> VideoObject:
+        return _job_or_404(state, video_id).to_api()
+
+    @app.get("/v1/videos/{video_id}/content", response_class=FileResponse)
+    async def video_content(video_id: VideoIdParam, state: State,
+                            variant: Literal["video"] = "video") -> FileResponse:
+        job = _job_or_404(state, video_id)
+        if job.status != "completed":
+            raise APIError(409, f"video {video_id} is {job.status}; its content exists once it is completed",
+                           param="video_id", code="video_not_ready")
+        path = state.store.video_path(video_id)
+        if not path.is_file():
+            raise APIError(404, f"the file of video {video_id} is missing from the output directory",
+                           param="video_id", code="video_file_missing")
+        return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
+
+    @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
+    async def delete_video(video_id: VideoIdParam, state: State) -> VideoDeleted:
+        job = _job_or_404(state, video_id)
+        if job.status in ("queued", "in_progress"):
+            state.videos.cancel(video_id)
+        state.store.delete(video_id)
+        return VideoDeleted(id=video_id, deleted=True)
+
+
+def _job_or_404(state: ServerState, video_id: str) -> VideoJob:
+    job = state.store.get(video_id)
+    if job is None:
+        raise APIError(404, f"no video with id {video_id}", param="video_id", code="video_not_found")
+    return job
+
+
+# ---------------------------------------------------------------------------------------------- factory
+def create_app(engine: DiffusionEngine, settings: ServerSettings) -> FastAPI:
+    """The FastAPI app over ``engine``. The app does not own the engine: whoever built it closes it."""
+    state = ServerState(engine, settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        interrupted = state.store.fail_interrupted(
+            "server_restarted", "the server restarted before this job finished; submit it again")
+        if interrupted:
+            logger.warning("marked %d unfinished video job(s) of a previous run as failed", interrupted)
+        engine.observers.append(state.metrics.observe_batch)
+        try:
+            yield
+        finally:
+            engine.observers.remove(state.metrics.observe_batch)
+            await state.videos.shutdown()
+            state.store.close()
+
+    app = FastAPI(title="ditserve", description="OpenAI-compatible serving of diffusion transformers",
+                  version="0.1.0", lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    add_routes(app)
+    # added innermost first: metrics see every answer, the key is checked before the body is read
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    return app

@@ -1,0 +1,91 @@
+"""``ditserve serve [MODEL]``: the OpenAI-compatible server (flags in the style of ``vllm serve --omni``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ditserve.entrypoints.cli import add_engine_arguments, engine_kwargs
+
+API_KEY_ENV = "DITSERVE_API_KEY"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def register(subparsers: Any) -> None:
+    from ditserve.config import Limits
+
+    limits = Limits()
+    parser = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="diffusers folder or hub id (default: the bundled demo model)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model id clients send and /v1/models lists (default: the folder name)")
+    parser.add_argument("--max-batch-size", type=int, default=4,
+                        help="compatible concurrent requests run together up to this many (1: no batching)")
+    parser.add_argument("--max-steps", type=int, default=limits.max_steps)
+    parser.add_argument("--max-image-size", type=int, default=limits.max_image_size,
+                        help="largest height or width a request may ask for, or upload")
+    parser.add_argument("--max-n", type=int, default=limits.max_n, help="most images per request")
+    parser.add_argument("--max-frames", type=int, default=limits.max_frames)
+    parser.add_argument("--max-body-mb", type=float, default=32.0, help="larger request bodies are refused (413)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests allowed to wait; more are refused with 429")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="video jobs' database and MP4 files (default: ~/.cache/ditserve/server)")
+    parser.add_argument("--log-level", dest="server_log_level", default=None, choices=LOG_LEVELS)
+    add_engine_arguments(parser)
+    parser.set_defaults(func=run_serve)
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model is None:
+        from ditserve.models.loader import DEMO_MODEL_NAME
+
+        return DEMO_MODEL_NAME
+    return Path(args.model.rstrip("/")).name or args.model
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    from ditserve.config import OmniDiffusionConfig
+
+    limits = {"max_steps": args.max_steps, "max_image_size": args.max_image_size, "max_n": args.max_n,
+              "max_frames": args.max_frames}
+    return OmniDiffusionConfig.from_kwargs({**engine_kwargs(args), "max_batch_size": args.max_batch_size,
+                                            "max_queue_size": args.max_queue, "limits": limits})
+
+
+def server_settings(args: argparse.Namespace) -> Any:
+    from ditserve.entrypoints.server.app import DEFAULT_OUTPUT_DIR, ServerSettings
+    from ditserve.errors import InvalidParameterError
+
+    if args.max_body_mb <= 0:
+        raise InvalidParameterError(f"--max-body-mb={args.max_body_mb} must be > 0", param="max_body_mb")
+    return ServerSettings(served_model_name=served_model_name(args), api_key=args.api_key or None,
+                          output_dir=args.output_dir or DEFAULT_OUTPUT_DIR, max_body_mb=args.max_body_mb)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ditserve.engine.engine import DiffusionEngine
+    from ditserve.entrypoints.server.app import create_app
+
+    if args.server_log_level:
+        logging.getLogger().setLevel(args.server_log_level.upper())
+    settings = server_settings(args)
+    engine = DiffusionEngine(engine_config(args))
+    try:
+        app = create_app(engine, settings)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.server_log_level or "info")
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,94 @@
+"""Prometheus metrics of one server: HTTP requests, queue depth, batches, latencies, cache work.
+
+Each app owns its own registry (several apps can share one process, as tests do), fed by an ASGI middleware
+(requests by route and status) and by an engine observer (batches, step latency, cache statistics).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ditserve.engine.request import Request, RequestOutput
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+class ServerMetrics:
+    def __init__(self, queue_depth: Any) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ditserve_http_requests", "HTTP requests by route, method and status",
+                                ["route", "method", "status"], registry=self.registry)
+        self.request_latency = Histogram("ditserve_http_request_latency_seconds", "HTTP request latency",
+                                         ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        queue = Gauge("ditserve_queue_depth", "requests waiting for the engine", registry=self.registry)
+        queue.set_function(queue_depth)
+        self.batch_size = Histogram("ditserve_batch_size", "requests per executed batch", buckets=BATCH_BUCKETS,
+                                    registry=self.registry)
+        self.batch_latency = Histogram("ditserve_batch_latency_seconds", "wall time of one batch",
+                                       buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.step_latency = Histogram("ditserve_step_latency_seconds", "denoising time per step of a batch",
+                                      buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.failed_batches = Counter("ditserve_failed_batches", "batches that raised (aborts included)",
+                                      ["error"], registry=self.registry)
+        self.cache_steps = Counter("ditserve_cache_steps", "denoising steps by cache decision",
+                                   ["decision"], registry=self.registry)
+
+    def observe_batch(self, batch: Sequence[Request], result: list[RequestOutput] | BaseException,
+                      seconds: float) -> None:
+        """Engine observer: runs on the engine thread after every batch."""
+        if isinstance(result, BaseException):
+            self.failed_batches.labels(type(result).__name__).inc()
+            return
+        self.batch_size.observe(len(batch))
+        self.batch_latency.observe(seconds)
+        steps = batch[0].params.num_inference_steps or 0
+        if result and steps:
+            self.step_latency.observe(result[0].timings.get("denoise_s", 0.0) / steps)
+        for output in result:
+            self._count_cache_steps(output.cache_stats)
+
+    def _count_cache_steps(self, stats: dict[str, Any] | None) -> None:
+        if not stats:
+            return
+        for decision in ("computed", "skipped"):
+            value = stats.get(f"{decision}_steps")
+            if isinstance(value, int) and not isinstance(value, bool):
+                self.cache_steps.labels(decision).inc(value)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP answer (401 and 413 from the outer layers included) by route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_and_record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            # the route template, never the raw path: ids in paths would make one series per job
+            label = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(label, scope["method"], str(status["code"])).inc()
+            self.metrics.request_latency.labels(label).observe(time.perf_counter() - start)

@@ -1,0 +1,88 @@
+"""Reading multipart forms and uploaded images safely: bounded sizes, known formats, no decompression bombs."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import defaultdict
+from typing import Any
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image
+from starlette.datastructures import UploadFile
+
+from ditserve.entrypoints.server.errors import APIError
+
+#: image formats an upload may use (anything else, including formats Pillow could parse, is refused)
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_FORM_FILES = 16
+MAX_FORM_FIELDS = 64
+
+
+class Form:
+    """A parsed multipart form: one string per text field, a list of uploads per file field."""
+
+    def __init__(self, fields: dict[str, str], files: dict[str, list[UploadFile]]) -> None:
+        self.fields = fields
+        self.files = files
+
+
+def _file_field_name(name: str) -> str:
+    """The OpenAI client sends lists as ``image[]`` (or ``image[0]``...): all name the field ``image``."""
+    return name.split("[", 1)[0] if name.endswith("]") and "[" in name else name
+
+
+async def read_form(request: Request, file_fields: tuple[str, ...], max_part_bytes: int) -> Form:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise APIError(415, f"this route takes multipart/form-data, not {content_type or 'an empty body'!r}",
+                       code="unsupported_media_type")
+    form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS, max_part_size=max_part_bytes)
+    fields: dict[str, str] = {}
+    files: dict[str, list[UploadFile]] = defaultdict(list)
+    for raw_name, value in form.multi_items():
+        name = _file_field_name(raw_name)
+        if isinstance(value, UploadFile):
+            if name not in file_fields:
+                raise APIError(400, f"{raw_name} is not a file field; file fields: {list(file_fields)}",
+                               param=raw_name, code="invalid_parameter")
+            files[name].append(value)
+        elif name in file_fields:
+            raise APIError(400, f"{name} must be a file upload, not a text field", param=name,
+                           code="invalid_parameter")
+        elif raw_name in fields:
+            raise APIError(400, f"{raw_name} was given more than once", param=raw_name, code="invalid_parameter")
+        else:
+            fields[raw_name] = value
+    return Form(fields, dict(files))
+
+
+def decode_image(data: bytes, field: str, max_side: int) -> Image.Image:
+    """An uploaded PNG/JPEG/WebP as an RGB image; anything else, or a side over ``max_side``, is a 400."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns for large images; a server must refuse them before decoding
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+            width, height = image.size
+            if width > max_side or height > max_side:
+                raise APIError(400, f"{field} is {width}x{height}; the largest side allowed is {max_side}",
+                               param=field, code="invalid_image")
+            image.load()
+            return image.convert("RGB")
+    except APIError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning,
+            EOFError) as error:
+        raise APIError(400, f"{field} is not a readable {'/'.join(UPLOAD_FORMATS)} image ({type(error).__name__})",
+                       param=field, code="invalid_image") from None
+
+
+async def read_images(uploads: list[UploadFile], field: str, max_side: int) -> list[Image.Image]:
+    images = []
+    for upload in uploads:
+        data: Any = await upload.read()
+        # decoding is CPU work: keep it off the event loop
+        images.append(await run_in_threadpool(decode_image, data, field, max_side))
+    return images

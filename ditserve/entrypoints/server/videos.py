@@ -1,0 +1,254 @@
+"""Asynchronous video jobs: a small SQLite store, with each finished MP4 under ``--output-dir``.
+
+A job is a row from the moment it is accepted. After a restart, finished jobs are still listed and
+downloadable, and jobs that were queued or running are marked failed with the reason (the engine's work died
+with the old process). Ids are ours (128 random bits) and validated before use: no path is ever built from
+what a client sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+
+from ditserve.engine.engine import DiffusionEngine
+from ditserve.engine.request import Request, RequestOutput
+from ditserve.entrypoints.media import video_bytes
+from ditserve.entrypoints.server.errors import APIError, api_error_from_engine
+from ditserve.entrypoints.server.protocol import VIDEO_ID_PATTERN, VideoObject, json_safe
+from ditserve.errors import DitServeError, RequestAbortedError
+
+logger = logging.getLogger(__name__)
+
+DATABASE_NAME = "videos.sqlite3"
+VIDEO_FOLDER = "videos"
+ACTIVE_STATUSES = ("queued", "in_progress")
+
+
+def new_video_id() -> str:
+    return f"video_{secrets.token_hex(16)}"
+
+
+def check_video_id(video_id: str) -> str:
+    if re.fullmatch(VIDEO_ID_PATTERN, video_id) is None:
+        raise APIError(400, "video_id must be 'video_' followed by 32 hex digits, as returned by POST /v1/videos",
+                       param="video_id", code="invalid_video_id")
+    return video_id
+
+
+@dataclass
+class VideoJob:
+    id: str
+    created_at: int
+    status: str
+    model: str
+    prompt: str
+    size: str
+    seconds: str
+    num_frames: int | None = None
+    fps: int | None = None
+    progress: int = 0
+    completed_at: int | None = None
+    inference_time_s: float | None = None
+    seed: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    timings: dict[str, float] | None = None
+    cache_stats: dict[str, Any] | None = None
+    #: set by the store (creation order, the cursor of listings)
+    seq: int | None = field(default=None, repr=False)
+
+    def to_api(self) -> VideoObject:
+        error = {"code": self.error_code, "message": self.error_message or ""} if self.error_code else None
+        values = {k: v for k, v in asdict(self).items() if k not in ("error_code", "error_message", "seq")}
+        return VideoObject(**values, error=error)
+
+
+_JSON_COLUMNS = ("timings", "cache_stats")
+_COLUMNS = tuple(f.name for f in fields(VideoJob) if f.name != "seq")
+
+
+class VideoStore:
+    """Rows of video jobs in SQLite (one connection, serialised by a lock: the engine thread reports progress
+    while the event loop reads) and their files in ``<directory>/videos/<id>.mp4``."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.files = self.directory / VIDEO_FOLDER
+        self.files.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.directory / DATABASE_NAME, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS videos (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, "
+                "created_at INTEGER, status TEXT, model TEXT, prompt TEXT, size TEXT, seconds TEXT, "
+                "num_frames INTEGER, fps INTEGER, progress INTEGER, completed_at INTEGER, inference_time_s REAL, "
+                "seed INTEGER, error_code TEXT, error_message TEXT, timings TEXT, cache_stats TEXT)")
+
+    def video_path(self, video_id: str) -> Path:
+        return self.files / f"{check_video_id(video_id)}.mp4"
+
+    def fail_interrupted(self, code: str, message: str) -> int:
+        """Mark every queued or running job failed (their work died with the process); returns how many."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE videos SET status='failed', error_code=?, error_message=?, completed_at=? "
+                "WHERE status IN (?, ?)", (code, message, int(time.time()), *ACTIVE_STATUSES))
+            return cursor.rowcount
+
+    def insert(self, job: VideoJob) -> None:
+        row = self._encode(asdict(job))
+        with self._lock:
+            self._db.execute(f"INSERT INTO videos ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                             [row[c] for c in _COLUMNS])
+
+    def update(self, video_id: str, **values: Any) -> bool:
+        """Change some columns of a job; False when the job no longer exists (deleted meanwhile)."""
+        unknown = set(values) - set(_COLUMNS)
+        if unknown:
+            raise KeyError(f"unknown video job columns {sorted(unknown)}")
+        row = self._encode(values)
+        assignments = ", ".join(f"{name}=?" for name in row)
+        with self._lock:
+            cursor = self._db.execute(f"UPDATE videos SET {assignments} WHERE id=?", [*row.values(), video_id])
+            return cursor.rowcount > 0
+
+    def get(self, video_id: str) -> VideoJob | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM videos WHERE id=?", (check_video_id(video_id),)).fetchone()
+        return self._decode(row) if row is not None else None
+
+    def list(self, after: str | None, limit: int, order: str) -> tuple[list[VideoJob], bool]:
+        """A page of jobs in creation order (``asc``) or newest first (``desc``), after the job ``after``."""
+        direction, compare = ("ASC", ">") if order == "asc" else ("DESC", "<")
+        with self._lock:
+            if after is None:
+                rows = self._db.execute(f"SELECT * FROM videos ORDER BY seq {direction} LIMIT ?",
+                                        (limit + 1,)).fetchall()
+            else:
+                cursor_row = self._db.execute("SELECT seq FROM videos WHERE id=?", (after,)).fetchone()
+                if cursor_row is None:
+                    raise APIError(400, f"after={after!r} is not the id of a listed video", param="after",
+                                   code="invalid_parameter")
+                rows = self._db.execute(f"SELECT * FROM videos WHERE seq {compare} ? ORDER BY seq {direction} "
+                                        "LIMIT ?", (cursor_row["seq"], limit + 1)).fetchall()
+        jobs = [self._decode(row) for row in rows]
+        return jobs[:limit], len(jobs) > limit
+
+    def delete(self, video_id: str) -> bool:
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM videos WHERE id=?", (check_video_id(video_id),))
+        self.video_path(video_id).unlink(missing_ok=True)
+        return cursor.rowcount > 0
+
+    def write_video(self, video_id: str, data: bytes) -> Path:
+        """Write atomically: a crash mid-write never leaves a truncated MP4 behind a completed job."""
+        target = self.video_path(video_id)
+        partial = target.with_suffix(".mp4.partial")
+        partial.write_bytes(data)
+        os.replace(partial, target)
+        return target
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @staticmethod
+    def _encode(values: dict[str, Any]) -> dict[str, Any]:
+        return {k: (json.dumps(json_safe(v)) if k in _JSON_COLUMNS and v is not None else v)
+                for k, v in values.items() if k != "seq"}
+
+    @staticmethod
+    def _decode(row: sqlite3.Row) -> VideoJob:
+        values = dict(row)
+        for name in _JSON_COLUMNS:
+            if values[name] is not None:
+                values[name] = json.loads(values[name])
+        return VideoJob(**values)
+
+
+class VideoJobRunner:
+    """Turns accepted video requests into jobs: submits them to the engine, follows their progress, writes
+    the MP4 and the final state when they end."""
+
+    def __init__(self, engine: DiffusionEngine, store: VideoStore) -> None:
+        self.engine = engine
+        self.store = store
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def progress_callback(self, video_id: str) -> Callable[[int, int], None]:
+        """Called on the engine thread after each step: write only when the percentage moves."""
+        last = {"percent": -1}
+
+        def report(done: int, total: int) -> None:
+            percent = min(99, int(100 * done / max(total, 1)))  # 100 only once the file exists
+            if percent != last["percent"]:
+                last["percent"] = percent
+                self.store.update(video_id, status="in_progress", progress=percent)
+
+        return report
+
+    def start(self, job: VideoJob, request: Request) -> None:
+        """Record the job and submit it; a refused submission (full queue) leaves no row behind."""
+        self.store.insert(job)
+        try:
+            future = self.engine.submit(request)
+        except DitServeError:
+            self.store.delete(job.id)
+            raise
+        task = asyncio.get_running_loop().create_task(self._finish(job.id, future))
+        self._tasks[job.id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(job.id, None))
+
+    async def _finish(self, video_id: str, future: Any) -> None:
+        try:
+            output: RequestOutput = await asyncio.wrap_future(future)
+            await self._store_output(video_id, output)
+        except RequestAbortedError as error:
+            self.store.update(video_id, status="failed", error_code="aborted", error_message=str(error),
+                              completed_at=int(time.time()))
+        except DitServeError as error:
+            api_error = api_error_from_engine(error)
+            self.store.update(video_id, status="failed", error_code=api_error.code or "invalid_request",
+                              error_message=api_error.message, completed_at=int(time.time()))
+        except Exception:  # noqa: BLE001 - a job must end failed, never stay "in_progress" forever
+            logger.exception("video job %s failed", video_id)
+            self.store.update(video_id, status="failed", error_code="internal_error",
+                              error_message="generation failed on the server", completed_at=int(time.time()))
+
+    async def _store_output(self, video_id: str, output: RequestOutput) -> None:
+        data = await run_in_threadpool(video_bytes, output.videos[0], output.fps or 16)
+        path = await run_in_threadpool(self.store.write_video, video_id, data)
+        finished = self.store.update(
+            video_id, status="completed", progress=100, completed_at=int(time.time()), seed=output.seed,
+            inference_time_s=round(output.timings.get("total_s", 0.0), 4), timings=output.timings,
+            cache_stats=output.cache_stats)
+        if not finished:
+            path.unlink(missing_ok=True)  # deleted while it ran
+
+    def cancel(self, video_id: str) -> None:
+        """Stop a queued or running job (its row is deleted by the caller)."""
+        self.engine.abort(video_id)
+
+    async def shutdown(self) -> None:
+        """Abort what is still running and mark it failed: a stopped server leaves no job 'in_progress'."""
+        for video_id, task in list(self._tasks.items()):
+            self.engine.abort(video_id)
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self.store.fail_interrupted("server_shutdown", "the server stopped before this job finished")
