@@ -1,0 +1,3 @@
+from ditserve.models.wan.adapter import WanAdapter
+
+__all__ = ["WanAdapter"]

@@ -1,0 +1,165 @@
+"""Wan2.1 / Wan2.2 text-to-video (WanPipeline): 3D-patched video latents, UMT5 text, flow matching.
+
+Classic classifier-free guidance with ``guidance_scale > 1``. The Wan2.2 A14B layout has two experts:
+``transformer`` denoises while ``t >= boundary_ratio * num_train_timesteps`` (high noise) with
+``guidance_scale``, then ``transformer_2`` with ``guidance_scale_2`` (default: ``guidance_scale``).
+``boundary_ratio`` defaults to the pipeline's config and may be set per request on a two-expert model.
+Wan2.2 TI2V-5B's ``expand_timesteps`` (one timestep per latent token) is honoured too.
+Output: one uint8 video (frames x H x W x 3) per output; ``fps`` (default 16) travels with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ditserve.engine.request import Request
+from ditserve.errors import InvalidParameterError
+from ditserve.models.base import DenoiseState, LoopAdapter, RequestMedia, request_generator, stack_rows
+from ditserve.models.common import fresh_scheduler, split_rows
+
+UNSUPPORTED_PARAMS = ("true_cfg_scale",)
+
+
+class WanAdapter(LoopAdapter):
+    pipeline_class_names = ("WanPipeline",)
+    kind = "video"
+    transformer_names = ("transformer", "transformer_2")
+
+    # ------------------------------------------------------------------ model facts
+    @property
+    def has_two_experts(self) -> bool:
+        return getattr(self.pipeline, "transformer_2", None) is not None
+
+    def _any_transformer(self) -> torch.nn.Module:
+        return self.transformers()[0]
+
+    @property
+    def size_multiple(self) -> int:
+        # diffusers' check_inputs wants multiples of 16, patchification multiples of VAE factor x patch size
+        _, patch_h, patch_w = self._any_transformer().config.patch_size
+        spatial = self.pipeline.vae_scale_factor_spatial
+        return math.lcm(16, spatial * patch_h, spatial * patch_w)
+
+    # ------------------------------------------------------------------ params
+    def family_defaults(self) -> dict[str, Any]:
+        return {"num_inference_steps": 50, "guidance_scale": 5.0, "max_sequence_length": 512, "height": 480,
+                "width": 832, "num_frames": 81, "fps": 16, "boundary_ratio": self.pipeline.config.boundary_ratio}
+
+    def validate_params(self, params: Any) -> None:
+        super().validate_params(params)
+        for name in UNSUPPORTED_PARAMS:
+            if getattr(params, name) is not None:
+                raise InvalidParameterError(
+                    f"{name} is not a parameter of {self.pipeline_class_name}; it uses guidance_scale "
+                    "(and guidance_scale_2 for the low-noise expert of two-expert models)", param=name)
+        self._validate_num_frames(params.num_frames)
+        self._validate_experts(params)
+        if params.negative_prompt is not None and params.guidance_scale <= 1:
+            raise InvalidParameterError(
+                f"negative_prompt needs guidance_scale > 1 (got {params.guidance_scale}): Wan only runs the "
+                "negative branch with classifier-free guidance", param="negative_prompt")
+
+    def _validate_num_frames(self, num_frames: int) -> None:
+        temporal = self.pipeline.vae_scale_factor_temporal
+        if (num_frames - 1) % temporal:
+            raise InvalidParameterError(
+                f"num_frames={num_frames} must be {temporal}k+1 (e.g. {', '.join(str(temporal * k + 1) for k in range(1, 4))}"
+                f", ..., 81): the VAE compresses time by {temporal}", param="num_frames")
+
+    def _validate_experts(self, params: Any) -> None:
+        if params.boundary_ratio is not None and not self.has_two_experts:
+            raise InvalidParameterError(
+                f"boundary_ratio only applies to two-expert models (Wan2.2 A14B with transformer_2); "
+                f"this {self.pipeline_class_name} has one transformer", param="boundary_ratio")
+        if params.guidance_scale_2 is not None and params.boundary_ratio is None:
+            raise InvalidParameterError(
+                "guidance_scale_2 is the low-noise expert's guidance: it needs a two-expert model with a "
+                "boundary_ratio", param="guidance_scale_2")
+
+    @staticmethod
+    def uses_cfg(request: Request) -> bool:
+        return request.params.guidance_scale > 1
+
+    # ------------------------------------------------------------------ generation
+    def prompt_cache_key(self, request: Request) -> tuple[Any, ...]:
+        return (*super().prompt_cache_key(request), self.uses_cfg(request))
+
+    def encode_request(self, request: Request) -> dict[str, torch.Tensor]:
+        p = request.params
+        embeds, neg_embeds = self.pipeline.encode_prompt(
+            prompt=[request.prompt], negative_prompt=p.negative_prompt,
+            do_classifier_free_guidance=self.uses_cfg(request), num_videos_per_prompt=1,
+            max_sequence_length=p.max_sequence_length, device=self.device)
+        encoded = {"prompt_embeds": embeds.to(self.dtype)}
+        if self.uses_cfg(request):
+            encoded["neg_prompt_embeds"] = neg_embeds.to(self.dtype)
+        return encoded
+
+    def collate(self, embeddings: Sequence[dict[str, torch.Tensor]], requests: Sequence[Request]) -> dict[str, Any]:
+        return {key: stack_rows([e[key] for e in embeddings], requests)
+                for key in ("prompt_embeds", "neg_prompt_embeds") if key in embeddings[0]}
+
+    def prepare(self, requests: Sequence[Request], conditioning: dict[str, Any]) -> DenoiseState:
+        pipe, p = self.pipeline, requests[0].params
+        channels = self._any_transformer().config.in_channels
+        latents = torch.cat([
+            pipe.prepare_latents(request.num_outputs, channels, p.height, p.width, p.num_frames, torch.float32,
+                                 self.device, request_generator(request))
+            for request in requests])
+        scheduler = fresh_scheduler(pipe)
+        scheduler.set_timesteps(p.num_inference_steps, device=self.device)
+        scheduler.set_begin_index(0)
+        boundary = None
+        if p.boundary_ratio is not None:
+            boundary = p.boundary_ratio * scheduler.config.num_train_timesteps
+        extra = {**conditioning, "cfg": self.uses_cfg(requests[0]), "boundary_timestep": boundary}
+        return DenoiseState(latents=latents, timesteps=scheduler.timesteps, scheduler=scheduler,
+                            requests=requests, extra=extra)
+
+    def _expert(self, state: DenoiseState, t: torch.Tensor) -> tuple[str, float]:
+        """Which transformer denoises at ``t``, and with which guidance scale."""
+        p, boundary = state.params, state.extra["boundary_timestep"]
+        if boundary is None or t >= boundary:
+            return "transformer", p.guidance_scale
+        scale_2 = p.guidance_scale_2 if p.guidance_scale_2 is not None else p.guidance_scale
+        return "transformer_2", scale_2
+
+    def _timestep(self, latents: torch.Tensor, t: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
+        if not self.pipeline.config.expand_timesteps:
+            return t.expand(latents.shape[0])
+        # one timestep per latent token (frames x patched height x patched width), as Wan2.2 TI2V does
+        frames, height, width = latents.shape[2:]
+        tokens = frames * math.ceil(height / patch_size[1]) * math.ceil(width / patch_size[2])
+        return t.expand(latents.shape[0], tokens)
+
+    def predict(self, state: DenoiseState, step_index: int, t: torch.Tensor) -> torch.Tensor:
+        x = state.extra
+        name, scale = self._expert(state, t)
+        transformer = getattr(self.pipeline, name)
+        common = {"hidden_states": state.latents.to(transformer.dtype),
+                  "timestep": self._timestep(state.latents, t, transformer.config.patch_size)}
+        cond = self.call_transformer("cond", name, encoder_hidden_states=x["prompt_embeds"], **common)
+        if not x["cfg"]:
+            return cond
+        uncond = self.call_transformer("uncond", name, encoder_hidden_states=x["neg_prompt_embeds"], **common)
+        return uncond + scale * (cond - uncond)
+
+    def decode(self, state: DenoiseState) -> list[RequestMedia]:
+        vae = self.pipeline.vae
+        latents = state.latents.to(vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        decoded = vae.decode(latents / inverse_std + mean, return_dict=False)[0]
+        videos = self.pipeline.video_processor.postprocess_video(decoded, output_type="np")
+        return split_rows([to_uint8_video(v) for v in videos], state.requests)
+
+
+def to_uint8_video(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] (frames x H x W x 3) to uint8, rounded as diffusers rounds PIL images."""
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
