@@ -13,6 +13,7 @@ ADAPTERS: dict[str, str] = {
     "FluxPipeline": "ditserve.models.flux:FluxAdapter",
     "StableDiffusion3Pipeline": "ditserve.models.sd3:StableDiffusion3Adapter",
     "ZImagePipeline": "ditserve.models.z_image:ZImageAdapter",
+    "WanPipeline": "ditserve.models.wan:WanAdapter",
 }
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 BUILDERS: dict[str, str] = {
     "sd3": "ditserve.testing.sd3:build_tiny_sd3",
     "z_image": "ditserve.testing.z_image:build_tiny_z_image",
+    "wan": "ditserve.testing.wan:build_tiny_wan",
+    "wan_a14b": "ditserve.testing.wan:build_tiny_wan_a14b",
+    "wan_ti2v": "ditserve.testing.wan:build_tiny_wan_ti2v",
     "flux": "ditserve.testing.flux:build_tiny_flux",
     "flux_dev": "ditserve.testing.flux:build_tiny_flux_dev",
 }
