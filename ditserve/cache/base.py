@@ -3,21 +3,117 @@
 A backend is built from a name and a config (``ditserve.cache.selector``), enabled once on a pipeline,
 refreshed before every batch, and asked for each request's statistics after it. A backend that cannot serve
 the model raises ``CacheConfigError`` from ``enable`` (at ``Omni(...)``), never degrades to a silent no-op.
+
+Config handling is shared: every backend declares its options with defaults and checks; unknown keys are an
+error listing the allowed ones; ``target_psnr`` / ``quality`` are resolved against the model's calibration
+table (``ditserve.cache.calibration``) to the fastest setting that met the target.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
+
+from ditserve.errors import CacheConfigError, InvalidTypeError, check_keys
+
+logger = logging.getLogger(__name__)
+
+#: a request with at least this many steps on which a cache skipped nothing is reported loudly
+NO_SKIP_WARNING_MIN_STEPS = 20
+#: named quality presets, as PSNR targets (dB) against the uncached output
+QUALITY_PRESETS: dict[str, float] = {"high": 35.0, "balanced": 30.0, "fast": 25.0}
+TARGET_KEYS = ("target_psnr", "quality")
+
+#: an option checker: raises on a bad value, returns the normalized value
+OptionCheck = Callable[[str, Any], Any]
+
+
+def number_in(minimum: float, maximum: float) -> OptionCheck:
+    def check(name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidTypeError(f"cache_config[{name!r}] must be a number, got {type(value).__name__}",
+                                   param=name)
+        if not math.isfinite(value) or not minimum <= value <= maximum:
+            raise CacheConfigError(f"cache_config[{name!r}]={value} must be in [{minimum}, {maximum}]", param=name)
+        return float(value)
+
+    return check
+
+
+def integer_in(minimum: int, maximum: int) -> OptionCheck:
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidTypeError(f"cache_config[{name!r}] must be an integer, got {type(value).__name__}",
+                                   param=name)
+        if not minimum <= value <= maximum:
+            raise CacheConfigError(f"cache_config[{name!r}]={value} must be in [{minimum}, {maximum}]", param=name)
+        return value
+
+    return check
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidTypeError(f"cache_config[{name!r}] must be true or false, got {value!r}", param=name)
+    return value
+
+
+def one_of(*allowed: Any) -> OptionCheck:
+    def check(name: str, value: Any) -> Any:
+        if value not in allowed:
+            raise CacheConfigError(f"cache_config[{name!r}]={value!r} is not allowed; choose one of {list(allowed)}",
+                                   param=name)
+        return value
+
+    return check
+
+
+def number_list(name: str, value: Any) -> list[float]:
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        raise InvalidTypeError(f"cache_config[{name!r}] must be a non-empty list of numbers", param=name)
+    return [float(v) for v in value]
+
+
+def check_target(config: Mapping[str, Any]) -> float | None:
+    """The PSNR target asked for through ``target_psnr`` or ``quality``, or None."""
+    if "target_psnr" in config and "quality" in config:
+        raise CacheConfigError("give either target_psnr or quality, not both", param="quality")
+    if "quality" in config:
+        one_of(*QUALITY_PRESETS)("quality", config["quality"])
+        return QUALITY_PRESETS[config["quality"]]
+    if "target_psnr" in config:
+        return number_in(1.0, 100.0)("target_psnr", config["target_psnr"])
+    return None
 
 
 class CacheBackend(ABC):
     #: the ``cache_backend`` name users pass
     name: ClassVar[str] = ""
+    #: option name -> default (None: filled when the backend is enabled, from the model)
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: option name -> check
+    checks: ClassVar[dict[str, OptionCheck]] = {}
+    #: the option a quality target tunes (a calibration table sweeps it)
+    main_knob: ClassVar[str] = ""
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
-        self.config: dict[str, Any] = dict(config or {})
+        given = dict(config or {})
+        check_keys(f"cache_config of {self.name}", given.keys(), [*self.defaults, *TARGET_KEYS])
+        self.target_psnr = check_target(given)
+        options = {k: v for k, v in given.items() if k not in TARGET_KEYS}
+        if self.target_psnr is not None and self.main_knob in options:
+            raise CacheConfigError(
+                f"{self.main_knob} and a quality target both set it: give one of them", param=self.main_knob)
+        #: the options the user gave (checked), before the model fills the rest
+        self.user_options = {k: self.checks[k](k, v) if k in self.checks else v for k, v in options.items()}
+        #: every option with its value in effect; complete after ``enable``
+        self.config: dict[str, Any] = {**self.defaults, **self.user_options}
+        #: how a quality target was resolved (None without one)
+        self.resolution: dict[str, Any] | None = None
         self.enabled = False
 
     @abstractmethod
@@ -29,11 +125,49 @@ class CacheBackend(ABC):
         """Clear all state before a batch runs: nothing leaks from one request to the next."""
 
     @abstractmethod
+    def _collect_stats(self, request_id: str) -> dict[str, Any]:
+        """This backend's statistics of one request: at least ``num_steps``, ``computed_steps`` and
+        ``skipped_steps`` (summed over guidance branches)."""
+
     def request_stats(self, request_id: str) -> dict[str, Any]:
-        """Statistics of one request of the last batch: backend, computed/skipped steps, decisions."""
+        """Statistics of one request of the last batch, with a warning when a long run skipped nothing."""
+        stats = {"backend": self.name, "config": self.public_config(), **self._collect_stats(request_id)}
+        if self.resolution is not None:
+            stats["resolved_from"] = self.resolution
+        if stats.get("num_steps", 0) >= NO_SKIP_WARNING_MIN_STEPS and stats.get("skipped_steps", 0) == 0:
+            stats["warning"] = (f"{self.name} was enabled but skipped nothing in {stats['num_steps']} steps: "
+                                f"the setting is too strict for this model (see the distances in 'branches'); "
+                                f"raise {self.main_knob} or run 'ditserve calibrate'")
+            logger.warning("request %s: %s", request_id, stats["warning"])
+        return stats
+
+    def public_config(self) -> dict[str, Any]:
+        """The config in effect, as JSON-friendly values (long per-step lists are summarized)."""
+        shown = {}
+        for key, value in self.config.items():
+            if isinstance(value, (list, tuple)) and len(value) > 8:
+                shown[key] = f"<{len(value)} values>"
+            elif isinstance(value, dict):
+                shown[key] = {k: f"<{len(v)} values>" if isinstance(v, (list, tuple)) else v for k, v in value.items()}
+            else:
+                shown[key] = value
+        return shown
+
+    def resolve_quality_target(self, model_path: str | None) -> None:
+        """Set ``main_knob`` from the model's calibration table when a quality target was asked for."""
+        if self.target_psnr is None:
+            return
+        from ditserve.cache.calibration import resolve_target
+
+        value, self.resolution = resolve_target(model_path, self.name, self.main_knob, self.target_psnr)
+        self.config[self.main_knob] = value
+
+    def recover(self, pipeline: Any) -> None:
+        """After a run raised: drop every half-updated state so the next request starts clean."""
+        self.refresh(pipeline, 0, ())
 
     def disable(self, pipeline: Any) -> None:
-        """Remove the method from the pipeline (after a failure, or on close)."""
+        """Remove the method from the pipeline (on close)."""
         self.enabled = False
 
     def is_enabled(self) -> bool:

@@ -10,7 +10,11 @@ from ditserve.cache.base import CacheBackend
 from ditserve.errors import CacheConfigError
 
 #: ``cache_backend`` name -> "module:Class"
-BACKENDS: dict[str, str] = {}
+BACKENDS: dict[str, str] = {
+    "tea_cache": "ditserve.cache.teacache:TeaCacheBackend",
+    "mag_cache": "ditserve.cache.magcache:MagCacheBackend",
+    "cache_dit": "ditserve.cache.cache_dit:CacheDiTBackend",
+}
 
 
 def available_backends() -> list[str]:

@@ -1,0 +1,160 @@
+"""Cache-DiT through the cache-dit library: DBCache, TaylorSeer and SCM (we configure it, never rewrite it).
+
+cache-dit is enabled on the transformer itself ("transformer-only" mode), since our own loop calls the
+transformer and never the pipeline's ``__call__``. Before every batch the library's context is rebuilt for that
+batch's step count (and its step-computation mask when SCM is on); after a failed run the hooks are removed and
+put back, so no half-updated context survives. cache-dit decides per transformer call, so every request of a
+batch shares its decisions (unlike tea_cache / mag_cache, which decide per request).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ditserve.cache.base import CacheBackend, boolean, integer_in, number_in, one_of
+from ditserve.cache.residual_backend import denoising_transformers
+from ditserve.cache.spec import cache_spec_for
+from ditserve.errors import CacheConfigError
+
+logger = logging.getLogger(__name__)
+
+SCM_POLICIES = ("slow", "medium", "fast", "ultra")
+DBCACHE_OPTIONS = ("Fn_compute_blocks", "Bn_compute_blocks", "max_warmup_steps", "residual_diff_threshold",
+                   "max_continuous_cached_steps", "max_cached_steps", "enable_separate_cfg")
+
+
+class CacheDiTBackend(CacheBackend):
+    name = "cache_dit"
+    main_knob = "residual_diff_threshold"
+    # DBCache F1B0 with a short warm-up: valid on a 2-block model as on a 60-block one (the library
+    # asserts Fn_compute_blocks < number of blocks; its own default Fn=8 is not)
+    defaults = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 4,
+                "residual_diff_threshold": 0.24, "max_continuous_cached_steps": 3, "max_cached_steps": -1,
+                "enable_separate_cfg": None, "enable_taylorseer": False, "taylorseer_order": 1,
+                "scm_steps_mask_policy": None, "scm_steps_policy": "dynamic"}
+    checks = {"Fn_compute_blocks": integer_in(0, 1000), "Bn_compute_blocks": integer_in(0, 1000),
+              "max_warmup_steps": integer_in(0, 10000), "residual_diff_threshold": number_in(0.0, 100.0),
+              "max_continuous_cached_steps": integer_in(-1, 10000), "max_cached_steps": integer_in(-1, 10000),
+              "enable_separate_cfg": boolean, "enable_taylorseer": boolean, "taylorseer_order": integer_in(1, 4),
+              "scm_steps_mask_policy": one_of(None, *SCM_POLICIES), "scm_steps_policy": one_of("dynamic", "static")}
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self._transformers: list[tuple[str, torch.nn.Module]] = []
+        self._num_blocks = 0
+        self._num_steps = 0
+        self._request_ids: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ lifecycle
+    def enable(self, pipeline: Any, adapter: Any) -> None:
+        transformers = denoising_transformers(pipeline, adapter)
+        spec = cache_spec_for(transformers[0][1], self.name)
+        from ditserve.cache.calibration import model_path_of
+
+        self.resolve_quality_target(model_path_of(pipeline))
+        self._num_blocks = len(spec.blocks(transformers[0][1]))
+        if self.config["enable_separate_cfg"] is None:
+            self.config["enable_separate_cfg"] = spec.cache_dit_defaults.get("enable_separate_cfg", False)
+        self._check_block_counts()
+        self._transformers = transformers
+        self._attach(num_inference_steps=None)
+        self.enabled = True
+
+    def _check_block_counts(self) -> None:
+        fn, bn = self.config["Fn_compute_blocks"], self.config["Bn_compute_blocks"]
+        if fn + bn >= self._num_blocks:
+            raise CacheConfigError(
+                f"Fn_compute_blocks + Bn_compute_blocks = {fn + bn} must be < the model's {self._num_blocks} "
+                f"transformer blocks (cache-dit caches the blocks in between)", param="Fn_compute_blocks")
+
+    def _library_configs(self, num_inference_steps: int | None) -> tuple[Any, Any]:
+        import cache_dit
+
+        options = {k: self.config[k] for k in DBCACHE_OPTIONS}
+        mask = None
+        if self.config["scm_steps_mask_policy"] is not None and num_inference_steps:
+            mask = cache_dit.steps_mask(total_steps=num_inference_steps,
+                                        mask_policy=self.config["scm_steps_mask_policy"])
+        cache_config = cache_dit.DBCacheConfig(
+            **options, num_inference_steps=num_inference_steps, steps_computation_mask=mask,
+            steps_computation_policy=self.config["scm_steps_policy"])
+        calibrator = None
+        if self.config["enable_taylorseer"]:
+            calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=self.config["taylorseer_order"])
+        return cache_config, calibrator
+
+    def _attach(self, num_inference_steps: int | None) -> None:
+        import cache_dit
+
+        cache_config, calibrator = self._library_configs(num_inference_steps)
+        for _, module in self._transformers:
+            cache_dit.enable_cache(module, cache_config=cache_config, calibrator_config=calibrator)
+
+    def refresh(self, pipeline: Any, num_inference_steps: int, request_ids: Sequence[str] = ()) -> None:
+        import cache_dit
+
+        self._num_steps = num_inference_steps
+        self._request_ids = tuple(request_ids)
+        cache_config, calibrator = self._library_configs(num_inference_steps)
+        refresh = {"cache_config": cache_config}
+        if calibrator is not None:
+            refresh["calibrator_config"] = calibrator
+        for _, module in self._transformers:
+            cache_dit.refresh_context(module, **refresh)
+
+    def recover(self, pipeline: Any) -> None:
+        """After a failed run: take the library's hooks off and put fresh ones on."""
+        self._detach()
+        self._attach(num_inference_steps=None)
+
+    def _detach(self) -> None:
+        import cache_dit
+
+        for _, module in self._transformers:
+            cache_dit.disable_cache(module)
+
+    def disable(self, pipeline: Any) -> None:
+        self._detach()
+        self._transformers = []
+        self.enabled = False
+
+    # ------------------------------------------------------------------ statistics
+    def _library_stats(self, module: torch.nn.Module) -> Any:
+        import cache_dit
+
+        for stats in cache_dit.summary(module, logging=False):
+            if stats.cache_options:
+                return stats
+        return None
+
+    def _collect_stats(self, request_id: str) -> dict[str, Any]:
+        branches: dict[str, Any] = {}
+        computed_blocks = cached_blocks = 0
+        cached_per_step = self._num_blocks - self.config["Fn_compute_blocks"] - self.config["Bn_compute_blocks"]
+        for name, module in self._transformers:
+            stats = self._library_stats(module)
+            if stats is None:
+                continue
+            series = [("cond", stats.cached_steps, stats.residual_diffs)]
+            if self.config["enable_separate_cfg"]:
+                series.append(("uncond", stats.cfg_cached_steps, stats.cfg_residual_diffs))
+            for label, cached_steps, diffs in series:
+                full_label = label if name == "transformer" else f"{name}:{label}"
+                cached = set(cached_steps)
+                decisions = [{"step": s, "decision": "skip" if s in cached else "compute",
+                              "distance": diffs.get(str(s))} for s in range(self._num_steps)]
+                branches[full_label] = {"computed": self._num_steps - len(cached), "skipped": len(cached),
+                                        "decisions": decisions}
+                computed_blocks += self._num_steps * self._num_blocks - len(cached) * cached_per_step
+                cached_blocks += len(cached) * cached_per_step
+        computed = sum(b["computed"] for b in branches.values())
+        skipped = sum(b["skipped"] for b in branches.values())
+        total_blocks = computed_blocks + cached_blocks
+        return {"num_steps": self._num_steps, "computed_steps": computed, "skipped_steps": skipped,
+                "computed_blocks": computed_blocks, "cached_blocks": cached_blocks,
+                "work_fraction": computed_blocks / total_blocks if total_blocks else 1.0,
+                "shared_with_batch": [r for r in self._request_ids if r != request_id], "branches": branches}

@@ -1,0 +1,179 @@
+"""Calibration data of a model: where it lives, how it is fitted, and how a quality target is resolved.
+
+``ditserve calibrate MODEL`` (``calibrate_cli``) runs the uncached model, records per step the change of the
+first block's modulated input, the change of the block loop's output and the magnitude of its residual, and
+fits from them TeaCache's rescale polynomial and MagCache's magnitude ratios. It also sweeps each backend's
+main knob and measures work and PSNR against the uncached output: the quality table that ``target_psnr`` and
+``quality`` resolve against. The file sits in the model folder (``ditserve_calibration.json``) when that is
+writable, else in the user cache directory keyed by the model id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ditserve.cache.hooks import Decision, SkipPolicy, relative_l1
+from ditserve.errors import CacheConfigError
+
+CALIBRATION_FILE = "ditserve_calibration.json"
+FORMAT_VERSION = 1
+#: PSNR reported for identical images (JSON has no infinity)
+PSNR_CAP = 100.0
+
+
+# ---------------------------------------------------------------------------------------------- location
+def model_path_of(pipeline: Any) -> str | None:
+    """The folder or hub id a diffusers pipeline was loaded from."""
+    return getattr(pipeline, "name_or_path", None) or pipeline.config.get("_name_or_path")
+
+
+def user_calibration_dir() -> Path:
+    root = os.environ.get("DITSERVE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ditserve")
+    return Path(root) / "calibration"
+
+
+def user_calibration_file(model_path: str) -> Path:
+    """One file per model id; local folders are keyed by their absolute path."""
+    model_id = str(Path(model_path).resolve()) if Path(model_path).exists() else model_path
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id.strip("/"))[-80:]
+    digest = hashlib.sha256(model_id.encode()).hexdigest()[:12]
+    return user_calibration_dir() / f"{readable}-{digest}.json"
+
+
+def calibration_candidates(model_path: str) -> list[Path]:
+    folder = Path(model_path)
+    local = [folder / CALIBRATION_FILE] if folder.is_dir() else []
+    return [*local, user_calibration_file(model_path)]
+
+
+def load_calibration(model_path: str | None) -> dict[str, Any] | None:
+    if model_path is None:
+        return None
+    for candidate in calibration_candidates(model_path):
+        if candidate.is_file():
+            data = json.loads(candidate.read_text())
+            data["_file"] = str(candidate)
+            return data
+    return None
+
+
+def save_calibration(model_path: str, data: Mapping[str, Any]) -> Path:
+    folder = Path(model_path)
+    target = folder / CALIBRATION_FILE
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):
+        target = user_calibration_file(model_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(data, indent=1) + "\n")
+    return target
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def resolve_target(model_path: str | None, backend: str, knob: str, target_psnr: float) -> tuple[float, dict]:
+    """The fastest ``knob`` value whose worst PSNR over the calibration prompts met ``target_psnr``."""
+    calibration = load_calibration(model_path) or {}
+    table = calibration.get("quality_table", {}).get(backend)
+    if not table or not table.get("rows"):
+        raise CacheConfigError(
+            f"a quality target needs the quality table of {backend} for {model_path}, and there is none: run "
+            f"'ditserve calibrate {model_path}' first, or set {knob} directly", param="target_psnr")
+    rows = table["rows"]
+    meeting = [r for r in rows if r["psnr_min"] >= target_psnr]
+    if not meeting:
+        best = max(rows, key=lambda r: r["psnr_min"])
+        raise CacheConfigError(
+            f"target_psnr={target_psnr} dB is out of reach for {backend} on this model: the best setting in the "
+            f"calibration table ({knob}={best['value']}) reached {best['psnr_min']:.2f} dB", param="target_psnr")
+    chosen = min(meeting, key=lambda r: (r["work_fraction"], -r["psnr_min"]))
+    resolution = {"target_psnr": target_psnr, knob: chosen["value"], "table_psnr_min": chosen["psnr_min"],
+                  "table_work_fraction": chosen["work_fraction"], "table_file": calibration.get("_file")}
+    return chosen["value"], resolution
+
+
+# ---------------------------------------------------------------------------------------------- recording
+@dataclass
+class StepSeries:
+    """What an uncached run shows for one (branch, request): one entry per step."""
+
+    input_change: list[float | None] = field(default_factory=list)
+    output_change: list[float | None] = field(default_factory=list)
+    residual_norm: list[float] = field(default_factory=list)
+    previous_input: torch.Tensor | None = None
+    previous_output: torch.Tensor | None = None
+
+
+def mean_token_norm(residual: torch.Tensor) -> float:
+    """MagCache's magnitude: the L2 norm over channels, averaged over tokens and rows."""
+    return float(residual.float().norm(dim=-1).mean())
+
+
+class RecordingPolicy(SkipPolicy):
+    """Never skips; records the series calibration fits on."""
+
+    needs_modulated_input = True
+
+    def new_state(self, label: str) -> StepSeries:
+        return StepSeries()
+
+    def decide(self, state: StepSeries, step: int, num_steps: int, modulated: torch.Tensor | None) -> Decision:
+        assert modulated is not None
+        previous, state.previous_input = state.previous_input, modulated
+        state.input_change.append(None if previous is None else relative_l1(modulated, previous))
+        return Decision(False, None, "calibration")
+
+    def observe_computed(self, state: StepSeries, step: int, blocks_in: torch.Tensor, blocks_out: torch.Tensor) -> None:
+        previous, state.previous_output = state.previous_output, blocks_out
+        state.output_change.append(None if previous is None else relative_l1(blocks_out, previous))
+        state.residual_norm.append(mean_token_norm(blocks_out - blocks_in))
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+def fit_rescale_polynomial(series: Iterable[StepSeries], degree: int = 4) -> dict[str, Any]:
+    """TeaCache's polynomial: block-loop output change as a function of modulated-input change."""
+    xs, ys = [], []
+    for s in series:
+        for x, y in zip(s.input_change, s.output_change, strict=True):
+            if x is not None and y is not None:
+                xs.append(x)
+                ys.append(y)
+    if len(xs) < 3:
+        raise CacheConfigError("calibration needs at least 3 steps after the first to fit TeaCache",
+                               param="num_inference_steps")
+    x, y = np.asarray(xs), np.asarray(ys)
+    degree = min(degree, len(xs) - 1)
+    coefficients = np.polyfit(x, y, degree)
+    predicted = np.polyval(coefficients, x)
+    residual_ss = float(((y - predicted) ** 2).sum())
+    total_ss = float(((y - y.mean()) ** 2).sum())
+    return {"coefficients": [float(c) for c in coefficients],
+            "fit": {"degree": degree, "points": len(xs), "r2": 1.0 - residual_ss / total_ss if total_ss else 1.0,
+                    "rmse": math.sqrt(residual_ss / len(xs)), "input_change_range": [float(x.min()), float(x.max())]}}
+
+
+def magnitude_ratios(by_branch: Mapping[str, Sequence[StepSeries]]) -> dict[str, Any]:
+    """MagCache's ratios per branch: mean over prompts of |residual_t| / |residual_t-1|, with their spread."""
+    ratios: dict[str, list[float]] = {}
+    spread: dict[str, float] = {}
+    for branch, series in by_branch.items():
+        norms = np.asarray([s.residual_norm for s in series])  # prompts x steps
+        per_prompt = norms[:, 1:] / np.maximum(norms[:, :-1], 1e-12)
+        ratios[branch] = [1.0, *(float(r) for r in per_prompt.mean(axis=0))]
+        spread[branch] = float(per_prompt.std(axis=0).mean())
+    return {"mag_ratios": ratios, "fit": {"mean_std_across_prompts": spread}}
+
+
+def psnr(reference: np.ndarray, image: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images, capped for identical ones."""
+    mse = float(((reference.astype(np.float64) - image.astype(np.float64)) ** 2).mean())
+    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(255.0 ** 2 / mse))

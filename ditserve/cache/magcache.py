@@ -1,0 +1,117 @@
+"""MagCache (Ma et al., "MagCache: Fast Video Generation with Magnitude-Aware Cache"), our own.
+
+The ratio of residual magnitudes between consecutive steps is nearly the same for every prompt of a model, so
+it is measured once (``mag_ratios``, by ``ditserve calibrate``). Per step and state key the product of the
+ratios since the last computed step drifts from 1; the accumulated drift ``sum |1 - product|`` is the error
+of reusing the stored residual. Skip while that error is under ``magcache_thresh`` and at most
+``magcache_K`` steps in a row; the first ``retention_ratio`` of the steps always run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ditserve.cache.base import integer_in, number_in
+from ditserve.cache.hooks import Decision, SkipPolicy
+from ditserve.cache.residual_backend import ResidualCacheBackend
+from ditserve.cache.spec import CacheSpec
+from ditserve.errors import CacheConfigError, InvalidTypeError
+
+#: ``mag_ratios`` as the policy uses it: one sequence per branch ("*" = any branch)
+BranchRatios = dict[str, list[float]]
+
+
+def nearest_resample(ratios: Sequence[float], length: int) -> list[float]:
+    """Ratios measured over n steps mapped to ``length`` steps by nearest position (as MagCache does)."""
+    if length == 1:
+        return [ratios[-1]]
+    scale = (len(ratios) - 1) / (length - 1)
+    return [ratios[round(i * scale)] for i in range(length)]
+
+
+def check_mag_ratios(name: str, value: Any) -> BranchRatios:
+    """A list of ratios (every branch) or {"cond": [...], "uncond": [...]}."""
+    per_branch = value if isinstance(value, Mapping) else {"*": value}
+    checked: BranchRatios = {}
+    for branch, ratios in per_branch.items():
+        if not isinstance(ratios, (list, tuple)) or len(ratios) < 2 or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in ratios):
+            raise InvalidTypeError(f"cache_config[{name!r}] must be a list of at least 2 positive numbers, or a "
+                                   "dict of such lists per guidance branch", param=name)
+        checked[str(branch)] = [float(r) for r in ratios]
+    return checked
+
+
+@dataclass
+class MagCacheState:
+    branch: str = "cond"
+    accumulated_ratio: float = 1.0
+    accumulated_error: float = 0.0
+    skipped_in_row: int = 0
+
+    def restart(self) -> None:
+        self.accumulated_ratio, self.accumulated_error, self.skipped_in_row = 1.0, 0.0, 0
+
+
+class MagCachePolicy(SkipPolicy):
+    def __init__(self, threshold: float, max_skips: int, retention_ratio: float, ratios: BranchRatios) -> None:
+        self.threshold = threshold
+        self.max_skips = max_skips
+        self.retention_ratio = retention_ratio
+        self.ratios = ratios
+        self._resampled: dict[tuple[str, int], list[float]] = {}
+
+    def new_state(self, label: str) -> MagCacheState:
+        return MagCacheState(branch=label)
+
+    def ratios_for(self, branch: str, num_steps: int) -> list[float]:
+        # ratios measured per branch when calibration saw several; otherwise one sequence for all
+        key = branch if branch in self.ratios else "*" if "*" in self.ratios else next(iter(self.ratios))
+        if (key, num_steps) not in self._resampled:
+            self._resampled[(key, num_steps)] = nearest_resample(self.ratios[key], num_steps)
+        return self._resampled[(key, num_steps)]
+
+    def decide(self, state: MagCacheState, step: int, num_steps: int, modulated: torch.Tensor | None) -> Decision:
+        if step == 0 or step < int(self.retention_ratio * num_steps):
+            state.restart()
+            return Decision(False, None, "retention")
+        state.accumulated_ratio *= self.ratios_for(state.branch, num_steps)[step]
+        state.accumulated_error += abs(1.0 - state.accumulated_ratio)
+        state.skipped_in_row += 1
+        if state.accumulated_error < self.threshold and state.skipped_in_row <= self.max_skips:
+            return Decision(True, state.accumulated_error, "under threshold")
+        error = state.accumulated_error
+        reason = "threshold reached" if error >= self.threshold else "max consecutive skips"
+        state.restart()
+        return Decision(False, error, reason)
+
+
+class MagCacheBackend(ResidualCacheBackend):
+    name = "mag_cache"
+    main_knob = "magcache_thresh"
+    defaults = {"magcache_thresh": 0.06, "magcache_K": 3, "retention_ratio": 0.2, "mag_ratios": None}
+    checks = {"magcache_thresh": number_in(0.0, 100.0), "magcache_K": integer_in(0, 1000),
+              "retention_ratio": number_in(0.0, 1.0), "mag_ratios": check_mag_ratios}
+
+    def configure(self, spec: CacheSpec, calibration: dict[str, Any] | None) -> None:
+        measured = (calibration or {}).get("mag_cache", {}).get("mag_ratios")
+        if "mag_ratios" in self.user_options:
+            source = "cache_config"
+        elif measured:
+            self.config["mag_ratios"] = check_mag_ratios("mag_ratios", measured)
+            source = "calibration file (ditserve calibrate)"
+        elif spec.mag_ratios:
+            self.config["mag_ratios"], source = {"*": list(spec.mag_ratios)}, spec.mag_ratios_source
+        else:
+            raise CacheConfigError(
+                f"mag_cache needs magnitude ratios for {spec.transformer_class} and none are known for this model: "
+                "run 'ditserve calibrate MODEL' or pass cache_config={'mag_ratios': [...]}", param="mag_ratios")
+        self.config["mag_ratios_source"] = source
+
+    def make_policy(self) -> MagCachePolicy:
+        c = self.config
+        return MagCachePolicy(c["magcache_thresh"], c["magcache_K"], c["retention_ratio"], c["mag_ratios"])
