@@ -20,6 +20,7 @@ BUILDERS: dict[str, str] = {
     "wan": "ditserve.testing.wan:build_tiny_wan",
     "wan_a14b": "ditserve.testing.wan:build_tiny_wan_a14b",
     "wan_ti2v": "ditserve.testing.wan:build_tiny_wan_ti2v",
+    "ovis_image": "ditserve.testing.generic:build_tiny_ovis_image",
     "flux": "ditserve.testing.flux:build_tiny_flux",
     "flux_dev": "ditserve.testing.flux:build_tiny_flux_dev",
 }
