@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
-            if error.name != module_name:
+            # only the sub-command's own module may be absent; a missing dependency inside it is a real error
+            if error.name is None or not (module_name + ".").startswith(error.name + "."):
                 raise
             continue
         module.register(subparsers)
