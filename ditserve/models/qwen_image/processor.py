@@ -1,0 +1,40 @@
+"""Loading the edit pipelines' Qwen2VLProcessor without its video part.
+
+transformers builds a Qwen2VLProcessor's video processor from torchvision, which some machines lack (no CPU
+build matches ours), and then refuses to load the processor at all. The Qwen-Image edit pipelines only feed it
+images, so where torchvision is missing the processor is assembled from the folder's image processor and
+tokenizer alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def torchvision_available() -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return is_torchvision_available()
+
+
+def _image_only_processor_class() -> type:
+    from transformers import Qwen2VLProcessor
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        """A Qwen2VLProcessor whose video processor may be None (its class check needs torchvision)."""
+
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImageOnlyQwen2VLProcessor
+
+
+def load_processor_without_video(folder: str | Path) -> Any:
+    """A Qwen2VLProcessor from ``folder`` (a pipeline's ``processor/``) with no video processor."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    return _image_only_processor_class()(image_processor=AutoImageProcessor.from_pretrained(folder),
+                                         tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=None)

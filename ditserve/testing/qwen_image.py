@@ -1,0 +1,92 @@
+"""Tiny random Qwen-Image pipelines, built locally: QwenImagePipeline (Qwen-Image, Qwen-Image-2512),
+QwenImageEditPipeline (Qwen-Image-Edit) and QwenImageEditPlusPipeline (Qwen-Image-Edit-2509).
+
+The edit pipelines resize their input image to about 1024x1024 pixels whatever the output size (diffusers
+hard-codes that area), so their VAE compresses 16x (4 down stages) to keep the condition at 32x32 latent
+patches; the text-to-image VAE compresses 4x so a 64x64 image still has 8x8 patches.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ditserve.testing.common import sensitize
+from ditserve.testing.qwen_text import tiny_qwen25_vl_encoder, tiny_qwen_tokenizer, write_processor_folder
+
+#: latent channels of the tiny VAE (the real one has 16)
+Z_DIM = 4
+#: the text encoder's hidden size, which the transformer's joint attention reads
+TEXT_HIDDEN = 32
+# non-trivial latent statistics, so a missing (de)normalisation step shows up in parity tests
+LATENTS_MEAN = [0.1, -0.2, 0.3, 0.0]
+LATENTS_STD = [1.5, 0.8, 1.2, 2.0]
+
+
+def _tiny_vae(down_stages: int, res_blocks: int):
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(
+        base_dim=8, z_dim=Z_DIM, dim_mult=[1] * (down_stages + 1), num_res_blocks=res_blocks,
+        temperal_downsample=[False] * down_stages, latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD).eval()
+
+
+def _tiny_transformer():
+    from diffusers import QwenImageTransformer2DModel
+
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=Z_DIM * 4, out_channels=Z_DIM, num_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=TEXT_HIDDEN, guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6)).eval()
+    sensitize(transformer)
+    return transformer
+
+
+def _tiny_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # Qwen-Image's scheduler settings (dynamic exponential shift, terminal shift), rescaled to tiny sequences
+    return FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=1024, base_shift=0.5, max_shift=0.9,
+        shift_terminal=0.02, time_shift_type="exponential")
+
+
+def _build(path: Path, pipeline_class_name: str, seed: int) -> Path:
+    import diffusers
+
+    torch.manual_seed(seed)
+    is_edit = pipeline_class_name != "QwenImagePipeline"
+    # edit inputs are encoded at ~1024x1024 whatever the output size: compress more, and skip the VAE's
+    # residual blocks (at full resolution they cost seconds on a CPU)
+    vae = _tiny_vae(down_stages=4, res_blocks=0) if is_edit else _tiny_vae(down_stages=2, res_blocks=1)
+    tokenizer = tiny_qwen_tokenizer()
+    components = {"scheduler": _tiny_scheduler(), "vae": vae,
+                  "text_encoder": tiny_qwen25_vl_encoder(tokenizer, TEXT_HIDDEN), "tokenizer": tokenizer,
+                  "transformer": _tiny_transformer()}
+    if is_edit:
+        # transformers cannot build a Qwen2VLProcessor here (its video part needs torchvision): save the pipeline
+        # without it, then write the processor's folder and its model_index.json entry by hand
+        components["processor"] = None
+    pipeline = getattr(diffusers, pipeline_class_name)(**components)
+    pipeline.save_pretrained(path)
+    if is_edit:
+        write_processor_folder(path / "processor", tokenizer)
+        index_file = path / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index["processor"] = ["transformers", "Qwen2VLProcessor"]
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True))
+    return path
+
+
+def build_tiny_qwen_image(path: Path) -> Path:
+    return _build(path, "QwenImagePipeline", seed=0)
+
+
+def build_tiny_qwen_image_edit(path: Path) -> Path:
+    return _build(path, "QwenImageEditPipeline", seed=1)
+
+
+def build_tiny_qwen_image_edit_plus(path: Path) -> Path:
+    return _build(path, "QwenImageEditPlusPipeline", seed=2)
