@@ -14,6 +14,9 @@ ADAPTERS: dict[str, str] = {
     "StableDiffusion3Pipeline": "ditserve.models.sd3:StableDiffusion3Adapter",
     "ZImagePipeline": "ditserve.models.z_image:ZImageAdapter",
     "WanPipeline": "ditserve.models.wan:WanAdapter",
+    "QwenImagePipeline": "ditserve.models.qwen_image:QwenImageAdapter",
+    "QwenImageEditPipeline": "ditserve.models.qwen_image:QwenImageEditAdapter",
+    "QwenImageEditPlusPipeline": "ditserve.models.qwen_image:QwenImageEditPlusAdapter",
 }
 
 

@@ -23,6 +23,9 @@ BUILDERS: dict[str, str] = {
     "ovis_image": "ditserve.testing.generic:build_tiny_ovis_image",
     "flux": "ditserve.testing.flux:build_tiny_flux",
     "flux_dev": "ditserve.testing.flux:build_tiny_flux_dev",
+    "qwen_image": "ditserve.testing.qwen_image:build_tiny_qwen_image",
+    "qwen_image_edit": "ditserve.testing.qwen_image:build_tiny_qwen_image_edit",
+    "qwen_image_edit_plus": "ditserve.testing.qwen_image:build_tiny_qwen_image_edit_plus",
 }
 
 _ROOT: Path | None = None
