@@ -1,0 +1,100 @@
+"""``ditserve bench [MODEL]``: speed against quality, ours and the peers, in one run."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+from typing import Any
+
+from ditserve.errors import InvalidParameterError
+
+#: defaults of the full run (the demo model's real figures)
+FULL_DEFAULTS = {"steps": 50, "num_prompts": 4, "repeats": 2, "height": None, "width": None}
+#: defaults of --quick: a tiny random FLUX pipeline, few steps, small images (seconds, not minutes)
+QUICK_DEFAULTS = {"steps": 4, "num_prompts": 2, "repeats": 1, "height": 64, "width": 64}
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("bench", help="benchmark caches of ditserve against diffusers and cache-dit")
+    parser.add_argument("model", nargs="?", default=None, help="diffusers folder or hub id (default: the demo)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; --quick: 4)")
+    parser.add_argument("--prompts", dest="num_prompts", type=int, default=None,
+                        help="number of prompts (default 4; --quick: 2)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed images per prompt and setting (default 2; --quick: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every system")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--true-cfg-scale", type=float, default=None)
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--only", nargs="*", default=[], help="run only settings whose label has one of these words")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run in seconds on a tiny random FLUX model (unless MODEL is given)")
+    parser.add_argument("--levers", action="store_true",
+                        help="measure the lossless levers (speed, peak memory) instead of the caches")
+    parser.add_argument("--out", type=Path, required=True, help="folder for results.json, results.md, pareto.png")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.set_defaults(func=run_from_args)
+
+
+def _sized_options(args: argparse.Namespace) -> dict[str, Any]:
+    """steps, prompts, repeats and size: what the user gave, else the defaults of the chosen mode."""
+    defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
+    values = {name: default if getattr(args, name) is None else getattr(args, name)
+              for name, default in defaults.items()}
+    for name in ("steps", "num_prompts", "repeats"):
+        if values[name] < 1:
+            flag = "--" + name.removeprefix("num_")
+            raise InvalidParameterError(f"{flag}={values[name]} must be >= 1", param=name)
+    return values
+
+
+def options_from_args(args: argparse.Namespace) -> Any:
+    from ditserve.bench.runner import BenchOptions
+
+    model = args.model
+    if args.quick and model is None:
+        from ditserve.testing import tiny_pipeline_dir
+
+        model = tiny_pipeline_dir("flux")
+    return BenchOptions(
+        model=model, seed=args.seed, device=args.device, dtype=args.dtype, true_cfg_scale=args.true_cfg_scale,
+        negative_prompt=args.negative_prompt, quick=args.quick, show_progress=args.progress,
+        only=tuple(args.only), **_sized_options(args))
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, rebuilt from the parsed options (recorded with the results)."""
+    words = ["ditserve", "bench"] + ([args.model] if args.model else [])
+    for flag in ("steps", "num_prompts", "repeats", "seed", "height", "width", "true_cfg_scale",
+                 "negative_prompt", "dtype", "device"):
+        value = getattr(args, flag)
+        if value is not None:
+            words += ["--" + flag.removeprefix("num_").replace("_", "-"), str(value)]
+    if args.only:
+        words += ["--only", *args.only]
+    words += [f for f, on in (("--quick", args.quick), ("--levers", args.levers)) if on]
+    words += ["--out", str(args.out)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    command = command_line(args)
+    options = options_from_args(args)
+    if args.levers:
+        from ditserve.bench.levers import run_levers, write_levers
+
+        paths = write_levers(run_levers(options), args.out, command)
+    else:
+        from ditserve.bench.report import summary_text, write_outputs
+        from ditserve.bench.runner import run_bench
+
+        results = run_bench(options)
+        paths = write_outputs(results, args.out, command)
+        for line in results["summary"]:
+            print(summary_text(line))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

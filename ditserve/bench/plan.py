@@ -1,0 +1,98 @@
+"""What the bench runs: the baselines, our cache backends over a sweep of their main knob, and the peers.
+
+Every run is a ``RunSpec``. Our ``cache_dit`` backend and the cache-dit library applied directly to diffusers
+get the same settings, so the two rows of a setting compare the engines, not the knobs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+#: who runs the images: our engine, diffusers' own pipeline ``__call__``, or cache-dit on that pipeline
+System = Literal["ditserve", "diffusers", "cache-dit"]
+#: how the row is drawn and summarised
+Group = Literal["baseline", "ours", "peer"]
+
+UNCACHED = "uncached"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    system: System
+    #: "uncached", our backend name ("tea_cache", ...) or the peer method ("FirstBlockCache", "DBCache", ...)
+    method: str
+    group: Group
+    #: the method's options as the user would write them (our ``cache_config``, a diffusers config's fields)
+    config: dict[str, Any] = field(default_factory=dict)
+    #: our ``cache_backend`` name (ditserve rows only)
+    backend: str | None = None
+
+    @property
+    def label(self) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in self.config.items())
+        return f"{self.system} {self.method}" + (f" ({options})" if options else "")
+
+    def key(self) -> str:
+        return json.dumps([self.system, self.method, self.config], sort_keys=True, default=str)
+
+
+def baselines() -> list[RunSpec]:
+    return [RunSpec("diffusers", UNCACHED, "baseline"), RunSpec("ditserve", UNCACHED, "baseline")]
+
+
+def _ours(backend: str, method: str, configs: list[dict[str, Any]]) -> list[RunSpec]:
+    return [RunSpec("ditserve", method, "ours", config, backend) for config in configs]
+
+
+def _peers(system: System, method: str, configs: list[dict[str, Any]]) -> list[RunSpec]:
+    return [RunSpec(system, method, "peer", config) for config in configs]
+
+
+def _cache_dit_settings(thresholds: list[float], scm_policies: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """DBCache over its threshold, then + TaylorSeer, then + TaylorSeer + SCM: (method name, config)."""
+    base = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 4}
+    settings = [("DBCache", {**base, "residual_diff_threshold": t}) for t in thresholds]
+    taylor = {**base, "residual_diff_threshold": thresholds[-1], "enable_taylorseer": True, "taylorseer_order": 1}
+    settings.append(("DBCache+TaylorSeer", taylor))
+    settings += [("DBCache+TaylorSeer+SCM", {**taylor, "scm_steps_mask_policy": policy, "scm_steps_policy": "dynamic"})
+                 for policy in scm_policies]
+    return settings
+
+
+def full_plan() -> list[RunSpec]:
+    """The sweep of the full run (50 steps on the demo model)."""
+    cache_dit = _cache_dit_settings([0.08, 0.16, 0.24, 0.32], ["fast", "ultra"])
+    return [
+        *baselines(),
+        *_ours("tea_cache", "TeaCache", [{"rel_l1_thresh": t} for t in (0.1, 0.2, 0.4, 0.6, 0.8)]),
+        *_ours("mag_cache", "MagCache", [{"magcache_thresh": t} for t in (0.03, 0.06, 0.12, 0.24)]),
+        *[RunSpec("ditserve", f"Cache-DiT {method}", "ours", config, "cache_dit") for method, config in cache_dit],
+        *_peers("diffusers", "FirstBlockCache", [{"threshold": t} for t in (0.05, 0.1, 0.2, 0.3)]),
+        *_peers("diffusers", "TaylorSeerCache", [{"cache_interval": n} for n in (3, 5, 8)]),
+        *_peers("diffusers", "MagCache", [{"threshold": t} for t in (0.03, 0.06, 0.12, 0.24)]),
+        *_peers("diffusers", "PyramidAttentionBroadcast", [{"spatial_attention_block_skip_range": n} for n in (2, 3)]),
+        *_peers("diffusers", "FasterCache", [{"spatial_attention_block_skip_range": 2}]),
+        *_peers("diffusers", "SeaCache", [{}]),
+        *_peers("diffusers", "TextKVCache", [{}]),
+        *[RunSpec("cache-dit", method, "peer", config) for method, config in cache_dit],
+    ]
+
+
+def quick_plan() -> list[RunSpec]:
+    """One setting per method: a smoke run on a tiny random model, where thresholds must be high to skip."""
+    taylor = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 1,
+              "residual_diff_threshold": 2.0, "enable_taylorseer": True, "taylorseer_order": 1}
+    return [
+        *baselines(),
+        *_ours("tea_cache", "TeaCache", [{"rel_l1_thresh": 2.0}]),
+        *_ours("mag_cache", "MagCache", [{"magcache_thresh": 1.0}]),
+        RunSpec("ditserve", "Cache-DiT DBCache+TaylorSeer", "ours", taylor, "cache_dit"),
+        *_peers("diffusers", "FirstBlockCache", [{"threshold": 2.0}]),
+        *_peers("diffusers", "TaylorSeerCache", [{"cache_interval": 2, "disable_cache_before_step": 1}]),
+        *_peers("diffusers", "MagCache", [{"threshold": 1.0, "retention_ratio": 0.2}]),
+        *_peers("diffusers", "PyramidAttentionBroadcast", [{"spatial_attention_block_skip_range": 2}]),
+        *_peers("diffusers", "SeaCache", [{}]),
+        RunSpec("cache-dit", "DBCache+TaylorSeer", "peer", taylor),
+    ]

@@ -1,0 +1,353 @@
+"""One bench run: baselines, our cache backends and the peers on the same prompts, seeds, dtype and steps.
+
+Timing rules: a warm-up image per setting is excluded; each setting makes ``repeats`` images of every prompt
+and reports medians. Runs of ours and of the peers alternate, and both baselines are timed again at the end,
+so slow drift of a shared machine does not favour one side; the drift is reported.
+Quality rules: every image is compared with the uncached image of the same prompt and seed made by the same
+system (ours against ditserve uncached, peers against diffusers uncached), so a row's loss is its cache's
+alone; the two uncached systems are compared with each other once, as a parity check.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ditserve.bench import peers
+from ditserve.bench.metrics import mean, median, psnr_db, ssim
+from ditserve.bench.plan import RunSpec, full_plan, quick_plan
+from ditserve.bench.systems import DiffusersSystem, DitserveSystem, ImageResult
+from ditserve.config import OmniDiffusionSamplingParams
+from ditserve.errors import DitServeError
+
+logger = logging.getLogger(__name__)
+
+#: prompts for models other than the demo (any tokenizer splits them; the tiny test models know these words)
+GENERIC_PROMPTS = ("a red circle on the left", "a small blue square at the top", "a large green triangle",
+                   "a cat sitting on the windowsill", "a dog in the center", "a blue circle and a red square")
+
+
+@dataclass
+class BenchOptions:
+    #: diffusers folder or hub id; None: the bundled demo model
+    model: str | None = None
+    steps: int = 50
+    num_prompts: int = 4
+    repeats: int = 2
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    height: int | None = None
+    width: int | None = None
+    true_cfg_scale: float | None = None
+    negative_prompt: str | None = None
+    quick: bool = False
+    show_progress: bool = True
+    #: run only the settings whose label contains one of these words (case-insensitive); empty: all
+    only: Sequence[str] = ()
+
+
+@dataclass
+class Samples:
+    """The images of one setting: ``images[repeat][prompt]``."""
+
+    images: list[list[ImageResult]] = field(default_factory=list)
+
+    def all(self) -> list[ImageResult]:
+        return [image for row in self.images for image in row]
+
+    def first_repeat(self) -> list[ImageResult]:
+        return self.images[0]
+
+
+def choose_prompts(is_demo: bool, count: int) -> list[str]:
+    if is_demo:
+        from ditserve.demo import heldout_prompts
+
+        return heldout_prompts(count)
+    return [GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)] for i in range(count)]
+
+
+def interleave(ours: Sequence[RunSpec], others: Sequence[RunSpec]) -> list[RunSpec]:
+    pairs = itertools.zip_longest(ours, others)
+    return [spec for pair in pairs for spec in pair if spec is not None]
+
+
+def select_plan(options: BenchOptions) -> list[RunSpec]:
+    plan = quick_plan() if options.quick else full_plan()
+    if options.only:
+        words = [w.lower() for w in options.only]
+        plan = [s for s in plan if s.group == "baseline" or any(w in s.label.lower() for w in words)]
+    baselines = [s for s in plan if s.group == "baseline"]
+    return baselines + interleave([s for s in plan if s.group == "ours"], [s for s in plan if s.group == "peer"])
+
+
+class Progress:
+    """A tqdm bar over every image the bench makes (warm-ups included)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True)
+
+    def start(self, label: str) -> None:
+        self.bar.set_description(label[:60])
+
+    def advance(self, count: int = 1) -> None:
+        self.bar.update(count)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Bench:
+    def __init__(self, options: BenchOptions) -> None:
+        self.options = options
+        self.plan = select_plan(options)
+        self.engine_options = {"model": options.model, "device": options.device, "dtype": options.dtype}
+        self.records: list[dict[str, Any]] = []
+        self._mag_ratios: list[float] | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _sampling(self, system: DitserveSystem) -> OmniDiffusionSamplingParams:
+        o = self.options
+        asked = {"num_inference_steps": o.steps, "height": o.height, "width": o.width,
+                 "true_cfg_scale": o.true_cfg_scale, "negative_prompt": o.negative_prompt}
+        return system.resolve(OmniDiffusionSamplingParams(**{k: v for k, v in asked.items() if v is not None}))
+
+    def _seeded(self, prompt_index: int) -> OmniDiffusionSamplingParams:
+        return self.params.replace(seed=self.options.seed + prompt_index)
+
+    def images_per_setting(self) -> int:
+        return 1 + len(self.prompts) * self.options.repeats
+
+    # ------------------------------------------------------------------ measuring
+    def _measure(self, generate: Callable[[str, OmniDiffusionSamplingParams], ImageResult]) -> Samples:
+        generate(self.prompts[0], self._seeded(0))  # warm-up, excluded
+        self.progress.advance()
+        samples = Samples()
+        for _ in range(self.options.repeats):
+            row = []
+            for index, prompt in enumerate(self.prompts):
+                row.append(generate(prompt, self._seeded(index)))
+                self.progress.advance()
+            samples.images.append(row)
+        return samples
+
+    def _run_ours(self, spec: RunSpec) -> tuple[Samples, dict[str, Any]]:
+        from ditserve.cache.selector import available_backends
+
+        if spec.backend not in available_backends():
+            raise peers.MethodUnavailableError(
+                f"cache_backend {spec.backend!r} is not registered in this build; available: {available_backends()}")
+        system = DitserveSystem(self.engine_options, spec.backend, spec.config)
+        try:
+            return self._measure(system.generate), {"counted_reliably": system.counter.is_reliable()}
+        finally:
+            system.close()
+
+    def _run_peer(self, spec: RunSpec) -> tuple[Samples, dict[str, Any]]:
+        system = self.diffusers
+        if spec.system == "cache-dit":
+            separate_cfg = bool(self.params.true_cfg_scale and self.params.true_cfg_scale > 1
+                                and self.params.negative_prompt is not None)
+            arguments = peers.cache_dit_arguments(spec.config, self.params.num_inference_steps, separate_cfg)
+            applied = peers.cache_dit_library(system.pipeline, arguments)
+        else:
+            ratios = self._diffusers_mag_ratios() if spec.method == "MagCache" else None
+            hook_config = peers.diffusers_hook_config(spec.method, spec.config, system.pipeline,
+                                                      self.params.num_inference_steps, ratios)
+            applied = peers.diffusers_cache(system.pipeline, hook_config)
+        with applied:
+            reliable = system.counter.is_reliable()
+            return self._measure(system.generate), {"counted_reliably": reliable}
+
+    def _diffusers_mag_ratios(self) -> list[float]:
+        if self._mag_ratios is None:
+            self._mag_ratios = peers.calibrate_diffusers_mag_ratios(
+                self.diffusers.pipeline, self.params.num_inference_steps,
+                lambda: self.diffusers.generate(self.prompts[0], self._seeded(0)))
+        return self._mag_ratios
+
+    # ------------------------------------------------------------------ records
+    def _quality(self, samples: Samples, reference: Samples) -> dict[str, Any]:
+        pairs = list(zip(samples.first_repeat(), reference.first_repeat(), strict=True))
+        psnrs = [psnr_db(a.image, b.image) for a, b in pairs]
+        return {"psnr_db": mean(psnrs), "psnr_min_db": min(psnrs), "ssim": mean([ssim(a.image, b.image) for a, b in pairs])}
+
+    def _compute_fraction(self, samples: Samples, reference: Samples) -> float:
+        done = sum(r.work_units for r in samples.first_repeat())
+        full = sum(r.work_units for r in reference.first_repeat())
+        return done / full if full else float("nan")
+
+    def _adherence(self, samples: Samples) -> float | None:
+        if not self.is_demo:
+            return None
+        from ditserve.demo import evaluate
+
+        return evaluate([r.image for r in samples.first_repeat()], self.prompts)["object_accuracy"]
+
+    @staticmethod
+    def _timings(images: Sequence[ImageResult]) -> dict[str, Any]:
+        denoise = [r.denoise_s for r in images if r.denoise_s is not None]
+        return {"samples": len(images), "median_s": median([r.wall_s for r in images]),
+                "denoise_median_s": median(denoise) if denoise else None}
+
+    @staticmethod
+    def _reported_work_fraction(samples: Samples) -> float | None:
+        """The work fraction the cache itself reports (ours), to set beside the counted one."""
+        reported = [r.cache_stats.get("work_fraction") for r in samples.first_repeat() if r.cache_stats]
+        reported = [value for value in reported if isinstance(value, (int, float))]
+        return mean(reported) if reported else None
+
+    def _record(self, spec: RunSpec, samples: Samples, reference: Samples, extra: dict[str, Any]) -> dict[str, Any]:
+        stats = samples.first_repeat()[0].cache_stats
+        return {
+            **self._spec_fields(spec), "status": "ok", **self._timings(samples.all()),
+            "compute_fraction": self._compute_fraction(samples, reference),
+            "reported_work_fraction": self._reported_work_fraction(samples),
+            **self._quality(samples, reference), "adherence": self._adherence(samples),
+            "cache_stats_first_image": _scalars(stats) if stats else None, **extra,
+        }
+
+    @staticmethod
+    def _spec_fields(spec: RunSpec) -> dict[str, Any]:
+        return {"system": spec.system, "method": spec.method, "group": spec.group, "backend": spec.backend,
+                "config": spec.config, "label": spec.label}
+
+    def _unavailable(self, spec: RunSpec, reason: str, status: str) -> dict[str, Any]:
+        return {**self._spec_fields(spec), "status": status, "reason": reason}
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        ditserve_plain = DitserveSystem(self.engine_options)
+        loaded = ditserve_plain.omni.engine.runner.model
+        self.is_demo = loaded.name == "ditserve-shapes"
+        self.prompts = choose_prompts(self.is_demo, self.options.num_prompts)
+        self.params = self._sampling(ditserve_plain)
+        self.diffusers = DiffusersSystem(loaded.path, loaded.device, loaded.dtype)
+        ignored = self.diffusers.call_arguments(self.params)[1]
+        baseline_rechecks = 2 * len(self.prompts) * self.options.repeats
+        self.progress = Progress(len(self.plan) * self.images_per_setting() + baseline_rechecks,
+                                 self.options.show_progress)
+        try:
+            references = self._run_plan(ditserve_plain)
+            drift = self._recheck_baselines(ditserve_plain, references)
+        finally:
+            self.progress.close()
+            ditserve_plain.close()
+            self.diffusers.close()
+        parity = self._quality(references["ditserve"], references["diffusers"])
+        self._add_speedups()
+        return self._results(loaded, started, drift, parity, ignored)
+
+    def _run_plan(self, ditserve_plain: DitserveSystem) -> dict[str, Samples]:
+        references: dict[str, Samples] = {}
+        for spec in self.plan:
+            self.progress.start(spec.label)
+            if spec.group == "baseline":
+                system = ditserve_plain if spec.system == "ditserve" else self.diffusers
+                references[spec.system] = samples = self._measure(system.generate)
+                self.records.append(self._record(spec, samples, samples, {"counted_reliably": True}))
+                continue
+            reference = references["ditserve" if spec.system == "ditserve" else "diffusers"]
+            self.records.append(self._run_setting(spec, reference))
+        return references
+
+    def _run_setting(self, spec: RunSpec, reference: Samples) -> dict[str, Any]:
+        run = self._run_ours if spec.group == "ours" else self._run_peer
+        try:
+            samples, extra = run(spec)
+        except peers.MethodUnavailableError as error:
+            self.progress.advance(self.images_per_setting())
+            return self._unavailable(spec, str(error), "unavailable")
+        except (DitServeError, ValueError, TypeError, RuntimeError, AssertionError) as error:
+            # a method that breaks on this model is a finding to report, not a reason to lose the whole run
+            logger.warning("%s failed", spec.label, exc_info=True)
+            self.progress.advance(self.images_per_setting())
+            return self._unavailable(spec, f"{type(error).__name__}: {error}", "failed")
+        return self._record(spec, samples, reference, extra)
+
+    def _recheck_baselines(self, ditserve_plain: DitserveSystem, references: dict[str, Samples]) -> dict[str, float]:
+        """Time both baselines again at the end; their medians pool both passes, and the drift is reported."""
+        drift = {}
+        for record in self.records:
+            if record["group"] != "baseline":
+                continue
+            system = ditserve_plain if record["system"] == "ditserve" else self.diffusers
+            self.progress.start(f"{record['system']} uncached (re-check)")
+            first = references[record["system"]].all()
+            again = [system.generate(p, self._seeded(i))
+                     for _ in range(self.options.repeats) for i, p in enumerate(self.prompts)]
+            self.progress.advance(len(again))
+            drift[record["system"]] = median([r.wall_s for r in again]) / median([r.wall_s for r in first])
+            record.update(self._timings(first + again))
+        return drift
+
+    def _add_speedups(self) -> None:
+        baseline = {r["system"]: r for r in self.records if r["group"] == "baseline"}
+        for record in self.records:
+            if record["status"] != "ok":
+                continue
+            for system in ("ditserve", "diffusers"):
+                record[f"speedup_vs_{system}_uncached"] = baseline[system]["median_s"] / record["median_s"]
+                if record["denoise_median_s"] and baseline[system]["denoise_median_s"]:
+                    record[f"denoise_speedup_vs_{system}_uncached"] = (
+                        baseline[system]["denoise_median_s"] / record["denoise_median_s"])
+            # the common reference: the time a user of plain diffusers starts from
+            record["speedup"] = record["speedup_vs_diffusers_uncached"]
+
+    def _results(self, loaded: Any, started: float, drift: dict[str, float], parity: dict[str, Any],
+                 ignored: list[str]) -> dict[str, Any]:
+        import diffusers
+
+        return {
+            "model": loaded.name, "model_path": loaded.path, "device": _device_name(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."), "torch_version": torch.__version__,
+            "diffusers_version": diffusers.__version__, "cache_dit_version": _cache_dit_version(),
+            "cpu_count": _cpu_count(), "platform": platform.platform(),
+            "steps": self.params.num_inference_steps, "prompts": self.prompts, "repeats": self.options.repeats,
+            "seeds": [self.options.seed + i for i in range(len(self.prompts))],
+            "sampling": {k: v for k, v in vars(self.params).items() if v is not None and k != "seed"},
+            "params_diffusers_does_not_take": ignored, "quick": self.options.quick,
+            "baseline_drift": drift, "uncached_parity": parity, "prompt_embed_cache": False,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+            "duration_s": time.time() - started, "records": self.records,
+        }
+
+
+def _scalars(stats: dict[str, Any]) -> dict[str, Any]:
+    """The scalar fields of a cache-stats mapping (per-step lists stay out of the report)."""
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+
+
+def _cache_dit_version() -> str | None:
+    try:
+        import cache_dit
+    except ImportError:
+        return None
+    return cache_dit.__version__
+
+
+def run_bench(options: BenchOptions) -> dict[str, Any]:
+    return Bench(options).run()

@@ -1,0 +1,131 @@
+"""The systems the bench drives: ditserve's ``Omni`` and diffusers' own pipeline ``__call__``.
+
+Both make one image per (prompt, seed) with the same resolved sampling params, and report the wall time, the
+denoising time and the block work counted while it ran.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ditserve.bench.counting import BlockWorkCounter
+from ditserve.config import OmniDiffusionSamplingParams
+
+#: sampling params that diffusers' pipelines take under the same name
+DIFFUSERS_CALL_FIELDS = ("num_inference_steps", "height", "width", "guidance_scale", "true_cfg_scale",
+                         "negative_prompt", "max_sequence_length", "num_frames", "guidance_scale_2",
+                         "boundary_ratio")
+
+
+@dataclass
+class ImageResult:
+    image: Image.Image
+    wall_s: float
+    denoise_s: float | None
+    #: attention + MLP bodies run in the transformer blocks while making this image
+    work_units: int
+    cache_stats: dict[str, Any] | None = None
+
+
+def synchronize(device: torch.device) -> None:
+    # a timer must stop on finished work, not on queued kernels
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DitserveSystem:
+    """One ``Omni`` engine (one cache setting); the prompt-embedding cache is off so every image pays its
+    text encoding, as it does in diffusers' pipeline."""
+
+    def __init__(self, engine_options: Mapping[str, Any], backend: str | None = None,
+                 cache_config: Mapping[str, Any] | None = None) -> None:
+        from ditserve.entrypoints.omni import Omni
+
+        self.omni = Omni(**engine_options, cache_backend=backend, cache_config=dict(cache_config or {}) or None,
+                         enable_prompt_embed_cache=False)
+        self.counter = BlockWorkCounter(self.omni.engine.adapter.transformers())
+
+    @property
+    def device(self) -> torch.device:
+        return self.omni.engine.adapter.device
+
+    def resolve(self, params: OmniDiffusionSamplingParams) -> OmniDiffusionSamplingParams:
+        return self.omni.engine.adapter.resolve_params(params)
+
+    def generate(self, prompt: str, params: OmniDiffusionSamplingParams) -> ImageResult:
+        self.counter.take()
+        start = time.perf_counter()
+        output = self.omni.generate(prompt, params)[0]
+        synchronize(self.device)
+        wall = time.perf_counter() - start
+        return ImageResult(output.images[0], wall, output.timings.get("denoise_s"), self.counter.take(),
+                           output.cache_stats)
+
+    def close(self) -> None:
+        self.counter.remove()
+        self.omni.close()
+
+
+class DiffusersSystem:
+    """diffusers' own pipeline on the same model folder; peers are applied to it one at a time."""
+
+    def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype) -> None:
+        from diffusers import DiffusionPipeline
+
+        self.pipeline = DiffusionPipeline.from_pretrained(model_path, dtype=dtype)
+        self.pipeline.to(device)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.device = device
+        self.counter = BlockWorkCounter(self._transformers())
+        self._call_parameters = set(inspect.signature(self.pipeline.__call__).parameters)
+        self._first_forward_at: float | None = None
+        self._last_step_at: float | None = None
+        self._timer_handle = self.pipeline.transformer.register_forward_pre_hook(self._mark_forward)
+
+    def _transformers(self) -> list[torch.nn.Module]:
+        names = ("transformer", "transformer_2")
+        return [getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n, None) is not None]
+
+    def _mark_forward(self, module: torch.nn.Module, args: object) -> None:
+        if self._first_forward_at is None:
+            self._first_forward_at = time.perf_counter()
+
+    def _mark_step_end(self, pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        synchronize(self.device)
+        self._last_step_at = time.perf_counter()
+        return callback_kwargs
+
+    def call_arguments(self, params: OmniDiffusionSamplingParams) -> tuple[dict[str, Any], list[str]]:
+        """``__call__`` keyword arguments for ``params`` (seed aside), and the set fields the pipeline lacks."""
+        values = {name: getattr(params, name) for name in DIFFUSERS_CALL_FIELDS if getattr(params, name) is not None}
+        accepted = {k: v for k, v in values.items() if k in self._call_parameters}
+        return accepted, sorted(set(values) - set(accepted))
+
+    def generate(self, prompt: str, params: OmniDiffusionSamplingParams) -> ImageResult:
+        arguments, _ = self.call_arguments(params)
+        if "callback_on_step_end" in self._call_parameters:
+            arguments["callback_on_step_end"] = self._mark_step_end
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        self.counter.take()
+        self._first_forward_at = self._last_step_at = None
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = self.pipeline(prompt=prompt, generator=generator, output_type="pil", **arguments)
+        synchronize(self.device)
+        wall = time.perf_counter() - start
+        denoise = None
+        if self._first_forward_at is not None and self._last_step_at is not None:
+            denoise = self._last_step_at - self._first_forward_at
+        return ImageResult(output.images[0], wall, denoise, self.counter.take())
+
+    def close(self) -> None:
+        self._timer_handle.remove()
+        self.counter.remove()
+        self.pipeline = None
