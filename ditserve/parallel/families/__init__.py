@@ -1,0 +1,23 @@
+"""``model_index.json`` ``_class_name`` -> sequence-parallel plan of the family. Adding a family is one line."""
+
+from __future__ import annotations
+
+import importlib
+
+from ditserve.parallel.families.base import SequenceParallelPlan
+
+PLANS: dict[str, str] = {
+    "FluxPipeline": "ditserve.parallel.families.flux:FluxPlan",
+}
+
+
+def sequence_parallel_families() -> list[str]:
+    return sorted(PLANS)
+
+
+def plan_for(pipeline_class_name: str) -> SequenceParallelPlan | None:
+    target = PLANS.get(pipeline_class_name)
+    if target is None:
+        return None
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)()

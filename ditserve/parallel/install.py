@@ -1,0 +1,94 @@
+"""Check a parallel config against the loaded model, and install it: the same on every rank.
+
+Every check here runs at start-up (``Omni(...)`` raises ``ParallelConfigError``), except the sequence length,
+which depends on each request's size and is checked when the request is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ditserve.config import DiffusionParallelConfig, OmniDiffusionSamplingParams
+from ditserve.errors import ParallelConfigError
+from ditserve.models.base import LoopAdapter
+from ditserve.parallel.cfg import install_cfg_parallel
+from ditserve.parallel.families import plan_for, sequence_parallel_families
+from ditserve.parallel.families.base import SequenceParallelPlan
+from ditserve.parallel.topology import ParallelTopology
+
+#: pipelines whose adapters run a separate unconditional pass ("uncond" branch) when guidance is on
+GUIDED_PIPELINES = ("FluxPipeline", "QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
+                    "WanPipeline", "WanImageToVideoPipeline", "StableDiffusion3Pipeline")
+
+
+def check_options_implemented(config: DiffusionParallelConfig) -> None:
+    """Options that exist in the config but not in this build: an error, never ignored."""
+    if config.tensor_parallel_size > 1:
+        raise ParallelConfigError(
+            f"tensor_parallel_size={config.tensor_parallel_size}: tensor parallelism is not implemented yet; "
+            "use ulysses_degree / ring_degree / cfg_parallel_size", param="tensor_parallel_size")
+    if config.vae_patch_parallel_size > 1:
+        raise ParallelConfigError(
+            f"vae_patch_parallel_size={config.vae_patch_parallel_size}: VAE patch parallelism is not implemented "
+            "yet; use vae_use_tiling on one device", param="vae_patch_parallel_size")
+
+
+def check_model(adapter: Any, config: DiffusionParallelConfig) -> SequenceParallelPlan | None:
+    """Start-up checks against the loaded model; returns the family's sequence plan when one is needed."""
+    name = adapter.pipeline_class_name
+    if not isinstance(adapter, LoopAdapter):
+        raise ParallelConfigError(
+            f"{name} runs through diffusers' own pipeline call (no ditserve adapter), which has no "
+            "multi-device support; run it without parallel_config", param="parallel_config")
+    if config.cfg_parallel_size > 1 and name not in GUIDED_PIPELINES:
+        raise ParallelConfigError(
+            f"cfg_parallel_size=2 needs a model with classifier-free guidance; {name} has none "
+            f"(guided families: {sorted(GUIDED_PIPELINES)})", param="cfg_parallel_size")
+    if config.sequence_parallel_size == 1:
+        return None
+    plan = plan_for(name)
+    if plan is None:
+        raise ParallelConfigError(
+            f"sequence parallelism (ulysses_degree / ring_degree) is not available for {name}; "
+            f"families with it: {sequence_parallel_families()}", param="ulysses_degree")
+    for transformer in adapter.transformers():
+        heads = plan.attention_heads(transformer)
+        if heads % config.ulysses_degree:
+            raise ParallelConfigError(
+                f"ulysses_degree={config.ulysses_degree} must divide the {heads} attention heads of {name}; "
+                f"allowed: {[d for d in range(1, heads + 1) if heads % d == 0]}", param="ulysses_degree")
+    return plan
+
+
+def check_request_sequence(plan: SequenceParallelPlan, adapter: Any, config: DiffusionParallelConfig,
+                           params: OmniDiffusionSamplingParams) -> None:
+    tokens = plan.sharded_tokens(adapter, params)
+    degree = config.sequence_parallel_size
+    if tokens % degree:
+        raise ParallelConfigError(
+            f"height={params.height} x width={params.width} gives {tokens} image tokens, not divisible by "
+            f"ulysses_degree x ring_degree = {degree}; choose a size whose token count divides", param="height")
+
+
+def add_request_checks(adapter: Any, plan: SequenceParallelPlan, config: DiffusionParallelConfig) -> None:
+    """Make the adapter's own request validation also check the sequence split (instance attribute)."""
+    validate_params = adapter.validate_params
+
+    def validate(params: OmniDiffusionSamplingParams) -> None:
+        validate_params(params)
+        check_request_sequence(plan, adapter, config, params)
+
+    adapter.validate_params = validate
+
+
+def install_parallelism(adapter: Any, topology: ParallelTopology) -> None:
+    """Check, then install sequence parallelism on the transformers and CFG-parallel on the adapter."""
+    config = topology.config
+    check_options_implemented(config)
+    plan = check_model(adapter, config)
+    if plan is not None:
+        for transformer in adapter.transformers():
+            plan.install(transformer, topology)
+        add_request_checks(adapter, plan, config)
+    if config.cfg_parallel_size > 1:
+        install_cfg_parallel(adapter, topology)

@@ -1,0 +1,83 @@
+"""One rank's runner: a ``ModelRunner`` with the parallel plan installed, and the agreement of all ranks on
+whether to go on at each step (an abort seen by rank 0 stops every rank at the same step, so no rank is left
+waiting in a collective)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
+from ditserve.engine.request import Request
+from ditserve.engine.runner import ModelRunner
+from ditserve.errors import ParallelConfigError, RequestAbortedError
+from ditserve.parallel.install import install_parallelism
+from ditserve.parallel.topology import ParallelTopology
+
+
+@dataclass
+class RequestSpec:
+    """What a worker needs of a request (a Request minus its future, event and callback: not picklable)."""
+
+    prompt: str
+    params: OmniDiffusionSamplingParams
+    request_id: str
+    images: list[Image.Image] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, request: Request) -> RequestSpec:
+        return cls(prompt=request.prompt, params=request.params, request_id=request.request_id,
+                   images=list(request.images))
+
+    def to_request(self) -> Request:
+        return Request(prompt=self.prompt, params=self.params, images=self.images, request_id=self.request_id)
+
+
+def rank_device(device: str, local_rank: int) -> str:
+    """Each rank's own device: ``cuda:<local rank>`` on GPUs, ``cpu`` otherwise."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ParallelConfigError(
+            f"device={device!r}: with a parallel config choose 'auto', 'cpu' or 'cuda' (rank i uses cuda:i)",
+            param="device")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    return f"cuda:{local_rank}"
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+class RankRunner(ModelRunner):
+    """The model runner of one rank. Only rank 0 decodes; the others return empty media."""
+
+    def __init__(self, config: OmniDiffusionConfig, topology: ParallelTopology, local_rank: int) -> None:
+        super().__init__(dataclasses.replace(config, device=rank_device(config.device, local_rank)))
+        self.topology = topology
+        install_parallelism(self.adapter, topology)
+        if not topology.is_driver:
+            self.adapter.decode = lambda state: [[] for _ in state.requests]
+
+    def _step_hooks(self, batch: Sequence[Request], *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        before_step, after_step = super()._step_hooks(batch, *args, **kwargs)
+        flag_device = torch.device("cuda", torch.cuda.current_device()) if self.model.device.type == "cuda" \
+            else torch.device("cpu")
+
+        def agreed_before_step(step_index: int, num_steps: int) -> None:
+            stop = torch.zeros(1, dtype=torch.int32, device=flag_device)
+            if self.topology.is_driver:
+                try:
+                    before_step(step_index, num_steps)
+                except RequestAbortedError:
+                    stop.fill_(1)
+            dist.broadcast(stop, src=0)
+            if int(stop.item()):
+                raise RequestAbortedError(f"aborted before step {step_index + 1} of {num_steps}")
+
+        return agreed_before_step, after_step
