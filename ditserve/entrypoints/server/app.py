@@ -340,7 +340,7 @@ def create_app(engine: DiffusionEngine, settings: ServerSettings) -> FastAPI:
             state.store.close()
 
     app = FastAPI(title="ditserve", description="OpenAI-compatible serving of diffusion transformers",
-                  version="0.1.0", lifespan=lifespan)
+                  version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.state.server = state
     install_error_handlers(app)
     add_routes(app)

@@ -1,0 +1,117 @@
+"""Real uvicorn servers on 127.0.0.1 (one thread each, a free port each) over tiny engines, shared per session.
+
+Engines are built once and may back several apps (the app does not own its engine): a plain one, one behind
+an API key, one with tight limits for the schema fuzzer, one without batching for the load comparison.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ditserve.config import OmniDiffusionConfig
+from ditserve.engine.engine import DiffusionEngine
+from ditserve.entrypoints.server import ServerSettings, create_app
+from ditserve.entrypoints.server.thread import ServerThread
+from ditserve.testing import BUILDERS, tiny_pipeline_dir
+
+IMAGE_LIMITS = {"max_steps": 400, "max_image_size": 64, "max_n": 4, "max_frames": 9}
+API_KEY = "sk-ditserve-test"
+
+
+def make_engine(model_dir: str, max_batch_size: int = 4, limits: dict[str, int] | None = None) -> DiffusionEngine:
+    return DiffusionEngine(OmniDiffusionConfig(model=model_dir, max_batch_size=max_batch_size, max_queue_size=64,
+                                               limits=limits or IMAGE_LIMITS))
+
+
+def start(engine: DiffusionEngine, output_dir: Path, **settings: Any) -> ServerThread:
+    settings.setdefault("served_model_name", "tiny")
+    settings.setdefault("max_body_mb", 4.0)
+    return ServerThread(create_app(engine, ServerSettings(output_dir=output_dir, **settings)))
+
+
+def random_png(width: int = 32, height: int = 32, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def builder_or_skip(family: str) -> str:
+    if family not in BUILDERS:
+        pytest.skip(f"the tiny {family!r} builder is not in ditserve.testing.BUILDERS yet")
+    return tiny_pipeline_dir(family)
+
+
+def engine_or_skip(model_dir: str, **kwargs: Any) -> DiffusionEngine:
+    try:
+        return make_engine(model_dir, **kwargs)
+    except ImportError as error:
+        # e.g. a processor that transformers cannot load without torchvision: a loader bug, reported loudly
+        pytest.skip(f"the engine cannot load {model_dir}: {str(error).strip().splitlines()[0]}")
+
+
+@pytest.fixture(scope="session")
+def png() -> Callable[..., bytes]:
+    """``png(width, height, seed)``: the bytes of a random RGB PNG."""
+    return random_png
+
+
+@pytest.fixture(scope="session")
+def api_key() -> str:
+    return API_KEY
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    # the engine thread and the HTTP clients share two cores: a second intra-op thread only adds contention
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def image_engine(tiny_flux_dir: str) -> Iterator[DiffusionEngine]:
+    engine = make_engine(tiny_flux_dir)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def image_server(image_engine: DiffusionEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    server = start(image_engine, tmp_path_factory.mktemp("image-server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def secured_server(image_engine: DiffusionEngine,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    server = start(image_engine, tmp_path_factory.mktemp("secured-server"), api_key=API_KEY)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def edit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    engine = engine_or_skip(builder_or_skip("qwen_image_edit"))
+    server = start(engine, tmp_path_factory.mktemp("edit-server"))
+    yield server
+    server.stop()
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def video_engine() -> Iterator[DiffusionEngine]:
+    engine = engine_or_skip(builder_or_skip("wan"), limits={"max_steps": 400, "max_image_size": 64, "max_n": 1,
+                                                         "max_frames": 9})
+    yield engine
+    engine.close()
