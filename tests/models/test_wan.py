@@ -155,3 +155,9 @@ def test_bad_input_names_its_field(wan_omni: Omni, bad: dict, param: str) -> Non
     with pytest.raises(InvalidParameterError) as error:
         wan_omni.generate(PROMPT, **{**BASE, **bad})
     assert error.value.param == param
+
+
+def test_a14b_low_noise_guidance_without_guidance_is_an_error(a14b_omni: Omni) -> None:
+    with pytest.raises(InvalidParameterError) as error:
+        a14b_omni.generate(PROMPT, **BASE, guidance_scale=1.0, guidance_scale_2=4.0)
+    assert error.value.param == "guidance_scale_2"

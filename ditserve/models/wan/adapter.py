@@ -80,6 +80,12 @@ class WanAdapter(LoopAdapter):
             raise InvalidParameterError(
                 "guidance_scale_2 is the low-noise expert's guidance: it needs a two-expert model with a "
                 "boundary_ratio", param="guidance_scale_2")
+        if params.guidance_scale_2 is not None and params.guidance_scale_2 > 1 and params.guidance_scale <= 1:
+            # diffusers switches guidance on or off for both experts from guidance_scale alone
+            raise InvalidParameterError(
+                f"guidance_scale_2={params.guidance_scale_2} needs guidance_scale > 1 (got "
+                f"{params.guidance_scale}): classifier-free guidance is on for both experts or for neither",
+                param="guidance_scale_2")
 
     @staticmethod
     def uses_cfg(request: Request) -> bool:
