@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ class LoadedModel:
     adapter: ModelAdapter
     device: torch.device
     dtype: torch.dtype
+    #: levers applied after loading, in order (``ditserve.levers.apply_levers`` fills it)
+    levers: list[str] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -88,7 +90,14 @@ def read_model_defaults(path: str) -> dict[str, Any]:
     return dict(json.loads(file.read_text()).get("sampling_defaults", {}))
 
 
-def load_model(model: str | None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(model: str | None, device: str = "auto", dtype: str = "auto", *, keep_on_cpu: bool = False,
+               gguf_model: str | None = None) -> LoadedModel:
+    """Load a pipeline and place it on ``device``.
+
+    ``keep_on_cpu``: leave the weights in CPU memory for an offload lever to place (moving a model that does not
+    fit the device there first would fail before offloading could help). ``gguf_model``: load the transformer
+    from this pre-quantized GGUF file instead of the folder's weights, which are then never read.
+    """
     import diffusers
 
     path = resolve_model_path(model)
@@ -100,12 +109,18 @@ def load_model(model: str | None, device: str = "auto", dtype: str = "auto") -> 
             f"{diffusers.__version__}; family adapters exist for {supported_pipelines()}", param="model")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    pipeline = pipeline_class.from_pretrained(path, dtype=torch_dtype)
-    pipeline.to(torch_device)
+    components: dict[str, Any] = {}
+    if gguf_model is not None:
+        from ditserve.levers.gguf import load_gguf_transformer
+
+        components["transformer"] = load_gguf_transformer(path, gguf_model, torch_dtype)
+    pipeline = pipeline_class.from_pretrained(path, dtype=torch_dtype, **components)
+    if not keep_on_cpu:
+        pipeline.to(torch_device)
     pipeline.set_progress_bar_config(disable=True)
     adapter = adapter_class_for(class_name)(pipeline, read_model_defaults(path))
     name = DEMO_MODEL_NAME if model in (None, DEMO_MODEL_NAME) else model
-    logger.info("loaded %s (%s, %s adapter) on %s in %s", name, class_name, type(adapter).__name__,
-                torch_device, torch_dtype)
+    logger.info("loaded %s (%s, %s adapter) for %s in %s%s", name, class_name, type(adapter).__name__,
+                torch_device, torch_dtype, " (weights kept in CPU memory for offloading)" if keep_on_cpu else "")
     return LoadedModel(name=name, path=path, pipeline=pipeline, adapter=adapter, device=torch_device,
                        dtype=torch_dtype)
