@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 import pytest
 import torch
 from PIL import Image
@@ -62,6 +63,22 @@ def engine_or_skip(model_dir: str, **kwargs: Any) -> DiffusionEngine:
 def png() -> Callable[..., bytes]:
     """``png(width, height, seed)``: the bytes of a random RGB PNG."""
     return random_png
+
+
+def openai_client(server: ServerThread, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def connect() -> Callable[..., openai.OpenAI]:
+    """``connect(server, api_key="unused")``: an official OpenAI client for a test server."""
+    return openai_client
+
+
+@pytest.fixture(scope="session")
+def serve() -> Callable[..., ServerThread]:
+    """``serve(engine, output_dir, **settings)``: start another server (stop it yourself)."""
+    return start
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +132,11 @@ def video_engine() -> Iterator[DiffusionEngine]:
                                                          "max_frames": 9})
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def video_server(video_engine: DiffusionEngine,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    server = start(video_engine, tmp_path_factory.mktemp("video-server"))
+    yield server
+    server.stop()
