@@ -19,26 +19,36 @@ LATENT_CHANNELS = 16
 CLIP_BOS, CLIP_EOS = 0, 1
 
 
+def _bpe_segment(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair segmentation: repeatedly merge the best-ranked adjacent pair, as the tokenizer does."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols[:-1], symbols[1:], strict=True))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2 :]]
+    return symbols
+
+
 def build_clip_tokenizer() -> CLIPTokenizer:
-    """Byte-pair tokenizer whose merges spell every word of the language from its letters."""
+    """Byte-pair tokenizer whose merges spell every word of the language as one token.
+
+    A word's merges are appended until it segments into one token; merges added later rank below every
+    earlier one, so they never change the segmentation of words already done.
+    """
     words = vocabulary()
     vocab: dict[str, int] = {"<|startoftext|>": CLIP_BOS, "<|endoftext|>": CLIP_EOS}
-
-    def add(token: str) -> None:
-        vocab.setdefault(token, len(vocab))
-
     for char in sorted(set("".join(words))):
-        add(char)
-        add(char + "</w>")
-    merges: list[tuple[str, str]] = []
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        prefix = symbols[0]
-        for symbol in symbols[1:]:
-            if (prefix, symbol) not in merges:
-                merges.append((prefix, symbol))
-            prefix += symbol
-            add(prefix)
+        symbols = _bpe_segment([*word[:-1], word[-1] + "</w>"], ranks)
+        while len(symbols) > 1:
+            ranks[(symbols[0], symbols[1])] = len(ranks)
+            vocab.setdefault(symbols[0] + symbols[1], len(vocab))
+            symbols = _bpe_segment(symbols, ranks)
+    merges = sorted(ranks, key=ranks.__getitem__)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_SEQUENCE_LENGTH)
 
 

@@ -52,6 +52,9 @@ class TrainConfig:
     long_padding_fraction: float = 0.05
     checkpoint_every: int = 500
     log_every: int = 50
+    # Wall-clock budget of the transformer stage in minutes (0: none). When it runs out, training stops at a
+    # checkpoint and the weights so far are exported; --resume continues the schedule later.
+    max_minutes: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -226,6 +229,7 @@ def train_transformer(pipe: FluxPipeline, cfg: TrainConfig, device: torch.device
         optimizer.load_state_dict(state["optimizer"])
         ema, start = state["ema"], state["step"]
     progress = tqdm(range(start, cfg.steps), desc="transformer", initial=start, total=cfg.steps)
+    deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup_steps)
@@ -243,13 +247,17 @@ def train_transformer(pipe: FluxPipeline, cfg: TrainConfig, device: torch.device
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             progress.set_postfix(loss=f"{loss.item():.4f}")
             logger.write(stage="transformer", step=step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
-        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
+        out_of_time = time.perf_counter() > deadline
+        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1 or out_of_time:
             _save_checkpoint(checkpoint, {
                 "step": step + 1,
                 "modules": {name: m.state_dict() for name, m in modules.items()},
                 "optimizer": optimizer.state_dict(),
                 "ema": ema,
             })
+        if out_of_time:
+            logger.write(stage="transformer", stopped_early_at_step=step + 1, of_steps=cfg.steps)
+            break
     return ema
 
 

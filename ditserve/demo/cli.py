@@ -1,0 +1,197 @@
+"""``ditserve demo ...`` (and ``python -m ditserve.demo ...``): train, eval, gallery, redundancy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from ditserve.demo.model import MAX_SEQUENCE_LENGTH
+from ditserve.errors import InvalidParameterError
+
+DOCS_DIR = Path("docs/demo")
+EVAL_STEPS = (50, 20)
+
+
+def _model_path(args: argparse.Namespace) -> Path:
+    from ditserve.demo import demo_model_path
+
+    return Path(args.model) if args.model else demo_model_path()
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="diffusers folder (default: the bundled ditserve-shapes)")
+    parser.add_argument("--device", default="cpu", help="torch device to sample on (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed: prompt i uses seed + i")
+
+
+def _parse_scales(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part]
+    except ValueError as error:
+        raise InvalidParameterError(f"--cfg-sweep must be comma-separated numbers, got {text!r}", param="cfg_sweep") from error
+
+
+def write_defaults(model_dir: Path, true_cfg_scale: float) -> None:
+    """The sampling defaults the engine reads for this model."""
+    defaults = {
+        "sampling_defaults": {
+            "height": 128,
+            "width": 128,
+            "num_inference_steps": 50,
+            "true_cfg_scale": true_cfg_scale,
+            "negative_prompt": "",
+            # Trained at this T5 length; FluxPipeline's default (512) works but runs about 5x slower.
+            "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        }
+    }
+    (model_dir / "ditserve_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from ditserve.demo.train import TrainConfig, train
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    config = TrainConfig(**overrides)
+    run_dir = Path(config.run_dir)
+    has_checkpoint = (run_dir / "vae.pt").exists() or (run_dir / "transformer.pt").exists()
+    if has_checkpoint and not args.resume:
+        raise InvalidParameterError(
+            f"{run_dir} holds checkpoints: pass --resume to continue them, or choose another --run-dir", param="resume"
+        )
+    output = Path(args.output)
+    if output.exists():
+        shutil.rmtree(output)
+    train(config, output)
+    write_defaults(output, args.cfg_scale)
+    print(f"trained pipeline written to {output}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from ditserve.demo.evaluation import adherence, load_pipeline, load_sampling_defaults
+    from ditserve.demo.language import heldout_prompts
+
+    model_dir = _model_path(args)
+    defaults = load_sampling_defaults(model_dir)
+    pipe = load_pipeline(model_dir, args.device)
+    prompts = heldout_prompts(args.prompts, args.prompt_seed)
+    scales = _parse_scales(args.cfg_sweep) if args.cfg_sweep else [defaults["true_cfg_scale"], 1.0]
+    settings = [(steps, scale) for steps in EVAL_STEPS for scale in scales]
+    results = adherence(pipe, prompts, settings, seed=args.seed, max_sequence_length=defaults.get("max_sequence_length"))
+    print(f"{'steps':>5} {'cfg':>5} {'object':>7} {'prompt':>7} {'heldout-obj':>11} {'shape':>6} {'size':>6}")
+    for r in results:
+        print(f"{r['num_inference_steps']:>5} {r['true_cfg_scale']:>5.2f} {r['object_accuracy']:>7.3f} "
+              f"{r['prompt_accuracy']:>7.3f} {r['heldout_object_accuracy']:>11.3f} {r['shape_accuracy']:>6.3f} "
+              f"{r['size_accuracy']:>6.3f}")
+    report = {"model": str(model_dir), "heldout_prompts": len(prompts), "prompt_seed": args.prompt_seed,
+              "seed": args.seed, "results": results}
+    if args.select_cfg:
+        best = max((r for r in results if r["num_inference_steps"] == 50), key=lambda r: (r["prompt_accuracy"], r["object_accuracy"]))
+        write_defaults(model_dir, best["true_cfg_scale"])
+        print(f"true_cfg_scale {best['true_cfg_scale']} written to {model_dir / 'ditserve_defaults.json'}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _cmd_gallery(args: argparse.Namespace) -> None:
+    from ditserve.demo.evaluation import gallery, generate, load_pipeline, load_sampling_defaults
+    from ditserve.demo.language import heldout_prompts, sample_prompts
+
+    model_dir = _model_path(args)
+    defaults = load_sampling_defaults(model_dir)
+    pipe = load_pipeline(model_dir, args.device)
+    half = args.count // 2
+    prompts = sample_prompts(args.count - half, args.prompt_seed) + heldout_prompts(half, args.prompt_seed)
+    images = generate(pipe, prompts, num_inference_steps=defaults["num_inference_steps"],
+                      true_cfg_scale=defaults["true_cfg_scale"], seed=args.seed,
+                      max_sequence_length=defaults.get("max_sequence_length"))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    gallery(images, prompts).save(output)
+    print(f"gallery of {len(prompts)} prompts (first {args.count - half} train split, then held-out) -> {output}")
+
+
+def _cmd_redundancy(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ditserve.demo.evaluation import load_pipeline, load_sampling_defaults, step_changes
+    from ditserve.demo.language import heldout_prompts
+
+    model_dir = _model_path(args)
+    defaults = load_sampling_defaults(model_dir)
+    pipe = load_pipeline(model_dir, args.device)
+    prompts = heldout_prompts(args.prompts, args.prompt_seed)
+    steps = defaults["num_inference_steps"]
+    changes = step_changes(pipe, prompts, num_inference_steps=steps, true_cfg_scale=defaults["true_cfg_scale"],
+                           seed=args.seed, max_sequence_length=defaults.get("max_sequence_length"))
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {"model": str(model_dir), "num_inference_steps": steps, "true_cfg_scale": defaults["true_cfg_scale"],
+              "prompts": len(prompts), "relative_l1_change": changes}
+    (output_dir / "step_change.json").write_text(json.dumps(record, indent=2) + "\n")
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot(range(1, len(changes) + 1), changes, marker=".")
+    axis.set_xlabel("step")
+    axis.set_ylabel("relative L1 change of transformer output")
+    axis.set_title(f"{model_dir.name}: step-to-step change ({steps} steps, conditional branch)")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(output_dir / "step_change.png", dpi=120)
+    print(f"median change {sorted(changes)[len(changes) // 2]:.4f}; wrote {output_dir}/step_change.png and .json")
+
+
+def _add_train_parser(subparsers) -> None:
+    from ditserve.demo.train import TrainConfig
+
+    parser = subparsers.add_parser("train", help="train the demo model (VAE, then transformer + text encoders)")
+    for field in fields(TrainConfig):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=type(field.default), default=None,
+                            help=f"default {field.default}")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run-dir")
+    parser.add_argument("--output", default="runs/ditserve-shapes/final", help="where to write the diffusers folder")
+    parser.add_argument("--cfg-scale", type=float, default=3.0, help="true_cfg_scale written to ditserve_defaults.json")
+    parser.set_defaults(handler=_cmd_train)
+
+
+def register(subparsers) -> None:
+    """Add the ``demo`` command (with its sub-commands) to an argparse sub-parser collection."""
+    demo = subparsers.add_parser("demo", help="the bundled demo model ditserve-shapes")
+    commands = demo.add_subparsers(dest="demo_command", required=True)
+    _add_train_parser(commands)
+
+    evaluate = commands.add_parser("eval", help="prompt adherence on held-out prompts (50/20 steps, with/without CFG)")
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--prompts", type=int, default=64, help="number of held-out prompts")
+    evaluate.add_argument("--prompt-seed", type=int, default=0)
+    evaluate.add_argument("--cfg-sweep", default=None, help="comma-separated true_cfg_scale values to compare")
+    evaluate.add_argument("--select-cfg", action="store_true", help="write the best 50-step scale into the defaults")
+    evaluate.add_argument("--output", default=None, help="also write the figures as JSON here")
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    gallery = commands.add_parser("gallery", help="write a grid of samples with their prompts")
+    _add_model_arguments(gallery)
+    gallery.add_argument("--count", type=int, default=12)
+    gallery.add_argument("--prompt-seed", type=int, default=1)
+    gallery.add_argument("--output", default=str(DOCS_DIR / "gallery.png"))
+    gallery.set_defaults(handler=_cmd_gallery)
+
+    redundancy = commands.add_parser("redundancy", help="plot the step-to-step change of the transformer output")
+    _add_model_arguments(redundancy)
+    redundancy.add_argument("--prompts", type=int, default=8)
+    redundancy.add_argument("--prompt-seed", type=int, default=0)
+    redundancy.add_argument("--output-dir", default=str(DOCS_DIR))
+    redundancy.set_defaults(handler=_cmd_redundancy)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ditserve.demo")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["demo", *(argv if argv is not None else sys.argv[1:])])
+    args.handler(args)
