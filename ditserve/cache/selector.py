@@ -21,11 +21,14 @@ def available_backends() -> list[str]:
     return sorted(BACKENDS)
 
 
-def build_cache_backend(name: str, config: Mapping[str, Any] | None = None) -> CacheBackend:
+def backend_class(name: str) -> type[CacheBackend]:
     target = BACKENDS.get(name)
     if target is None:
         raise CacheConfigError(f"cache_backend={name!r} is unknown; choose one of {available_backends()}",
                                param="cache_backend")
     module_name, class_name = target.split(":")
-    backend_class = getattr(importlib.import_module(module_name), class_name)
-    return backend_class(config or {})
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_cache_backend(name: str, config: Mapping[str, Any] | None = None) -> CacheBackend:
+    return backend_class(name)(config or {})
