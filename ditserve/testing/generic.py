@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ditserve.testing.common import sensitize
-from ditserve.testing.z_image import tiny_flux_vae, tiny_qwen3_encoder, tiny_qwen_tokenizer
+from ditserve.testing.z_image import tiny_image_vae, tiny_qwen3_encoder, tiny_qwen_tokenizer
 
 
 def build_tiny_ovis_image(path: Path, seed: int = 0) -> Path:
@@ -24,7 +24,7 @@ def build_tiny_ovis_image(path: Path, seed: int = 0) -> Path:
     pipeline = OvisImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
                                                   max_image_seq_len=256, base_shift=0.5, max_shift=1.15),
-        vae=tiny_flux_vae(), text_encoder=tiny_qwen3_encoder(tokenizer), tokenizer=tokenizer,
+        vae=tiny_image_vae(), text_encoder=tiny_qwen3_encoder(tokenizer), tokenizer=tokenizer,
         transformer=transformer)
     pipeline.save_pretrained(path)
     return path

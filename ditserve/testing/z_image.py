@@ -60,7 +60,7 @@ def tiny_qwen3_encoder(tokenizer, hidden_size: int = 32):
         eos_token_id=tokenizer.eos_token_id)).eval()
 
 
-def tiny_flux_vae():
+def tiny_image_vae():
     """A 4-channel AutoencoderKL with 2x down-sampling (64x64 images -> 32x32 latents)."""
     from diffusers import AutoencoderKL
 
@@ -85,6 +85,6 @@ def build_tiny_z_image(path: Path, seed: int = 0) -> Path:
     pipeline = ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
                                                   max_image_seq_len=256, base_shift=0.5, max_shift=1.15),
-        vae=tiny_flux_vae(), text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+        vae=tiny_image_vae(), text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
     pipeline.save_pretrained(path)
     return path

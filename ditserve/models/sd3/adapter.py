@@ -4,7 +4,8 @@ Three text encoders (CLIP-L, CLIP-G, T5): diffusers' ``encode_prompt`` concatena
 pads them to T5's width and appends the T5 tokens; the pooled CLIP outputs condition the timestep embedding.
 Classic classifier-free guidance with ``guidance_scale > 1``. diffusers runs [uncond, cond] as one batch of 2B;
 we run the two branches as two calls (so caches keep per-branch state), which changes nothing but float
-rounding.
+rounding: 0-1/255 from diffusers in fp32; in bf16 on CUDA up to 14/255 on the tiny test model, whose outputs
+are themselves ~170/255 from fp32 there, and ours are no farther from fp32 than diffusers' own.
 """
 
 from __future__ import annotations
