@@ -2,18 +2,17 @@
 
 Adapters call ``call_transformer("cond", ...)`` and then ``call_transformer("uncond", ...)`` and combine the two
 in ``predict``. That order is kept: on the rank that owns "uncond" the "cond" call computes nothing and returns
-an empty *placeholder*; the "uncond" call computes the branch; then the pair exchanges outputs (one
-all-gather) and the placeholder is filled in place (resized to the real shape), so ``predict`` combines real
-tensors on both ranks and both take the same scheduler step. No adapter needs to know about it.
+a *placeholder* of the output's shape (the family plan knows it from the inputs); the "uncond" call computes
+the branch; then the pair exchanges outputs (one all-gather) and the placeholder is filled in place. Views an
+adapter took of the cond output meanwhile (Qwen-Image slices it) see the filled values, so ``predict``
+combines real tensors on both ranks and both take the same scheduler step. No adapter needs to know.
 
-A step that calls only "cond" (no negative prompt) fills the placeholder from the cond rank when ``predict``
-returns: correct, but without speed-up. An adapter that computes on the cond output before asking for
-"uncond" would touch an empty placeholder and fail loudly (shape error), never silently.
+A step that calls only "cond" (no negative prompt) gets the cond rank's output broadcast when ``predict``
+returns: correct, but with no speed-up.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -23,14 +22,15 @@ import torch.distributed as dist
 from ditserve.errors import ParallelConfigError
 from ditserve.parallel.topology import ParallelTopology
 
-logger = logging.getLogger(__name__)
-
 #: which cfg rank computes which branch
 BRANCH_OWNER = {"cond": 0, "uncond": 1}
 
+#: (transformer, call kwargs) -> the shape the transformer call returns
+OutputShape = Callable[[torch.nn.Module, dict[str, Any]], tuple[int, ...]]
+
 
 class CfgParallelStep:
-    """State of one ``predict`` call on one rank: the branch outputs computed here and the placeholders to fill."""
+    """One ``predict`` call on one rank: the branch outputs computed here and the placeholders to fill."""
 
     def __init__(self, topology: ParallelTopology) -> None:
         self.topology = topology
@@ -41,73 +41,69 @@ class CfgParallelStep:
     def cfg_rank(self) -> int:
         return self.topology.coordinates.cfg_rank
 
-    def call(self, compute: Callable[..., torch.Tensor], branch: str, transformer_name: str,
-             kwargs: dict[str, Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def call(self, compute: Callable[[], torch.Tensor], branch: str, transformer_name: str,
+             make_placeholder: Callable[[], torch.Tensor]) -> torch.Tensor:
         if branch not in BRANCH_OWNER:
             raise ParallelConfigError(f"CFG-parallel knows the branches {sorted(BRANCH_OWNER)}, got {branch!r}",
                                       param="cfg_parallel_size")
         key = f"{transformer_name}:{branch}"
         if BRANCH_OWNER[branch] == self.cfg_rank:
-            self.computed[key] = compute(branch, transformer_name, **kwargs)
+            self.computed[key] = compute()
         if branch == "cond":
-            if key in self.computed:
-                return self.computed[key]
-            self.placeholders[key] = torch.empty(0, dtype=dtype, device=device)
-            return self.placeholders[key]
+            if key not in self.computed:
+                self.placeholders[key] = make_placeholder()
+                return self.placeholders[key]
+            return self.computed[key]
         return self._exchange(transformer_name)
 
     def _exchange(self, transformer_name: str) -> torch.Tensor:
-        """Both branches are now known on one rank each: all-gather them and fill the placeholders."""
-        mine = self.computed[f"{transformer_name}:{'cond' if self.cfg_rank == 0 else 'uncond'}"]
+        """Both branches are now known, on one rank each: all-gather them and fill the placeholder."""
+        cond_key, uncond_key = f"{transformer_name}:cond", f"{transformer_name}:uncond"
+        mine = self.computed.pop(cond_key if self.cfg_rank == BRANCH_OWNER["cond"] else uncond_key)
+        self.computed.pop(uncond_key, None)
         parts = [torch.empty_like(mine) for _ in range(2)]
         dist.all_gather(parts, mine.contiguous(), group=self.topology.cfg_group)
         cond, uncond = parts
-        self._fill(f"{transformer_name}:cond", cond)
-        self.computed.pop(f"{transformer_name}:cond", None)
-        self.computed.pop(f"{transformer_name}:uncond", None)
+        self._fill(cond_key, cond)
         return uncond
 
     def _fill(self, key: str, value: torch.Tensor) -> None:
         placeholder = self.placeholders.pop(key, None)
         if placeholder is None:
             return
-        if placeholder.dtype != value.dtype:
+        if placeholder.shape != value.shape or placeholder.dtype != value.dtype:
             raise ParallelConfigError(
-                f"CFG-parallel: the transformer returned {value.dtype}, expected {placeholder.dtype} (its parameter "
-                "dtype); run this model without cfg_parallel_size", param="cfg_parallel_size")
-        placeholder.resize_(value.shape).copy_(value)
+                f"CFG-parallel expected a transformer output of {tuple(placeholder.shape)} {placeholder.dtype}, "
+                f"got {tuple(value.shape)} {value.dtype}; the family plan's output shape is wrong",
+                param="cfg_parallel_size")
+        placeholder.copy_(value)
 
     def finish(self) -> None:
         """After ``predict``: a "cond" never followed by "uncond" (no guidance this step) still has to reach the
-        uncond rank. Both ranks saw the same calls, so both know which outputs are pending."""
+        uncond rank. Both ranks made the same calls, so both know which outputs are pending."""
         for key in sorted(set(self.computed) | set(self.placeholders)):
             if key.endswith(":cond"):
-                self._fill(key, self._broadcast_from_cond_rank(self.computed.get(key), self.placeholders.get(key)))
+                source = self.computed.pop(key, None)
+                buffer = source if source is not None else self.placeholders.pop(key)
+                cond_rank = dist.get_global_rank(self.topology.cfg_group, BRANCH_OWNER["cond"])
+                dist.broadcast(buffer, src=cond_rank, group=self.topology.cfg_group)
         self.computed.clear()
 
-    def _broadcast_from_cond_rank(self, source: torch.Tensor | None, placeholder: torch.Tensor | None) -> torch.Tensor:
-        group = self.topology.cfg_group
-        cond_rank = dist.get_global_rank(group, BRANCH_OWNER["cond"])
-        shape = [tuple(source.shape) if source is not None else None]
-        dist.broadcast_object_list(shape, src=cond_rank, group=group)
-        if source is None:
-            assert placeholder is not None
-            source = torch.empty(shape[0], dtype=placeholder.dtype, device=placeholder.device)
-        dist.broadcast(source, src=cond_rank, group=group)
-        return source
 
-
-def install_cfg_parallel(adapter: Any, topology: ParallelTopology) -> None:
-    """Route the adapter's branch calls through CFG-parallel (an instance attribute shadows the method)."""
+def install_cfg_parallel(adapter: Any, topology: ParallelTopology, output_shape: OutputShape) -> None:
+    """Route the adapter's branch calls through CFG-parallel (instance attributes shadow the methods)."""
     original_call = adapter.call_transformer
     original_predict = adapter.predict
     current: dict[str, CfgParallelStep] = {}
 
     def call_transformer(branch: str, transformer_name: str = "transformer", **kwargs: Any) -> Any:
-        step = current["step"]
         module = getattr(adapter.pipeline, transformer_name)
-        return step.call(lambda b, n, **kw: original_call(b, n, **kw), branch, transformer_name, kwargs,
-                         module.dtype, adapter.device)
+
+        def placeholder() -> torch.Tensor:
+            return torch.empty(output_shape(module, kwargs), dtype=module.dtype, device=adapter.device)
+
+        return current["step"].call(lambda: original_call(branch, transformer_name, **kwargs), branch,
+                                    transformer_name, placeholder)
 
     def predict(state: Any, step_index: int, t: torch.Tensor) -> torch.Tensor:
         current["step"] = CfgParallelStep(topology)

@@ -12,13 +12,9 @@ from ditserve.config import DiffusionParallelConfig, OmniDiffusionSamplingParams
 from ditserve.errors import ParallelConfigError
 from ditserve.models.base import LoopAdapter
 from ditserve.parallel.cfg import install_cfg_parallel
-from ditserve.parallel.families import plan_for, sequence_parallel_families
-from ditserve.parallel.families.base import SequenceParallelPlan
+from ditserve.parallel.families import parallel_families, plan_for
+from ditserve.parallel.families.base import FamilyPlan
 from ditserve.parallel.topology import ParallelTopology
-
-#: pipelines whose adapters run a separate unconditional pass ("uncond" branch) when guidance is on
-GUIDED_PIPELINES = ("FluxPipeline", "QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
-                    "WanPipeline", "WanImageToVideoPipeline", "StableDiffusion3Pipeline")
 
 
 def check_options_implemented(config: DiffusionParallelConfig) -> None:
@@ -33,24 +29,18 @@ def check_options_implemented(config: DiffusionParallelConfig) -> None:
             "yet; use vae_use_tiling on one device", param="vae_patch_parallel_size")
 
 
-def check_model(adapter: Any, config: DiffusionParallelConfig) -> SequenceParallelPlan | None:
-    """Start-up checks against the loaded model; returns the family's sequence plan when one is needed."""
+def check_model(adapter: Any, config: DiffusionParallelConfig) -> FamilyPlan:
+    """Start-up checks against the loaded model; returns the family's plan."""
     name = adapter.pipeline_class_name
     if not isinstance(adapter, LoopAdapter):
         raise ParallelConfigError(
             f"{name} runs through diffusers' own pipeline call (no ditserve adapter), which has no "
             "multi-device support; run it without parallel_config", param="parallel_config")
-    if config.cfg_parallel_size > 1 and name not in GUIDED_PIPELINES:
-        raise ParallelConfigError(
-            f"cfg_parallel_size=2 needs a model with classifier-free guidance; {name} has none "
-            f"(guided families: {sorted(GUIDED_PIPELINES)})", param="cfg_parallel_size")
-    if config.sequence_parallel_size == 1:
-        return None
     plan = plan_for(name)
     if plan is None:
         raise ParallelConfigError(
-            f"sequence parallelism (ulysses_degree / ring_degree) is not available for {name}; "
-            f"families with it: {sequence_parallel_families()}", param="ulysses_degree")
+            f"multi-device parallelism is not available for {name}; families with it: {parallel_families()}",
+            param="parallel_config")
     for transformer in adapter.transformers():
         heads = plan.attention_heads(transformer)
         if heads % config.ulysses_degree:
@@ -60,7 +50,7 @@ def check_model(adapter: Any, config: DiffusionParallelConfig) -> SequenceParall
     return plan
 
 
-def check_request_sequence(plan: SequenceParallelPlan, adapter: Any, config: DiffusionParallelConfig,
+def check_request_sequence(plan: FamilyPlan, adapter: Any, config: DiffusionParallelConfig,
                            params: OmniDiffusionSamplingParams) -> None:
     tokens = plan.sharded_tokens(adapter, params)
     degree = config.sequence_parallel_size
@@ -70,7 +60,7 @@ def check_request_sequence(plan: SequenceParallelPlan, adapter: Any, config: Dif
             f"ulysses_degree x ring_degree = {degree}; choose a size whose token count divides", param="height")
 
 
-def add_request_checks(adapter: Any, plan: SequenceParallelPlan, config: DiffusionParallelConfig) -> None:
+def add_request_checks(adapter: Any, plan: FamilyPlan, config: DiffusionParallelConfig) -> None:
     """Make the adapter's own request validation also check the sequence split (instance attribute)."""
     validate_params = adapter.validate_params
 
@@ -86,9 +76,9 @@ def install_parallelism(adapter: Any, topology: ParallelTopology) -> None:
     config = topology.config
     check_options_implemented(config)
     plan = check_model(adapter, config)
-    if plan is not None:
+    if config.sequence_parallel_size > 1:
         for transformer in adapter.transformers():
             plan.install(transformer, topology)
         add_request_checks(adapter, plan, config)
     if config.cfg_parallel_size > 1:
-        install_cfg_parallel(adapter, topology)
+        install_cfg_parallel(adapter, topology, plan.output_shape)

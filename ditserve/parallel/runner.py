@@ -29,11 +29,11 @@ import torch.distributed as dist
 
 from ditserve.config import OmniDiffusionConfig
 from ditserve.engine.request import Request, RequestOutput
-from ditserve.errors import EngineClosedError, ParallelConfigError, RequestAbortedError
+from ditserve.errors import EngineClosedError, ParallelConfigError
 from ditserve.parallel.channel import ControlChannel, Message, reported_errors, started_key
 from ditserve.parallel.install import check_options_implemented
 from ditserve.parallel.rank import RankRunner, RequestSpec, rank_device
-from ditserve.parallel.worker import cpu_threads_per_rank, start_rank, worker_main
+from ditserve.parallel.worker import AGREED_ERRORS, cpu_threads_per_rank, start_rank, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ class MultiProcessRunner:
         self.channel.send(Message("batch", [RequestSpec.of(r) for r in batch]))
         try:
             return self.local.execute(batch)
-        except RequestAbortedError:
-            raise  # every rank agreed on it: the group is still in step
+        except AGREED_ERRORS:
+            raise  # every rank raised it at the same point: the group is still in step
         except BaseException as error:
             self._fail(self._describe_failure(error), error)
 

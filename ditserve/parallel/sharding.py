@@ -13,11 +13,16 @@ from ditserve.errors import ParallelConfigError
 from ditserve.parallel.topology import ParallelTopology
 
 
+class SequenceSplitError(ParallelConfigError):
+    """A request's token count does not divide by the sequence-parallel degree. Raised by every rank at the same
+    point (all ranks see the same shapes), before any collective of that forward: the group stays in step."""
+
+
 def shard(tensor: torch.Tensor, dim: int, topology: ParallelTopology, what: str) -> torch.Tensor:
     """This rank's contiguous chunk of ``tensor`` along ``dim`` (chunk index = sp rank)."""
     size, parts = tensor.shape[dim], topology.sp_size
     if size % parts:
-        raise ParallelConfigError(
+        raise SequenceSplitError(
             f"{what} has {size} tokens, not divisible by the sequence-parallel degree "
             f"ulysses_degree x ring_degree = {parts}; choose a height/width (or frame count) that makes it divide",
             param="ulysses_degree")

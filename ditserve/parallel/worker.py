@@ -17,6 +17,7 @@ from ditserve.config import OmniDiffusionConfig
 from ditserve.errors import RequestAbortedError
 from ditserve.parallel.channel import ControlChannel, report_error, started_key
 from ditserve.parallel.rank import RankRunner, backend_for, rank_device
+from ditserve.parallel.sharding import SequenceSplitError
 from ditserve.parallel.topology import build_topology
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,11 @@ def start_rank(config: OmniDiffusionConfig, store: Any, rank: int, world_size: i
     return RankRunner(config, topology, local_rank)
 
 
+#: errors every rank raises at the same point of a batch (an agreed abort, a sequence that does not divide):
+#: the group is still in step afterwards, so the ranks go on with the next batch
+AGREED_ERRORS = (RequestAbortedError, SequenceSplitError)
+
+
 def serve(runner: RankRunner, channel: ControlChannel) -> None:
     """Run batches until rank 0 says stop. An abort is agreed by all ranks, so the group stays usable."""
     while True:
@@ -45,7 +51,7 @@ def serve(runner: RankRunner, channel: ControlChannel) -> None:
             return
         try:
             runner.execute([spec.to_request() for spec in message.specs])
-        except RequestAbortedError:
+        except AGREED_ERRORS:
             continue
 
 

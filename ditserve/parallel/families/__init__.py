@@ -1,21 +1,25 @@
-"""``model_index.json`` ``_class_name`` -> sequence-parallel plan of the family. Adding a family is one line."""
+"""``model_index.json`` ``_class_name`` -> parallel plan of the family. Adding a family is one line."""
 
 from __future__ import annotations
 
 import importlib
 
-from ditserve.parallel.families.base import SequenceParallelPlan
+from ditserve.parallel.families.base import FamilyPlan
 
 PLANS: dict[str, str] = {
     "FluxPipeline": "ditserve.parallel.families.flux:FluxPlan",
+    "QwenImagePipeline": "ditserve.parallel.families.qwen_image:QwenImagePlan",
+    "QwenImageEditPipeline": "ditserve.parallel.families.qwen_image:QwenImagePlan",
+    "QwenImageEditPlusPipeline": "ditserve.parallel.families.qwen_image:QwenImagePlan",
+    "WanPipeline": "ditserve.parallel.families.wan:WanPlan",
 }
 
 
-def sequence_parallel_families() -> list[str]:
+def parallel_families() -> list[str]:
     return sorted(PLANS)
 
 
-def plan_for(pipeline_class_name: str) -> SequenceParallelPlan | None:
+def plan_for(pipeline_class_name: str) -> FamilyPlan | None:
     target = PLANS.get(pipeline_class_name)
     if target is None:
         return None

@@ -1,5 +1,5 @@
-"""What a family tells the parallel runner: how many attention heads its transformer has, how many tokens a
-request shards, and how to install sequence parallelism on its transformer."""
+"""What a family tells the parallel runner: the shape its transformer returns (CFG-parallel fills a placeholder
+of it), how many attention heads and sharded tokens it has, and how to install sequence parallelism."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.parallel.topology import ParallelTopology
 
 
-class SequenceParallelPlan(ABC):
+class FamilyPlan(ABC):
     #: ``model_index.json`` ``_class_name`` values this plan serves
     pipeline_class_names: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def output_shape(self, transformer: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[int, ...]:
+        """The shape of ``transformer(**kwargs)``'s output, known before running it."""
 
     @abstractmethod
     def attention_heads(self, transformer: torch.nn.Module) -> int:
@@ -27,3 +31,9 @@ class SequenceParallelPlan(ABC):
     @abstractmethod
     def install(self, transformer: torch.nn.Module, topology: ParallelTopology) -> None:
         """Shard the inputs, replace the attention processors, gather the output."""
+
+
+def token_output_shape(transformer: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[int, ...]:
+    """Token-sequence transformers (FLUX, Qwen-Image): one ``proj_out`` row per input token."""
+    batch, tokens = kwargs["hidden_states"].shape[:2]
+    return batch, tokens, transformer.proj_out.out_features

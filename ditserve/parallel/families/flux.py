@@ -16,7 +16,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from ditserve.config import OmniDiffusionSamplingParams
-from ditserve.parallel.families.base import SequenceParallelPlan
+from ditserve.parallel.families.base import FamilyPlan, token_output_shape
 from ditserve.parallel.sequence import JointSequence, sequence_parallel_attention
 from ditserve.parallel.sharding import gather_output_hook, shard_kwargs_hook
 from ditserve.parallel.topology import ParallelTopology
@@ -79,8 +79,11 @@ class FluxSequenceParallelProcessor:
         return image_out, attn.to_add_out(text_out.contiguous())
 
 
-class FluxPlan(SequenceParallelPlan):
+class FluxPlan(FamilyPlan):
     pipeline_class_names = ("FluxPipeline",)
+
+    def output_shape(self, transformer: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[int, ...]:
+        return token_output_shape(transformer, kwargs)
 
     def attention_heads(self, transformer: torch.nn.Module) -> int:
         return int(transformer.config.num_attention_heads)

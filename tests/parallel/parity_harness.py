@@ -1,0 +1,92 @@
+"""One 2-rank gloo group that runs every (family, method) case on fresh rank runners, so that all the parity
+checks share one worker start-up (about 7 s of imports). Rank 0 is the calling (pytest) process; rank 1 is a
+spawned process running the same cases. Rank 0 returns each case's final latents."""
+
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ditserve.config import DiffusionParallelConfig, OmniDiffusionConfig, OmniDiffusionSamplingParams
+from ditserve.engine.request import Request
+from ditserve.engine.runner import ModelRunner
+from ditserve.parallel.rank import RankRunner
+from ditserve.parallel.topology import build_topology
+
+WORLD_SIZE = 2
+TIMEOUT = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model_dir: str
+    parallel: dict[str, int]
+    prompt: str
+    params: dict[str, Any]
+
+
+def _capture_final_latents(runner: ModelRunner) -> list[torch.Tensor]:
+    captured: list[torch.Tensor] = []
+    decode = runner.adapter.decode
+
+    def capturing_decode(state: Any) -> Any:
+        captured.append(state.latents.detach().clone())
+        return decode(state)
+
+    runner.adapter.decode = capturing_decode
+    return captured
+
+
+def _request(runner: ModelRunner, case: Case) -> Request:
+    params = runner.adapter.resolve_params(OmniDiffusionSamplingParams(**case.params))
+    return Request(prompt=case.prompt, params=params, request_id=f"req-{case.name}")
+
+
+def single_process_latents(case: Case) -> torch.Tensor:
+    runner = ModelRunner(OmniDiffusionConfig(model=case.model_dir, device="cpu"))
+    captured = _capture_final_latents(runner)
+    runner.execute([_request(runner, case)])
+    runner.close()
+    return captured[0]
+
+
+def run_cases(rank: int, port: int, cases: list[Case]) -> dict[str, torch.Tensor]:
+    store = dist.TCPStore("127.0.0.1", port, WORLD_SIZE, is_master=rank == 0, timeout=TIMEOUT,
+                          wait_for_workers=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD_SIZE, timeout=TIMEOUT)
+    results = {}
+    try:
+        for case in cases:
+            config = OmniDiffusionConfig(model=case.model_dir, device="cpu",
+                                         parallel_config=DiffusionParallelConfig(**case.parallel))
+            runner = RankRunner(config, build_topology(config.parallel_config, rank), local_rank=rank)
+            captured = _capture_final_latents(runner)
+            runner.execute([_request(runner, case)])
+            runner.close()
+            if rank == 0:
+                results[case.name] = captured[0]
+    finally:
+        dist.destroy_process_group()
+    return results
+
+
+def run_parity_group(cases: list[Case]) -> tuple[dict[str, torch.Tensor], int | None]:
+    """Run ``cases`` on 2 ranks; returns rank 0's latents per case and the worker's exit code."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = multiprocessing.get_context("spawn").Process(target=run_cases, args=(1, port, cases), daemon=True)
+    worker.start()
+    try:
+        results = run_cases(0, port, cases)
+    finally:
+        worker.join(timeout=60)
+    return results, worker.exitcode
