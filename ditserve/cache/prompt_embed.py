@@ -20,6 +20,8 @@ from ditserve.errors import InvalidParameterError
 ENV_ENABLE = "OMNI_DIFFUSION_PROMPT_EMBED_CACHE"
 ENV_SIZE = "OMNI_DIFFUSION_PROMPT_EMBED_CACHE_SIZE"
 DEFAULT_SIZE = 32
+#: per-request outcomes kept for statistics (the oldest are dropped: a server runs forever)
+MAX_TRACKED_REQUESTS = 4096
 
 
 def _env_bool(name: str, raw: str) -> bool:
@@ -55,21 +57,35 @@ class PromptEmbedCache:
         self.model_tag = model_tag
         self.hits = self.misses = self.bypassed = 0
         self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self._outcomes: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
-    def lookup(self, key: Hashable | None, compute: Callable[[], Any]) -> Any:
-        """The cached value for ``key``, or ``compute()`` stored under it. ``key=None`` bypasses the cache."""
+    def _note(self, owner: str | None, outcome: str) -> None:
+        # called with the lock held
+        if owner is None:
+            return
+        self._outcomes[owner] = outcome
+        self._outcomes.move_to_end(owner)
+        while len(self._outcomes) > MAX_TRACKED_REQUESTS:
+            self._outcomes.popitem(last=False)
+
+    def lookup(self, key: Hashable | None, compute: Callable[[], Any], owner: str | None = None) -> Any:
+        """The cached value for ``key``, or ``compute()`` stored under it. ``key=None`` bypasses the cache.
+        ``owner`` (a request id) records whether that request hit, missed or bypassed."""
         if not self.enabled or key is None:
             with self._lock:
                 self.bypassed += 1
+                self._note(owner, "bypassed")
             return compute()
         full_key = (self.model_tag, key)
         with self._lock:
             if full_key in self._entries:
                 self._entries.move_to_end(full_key)
                 self.hits += 1
+                self._note(owner, "hit")
                 return self._entries[full_key]
             self.misses += 1
+            self._note(owner, "miss")
         # compute outside the lock: encoders are slow and other threads may look up other prompts
         value = compute()
         with self._lock:
@@ -82,6 +98,12 @@ class PromptEmbedCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def request_stats(self, owner: str) -> dict[str, Any]:
+        """This request's outcome ("hit", "miss", "bypassed", or None if it never looked up) and the totals."""
+        with self._lock:
+            outcome = self._outcomes.get(owner)
+        return {"outcome": outcome, **self.stats()}
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -1,0 +1,103 @@
+"""TeaCache and MagCache on tiny FLUX: exactness when nothing may skip, real skips, no leaks, batching."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from ditserve import Omni
+from ditserve.testing.compare import max_abs_diff
+from tests.cache.helpers import count_block_work, media
+
+PARAMS = {"num_inference_steps": 6, "height": 64, "width": 64, "max_sequence_length": 64}
+#: random weights change a lot between steps: only very loose settings skip (see platform notes)
+SKIPPING = {"tea_cache": {"rel_l1_thresh": 5.0}, "mag_cache": {"magcache_thresh": 2.0, "retention_ratio": 0.0}}
+NO_SKIP = {"tea_cache": {"rel_l1_thresh": 0.0}, "mag_cache": {"magcache_thresh": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def reference(flux_omni: Omni) -> np.ndarray:
+    return media(flux_omni.generate("a red cat", {**PARAMS, "seed": 1})[0])
+
+
+@pytest.fixture(scope="module")
+def work_per_loop(flux_omni: Omni) -> int:
+    """Counted inner work of one uncached transformer call."""
+    with count_block_work(flux_omni.engine.runner.model.pipeline.transformer) as counter:
+        flux_omni.generate("a red cat", {**PARAMS, "num_inference_steps": 1, "seed": 1})
+    assert counter.calls > 0
+    return counter.calls
+
+
+@pytest.fixture(scope="module", params=["tea_cache", "mag_cache"])
+def skipping_omni(request, tiny_flux_dir: str):
+    omni = Omni(tiny_flux_dir, cache_backend=request.param, cache_config=SKIPPING[request.param], max_batch_size=4)
+    yield omni
+    omni.close()
+
+
+@pytest.mark.parametrize("backend", ["tea_cache", "mag_cache"])
+def test_config_that_forbids_skipping_is_bitwise_uncached(backend: str, tiny_flux_dir: str,
+                                                          reference: np.ndarray) -> None:
+    with Omni(tiny_flux_dir, cache_backend=backend, cache_config=NO_SKIP[backend]) as omni:
+        output = omni.generate("a red cat", {**PARAMS, "seed": 1})[0]
+    assert np.array_equal(media(output), reference)
+    assert output.cache_stats["skipped_steps"] == 0
+    assert output.cache_stats["computed_steps"] == PARAMS["num_inference_steps"]
+
+
+def test_skips_are_real_and_match_the_statistics(skipping_omni: Omni, reference: np.ndarray,
+                                                 work_per_loop: int) -> None:
+    transformer = skipping_omni.engine.runner.model.pipeline.transformer
+    with count_block_work(transformer) as counter:
+        output = skipping_omni.generate("a red cat", {**PARAMS, "seed": 1})[0]
+    stats = output.cache_stats
+    assert stats["skipped_steps"] > 0, stats
+    assert stats["computed_steps"] + stats["skipped_steps"] == PARAMS["num_inference_steps"]
+    assert counter.calls == stats["computed_steps"] * work_per_loop
+    decisions = stats["branches"]["cond"]["decisions"]
+    assert [d["step"] for d in decisions] == list(range(PARAMS["num_inference_steps"]))
+    assert decisions[0]["decision"] == "compute"
+    assert all(d["distance"] is not None for d in decisions if d["decision"] == "skip")
+    assert stats["work_fraction"] == pytest.approx(stats["computed_steps"] / PARAMS["num_inference_steps"])
+    assert max_abs_diff(output.images[0], reference) > 0
+
+
+def test_teacache_always_computes_first_and_last_step(skipping_omni: Omni) -> None:
+    if skipping_omni.engine.runner.cache.name != "tea_cache":
+        pytest.skip("a TeaCache rule")
+    decisions = skipping_omni.generate("a red cat", {**PARAMS, "seed": 4})[0].cache_stats["branches"]["cond"]["decisions"]
+    assert decisions[0]["decision"] == decisions[-1]["decision"] == "compute"
+    assert any(d["decision"] == "skip" for d in decisions)
+
+
+def test_no_state_leaks_between_requests(skipping_omni: Omni) -> None:
+    first = skipping_omni.generate("a red cat", {**PARAMS, "seed": 1})[0]
+    skipping_omni.generate("a blue dog on the left", {**PARAMS, "seed": 9, "num_inference_steps": 5})
+    again = skipping_omni.generate("a red cat", {**PARAMS, "seed": 1})[0]
+    assert np.array_equal(media(first), media(again))
+    assert first.cache_stats["branches"] == again.cache_stats["branches"]
+
+
+def test_batched_equals_solo_with_the_cache_on(skipping_omni: Omni) -> None:
+    prompts = ["a red cat", "a blue square on the left", "a green triangle"]
+    params = [{**PARAMS, "seed": s} for s in (11, 12, 13)]
+    solo = [skipping_omni.generate(p, sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    batched = skipping_omni.generate(prompts, params)
+    assert max(o.timings["batch_size"] for o in batched) > 1
+    for one, many in zip(solo, batched, strict=True):
+        assert max_abs_diff(one.images[0], many.images[0]) <= 1
+        assert ([d["decision"] for d in one.cache_stats["branches"]["cond"]["decisions"]]
+                == [d["decision"] for d in many.cache_stats["branches"]["cond"]["decisions"]])
+
+
+def test_a_long_run_that_skips_nothing_is_loud(tiny_flux_dir: str, caplog: pytest.LogCaptureFixture) -> None:
+    with Omni(tiny_flux_dir, cache_backend="tea_cache", cache_config={"rel_l1_thresh": 0.0}) as omni:
+        with caplog.at_level(logging.WARNING, logger="ditserve.cache.base"):
+            long_run = omni.generate("a red cat", {**PARAMS, "num_inference_steps": 20, "seed": 1})[0]
+        short_run = omni.generate("a red cat", {**PARAMS, "num_inference_steps": 19, "seed": 1})[0]
+    assert "skipped nothing in 20 steps" in long_run.cache_stats["warning"]
+    assert any("skipped nothing" in r.message for r in caplog.records)
+    assert "warning" not in short_run.cache_stats
