@@ -31,7 +31,7 @@ def apply_levers(model: LoadedModel, config: OmniDiffusionConfig) -> None:
     """Apply every lever the config asks for, in the order they compose: weights are quantized while they sit
     where they were loaded, then placed (or offloaded), then the VAE is set up, and compiling comes last so that
     it traces the final modules."""
-    _check_ignored_layers_use(config)
+    _check_combinations(config)
     if config.quantization is not None:
         _quantize(model, config)
     _place(model, config)
@@ -42,10 +42,17 @@ def apply_levers(model: LoadedModel, config: OmniDiffusionConfig) -> None:
         enable_vae_tiling(model.pipeline)
         model.levers.append("vae_tiling")
     if not config.enforce_eager:
-        _compile(model, config)
+        _compile(model)
 
 
-def _check_ignored_layers_use(config: OmniDiffusionConfig) -> None:
+def _check_combinations(config: OmniDiffusionConfig) -> None:
+    """Refuse, before any work, options that cannot apply together."""
+    if not config.enforce_eager and config.enable_layerwise_offload:
+        # the offload hooks move weights inside each block's call: compiling the blocks would trace those device
+        # copies into the graphs
+        raise InvalidParameterError(
+            "enforce_eager=False cannot be combined with enable_layerwise_offload; use enable_cpu_offload "
+            "(model-level) with compile, or keep enforce_eager=True", param="enforce_eager")
     if config.ignored_layers and config.quantization not in ("fp8", "int8"):
         raise InvalidParameterError(
             f"ignored_layers only applies to quantization='fp8' or 'int8' (got quantization={config.quantization!r})",
@@ -111,13 +118,7 @@ def _place(model: LoadedModel, config: OmniDiffusionConfig) -> None:
         model.levers.append("layerwise_offload")
 
 
-def _compile(model: LoadedModel, config: OmniDiffusionConfig) -> None:
-    if config.enable_layerwise_offload:
-        # the offload hooks move weights inside each block's call: tracing them into compiled graphs would
-        # bake device copies into the graph, so the two are not combined
-        raise InvalidParameterError(
-            "enforce_eager=False cannot be combined with enable_layerwise_offload; use enable_cpu_offload "
-            "(model-level) with compile, or keep enforce_eager=True", param="enforce_eager")
+def _compile(model: LoadedModel) -> None:
     for transformer in model.adapter.transformers():
         compile_repeated_blocks(transformer)
     model.levers.append("regional_compile")

@@ -1,8 +1,12 @@
 """Regional compile: ``torch.compile`` each repeated transformer block, not the whole pipeline.
 
 A DiT is a stack of identical blocks, so compiling one block class gives nearly the speed of compiling the whole
-model at a fraction of the compile time (every block of a class reuses the same compiled code), and the code
-around the blocks (embeddings, caches that decide whether blocks run at all) stays eager and free to branch.
+model at a fraction of the compile time (every block of a class reuses the same compiled graph), and the code
+around the blocks stays eager and free to branch.
+
+Each block's ``forward`` is compiled, not its ``__call__`` (``nn.Module.compile``): cache backends wrap a block's
+``forward`` with hooks that decide per step, in Python, whether the block runs at all. Hooks added after
+compiling wrap the compiled forward, so those decisions stay eager and the body, when it runs, is compiled.
 """
 
 from __future__ import annotations
@@ -43,12 +47,12 @@ def compile_repeated_blocks(transformer: torch.nn.Module) -> int:
             "(no _repeated_blocks and no ModuleList of identical blocks); use enforce_eager=True",
             param="enforce_eager")
     for block in blocks:
-        block.compile(**COMPILE_OPTIONS)
+        block.forward = torch.compile(block.forward, **COMPILE_OPTIONS)
     logger.info("regional compile: %d blocks of %s (%s)", len(blocks), type(transformer).__name__,
                 sorted({type(b).__name__ for b in blocks}))
     return len(blocks)
 
 
 def is_compiled(block: torch.nn.Module) -> bool:
-    """Whether ``nn.Module.compile`` wrapped this module."""
-    return getattr(block, "_compiled_call_impl", None) is not None
+    """Whether this block's own forward was compiled by :func:`compile_repeated_blocks`."""
+    return hasattr(block.__dict__.get("forward"), "_torchdynamo_orig_callable")
