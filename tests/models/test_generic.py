@@ -108,3 +108,12 @@ def test_abort_stops_between_steps_and_the_engine_goes_on(ovis_omni: Omni,
     assert progress == [(1, steps)]
     ours = ovis_omni.generate(PROMPT, seed=5, **BASE)[0].images[0]
     assert max_abs_diff(ours, reference(diffusers_ovis, seed=5)[0]) <= 3
+
+
+def test_sizes_diffusers_would_round_are_refused(ovis_omni: Omni) -> None:
+    multiple = ovis_omni.engine.adapter.size_multiple
+    with pytest.raises(InvalidParameterError, match="height") as info:
+        ovis_omni.generate(PROMPT, **{**BASE, "height": 64 + multiple // 2})
+    assert info.value.param == "height"
+    with pytest.raises(InvalidParameterError, match="fps"):
+        ovis_omni.generate(PROMPT, fps=8, **BASE)

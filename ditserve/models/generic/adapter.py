@@ -24,7 +24,8 @@ from ditserve.models.base import BatchResult, ModelAdapter, StageTimings, StepHo
 
 # our param name -> diffusers' name where they differ
 _RENAMED = {"num_outputs_per_prompt": "num_images_per_prompt"}
-_NOT_FORWARDED = {"seed", "fps", "boundary_ratio"}
+#: ours alone: the seed becomes the generator, fps only matters when we encode a video
+_NOT_FORWARDED = {"seed", "fps"}
 
 
 class GenericAdapter(ModelAdapter):
@@ -62,6 +63,11 @@ class GenericAdapter(ModelAdapter):
         return OmniDiffusionSamplingParams
 
     def validate_params(self, params: Any) -> None:
+        # sizes first: diffusers would silently round a size that is not a multiple of its factor
+        super().validate_params(params)
+        if params.fps is not None and self.kind != "video":
+            raise InvalidParameterError(f"fps is only for video models; {self.pipeline_class_name} makes images",
+                                        param="fps")
         for f in fields(params):
             value = getattr(params, f.name)
             if f.name in _NOT_FORWARDED or value is None or (f.name == "num_outputs_per_prompt" and value == 1):
