@@ -70,7 +70,8 @@ class QwenImageAdapter(LoopAdapter):
     def resolve_params(self, params: OmniDiffusionSamplingParams) -> OmniDiffusionSamplingParams:
         # diffusers only warns when true CFG is asked for without a negative prompt, and runs without it;
         # an option that would be ignored is an error here (checked before the family default 4.0 fills in)
-        if params.true_cfg_scale is not None and params.true_cfg_scale > 1 and params.negative_prompt is None:
+        negative_prompt = params.negative_prompt or self.model_defaults.get("negative_prompt")
+        if params.true_cfg_scale is not None and params.true_cfg_scale > 1 and negative_prompt is None:
             raise InvalidParameterError(
                 f"true_cfg_scale={params.true_cfg_scale} needs a negative_prompt for {self.pipeline_class_name} "
                 "(true CFG runs only with one; pass negative_prompt=' ' for an empty one)", param="true_cfg_scale")
