@@ -92,7 +92,6 @@ def quick_plan() -> list[RunSpec]:
         *_peers("diffusers", "FirstBlockCache", [{"threshold": 2.0}]),
         *_peers("diffusers", "TaylorSeerCache", [{"cache_interval": 2, "disable_cache_before_step": 1}]),
         *_peers("diffusers", "MagCache", [{"threshold": 1.0, "retention_ratio": 0.2}]),
-        *_peers("diffusers", "PyramidAttentionBroadcast", [{"spatial_attention_block_skip_range": 2}]),
         *_peers("diffusers", "SeaCache", [{}]),
         RunSpec("cache-dit", "DBCache+TaylorSeer", "peer", taylor),
     ]
