@@ -1,0 +1,101 @@
+"""Cache configs: unknown names and keys, unsupported models, quality targets resolved from calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ditserve import Omni
+from ditserve.cache.calibrate import calibrate
+from ditserve.cache.calibration import CALIBRATION_FILE, load_calibration
+from ditserve.cache.selector import build_cache_backend
+from ditserve.errors import CacheConfigError, UnknownKeyError
+from ditserve.testing import tiny_pipeline_dir
+
+PARAMS = {"num_inference_steps": 6, "height": 64, "width": 64, "max_sequence_length": 64}
+
+
+def test_unknown_backend_lists_the_allowed_ones() -> None:
+    with pytest.raises(CacheConfigError, match=r"'tea_cache'") as error:
+        build_cache_backend("fast_cache", {})
+    assert "cache_dit" in str(error.value) and "mag_cache" in str(error.value)
+
+
+@pytest.mark.parametrize("backend", ["tea_cache", "mag_cache", "cache_dit"])
+def test_unknown_config_key_lists_the_allowed_ones(backend: str) -> None:
+    with pytest.raises(UnknownKeyError, match="rel_l1_treshold") as error:
+        build_cache_backend(backend, {"rel_l1_treshold": 0.2})
+    assert "target_psnr" in str(error.value)
+
+
+@pytest.mark.parametrize(("config", "field"), [({"rel_l1_thresh": -1}, "rel_l1_thresh"),
+                                               ({"quality": "extreme"}, "quality"),
+                                               ({"target_psnr": 30, "rel_l1_thresh": 0.1}, "rel_l1_thresh")])
+def test_bad_values_name_their_field(config: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        build_cache_backend("tea_cache", config)
+
+
+def test_backend_on_an_unsupported_model_fails_at_start_up() -> None:
+    with pytest.raises(CacheConfigError, match="SD3Transformer2DModel") as error:
+        Omni(tiny_pipeline_dir("sd3"), cache_backend="tea_cache")
+    assert "FluxTransformer2DModel" in str(error.value)
+
+
+def test_cache_dit_rejects_more_compute_blocks_than_the_model_has(tiny_flux_dir: str) -> None:
+    with pytest.raises(CacheConfigError, match="Fn_compute_blocks"):
+        Omni(tiny_flux_dir, cache_backend="cache_dit", cache_config={"Fn_compute_blocks": 8})
+
+
+def _write_table(model_dir: str, rows: list[dict]) -> None:
+    table = {"knob": "rel_l1_thresh", "rows": rows}
+    Path(model_dir, CALIBRATION_FILE).write_text(json.dumps({"format": 1, "quality_table": {"tea_cache": table}}))
+
+
+def test_target_psnr_resolves_to_the_fastest_setting_that_met_it(private_flux_dir: str) -> None:
+    _write_table(private_flux_dir, [
+        {"value": 0.1, "work_fraction": 0.8, "speedup": 1.2, "psnr_mean": 40.0, "psnr_min": 38.0},
+        {"value": 0.4, "work_fraction": 0.5, "speedup": 1.9, "psnr_mean": 33.0, "psnr_min": 31.0},
+        {"value": 0.8, "work_fraction": 0.3, "speedup": 3.0, "psnr_mean": 28.0, "psnr_min": 26.0}])
+    with Omni(private_flux_dir, cache_backend="tea_cache", cache_config={"quality": "balanced"}) as omni:
+        stats = omni.generate("a red cat", {**PARAMS, "seed": 1})[0].cache_stats
+    assert stats["config"]["rel_l1_thresh"] == 0.4
+    assert stats["resolved_from"]["target_psnr"] == 30.0
+    assert stats["resolved_from"]["table_psnr_min"] == 31.0
+    backend = build_cache_backend("tea_cache", {"target_psnr": 37})
+    backend.resolve_quality_target(private_flux_dir)
+    assert backend.config["rel_l1_thresh"] == 0.1
+
+
+def test_unreachable_target_names_the_best_reachable_quality(private_flux_dir: str) -> None:
+    _write_table(private_flux_dir, [
+        {"value": 0.1, "work_fraction": 0.8, "speedup": 1.2, "psnr_mean": 40.0, "psnr_min": 38.5}])
+    with pytest.raises(CacheConfigError, match=r"38\.50 dB"):
+        Omni(private_flux_dir, cache_backend="tea_cache", cache_config={"target_psnr": 45})
+
+
+def test_target_without_a_calibration_says_to_calibrate(private_flux_dir: str) -> None:
+    with pytest.raises(CacheConfigError, match="ditserve calibrate"):
+        Omni(private_flux_dir, cache_backend="tea_cache", cache_config={"target_psnr": 30})
+
+
+def test_calibration_fits_writes_and_is_picked_up(private_flux_dir: str) -> None:
+    with Omni(private_flux_dir) as omni:
+        data, path = calibrate(omni, ["a red cat", "a blue dog"], {**PARAMS, "seed": 0},
+                               {"tea_cache": (0.0, 5.0), "mag_cache": (0.0,)})
+    assert path == str(Path(private_flux_dir, CALIBRATION_FILE))
+    stored = load_calibration(private_flux_dir)
+    assert stored["tea_cache"]["coefficients"] == data["tea_cache"]["coefficients"]
+    assert len(stored["mag_cache"]["mag_ratios"]["cond"]) == PARAMS["num_inference_steps"]
+    rows = stored["quality_table"]["tea_cache"]["rows"]
+    assert rows[0]["work_fraction"] == 1.0 and rows[0]["psnr_min"] == 100.0
+    assert rows[1]["work_fraction"] < 1.0 and rows[1]["psnr_min"] < 100.0
+    with Omni(private_flux_dir, cache_backend="mag_cache") as omni:
+        stats = omni.generate("a red cat", {**PARAMS, "seed": 0})[0].cache_stats
+    assert stats["config"]["mag_ratios_source"].startswith("calibration file")
+    with Omni(private_flux_dir, cache_backend="tea_cache", cache_config={"target_psnr": 99}) as omni:
+        stats = omni.generate("a red cat", {**PARAMS, "seed": 0})[0].cache_stats
+    assert stats["config"]["rel_l1_thresh"] == 0.0
+    assert stats["config"]["coefficients_source"].startswith("calibration file")
