@@ -80,6 +80,11 @@ class ModelAdapter(ABC):
         self.pipeline = pipeline
         self.model_defaults = dict(model_defaults or {})
 
+    @classmethod
+    def preloaded_components(cls, path: str) -> dict[str, Any]:
+        """Components to hand to ``from_pretrained`` instead of letting diffusers load them from ``path``."""
+        return {}
+
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:

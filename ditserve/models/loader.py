@@ -109,7 +109,9 @@ def load_model(model: str | None, device: str = "auto", dtype: str = "auto", *, 
             f"{diffusers.__version__}; family adapters exist for {supported_pipelines()}", param="model")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    components: dict[str, Any] = {}
+    adapter_class = adapter_class_for(class_name)
+    # components the family must build itself (e.g. a processor diffusers cannot load on this machine)
+    components: dict[str, Any] = adapter_class.preloaded_components(path)
     if gguf_model is not None:
         from ditserve.levers.gguf import load_gguf_transformer
 
@@ -118,7 +120,7 @@ def load_model(model: str | None, device: str = "auto", dtype: str = "auto", *, 
     if not keep_on_cpu:
         pipeline.to(torch_device)
     pipeline.set_progress_bar_config(disable=True)
-    adapter = adapter_class_for(class_name)(pipeline, read_model_defaults(path))
+    adapter = adapter_class(pipeline, read_model_defaults(path))
     name = DEMO_MODEL_NAME if model in (None, DEMO_MODEL_NAME) else model
     logger.info("loaded %s (%s, %s adapter) for %s in %s%s", name, class_name, type(adapter).__name__,
                 torch_device, torch_dtype, " (weights kept in CPU memory for offloading)" if keep_on_cpu else "")

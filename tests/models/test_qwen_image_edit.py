@@ -14,13 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import transformers
 from PIL import Image
 
 from ditserve import Omni
 from ditserve.errors import InvalidParameterError
 from ditserve.models.qwen_image import QwenImageEditAdapter
-from ditserve.models.qwen_image.processor import load_processor_without_video, torchvision_available
 from ditserve.testing import tiny_pipeline_dir
 from ditserve.testing.compare import max_abs_diff
 
@@ -35,13 +33,7 @@ def random_image(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
 
 
 def open_omni(folder: str) -> Omni:
-    """Omni on an edit folder. Without torchvision, transformers cannot load a Qwen2VLProcessor; until the loader
-    passes ``preloaded_components`` to ``from_pretrained``, stand in for it while loading."""
-    with pytest.MonkeyPatch.context() as patch:
-        if not torchvision_available():
-            patch.setattr(transformers.Qwen2VLProcessor, "from_pretrained",
-                          classmethod(lambda _cls, path, **_kwargs: load_processor_without_video(path)))
-        return Omni(model=folder, max_batch_size=4)
+    return Omni(model=folder, max_batch_size=4)
 
 
 def diffusers_pipeline(folder: str, class_name: str) -> Any:
