@@ -140,3 +140,13 @@ def video_server(video_engine: DiffusionEngine,
     server = start(video_engine, tmp_path_factory.mktemp("video-server"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def unbatched_server(tiny_flux_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """The tiny FLUX engine again, with batching off (max_batch_size=1), for the load comparison."""
+    engine = make_engine(tiny_flux_dir, max_batch_size=1)
+    server = start(engine, tmp_path_factory.mktemp("unbatched-server"))
+    yield server
+    server.stop()
+    engine.close()

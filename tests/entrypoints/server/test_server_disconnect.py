@@ -1,0 +1,58 @@
+"""A client that goes away has its request aborted: the transformer stops being called within a step."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from ditserve.engine.engine import DiffusionEngine
+from ditserve.entrypoints.server.thread import ServerThread
+
+LONG_RUN = {"prompt": "a very long job", "size": "64x64", "num_inference_steps": 400}
+
+
+class ForwardCounter:
+    """Counts real transformer calls (a forward pre-hook fires once per denoising step and branch)."""
+
+    def __init__(self, module: Any) -> None:
+        self.calls = 0
+        self._lock = threading.Lock()
+        self._handle = module.register_forward_pre_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        with self._lock:
+            self.calls += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def wait_until(condition: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def test_disconnect_aborts_within_a_step(image_server: ServerThread, image_engine: DiffusionEngine) -> None:
+    counter = ForwardCounter(image_engine.adapter.pipeline.transformer)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            # the client gives up after a second, closing its connection mid-generation
+            httpx.post(f"{image_server.url}/v1/images/generations", json=LONG_RUN, timeout=1.0)
+        wait_until(lambda: counter.calls > 0, timeout_s=10)
+        time.sleep(0.5)  # the server polls for the disconnect, then the loop stops before its next step
+        stopped_at = counter.calls
+        time.sleep(1.0)
+        assert counter.calls == stopped_at, "the transformer kept running after the client left"
+        assert stopped_at < LONG_RUN["num_inference_steps"] // 2
+        metrics = httpx.get(f"{image_server.url}/metrics").text
+        assert 'ditserve_failed_batches_total{error="RequestAbortedError"}' in metrics
+        assert 'status="499"' in metrics
+    finally:
+        counter.remove()
