@@ -72,11 +72,13 @@ class DiffusionEngine:
                                        param="image")
         self.adapter.validate_inputs(images)
         resolved = self.adapter.resolve_params(params)
-        self._check_limits(resolved)
         if resolved.seed is None:
             resolved = resolved.replace(seed=secrets.randbelow(2**32))
-        return Request(prompt=prompt, params=resolved, images=images,
-                       request_id=request_id or new_request_id(), progress_callback=progress_callback)
+        request = Request(prompt=prompt, params=resolved, images=images,
+                          request_id=request_id or new_request_id(), progress_callback=progress_callback)
+        request.params = self.adapter.complete_params(request)
+        self._check_limits(request.params)
+        return request
 
     def _check_limits(self, params: OmniDiffusionSamplingParams) -> None:
         limits = self.config.limits

@@ -115,6 +115,11 @@ class ModelAdapter(ABC):
         self.validate_params(resolved)
         return resolved
 
+    def complete_params(self, request: Request) -> OmniDiffusionSamplingParams:
+        """Params that depend on the request's inputs (edit models: the output size follows the input image);
+        the engine stores the result so outputs report what really ran."""
+        return request.params
+
     def validate_params(self, params: OmniDiffusionSamplingParams) -> None:
         multiple = self.size_multiple
         for name in ("height", "width"):

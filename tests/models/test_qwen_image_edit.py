@@ -122,6 +122,8 @@ def test_default_output_size_follows_the_input_image(runs: dict[str, Any]) -> No
     height, width = adapter.output_size(wide)
     assert (height, width) == (896 // adapter.size_multiple * adapter.size_multiple,
                                1184 // adapter.size_multiple * adapter.size_multiple)
+    # the request reports the size that will really run
+    assert (wide.params.height, wide.params.width) == (height, width)
 
 
 def test_missing_input_image_is_refused(runs: dict[str, Any]) -> None:

@@ -90,6 +90,10 @@ class QwenImageEditAdapter(QwenImageAdapter):
         multiple = self.pipeline.vae_scale_factor * 2
         return height // multiple * multiple, width // multiple * multiple
 
+    def complete_params(self, request: Request) -> Any:
+        height, width = self.output_size(request)
+        return request.params.replace(height=height, width=width)
+
     def vae_sizes(self, request: Request) -> list[tuple[int, int]]:
         """(height, width) at which the VAE sees each input image."""
         return [self.calculated_size(image, VAE_IMAGE_AREA) for image in request.images[:1]]
