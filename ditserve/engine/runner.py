@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ditserve.cache.base import CacheBackend
 from ditserve.cache.prompt_embed import PromptEmbedCache, resolve_prompt_embed_cache_config
+from ditserve.cache.stats import request_cache_stats
 from ditserve.config import OmniDiffusionConfig
 from ditserve.engine.request import Request, RequestOutput
 from ditserve.errors import RequestAbortedError
@@ -47,7 +48,8 @@ class ModelRunner:
 
     def _encode(self, request: Request) -> Any:
         key = self.adapter.prompt_cache_key(request)
-        return self.prompt_cache.lookup(key, lambda: self.adapter.encode_request(request))
+        return self.prompt_cache.lookup(key, lambda: self.adapter.encode_request(request),
+                                        owner=request.request_id)
 
     def _step_hooks(self, batch: Sequence[Request], progress_bar: Any) -> tuple[Any, Any]:
         def before_step(step_index: int, num_steps: int) -> None:
@@ -75,7 +77,7 @@ class ModelRunner:
         except BaseException:
             if self.cache is not None:
                 # a failed run must not leave half-updated state for the next request
-                self.cache.refresh(self.model.pipeline, batch[0].params.num_inference_steps, [])
+                self.cache.recover(self.model.pipeline)
             raise
         finally:
             if progress_bar is not None:
@@ -93,7 +95,13 @@ class ModelRunner:
             request_id=request.request_id, prompt=request.prompt, seed=request.seed, params=request.params,
             images=[] if is_video else media, videos=media if is_video else [],
             fps=request.params.fps if is_video else None, timings=timings,
-            cache_stats=self.cache.request_stats(request.request_id) if self.cache is not None else None)
+            cache_stats=self._cache_stats(request.request_id))
+
+    def _cache_stats(self, request_id: str) -> dict[str, Any] | None:
+        """None only when no cache of any kind is on (no backend, prompt-embedding cache disabled)."""
+        if self.cache is None and not self.prompt_cache.enabled:
+            return None
+        return request_cache_stats(self.cache, self.prompt_cache, request_id)
 
     def close(self) -> None:
         if self.cache is not None:

@@ -48,12 +48,15 @@ def test_batched_output_equals_solo(flux_omni: Omni) -> None:
 
 
 def test_same_request_twice_is_identical_and_seed_is_reported(flux_omni: Omni) -> None:
-    first = flux_omni.generate("a red circle", PARAMS)[0]
+    first = flux_omni.generate("a prompt no other test uses", PARAMS)[0]
     assert first.seed is not None
-    again = flux_omni.generate("a red circle", PARAMS.replace(seed=first.seed))[0]
+    again = flux_omni.generate("a prompt no other test uses", PARAMS.replace(seed=first.seed))[0]
     assert max_abs_diff(first.images[0], again.images[0]) == 0
     assert set(first.timings) >= {"encode_s", "denoise_s", "decode_s", "total_s"}
-    assert first.cache_stats is None
+    # no cache backend: the stats say so, and report the prompt-embedding cache's outcome
+    assert first.cache_stats["backend"] is None
+    assert first.cache_stats["prompt_embed"]["outcome"] == "miss"
+    assert again.cache_stats["prompt_embed"]["outcome"] == "hit"
 
 
 def test_abort_stops_within_one_step(flux_omni: Omni) -> None:
