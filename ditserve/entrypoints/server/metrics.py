@@ -38,6 +38,8 @@ class ServerMetrics:
                                       ["error"], registry=self.registry)
         self.cache_steps = Counter("ditserve_cache_steps", "denoising steps by cache decision",
                                    ["decision"], registry=self.registry)
+        self.prompt_cache = Counter("ditserve_prompt_embed_cache", "prompt-embedding cache outcomes per request",
+                                    ["outcome"], registry=self.registry)
 
     def observe_batch(self, batch: Sequence[Request], result: list[RequestOutput] | BaseException,
                       seconds: float) -> None:
@@ -54,12 +56,16 @@ class ServerMetrics:
             self._count_cache_steps(output.cache_stats)
 
     def _count_cache_steps(self, stats: dict[str, Any] | None) -> None:
+        """``computed_steps`` / ``skipped_steps`` of the cache backend, and the prompt-embedding outcome."""
         if not stats:
             return
         for decision in ("computed", "skipped"):
             value = stats.get(f"{decision}_steps")
             if isinstance(value, int) and not isinstance(value, bool):
                 self.cache_steps.labels(decision).inc(value)
+        prompt_embed = stats.get("prompt_embed")
+        if isinstance(prompt_embed, dict) and isinstance(prompt_embed.get("outcome"), str):
+            self.prompt_cache.labels(prompt_embed["outcome"]).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,7 +21,7 @@ from ditserve.config import OmniDiffusionConfig
 from ditserve.engine.engine import DiffusionEngine
 from ditserve.entrypoints.server import ServerSettings, create_app
 from ditserve.entrypoints.server.thread import ServerThread
-from ditserve.testing import BUILDERS, tiny_pipeline_dir
+from ditserve.testing import tiny_pipeline_dir
 
 IMAGE_LIMITS = {"max_steps": 400, "max_image_size": 64, "max_n": 4, "max_frames": 9}
 API_KEY = "sk-ditserve-test"
@@ -43,20 +43,6 @@ def random_png(width: int = 32, height: int = 32, seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def builder_or_skip(family: str) -> str:
-    if family not in BUILDERS:
-        pytest.skip(f"the tiny {family!r} builder is not in ditserve.testing.BUILDERS yet")
-    return tiny_pipeline_dir(family)
-
-
-def engine_or_skip(model_dir: str, **kwargs: Any) -> DiffusionEngine:
-    try:
-        return make_engine(model_dir, **kwargs)
-    except ImportError as error:
-        # e.g. a processor that transformers cannot load without torchvision: a loader bug, reported loudly
-        pytest.skip(f"the engine cannot load {model_dir}: {str(error).strip().splitlines()[0]}")
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +105,7 @@ def secured_server(image_engine: DiffusionEngine,
 
 @pytest.fixture(scope="session")
 def edit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    engine = engine_or_skip(builder_or_skip("qwen_image_edit"))
+    engine = make_engine(tiny_pipeline_dir("qwen_image_edit"))
     server = start(engine, tmp_path_factory.mktemp("edit-server"))
     yield server
     server.stop()
@@ -128,7 +114,7 @@ def edit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThre
 
 @pytest.fixture(scope="session")
 def video_engine() -> Iterator[DiffusionEngine]:
-    engine = engine_or_skip(builder_or_skip("wan"), limits={"max_steps": 400, "max_image_size": 64, "max_n": 1,
+    engine = make_engine(tiny_pipeline_dir("wan"), limits={"max_steps": 400, "max_image_size": 64, "max_n": 1,
                                                          "max_frames": 9})
     yield engine
     engine.close()
