@@ -150,7 +150,14 @@ async def run_until_done(http_request: HTTPRequest, engine: DiffusionEngine, req
             return future.result()
         if await http_request.is_disconnected():
             engine.abort(request.request_id)
+            # nobody awaits it any more: retrieve its abort error so asyncio does not log it as lost
+            future.add_done_callback(_retrieve_outcome)
             raise ClientDisconnected(request.request_id)
+
+
+def _retrieve_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _encode_images(images: list[Image.Image], output_format: str) -> list[str]:

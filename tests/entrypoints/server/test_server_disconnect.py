@@ -56,3 +56,41 @@ def test_disconnect_aborts_within_a_step(image_server: ServerThread, image_engin
         assert 'status="499"' in metrics
     finally:
         counter.remove()
+
+
+def test_full_queue_answers_429_not_a_hang(tiny_flux_dir: str, tmp_path: Any, serve: Any) -> None:
+    from ditserve.config import OmniDiffusionConfig
+
+    engine = DiffusionEngine(OmniDiffusionConfig(model=tiny_flux_dir, max_batch_size=1, max_queue_size=1,
+                                                 limits={"max_steps": 400, "max_image_size": 64}))
+    server = serve(engine, tmp_path)
+    counter = ForwardCounter(engine.adapter.pipeline.transformer)
+    url = f"{server.url}/v1/images/generations"
+    timed_out: list[bool] = []
+
+    def give_up_after_3s() -> None:
+        try:
+            httpx.post(url, json=LONG_RUN, timeout=3.0)
+        except httpx.ReadTimeout:
+            timed_out.append(True)
+
+    try:
+        # one request runs, one waits in the single queue slot; both clients give up after 3 s (aborting both)
+        running = threading.Thread(target=give_up_after_3s)
+        running.start()
+        wait_until(lambda: counter.calls > 0, timeout_s=10)
+        waiting = threading.Thread(target=give_up_after_3s)
+        waiting.start()
+        wait_until(lambda: engine.queue_depth() == 1, timeout_s=10)
+        started = time.monotonic()
+        refused = httpx.post(url, json=LONG_RUN, timeout=10)
+        assert refused.status_code == 429 and time.monotonic() - started < 2
+        assert refused.json()["error"]["code"] == "queue_full" and refused.headers["retry-after"]
+        running.join()
+        waiting.join()
+        assert timed_out == [True, True]
+        wait_until(lambda: engine.queue_depth() == 0, timeout_s=10)
+    finally:
+        counter.remove()
+        server.stop()
+        engine.close()
