@@ -17,6 +17,7 @@ from ditserve.engine.request import Request
 from ditserve.engine.runner import ModelRunner
 from ditserve.parallel.rank import RankRunner
 from ditserve.parallel.topology import build_topology
+from ditserve.parallel.worker import cpu_threads_per_rank
 
 WORLD_SIZE = 2
 TIMEOUT = timedelta(seconds=60)
@@ -57,6 +58,9 @@ def single_process_latents(case: Case) -> torch.Tensor:
 
 
 def run_cases(rank: int, port: int, cases: list[Case]) -> dict[str, torch.Tensor]:
+    # two ranks on two cores: more threads than cores make every collective wait for a descheduled rank
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads_per_rank(WORLD_SIZE))
     store = dist.TCPStore("127.0.0.1", port, WORLD_SIZE, is_master=rank == 0, timeout=TIMEOUT,
                           wait_for_workers=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD_SIZE, timeout=TIMEOUT)
@@ -73,6 +77,7 @@ def run_cases(rank: int, port: int, cases: list[Case]) -> dict[str, torch.Tensor
                 results[case.name] = captured[0]
     finally:
         dist.destroy_process_group()
+        torch.set_num_threads(saved_threads)
     return results
 
 
