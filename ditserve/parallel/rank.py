@@ -13,10 +13,13 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from ditserve.cache.base import CacheBackend
+from ditserve.cache.selector import build_cache_backend
 from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
 from ditserve.engine.request import Request
 from ditserve.engine.runner import ModelRunner
 from ditserve.errors import ParallelConfigError, RequestAbortedError
+from ditserve.parallel.caches import agree_on_skips
 from ditserve.parallel.install import install_parallelism
 from ditserve.parallel.topology import ParallelTopology
 
@@ -58,11 +61,19 @@ class RankRunner(ModelRunner):
     """The model runner of one rank. Only rank 0 decodes; the others return empty media."""
 
     def __init__(self, config: OmniDiffusionConfig, topology: ParallelTopology, local_rank: int) -> None:
+        self.topology = topology  # read by _build_cache, which the base class calls
         super().__init__(dataclasses.replace(config, device=rank_device(config.device, local_rank)))
-        self.topology = topology
         install_parallelism(self.adapter, topology)
         if not topology.is_driver:
             self.adapter.decode = lambda state: [[] for _ in state.requests]
+
+    def _build_cache(self) -> CacheBackend | None:
+        if self.config.cache_backend is None:
+            return None
+        backend = build_cache_backend(self.config.cache_backend, self.config.cache_config)
+        agree_on_skips(backend, self.topology)
+        backend.enable(self.model.pipeline, self.adapter)
+        return backend
 
     def _step_hooks(self, batch: Sequence[Request], *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         before_step, after_step = super()._step_hooks(batch, *args, **kwargs)

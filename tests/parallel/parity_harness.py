@@ -30,6 +30,19 @@ class Case:
     parallel: dict[str, int]
     prompt: str
     params: dict[str, Any]
+    #: (cache_backend, cache_config) or None
+    cache: tuple[str, dict[str, Any]] | None = None
+
+    def engine_config(self, parallel: dict[str, int]) -> OmniDiffusionConfig:
+        backend, cache_config = self.cache if self.cache is not None else (None, None)
+        return OmniDiffusionConfig(model=self.model_dir, device="cpu", cache_backend=backend,
+                                   cache_config=cache_config, parallel_config=DiffusionParallelConfig(**parallel))
+
+
+@dataclass
+class CaseResult:
+    latents: torch.Tensor
+    cache_stats: dict[str, Any] | None
 
 
 def _capture_final_latents(runner: ModelRunner) -> list[torch.Tensor]:
@@ -49,15 +62,15 @@ def _request(runner: ModelRunner, case: Case) -> Request:
     return Request(prompt=case.prompt, params=params, request_id=f"req-{case.name}")
 
 
-def single_process_latents(case: Case) -> torch.Tensor:
-    runner = ModelRunner(OmniDiffusionConfig(model=case.model_dir, device="cpu"))
+def single_process_run(case: Case) -> CaseResult:
+    runner = ModelRunner(case.engine_config({}))
     captured = _capture_final_latents(runner)
-    runner.execute([_request(runner, case)])
+    output = runner.execute([_request(runner, case)])[0]
     runner.close()
-    return captured[0]
+    return CaseResult(captured[0], output.cache_stats)
 
 
-def run_cases(rank: int, port: int, cases: list[Case]) -> dict[str, torch.Tensor]:
+def run_cases(rank: int, port: int, cases: list[Case]) -> dict[str, CaseResult]:
     # two ranks on two cores: more threads than cores make every collective wait for a descheduled rank
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(cpu_threads_per_rank(WORLD_SIZE))
@@ -67,21 +80,20 @@ def run_cases(rank: int, port: int, cases: list[Case]) -> dict[str, torch.Tensor
     results = {}
     try:
         for case in cases:
-            config = OmniDiffusionConfig(model=case.model_dir, device="cpu",
-                                         parallel_config=DiffusionParallelConfig(**case.parallel))
+            config = case.engine_config(case.parallel)
             runner = RankRunner(config, build_topology(config.parallel_config, rank), local_rank=rank)
             captured = _capture_final_latents(runner)
-            runner.execute([_request(runner, case)])
+            output = runner.execute([_request(runner, case)])[0]
             runner.close()
             if rank == 0:
-                results[case.name] = captured[0]
+                results[case.name] = CaseResult(captured[0], output.cache_stats)
     finally:
         dist.destroy_process_group()
         torch.set_num_threads(saved_threads)
     return results
 
 
-def run_parity_group(cases: list[Case]) -> tuple[dict[str, torch.Tensor], int | None]:
+def run_parity_group(cases: list[Case]) -> tuple[dict[str, CaseResult], int | None]:
     """Run ``cases`` on 2 ranks; returns rank 0's latents per case and the worker's exit code."""
     import socket
 
