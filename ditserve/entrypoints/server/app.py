@@ -23,6 +23,7 @@ from fastapi import Depends, FastAPI, Query
 from fastapi import Path as PathParam
 from fastapi import Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -54,6 +55,7 @@ from ditserve.entrypoints.server.protocol import (
 from ditserve.entrypoints.server.security import APIKeyMiddleware, BodyLimitMiddleware
 from ditserve.entrypoints.server.uploads import read_form, read_images
 from ditserve.entrypoints.server.videos import VideoJob, VideoJobRunner, VideoStore, new_video_id
+from ditserve.errors import DitServeError
 
 logger = logging.getLogger(__name__)
 
@@ -278,8 +280,13 @@ def add_routes(app: FastAPI) -> None:
         params = sampling_params(fields, fields.size, num_frames=video_seconds_to_frames(fields, default_fps),
                                  fps=fields.fps)
         video_id = new_video_id()
-        request = state.engine.make_request(fields.prompt, params, images, request_id=video_id,
-                                            progress_callback=state.videos.progress_callback(video_id))
+        try:
+            request = state.engine.make_request(fields.prompt, params, images, request_id=video_id,
+                                                progress_callback=state.videos.progress_callback(video_id))
+        except DitServeError as error:
+            if error.param == "image":  # the engine's name for what this route calls input_reference
+                error.param = "input_reference"
+            raise
         job = new_video_job(state, video_id, request)
         state.videos.start(job, request)
         return job.to_api()
@@ -328,6 +335,30 @@ def _job_or_404(state: ServerState, video_id: str) -> VideoJob:
 
 
 # ---------------------------------------------------------------------------------------------- factory
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with the errors we really answer: 400 in OpenAI's shape where FastAPI documents 422."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        error = {"content": {"application/json": {"schema": ERROR_SCHEMA}}}
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                if operation.get("parameters") or operation.get("requestBody"):
+                    responses["400"] = {"description": "invalid request", **error}
+                if "{video_id}" in path:
+                    responses["404"] = {"description": "no such video", **error}
+        components = schema.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 def create_app(engine: DiffusionEngine, settings: ServerSettings) -> FastAPI:
     """The FastAPI app over ``engine``. The app does not own the engine: whoever built it closes it."""
     state = ServerState(engine, settings)
@@ -349,6 +380,7 @@ def create_app(engine: DiffusionEngine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="ditserve", description="OpenAI-compatible serving of diffusion transformers",
                   version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.state.server = state
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     add_routes(app)
     # added innermost first: metrics see every answer, the key is checked before the body is read

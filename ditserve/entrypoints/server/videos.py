@@ -128,6 +128,12 @@ class VideoStore:
             cursor = self._db.execute(f"UPDATE videos SET {assignments} WHERE id=?", [*row.values(), video_id])
             return cursor.rowcount > 0
 
+    def update_progress(self, video_id: str, percent: int) -> None:
+        """Progress of a job that is still queued or running (never revives one marked failed meanwhile)."""
+        with self._lock:
+            self._db.execute("UPDATE videos SET status='in_progress', progress=? WHERE id=? AND status IN (?, ?)",
+                             (percent, video_id, *ACTIVE_STATUSES))
+
     def get(self, video_id: str) -> VideoJob | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM videos WHERE id=?", (check_video_id(video_id),)).fetchone()
@@ -197,9 +203,14 @@ class VideoJobRunner:
 
         def report(done: int, total: int) -> None:
             percent = min(99, int(100 * done / max(total, 1)))  # 100 only once the file exists
-            if percent != last["percent"]:
-                last["percent"] = percent
-                self.store.update(video_id, status="in_progress", progress=percent)
+            if percent == last["percent"]:
+                return
+            last["percent"] = percent
+            try:
+                self.store.update_progress(video_id, percent)
+            except sqlite3.Error:
+                # the store closed under a job being aborted: progress must never break the engine's batch
+                logger.debug("progress of %s not recorded: the store is closed", video_id)
 
         return report
 

@@ -126,3 +126,15 @@ def test_finished_jobs_survive_a_restart_and_running_ones_fail(
         assert {finished.id, running.id, crashed} <= {v.id for v in api.videos.list()}
     finally:
         second.stop()
+
+
+def test_late_progress_never_revives_a_failed_job(tmp_path: Path) -> None:
+    store = VideoStore(tmp_path)
+    job_id = new_video_id()
+    store.insert(VideoJob(id=job_id, created_at=0, status="in_progress", model="m", prompt="p", size="8x8",
+                          seconds="1"))
+    assert store.fail_interrupted("server_shutdown", "stopped") == 1
+    store.update_progress(job_id, 50)  # the engine finishing its current step after the abort
+    job = store.get(job_id)
+    assert (job.status, job.error_code, job.progress) == ("failed", "server_shutdown", 0)
+    store.close()
