@@ -171,7 +171,7 @@ async def images_response(output: RequestOutput, output_format: str) -> ImagesRe
     return ImagesResponse(
         created=int(time.time()), data=[ImageData(b64_json=b64) for b64 in encoded],
         output_format=output_format,  # type: ignore[arg-type]
-        size=f"{output.params.width}x{output.params.height}", seed=output.seed,
+        size="{}x{}".format(*output.images[0].size), seed=output.seed,
         timings=json_safe(output.timings), cache_stats=json_safe(output.cache_stats))
 
 
@@ -192,6 +192,8 @@ async def read_json_object(http_request: HTTPRequest) -> dict[str, Any]:
         value = json.loads(await http_request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(400, f"the body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
     if not isinstance(value, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
     return value

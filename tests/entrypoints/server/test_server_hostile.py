@@ -68,10 +68,11 @@ def test_error_names_the_field(image_server: ServerThread) -> None:
     assert response.json()["error"]["param"] == "colour"
 
 
+@pytest.mark.parametrize("route", [GENERATIONS, "/v1/videos"])
 @pytest.mark.parametrize("raw", RAW_BODIES, ids=lambda r: repr(r[:20]))
-def test_malformed_bodies_are_400(image_server: ServerThread, raw: bytes) -> None:
-    response = httpx.post(image_server.url + GENERATIONS, content=raw,
-                          headers={"content-type": "application/json"}, timeout=30)
+def test_malformed_bodies_are_400(image_server: ServerThread, raw: bytes, route: str) -> None:
+    response = httpx.post(image_server.url + route, content=raw, headers={"content-type": "application/json"},
+                          timeout=30)
     assert_client_error(response)
 
 
