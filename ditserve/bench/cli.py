@@ -30,6 +30,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--cpu-threads", type=int, default=None,
+                        help="torch CPU threads for every system (default: torch's own choice)")
     parser.add_argument("--only", nargs="*", default=[], help="run only settings whose label has one of these words")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run in seconds on a tiny random FLUX model (unless MODEL is given)")
@@ -40,21 +42,25 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run_from_args)
 
 
+def _check_at_least_one(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise InvalidParameterError(f"{flag}={value} must be >= 1", param=flag.removeprefix("--").replace("-", "_"))
+
+
 def _sized_options(args: argparse.Namespace) -> dict[str, Any]:
     """steps, prompts, repeats and size: what the user gave, else the defaults of the chosen mode."""
     defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
     values = {name: default if getattr(args, name) is None else getattr(args, name)
               for name, default in defaults.items()}
     for name in ("steps", "num_prompts", "repeats"):
-        if values[name] < 1:
-            flag = "--" + name.removeprefix("num_")
-            raise InvalidParameterError(f"{flag}={values[name]} must be >= 1", param=name)
+        _check_at_least_one("--" + name.removeprefix("num_"), values[name])
     return values
 
 
 def options_from_args(args: argparse.Namespace) -> Any:
     from ditserve.bench.runner import BenchOptions
 
+    _check_at_least_one("--cpu-threads", args.cpu_threads)
     model = args.model
     if args.quick and model is None:
         from ditserve.testing import tiny_pipeline_dir
@@ -63,14 +69,14 @@ def options_from_args(args: argparse.Namespace) -> Any:
     return BenchOptions(
         model=model, seed=args.seed, device=args.device, dtype=args.dtype, true_cfg_scale=args.true_cfg_scale,
         negative_prompt=args.negative_prompt, quick=args.quick, show_progress=args.progress,
-        only=tuple(args.only), **_sized_options(args))
+        only=tuple(args.only), cpu_threads=args.cpu_threads, **_sized_options(args))
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, rebuilt from the parsed options (recorded with the results)."""
     words = ["ditserve", "bench"] + ([args.model] if args.model else [])
     for flag in ("steps", "num_prompts", "repeats", "seed", "height", "width", "true_cfg_scale",
-                 "negative_prompt", "dtype", "device"):
+                 "negative_prompt", "dtype", "device", "cpu_threads"):
         value = getattr(args, flag)
         if value is not None:
             words += ["--" + flag.removeprefix("num_").replace("_", "-"), str(value)]

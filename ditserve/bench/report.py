@@ -112,8 +112,9 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         f"- started {results['started']}, took {results['duration_s'] / 60:.1f} min",
         f"- uncached parity (ditserve vs diffusers, same seeds): PSNR {_fmt(results['uncached_parity']['psnr_db'], 1)} dB, "
         f"SSIM {_fmt(results['uncached_parity']['ssim'], 4)}",
-        "- baseline drift (end / start median): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in results["baseline_drift"].items()),
+        "- baseline median s/img per timing pass (start, middle, end): "
+        + "; ".join(f"{k} " + " / ".join(f"{v:.3f}" for v in values)
+                    for k, values in results["baseline_median_s_per_pass"].items()),
         "",
         "Times are medians per image (warm-up excluded); speed-ups are wall-time ratios; compute fraction is the",
         "share of block attention/MLP bodies that really ran (counted with forward pre-hooks); quality is against",

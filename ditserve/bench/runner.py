@@ -1,8 +1,8 @@
 """One bench run: baselines, our cache backends and the peers on the same prompts, seeds, dtype and steps.
 
 Timing rules: a warm-up image per setting is excluded; each setting makes ``repeats`` images of every prompt
-and reports medians. Runs of ours and of the peers alternate, and both baselines are timed again at the end,
-so slow drift of a shared machine does not favour one side; the drift is reported.
+and reports medians. Runs of ours and of the peers alternate, and both baselines are timed again in the
+middle and at the end, so slow drift of a shared machine does not favour one side; each pass is reported.
 Quality rules: every image is compared with the uncached image of the same prompt and seed made by the same
 system (ours against ditserve uncached, peers against diffusers uncached), so a row's loss is its cache's
 alone; the two uncached systems are compared with each other once, as a parity check.
@@ -29,6 +29,11 @@ from ditserve.errors import DitServeError
 
 logger = logging.getLogger(__name__)
 
+#: timing passes of the baselines: at the start, in the middle and at the end of the run
+BASELINE_PASSES = 3
+#: warm-up images of each baseline beyond the one every setting gets
+BASELINE_EXTRA_WARMUPS = 1
+
 #: prompts for models other than the demo (any tokenizer splits them; the tiny test models know these words)
 GENERIC_PROMPTS = ("a red circle on the left", "a small blue square at the top", "a large green triangle",
                    "a cat sitting on the windowsill", "a dog in the center", "a blue circle and a red square")
@@ -52,6 +57,9 @@ class BenchOptions:
     show_progress: bool = True
     #: run only the settings whose label contains one of these words (case-insensitive); empty: all
     only: Sequence[str] = ()
+    #: torch CPU threads for every system (None: torch's default); fewer threads than cores keep timings
+    #: steadier on a machine shared with other work
+    cpu_threads: int | None = None
 
 
 @dataclass
@@ -129,9 +137,11 @@ class Bench:
         return 1 + len(self.prompts) * self.options.repeats
 
     # ------------------------------------------------------------------ measuring
-    def _measure(self, generate: Callable[[str, OmniDiffusionSamplingParams], ImageResult]) -> Samples:
-        generate(self.prompts[0], self._seeded(0))  # warm-up, excluded
-        self.progress.advance()
+    def _measure(self, generate: Callable[[str, OmniDiffusionSamplingParams], ImageResult],
+                 warmups: int = 1) -> Samples:
+        for _ in range(warmups):  # excluded from every figure
+            generate(self.prompts[0], self._seeded(0))
+            self.progress.advance()
         samples = Samples()
         for _ in range(self.options.repeats):
             row = []
@@ -228,38 +238,51 @@ class Bench:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
         started = time.time()
+        if self.options.cpu_threads is not None:
+            torch.set_num_threads(self.options.cpu_threads)
         ditserve_plain = DitserveSystem(self.engine_options)
         loaded = ditserve_plain.omni.engine.runner.model
         self.is_demo = loaded.name == "ditserve-shapes"
         self.prompts = choose_prompts(self.is_demo, self.options.num_prompts)
         self.params = self._sampling(ditserve_plain)
         self.diffusers = DiffusersSystem(loaded.path, loaded.device, loaded.dtype)
+        self.baseline_systems = {"ditserve": ditserve_plain, "diffusers": self.diffusers}
         ignored = self.diffusers.call_arguments(self.params)[1]
-        baseline_rechecks = 2 * len(self.prompts) * self.options.repeats
-        self.progress = Progress(len(self.plan) * self.images_per_setting() + baseline_rechecks,
-                                 self.options.show_progress)
+        images_per_pass = len(self.prompts) * self.options.repeats
+        self.progress = Progress(len(self.plan) * self.images_per_setting() + BASELINE_EXTRA_WARMUPS * 2
+                                 + (BASELINE_PASSES - 1) * 2 * images_per_pass, self.options.show_progress)
         try:
-            references = self._run_plan(ditserve_plain)
-            drift = self._recheck_baselines(ditserve_plain, references)
+            references = self._run_plan()
         finally:
             self.progress.close()
             ditserve_plain.close()
             self.diffusers.close()
+        drift = self._pool_baseline_passes()
         parity = self._quality(references["ditserve"], references["diffusers"])
         self._add_speedups()
         return self._results(loaded, started, drift, parity, ignored)
 
-    def _run_plan(self, ditserve_plain: DitserveSystem) -> dict[str, Samples]:
+    def _run_plan(self) -> dict[str, Samples]:
         references: dict[str, Samples] = {}
+        self.baseline_passes: dict[str, list[list[ImageResult]]] = {}
+        settings = [spec for spec in self.plan if spec.group != "baseline"]
         for spec in self.plan:
             self.progress.start(spec.label)
-            if spec.group == "baseline":
-                system = ditserve_plain if spec.system == "ditserve" else self.diffusers
-                references[spec.system] = samples = self._measure(system.generate)
-                self.records.append(self._record(spec, samples, samples, {"counted_reliably": True}))
+            if spec.group != "baseline":
                 continue
+            # the process's first calls of a system pay one-off costs (kernel selection, lazy imports): an
+            # extra warm-up keeps them out of the reference time
+            samples = self._measure(self.baseline_systems[spec.system].generate, 1 + BASELINE_EXTRA_WARMUPS)
+            references[spec.system] = samples
+            self.baseline_passes[spec.system] = [samples.all()]
+            self.records.append(self._record(spec, samples, samples, {"counted_reliably": True}))
+        for index, spec in enumerate(settings):
+            if index == len(settings) // 2:
+                self._time_baselines_again()
+            self.progress.start(spec.label)
             reference = references["ditserve" if spec.system == "ditserve" else "diffusers"]
             self.records.append(self._run_setting(spec, reference))
+        self._time_baselines_again()
         return references
 
     def _run_setting(self, spec: RunSpec, reference: Samples) -> dict[str, Any]:
@@ -276,21 +299,27 @@ class Bench:
             return self._unavailable(spec, f"{type(error).__name__}: {error}", "failed")
         return self._record(spec, samples, reference, extra)
 
-    def _recheck_baselines(self, ditserve_plain: DitserveSystem, references: dict[str, Samples]) -> dict[str, float]:
-        """Time both baselines again at the end; their medians pool both passes, and the drift is reported."""
-        drift = {}
+    def _time_baselines_again(self) -> None:
+        """Another timing pass of both baselines (mid-run and at the end): speed-ups divide by the pooled
+        median, so a slow spell of a shared machine weighs on the references no more than on the settings."""
+        for system_name, system in self.baseline_systems.items():
+            self.progress.start(f"{system_name} uncached (timing again)")
+            again = []
+            for _ in range(self.options.repeats):
+                for index, prompt in enumerate(self.prompts):
+                    again.append(system.generate(prompt, self._seeded(index)))
+                    self.progress.advance()
+            self.baseline_passes[system_name].append(again)
+
+    def _pool_baseline_passes(self) -> dict[str, list[float]]:
+        """Baseline timings from every pass; returns each pass's median wall time (start, middle, end)."""
+        per_pass = {}
         for record in self.records:
-            if record["group"] != "baseline":
-                continue
-            system = ditserve_plain if record["system"] == "ditserve" else self.diffusers
-            self.progress.start(f"{record['system']} uncached (re-check)")
-            first = references[record["system"]].all()
-            again = [system.generate(p, self._seeded(i))
-                     for _ in range(self.options.repeats) for i, p in enumerate(self.prompts)]
-            self.progress.advance(len(again))
-            drift[record["system"]] = median([r.wall_s for r in again]) / median([r.wall_s for r in first])
-            record.update(self._timings(first + again))
-        return drift
+            if record["group"] == "baseline":
+                passes = self.baseline_passes[record["system"]]
+                record.update(self._timings([image for images in passes for image in images]))
+                per_pass[record["system"]] = [median([r.wall_s for r in images]) for images in passes]
+        return per_pass
 
     def _add_speedups(self) -> None:
         baseline = {r["system"]: r for r in self.records if r["group"] == "baseline"}
@@ -305,7 +334,7 @@ class Bench:
             # the common reference: the time a user of plain diffusers starts from
             record["speedup"] = record["speedup_vs_diffusers_uncached"]
 
-    def _results(self, loaded: Any, started: float, drift: dict[str, float], parity: dict[str, Any],
+    def _results(self, loaded: Any, started: float, drift: dict[str, list[float]], parity: dict[str, Any],
                  ignored: list[str]) -> dict[str, Any]:
         import diffusers
 
@@ -313,12 +342,12 @@ class Bench:
             "model": loaded.name, "model_path": loaded.path, "device": _device_name(loaded.device),
             "dtype": str(loaded.dtype).removeprefix("torch."), "torch_version": torch.__version__,
             "diffusers_version": diffusers.__version__, "cache_dit_version": _cache_dit_version(),
-            "cpu_count": _cpu_count(), "platform": platform.platform(),
+            "cpu_count": _cpu_count(), "torch_cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
             "steps": self.params.num_inference_steps, "prompts": self.prompts, "repeats": self.options.repeats,
             "seeds": [self.options.seed + i for i in range(len(self.prompts))],
             "sampling": {k: v for k, v in vars(self.params).items() if v is not None and k != "seed"},
             "params_diffusers_does_not_take": ignored, "quick": self.options.quick,
-            "baseline_drift": drift, "uncached_parity": parity, "prompt_embed_cache": False,
+            "baseline_median_s_per_pass": drift, "uncached_parity": parity, "prompt_embed_cache": False,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
             "duration_s": time.time() - started, "records": self.records,
         }

@@ -45,7 +45,7 @@ def test_write_outputs_makes_json_markdown_and_plot(tmp_path: Path) -> None:
     results = {"model": "m", "model_path": "p", "device": "cpu (x)", "dtype": "float32", "torch_version": "t",
                "diffusers_version": "d", "cache_dit_version": "c", "cpu_count": 2, "platform": "linux",
                "steps": 4, "prompts": ["a"], "repeats": 1, "seeds": [0], "sampling": {}, "started": "now",
-               "duration_s": 1.0, "baseline_drift": {"ditserve": 1.0}, "uncached_parity": {"psnr_db": 99.0, "ssim": 1.0},
+               "duration_s": 1.0, "baseline_median_s_per_pass": {"ditserve": [1.0, 1.1]}, "uncached_parity": {"psnr_db": 99.0, "ssim": 1.0},
                "records": RECORDS}
     paths = write_outputs(results, tmp_path / "out", command="ditserve bench --quick")
     loaded = json.loads(paths["json"].read_text())
