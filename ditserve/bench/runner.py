@@ -184,6 +184,7 @@ class Bench:
             self._mag_ratios = peers.calibrate_diffusers_mag_ratios(
                 self.diffusers.pipeline, self.params.num_inference_steps,
                 lambda: self.diffusers.generate(self.prompts[0], self._seeded(0)))
+            self.progress.advance()
         return self._mag_ratios
 
     # ------------------------------------------------------------------ records
@@ -249,8 +250,10 @@ class Bench:
         self.baseline_systems = {"ditserve": ditserve_plain, "diffusers": self.diffusers}
         ignored = self.diffusers.call_arguments(self.params)[1]
         images_per_pass = len(self.prompts) * self.options.repeats
+        calibration = any(s.system == "diffusers" and s.method == "MagCache" for s in self.plan)
         self.progress = Progress(len(self.plan) * self.images_per_setting() + BASELINE_EXTRA_WARMUPS * 2
-                                 + (BASELINE_PASSES - 1) * 2 * images_per_pass, self.options.show_progress)
+                                 + (BASELINE_PASSES - 1) * 2 * images_per_pass + calibration,
+                                 self.options.show_progress)
         try:
             references = self._run_plan()
         finally:
@@ -267,9 +270,9 @@ class Bench:
         self.baseline_passes: dict[str, list[list[ImageResult]]] = {}
         settings = [spec for spec in self.plan if spec.group != "baseline"]
         for spec in self.plan:
-            self.progress.start(spec.label)
             if spec.group != "baseline":
                 continue
+            self.progress.start(spec.label)
             # the process's first calls of a system pay one-off costs (kernel selection, lazy imports): an
             # extra warm-up keeps them out of the reference time
             samples = self._measure(self.baseline_systems[spec.system].generate, 1 + BASELINE_EXTRA_WARMUPS)
