@@ -81,3 +81,11 @@ def test_schema_fuzzing_finds_no_server_errors(fuzz_server: ServerThread) -> Non
     assert statuses["POST /v1/images/generations positive 200"] >= 1, statuses
     assert statuses["POST /v1/images/generations negative 400"] >= EXAMPLES_PER_OPERATION_AND_MODE // 2
     assert httpx.get(f"{fuzz_server.url}/health").json()["status"] == "ok"
+
+
+def test_schema_documents_the_errors_we_answer(fuzz_server: ServerThread) -> None:
+    paths = httpx.get(f"{fuzz_server.url}/openapi.json").json()["paths"]
+    generations = paths["/v1/images/generations"]["post"]["responses"]
+    assert "422" not in generations and "error" in str(generations["400"])
+    assert "404" in paths["/v1/videos/{video_id}"]["get"]["responses"]
+    assert set(paths["/v1/videos"]["post"]["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
