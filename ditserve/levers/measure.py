@@ -48,6 +48,21 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "lifetime_peak_rss"
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really holds: quantized tensor subclasses (torchao) are counted by their packed parts."""
+    parts = [getattr(tensor, name, None) for name in (*getattr(tensor, "tensor_data_names", ()),
+                                                      *getattr(tensor, "optional_tensor_data_names", ()))]
+    if parts:
+        return sum(tensor_bytes(part) for part in parts if part is not None)
+    return tensor.numel() * tensor.element_size()
+
+
+def transformer_weight_bytes(transformers: list[torch.nn.Module]) -> int:
+    """Bytes of the transformers' parameters and buffers, as stored (packed when quantized)."""
+    return sum(tensor_bytes(t) for module in transformers
+               for t in (*module.parameters(), *module.buffers()))
+
+
 def output_arrays(outputs: list[Any]) -> list[np.ndarray]:
     """Every image or video of a list of ``RequestOutput`` as uint8 arrays, in order."""
     arrays = []
@@ -86,11 +101,13 @@ def run_phase(omni_kwargs: Mapping[str, Any], prompt: str, params: Mapping[str, 
             run_start = time.perf_counter()
             outputs = omni.generate(prompt, dict(params))
             times.append(time.perf_counter() - run_start)
+        weight_bytes = transformer_weight_bytes(omni.engine.adapter.transformers())
         # a multi-process runner keeps its model in the workers: no list of levers here
         levers = list(getattr(getattr(omni.engine.runner, "model", None), "levers", []))
     peak, memory_kind = peak_memory_bytes(device)
     return {"median_s": statistics.median(times), "times_s": times, "load_s": load_s, "warmup_s": warmup_s,
-            "peak_memory_bytes": peak, "memory_kind": memory_kind, "levers": levers,
+            "peak_memory_bytes": peak, "memory_kind": memory_kind, "transformer_weight_bytes": weight_bytes,
+            "levers": levers,
             "arrays": output_arrays(outputs)}
 
 
@@ -101,9 +118,10 @@ def measure_lever(model_path: str | None, lever_kwargs: Mapping[str, Any], *, pr
     ``Omni(model_path, **base_kwargs)``.
 
     ``params``: sampling params of every run (give a ``seed`` so both phases denoise the same noise; 0 is used
-    otherwise). Returns ``{"lever", "plain", "levered", "speedup", "memory_ratio", "psnr_db", "max_abs_diff",
-    "bit_exact"}``; ``plain`` and ``levered`` hold ``median_s``, ``times_s``, ``load_s``, ``warmup_s`` (includes
-    compiling), ``peak_memory_bytes``, ``memory_kind`` and ``levers`` (what was applied).
+    otherwise). Returns ``{"lever", "plain", "levered", "speedup", "memory_ratio", "weight_ratio", "psnr_db",
+    "max_abs_diff", "bit_exact"}``; ``plain`` and ``levered`` hold ``median_s``, ``times_s``, ``load_s``,
+    ``warmup_s`` (includes compiling), ``peak_memory_bytes``, ``memory_kind``, ``transformer_weight_bytes`` (as
+    stored: packed when quantized) and ``levers`` (what was applied).
     """
     if runs < 1 or warmup < 0:
         raise InvalidParameterError(f"runs={runs} must be >= 1 and warmup={warmup} >= 0", param="runs")
@@ -117,4 +135,5 @@ def measure_lever(model_path: str | None, lever_kwargs: Mapping[str, Any], *, pr
     return {"lever": dict(lever_kwargs), "plain": plain, "levered": levered,
             "speedup": plain["median_s"] / levered["median_s"],
             "memory_ratio": levered["peak_memory_bytes"] / plain["peak_memory_bytes"],
+            "weight_ratio": levered["transformer_weight_bytes"] / plain["transformer_weight_bytes"],
             "psnr_db": psnr_db(plain_arrays, lever_arrays), "max_abs_diff": max_abs, "bit_exact": max_abs == 0}

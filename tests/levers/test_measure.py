@@ -16,6 +16,7 @@ PARAMS = {**BASE, "num_inference_steps": 2}
 def test_exact_lever_reports_bit_exact_output_and_both_phases(tiny_flux_dir: str) -> None:
     result = measure_lever(tiny_flux_dir, {"vae_use_slicing": True}, params=PARAMS, runs=2, warmup=0)
     assert result["bit_exact"] and result["max_abs_diff"] == 0 and math.isinf(result["psnr_db"])
+    assert result["weight_ratio"] == 1.0
     assert result["plain"]["levers"] == [] and result["levered"]["levers"] == ["vae_slicing"]
     for phase in ("plain", "levered"):
         assert len(result[phase]["times_s"]) == 2 and result[phase]["median_s"] > 0
@@ -26,6 +27,8 @@ def test_exact_lever_reports_bit_exact_output_and_both_phases(tiny_flux_dir: str
 def test_lossy_lever_reports_its_quality(tiny_flux_dir: str) -> None:
     result = measure_lever(tiny_flux_dir, {"quantization": "int8"}, params=PARAMS, runs=1, warmup=0)
     assert not result["bit_exact"] and result["max_abs_diff"] > 0
+    # int8 weights with one float scale per row: about a quarter of fp32
+    assert 0.2 < result["weight_ratio"] < 0.35
     assert 20 < result["psnr_db"] < math.inf
 
 
