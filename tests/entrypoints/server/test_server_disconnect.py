@@ -84,7 +84,7 @@ def test_full_queue_answers_429_not_a_hang(tiny_flux_dir: str, tmp_path: Any, se
         wait_until(lambda: engine.queue_depth() == 1, timeout_s=10)
         started = time.monotonic()
         refused = httpx.post(url, json=LONG_RUN, timeout=10)
-        assert refused.status_code == 429 and time.monotonic() - started < 2
+        assert refused.status_code == 429 and time.monotonic() - started < 5  # refused, not queued
         assert refused.json()["error"]["code"] == "queue_full" and refused.headers["retry-after"]
         running.join()
         waiting.join()
