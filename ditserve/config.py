@@ -180,8 +180,9 @@ class OmniDiffusionConfig:
     max_batch_size: int = 4
     #: requests allowed to wait; beyond it new ones are refused (QueueFullError, HTTP 429). None: unbounded
     max_queue_size: int | None = None
-    #: ``False`` compiles the family's repeated transformer blocks with torch.compile (regional compile)
-    enforce_eager: bool = True
+    #: ``False`` compiles the family's repeated transformer blocks with torch.compile (regional compile);
+    #: ``None`` is auto: compile on CUDA, eager on CPU (see ditserve/levers/compile.py for the figures)
+    enforce_eager: bool | None = True
     enable_cpu_offload: bool = False
     enable_layerwise_offload: bool = False
     vae_use_slicing: bool = False
