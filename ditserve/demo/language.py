@@ -95,7 +95,8 @@ def is_heldout_triple(color: str, shape: str, position: str) -> bool:
 
 
 def _alternation(words: tuple[str, ...]) -> str:
-    return "|".join(re.escape(word) for word in words)
+    # Longest first: "at the bottom right" must not be read as "at the bottom" followed by junk.
+    return "|".join(re.escape(word) for word in sorted(words, key=len, reverse=True))
 
 
 _OBJECT_PATTERN = (

@@ -65,8 +65,15 @@ def resolve_device(name: str) -> torch.device:
 
 @contextmanager
 def _autocast(device: torch.device) -> Iterator[None]:
-    # bf16 autocast is faster on both CUDA and AVX-512-bf16 CPUs; master weights stay fp32.
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+    """bf16 autocast on CPU (1.2-2x faster on AVX-512-bf16); fp32 with TF32 matmuls on CUDA.
+
+    bf16 autocast on CUDA (torch 2.11, H100) failed in the transformer's backward with
+    CUBLAS_STATUS_EXECUTION_FAILED; this model is small enough that TF32 costs little there.
+    """
+    if device.type == "cpu":
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            yield
+    else:
         yield
 
 
@@ -276,6 +283,8 @@ def _update_ema(ema: dict[str, dict], modules: dict[str, torch.nn.Module], decay
 def train(cfg: TrainConfig, output_dir: str | Path) -> Path:
     """Full training (resumable from ``cfg.run_dir``); writes the diffusers folder to ``output_dir``."""
     device = resolve_device(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
