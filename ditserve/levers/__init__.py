@@ -41,13 +41,21 @@ def apply_levers(model: LoadedModel, config: OmniDiffusionConfig) -> None:
     if config.vae_use_tiling:
         enable_vae_tiling(model.pipeline)
         model.levers.append("vae_tiling")
-    if not config.enforce_eager:
+    if wants_compile(config, model.device):
         _compile(model)
+
+
+def wants_compile(config: OmniDiffusionConfig, device: torch.device) -> bool:
+    """``enforce_eager=None`` is "auto": compile on CUDA and stay eager on CPU (measurements in ``compile.py``),
+    and never together with layerwise offload, which compiled blocks cannot trace."""
+    if config.enforce_eager is None:
+        return device.type == "cuda" and not config.enable_layerwise_offload
+    return not config.enforce_eager
 
 
 def _check_combinations(config: OmniDiffusionConfig) -> None:
     """Refuse, before any work, options that cannot apply together."""
-    if not config.enforce_eager and config.enable_layerwise_offload:
+    if config.enforce_eager is False and config.enable_layerwise_offload:
         # the offload hooks move weights inside each block's call: compiling the blocks would trace those device
         # copies into the graphs
         raise InvalidParameterError(

@@ -7,6 +7,13 @@ around the blocks stays eager and free to branch.
 Each block's ``forward`` is compiled, not its ``__call__`` (``nn.Module.compile``): cache backends wrap a block's
 ``forward`` with hooks that decide per step, in Python, whether the block runs at all. Hooks added after
 compiling wrap the compiled forward, so those decisions stay eager and the body, when it runs, is compiled.
+
+Measured (FLUX-architecture, hidden 256, 2 double + 4 single blocks, 1024 image tokens, 4 steps):
+* H100, bf16, whole requests: 1.60x faster (92 -> 58 ms), one-off compile 24 s; output within 5/255 of eager
+  (bf16 rounding of fused kernels; fp32 on CPU is within 1e-6).
+* 2-core CPU, fp32, shared with other work: the transformer alone 1.68x faster, but whole requests were no
+  faster (0.8x, noise +-30%), and the one-off compile took 23-93 s, each new batch size another recompile.
+Hence ``enforce_eager=None`` (auto) compiles on CUDA only.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from ditserve import Omni
+from ditserve.config import OmniDiffusionConfig
 from ditserve.errors import InvalidParameterError, UnsupportedModelError
+from ditserve.levers import wants_compile
 from ditserve.levers.compile import compile_repeated_blocks, is_compiled, repeated_blocks
 from ditserve.testing.compare import max_abs_diff
 from tests.levers.conftest import BASE, PROMPT
@@ -88,3 +90,20 @@ def test_block_lists_are_found_without_repeated_blocks_attribute() -> None:
 def test_compile_with_layerwise_offload_is_refused(tiny_flux_dir: str) -> None:
     with pytest.raises(InvalidParameterError, match="enable_layerwise_offload"):
         Omni(model=tiny_flux_dir, enforce_eager=False, enable_layerwise_offload=True)
+
+
+def test_auto_compiles_on_cuda_only_and_never_with_layerwise_offload() -> None:
+    auto = OmniDiffusionConfig(enforce_eager=None)
+    assert wants_compile(auto, torch.device("cuda"))
+    assert not wants_compile(auto, torch.device("cpu"))
+    assert not wants_compile(OmniDiffusionConfig(enforce_eager=None, enable_layerwise_offload=True),
+                             torch.device("cuda"))
+    assert wants_compile(OmniDiffusionConfig(enforce_eager=False), torch.device("cpu"))
+    assert not wants_compile(OmniDiffusionConfig(enforce_eager=True), torch.device("cuda"))
+
+
+def test_auto_stays_eager_on_cpu(tiny_flux_dir: str) -> None:
+    with Omni(model=tiny_flux_dir, device="cpu", enforce_eager=None) as omni:
+        transformer = transformer_of(omni)
+        assert not any(is_compiled(block) for block in repeated_blocks(transformer))
+        assert "regional_compile" not in omni.engine.runner.model.levers

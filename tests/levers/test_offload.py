@@ -10,6 +10,7 @@ from ditserve import Omni
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.engine.request import Request
 from ditserve.errors import InvalidParameterError
+from ditserve.levers.compile import repeated_blocks
 from ditserve.levers.offload import enable_layerwise_offload, enable_model_offload
 from ditserve.models.loader import LoadedModel, load_model
 from ditserve.testing.compare import max_abs_diff
@@ -57,20 +58,24 @@ def test_layerwise_offload_hooks_every_block_on_cpu_and_keeps_output(tiny_flux_d
     assert max_abs_diff(generate(model)[0], plain_flux_images[0]) <= 1
 
 
-def cuda_run(folder: str, **levers) -> tuple[list, int, str]:
+def cuda_run(folder: str, **levers) -> tuple[list, int, set[str]]:
+    """Images, CUDA peak, and the devices of the transformer blocks' weights after the run."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     with Omni(model=folder, device="cuda", dtype="float32", **levers) as omni:
         images = omni.generate(PROMPT, seed=5, **BASE)[0].images
-        transformer_device = omni.engine.runner.model.pipeline.transformer.device.type
-    return images, torch.cuda.max_memory_allocated(), transformer_device
+        blocks = repeated_blocks(omni.engine.runner.model.pipeline.transformer)
+        block_devices = {p.device.type for block in blocks for p in block.parameters()}
+    return images, torch.cuda.max_memory_allocated(), block_devices
 
 
 @requires_cuda
 @pytest.mark.parametrize("flag", ["enable_cpu_offload", "enable_layerwise_offload"])
 def test_offload_on_cuda_keeps_output_and_weights_off_device(tiny_flux_dir: str, flag: str) -> None:
     plain, plain_peak, _ = cuda_run(tiny_flux_dir)
-    images, peak, transformer_device = cuda_run(tiny_flux_dir, **{flag: True})
+    images, peak, block_devices = cuda_run(tiny_flux_dir, **{flag: True})
     assert max_abs_diff(images[0], plain[0]) <= 2
-    assert transformer_device == "cpu"  # between calls the transformer's weights live in CPU memory
+    # between calls the blocks' weights live in CPU memory (layerwise offload prefetches the transformer's
+    # small top-level layers for the next call, so only the blocks are checked)
+    assert block_devices == {"cpu"}
     assert peak <= plain_peak
