@@ -124,6 +124,10 @@ class DiffusionEngine:
     def queue_depth(self) -> int:
         return len(self.scheduler)
 
+    def is_alive(self) -> bool:
+        """True while the engine accepts and runs requests (not closed, its loop thread running)."""
+        return not self._closed and self._thread.is_alive()
+
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
         while not self._closed:

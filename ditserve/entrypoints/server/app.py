@@ -231,9 +231,12 @@ VideoIdParam = Annotated[str, PathParam(pattern=VIDEO_ID_PATTERN, max_length=38)
 # ---------------------------------------------------------------------------------------------- routes
 def add_routes(app: FastAPI) -> None:
     @app.get("/health")
-    async def health(state: State) -> dict[str, Any]:
-        return {"status": "ok", "model": state.settings.served_model_name, "kind": state.kind,
-                "queue_depth": state.engine.queue_depth()}
+    async def health(state: State) -> Response:
+        alive = state.engine.is_alive()
+        body = {"status": "ok" if alive else "engine_down", "model": state.settings.served_model_name,
+                "kind": state.kind, "queue_depth": state.engine.queue_depth()}
+        # a load balancer must see a dead engine as unhealthy, not as a server that answers
+        return Response(json.dumps(body), status_code=200 if alive else 503, media_type="application/json")
 
     @app.get("/metrics", response_class=Response)
     async def metrics(state: State) -> Response:
