@@ -69,6 +69,10 @@ class MultiProcessRunner:
         self.config = config
         parallel = config.parallel_config
         check_options_implemented(parallel)  # before any process is started
+        if dist.is_initialized():
+            raise ParallelConfigError(
+                "torch.distributed is already initialised in this process (another parallel engine, or your own "
+                "process group): close it first; one parallel engine per process", param="parallel_config")
         self.world_size = parallel.world_size
         self._device = rank_device(config.device, 0)
         self._workers: list[multiprocessing.process.BaseProcess] = []

@@ -19,7 +19,7 @@ from parity_harness import Case, CaseResult, run_parity_group, single_process_ru
 from ditserve import Omni
 from ditserve.config import DiffusionParallelConfig, OmniDiffusionConfig, OmniDiffusionSamplingParams
 from ditserve.engine.runner import ModelRunner
-from ditserve.errors import EngineClosedError, ParallelConfigError
+from ditserve.errors import EngineClosedError, ParallelConfigError, RequestAbortedError
 from ditserve.parallel.attention import PartialAttention, attention_with_lse
 from ditserve.parallel.install import check_model, check_options_implemented
 from ditserve.parallel.runner import MultiProcessRunner
@@ -169,6 +169,14 @@ def test_omni_with_ulysses_equals_single_process_and_shuts_down_cleanly(single_f
         for image, expected in zip(images, single_flux_images, strict=True):
             assert np.abs(image - expected).max() <= 1
         assert np.abs(images[0] - images[1]).max() > 20  # different prompts: the comparison can fail
+        # an abort seen by rank 0 stops every rank at the same step: the group stays usable
+        aborted = omni.engine.make_request(PROMPT, OmniDiffusionSamplingParams(**ENGINE_PARAMS),
+                                           progress_callback=lambda step, _: omni.engine.abort(request_id))
+        request_id = aborted.request_id
+        with pytest.raises(RequestAbortedError):
+            omni.engine.generate([aborted])
+        after_abort = omni.generate(PROMPT, ENGINE_PARAMS, true_cfg_scale=3.0)[0]
+        assert np.abs(np.asarray(after_abort.images[0], dtype=np.int16) - single_flux_images[0]).max() <= 1
         # 36 x 36 gives 9 x 9 = 81 image tokens (VAE factor 2, 2x2 packing): not divisible by 2 ranks, refused
         # when the request is made
         with pytest.raises(ParallelConfigError, match="81 image tokens, not divisible"):
