@@ -182,7 +182,7 @@ class OmniDiffusionConfig:
     max_queue_size: int | None = None
     #: ``False`` compiles the family's repeated transformer blocks with torch.compile (regional compile);
     #: ``None`` is auto: compile on CUDA, eager on CPU (see ditserve/levers/compile.py for the figures)
-    enforce_eager: bool | None = True
+    enforce_eager: bool | None = None
     enable_cpu_offload: bool = False
     enable_layerwise_offload: bool = False
     vae_use_slicing: bool = False
@@ -208,6 +208,12 @@ class OmniDiffusionConfig:
             raise InvalidParameterError("cache_config was given without cache_backend; set cache_backend too",
                                         param="cache_config")
         _check_int("max_batch_size", self.max_batch_size, 1, 256)
+        if self.enforce_eager is not None and not isinstance(self.enforce_eager, bool):
+            raise InvalidTypeError("enforce_eager must be True, False or None (auto: compile on CUDA only)",
+                                   param="enforce_eager")
+        if self.ignored_layers is not None and (
+                not isinstance(self.ignored_layers, list) or not all(isinstance(x, str) for x in self.ignored_layers)):
+            raise InvalidTypeError("ignored_layers must be a list of layer-name substrings", param="ignored_layers")
         if self.max_queue_size is not None:
             _check_int("max_queue_size", self.max_queue_size, 1)
         check_choice("quantization", self.quantization, QUANTIZATIONS)

@@ -19,7 +19,7 @@ from ditserve.cache.stats import request_cache_stats
 from ditserve.config import OmniDiffusionConfig
 from ditserve.engine.request import Request, RequestOutput
 from ditserve.errors import RequestAbortedError
-from ditserve.levers import apply_levers
+from ditserve.levers import apply_levers, load_options
 from ditserve.models.base import BatchResult
 from ditserve.models.loader import LoadedModel, load_model
 
@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, config: OmniDiffusionConfig) -> None:
         self.config = config
-        self.model: LoadedModel = load_model(config.model, device=config.device, dtype=config.dtype)
+        self.model: LoadedModel = load_model(config.model, device=config.device, dtype=config.dtype,
+                                             **load_options(config))
         apply_levers(self.model, config)
         self.adapter = self.model.adapter
         enabled, size = resolve_prompt_embed_cache_config(config.enable_prompt_embed_cache,

@@ -42,14 +42,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--cache-backend", default=None, help="tea_cache, mag_cache or cache_dit")
     parser.add_argument("--cache-config", type=json_object, default=None, help="JSON object of cache options")
-    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
-                        help="skip regional torch.compile (default on CPU; --no-enforce-eager compiles)")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="skip regional torch.compile; default: compile on CUDA, eager on CPU "
+                             "(--no-enforce-eager compiles on CPU too)")
     parser.add_argument("--enable-cpu-offload", action="store_true")
     parser.add_argument("--enable-layerwise-offload", action="store_true")
     parser.add_argument("--vae-use-slicing", action="store_true")
     parser.add_argument("--vae-use-tiling", action="store_true")
     parser.add_argument("--quantization", default=None, choices=["fp8", "gguf", "int8"])
-    parser.add_argument("--gguf-model", default=None)
+    parser.add_argument("--gguf-model", default=None, help="pre-quantized transformer file (with --quantization gguf)")
+    parser.add_argument("--ignored-layers", default=None,
+                        help="comma-separated layer-name substrings left unquantized (fp8, int8)")
     parser.add_argument("--cfg-parallel-size", type=int, default=1)
     parser.add_argument("--usp", "--ulysses-degree", dest="ulysses_degree", type=int, default=1)
     parser.add_argument("--ring", "--ring-degree", dest="ring_degree", type=int, default=1)
@@ -65,6 +68,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "enforce_eager": args.enforce_eager, "enable_cpu_offload": args.enable_cpu_offload,
         "enable_layerwise_offload": args.enable_layerwise_offload, "vae_use_slicing": args.vae_use_slicing,
         "vae_use_tiling": args.vae_use_tiling, "quantization": args.quantization, "gguf_model": args.gguf_model,
+        "ignored_layers": args.ignored_layers.split(",") if args.ignored_layers else None,
         "parallel_config": {
             "cfg_parallel_size": args.cfg_parallel_size, "ulysses_degree": args.ulysses_degree,
             "ring_degree": args.ring_degree, "tensor_parallel_size": args.tensor_parallel_size,
