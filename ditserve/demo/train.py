@@ -55,6 +55,9 @@ class TrainConfig:
     # Wall-clock budget of the transformer stage in minutes (0: none). When it runs out, training stops at a
     # checkpoint and the weights so far are exported; --resume continues the schedule later.
     max_minutes: float = 0.0
+    # A trained diffusers folder to continue from (its VAE and latent scaling are kept as they are; only the
+    # transformer and text encoders train): a new learning-rate schedule over already-learnt weights.
+    init_from: str = ""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -290,10 +293,15 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> Path:
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     logger = _Logger(run_dir / "log.jsonl")
     torch.manual_seed(cfg.seed)
-    pipe = build_pipeline()
+    pipe = FluxPipeline.from_pretrained(cfg.init_from) if cfg.init_from else build_pipeline()
     pipe.set_progress_bar_config(disable=True)
     started = time.perf_counter()
-    train_vae(pipe, cfg, device, logger)
+    if cfg.init_from:
+        # retraining the VAE (or re-measuring its latent statistics) would move the latent space under the
+        # transformer that learnt it
+        pipe.vae.to(device).eval().requires_grad_(False)
+    else:
+        train_vae(pipe, cfg, device, logger)
     vae_seconds = time.perf_counter() - started
     ema = train_transformer(pipe, cfg, device, logger)
     for name, module in _trainable_modules(pipe).items():
