@@ -23,7 +23,7 @@ DIFFUSERS_METHODS = ("FirstBlockCache", "TaylorSeerCache", "MagCache", "PyramidA
 #: our ``cache_dit`` config keys (the same as ditserve's ``cache_dit`` backend) that the library peer accepts
 CACHE_DIT_KEYS = ("Fn_compute_blocks", "Bn_compute_blocks", "max_warmup_steps", "residual_diff_threshold",
                   "max_continuous_cached_steps", "max_cached_steps", "enable_taylorseer", "taylorseer_order",
-                  "scm_steps_mask_policy", "scm_steps_policy")
+                  "scm_steps_mask_policy", "scm_steps_policy", "enable_separate_cfg")
 
 
 class MethodUnavailableError(UnsupportedModelError):
@@ -115,7 +115,7 @@ def calibrate_diffusers_mag_ratios(pipeline: Any, num_steps: int, generate_once:
     raise MethodUnavailableError("diffusers' MagCache calibration printed no ratios")
 
 
-def cache_dit_arguments(config: Mapping[str, Any], num_steps: int, separate_cfg: bool) -> dict[str, Any]:
+def cache_dit_arguments(config: Mapping[str, Any], num_steps: int) -> dict[str, Any]:
     """``cache_dit.enable_cache`` keyword arguments for a config written with our ``cache_dit`` keys."""
     import cache_dit
 
@@ -130,8 +130,7 @@ def cache_dit_arguments(config: Mapping[str, Any], num_steps: int, separate_cfg:
     if mask_policy is not None:
         options["steps_computation_mask"] = cache_dit.steps_mask(mask_policy=mask_policy, total_steps=num_steps)
         options["steps_computation_policy"] = steps_policy
-    cache_config = cache_dit.DBCacheConfig(num_inference_steps=num_steps, enable_separate_cfg=separate_cfg,
-                                           **options)
+    cache_config = cache_dit.DBCacheConfig(num_inference_steps=num_steps, **options)
     calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=order) if taylorseer else None
     return {"cache_config": cache_config, "calibrator_config": calibrator}
 

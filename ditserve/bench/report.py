@@ -112,7 +112,7 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         f"- started {results['started']}, took {results['duration_s'] / 60:.1f} min",
         f"- uncached parity (ditserve vs diffusers, same seeds): PSNR {_fmt(results['uncached_parity']['psnr_db'], 1)} dB, "
         f"SSIM {_fmt(results['uncached_parity']['ssim'], 4)}",
-        "- baseline median s/img per timing pass (start, middle, end): "
+        "- baseline median s/img per timing pass (one per round, then a final one): "
         + "; ".join(f"{k} " + " / ".join(f"{v:.3f}" for v in values)
                     for k, values in results["baseline_median_s_per_pass"].items()),
         "",

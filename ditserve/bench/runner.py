@@ -1,8 +1,10 @@
 """One bench run: baselines, our cache backends and the peers on the same prompts, seeds, dtype and steps.
 
-Timing rules: a warm-up image per setting is excluded; each setting makes ``repeats`` images of every prompt
-and reports medians. Runs of ours and of the peers alternate, and both baselines are timed again in the
-middle and at the end, so slow drift of a shared machine does not favour one side; each pass is reported.
+Timing rules: the run goes through the whole plan ``repeats`` times (rounds); in each round every setting makes
+a warm-up image (excluded) and one image of every prompt, and ours and the peers alternate. Every setting's
+samples are thus spread over the whole run, so a slow spell of a shared machine weighs on all rows alike
+instead of on the few measured during it. The baselines are timed in every round and once more at the end;
+each of their passes is reported.
 Quality rules: every image is compared with the uncached image of the same prompt and seed made by the same
 system (ours against ditserve uncached, peers against diffusers uncached), so a row's loss is its cache's
 alone; the two uncached systems are compared with each other once, as a parity check.
@@ -10,6 +12,7 @@ alone; the two uncached systems are compared with each other once, as a parity c
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import platform
@@ -29,9 +32,7 @@ from ditserve.errors import DitServeError
 
 logger = logging.getLogger(__name__)
 
-#: timing passes of the baselines: at the start, in the middle and at the end of the run
-BASELINE_PASSES = 3
-#: warm-up images of each baseline beyond the one every setting gets
+#: warm-up images of each baseline in the first round beyond the one every setting gets
 BASELINE_EXTRA_WARMUPS = 1
 
 #: prompts for models other than the demo (any tokenizer splits them; the tiny test models know these words)
@@ -64,7 +65,7 @@ class BenchOptions:
 
 @dataclass
 class Samples:
-    """The images of one setting: ``images[repeat][prompt]``."""
+    """The images of one setting: ``images[round][prompt]``."""
 
     images: list[list[ImageResult]] = field(default_factory=list)
 
@@ -133,25 +134,23 @@ class Bench:
     def _seeded(self, prompt_index: int) -> OmniDiffusionSamplingParams:
         return self.params.replace(seed=self.options.seed + prompt_index)
 
-    def images_per_setting(self) -> int:
-        return 1 + len(self.prompts) * self.options.repeats
+    def images_per_round(self) -> int:
+        """Images one setting makes in one round: a warm-up and one per prompt."""
+        return 1 + len(self.prompts)
 
     # ------------------------------------------------------------------ measuring
-    def _measure(self, generate: Callable[[str, OmniDiffusionSamplingParams], ImageResult],
-                 warmups: int = 1) -> Samples:
+    def _measure_round(self, generate: Callable[[str, OmniDiffusionSamplingParams], ImageResult],
+                       warmups: int = 1) -> list[ImageResult]:
         for _ in range(warmups):  # excluded from every figure
             generate(self.prompts[0], self._seeded(0))
             self.progress.advance()
-        samples = Samples()
-        for _ in range(self.options.repeats):
-            row = []
-            for index, prompt in enumerate(self.prompts):
-                row.append(generate(prompt, self._seeded(index)))
-                self.progress.advance()
-            samples.images.append(row)
-        return samples
+        row = []
+        for index, prompt in enumerate(self.prompts):
+            row.append(generate(prompt, self._seeded(index)))
+            self.progress.advance()
+        return row
 
-    def _run_ours(self, spec: RunSpec) -> tuple[Samples, dict[str, Any]]:
+    def _run_ours(self, spec: RunSpec) -> tuple[list[ImageResult], dict[str, Any]]:
         from ditserve.cache.selector import available_backends
 
         if spec.backend not in available_backends():
@@ -159,16 +158,14 @@ class Bench:
                 f"cache_backend {spec.backend!r} is not registered in this build; available: {available_backends()}")
         system = DitserveSystem(self.engine_options, spec.backend, spec.config)
         try:
-            return self._measure(system.generate), {"counted_reliably": system.counter.is_reliable()}
+            return self._measure_round(system.generate), {"counted_reliably": system.counter.is_reliable()}
         finally:
             system.close()
 
-    def _run_peer(self, spec: RunSpec) -> tuple[Samples, dict[str, Any]]:
+    def _run_peer(self, spec: RunSpec) -> tuple[list[ImageResult], dict[str, Any]]:
         system = self.diffusers
         if spec.system == "cache-dit":
-            separate_cfg = bool(self.params.true_cfg_scale and self.params.true_cfg_scale > 1
-                                and self.params.negative_prompt is not None)
-            arguments = peers.cache_dit_arguments(spec.config, self.params.num_inference_steps, separate_cfg)
+            arguments = peers.cache_dit_arguments(spec.config, self.params.num_inference_steps)
             applied = peers.cache_dit_library(system.pipeline, arguments)
         else:
             ratios = self._diffusers_mag_ratios() if spec.method == "MagCache" else None
@@ -177,7 +174,7 @@ class Bench:
             applied = peers.diffusers_cache(system.pipeline, hook_config)
         with applied:
             reliable = system.counter.is_reliable()
-            return self._measure(system.generate), {"counted_reliably": reliable}
+            return self._measure_round(system.generate), {"counted_reliably": reliable}
 
     def _diffusers_mag_ratios(self) -> list[float]:
         if self._mag_ratios is None:
@@ -249,80 +246,88 @@ class Bench:
         self.diffusers = DiffusersSystem(loaded.path, loaded.device, loaded.dtype)
         self.baseline_systems = {"ditserve": ditserve_plain, "diffusers": self.diffusers}
         ignored = self.diffusers.call_arguments(self.params)[1]
-        images_per_pass = len(self.prompts) * self.options.repeats
         calibration = any(s.system == "diffusers" and s.method == "MagCache" for s in self.plan)
-        self.progress = Progress(len(self.plan) * self.images_per_setting() + BASELINE_EXTRA_WARMUPS * 2
-                                 + (BASELINE_PASSES - 1) * 2 * images_per_pass + calibration,
+        final_baseline_pass = len(self.baseline_systems) * len(self.prompts)
+        self.progress = Progress(len(self.plan) * self.options.repeats * self.images_per_round()
+                                 + BASELINE_EXTRA_WARMUPS * 2 + final_baseline_pass + calibration,
                                  self.options.show_progress)
         try:
-            references = self._run_plan()
+            samples, extras, failed = self._run_rounds()
         finally:
             self.progress.close()
             ditserve_plain.close()
             self.diffusers.close()
-        drift = self._pool_baseline_passes()
+        references = {spec.system: samples[spec.key()] for spec in self.plan if spec.group == "baseline"}
+        for spec in self.plan:
+            if spec.key() in failed:
+                self.records.append(failed[spec.key()])
+                continue
+            reference = references["ditserve" if spec.system == "ditserve" else "diffusers"]
+            aligned = self._with_guidance_layout(spec)
+            self.records.append(self._record(aligned, samples[spec.key()], reference, extras[spec.key()]))
+        per_pass = {system: [median([r.wall_s for r in row]) for row in samples.images]
+                    for system, samples in references.items()}
         parity = self._quality(references["ditserve"], references["diffusers"])
         self._add_speedups()
-        return self._results(loaded, started, drift, parity, ignored)
+        return self._results(loaded, started, per_pass, parity, ignored)
 
-    def _run_plan(self) -> dict[str, Samples]:
-        references: dict[str, Samples] = {}
-        self.baseline_passes: dict[str, list[list[ImageResult]]] = {}
-        settings = [spec for spec in self.plan if spec.group != "baseline"]
+    def _run_rounds(self) -> tuple[dict[str, Samples], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """Every setting's rows, one per round (baselines: one more at the end), its extra fields, and the
+        records of the settings that could not run (tried once, in the first round)."""
+        samples = {spec.key(): Samples() for spec in self.plan}
+        extras: dict[str, dict[str, Any]] = {}
+        failed: dict[str, dict[str, Any]] = {}
+        for round_index in range(self.options.repeats):
+            for spec in self.plan:
+                self.progress.start(f"[{round_index + 1}/{self.options.repeats}] {spec.label}")
+                if spec.group == "baseline":
+                    # the process's first calls of a system pay one-off costs (kernel selection, lazy imports)
+                    warmups = 1 + (BASELINE_EXTRA_WARMUPS if round_index == 0 else 0)
+                    samples[spec.key()].images.append(
+                        self._measure_round(self.baseline_systems[spec.system].generate, warmups))
+                    extras[spec.key()] = {"counted_reliably": True}
+                elif spec.key() in failed:
+                    self.progress.advance(self.images_per_round())
+                else:
+                    outcome = self._run_setting(spec)
+                    if isinstance(outcome, dict):
+                        failed[spec.key()] = outcome
+                    else:
+                        samples[spec.key()].images.append(outcome[0])
+                        extras[spec.key()] = outcome[1]
         for spec in self.plan:
-            if spec.group != "baseline":
-                continue
-            self.progress.start(spec.label)
-            # the process's first calls of a system pay one-off costs (kernel selection, lazy imports): an
-            # extra warm-up keeps them out of the reference time
-            samples = self._measure(self.baseline_systems[spec.system].generate, 1 + BASELINE_EXTRA_WARMUPS)
-            references[spec.system] = samples
-            self.baseline_passes[spec.system] = [samples.all()]
-            self.records.append(self._record(spec, samples, samples, {"counted_reliably": True}))
-        for index, spec in enumerate(settings):
-            if index == len(settings) // 2:
-                self._time_baselines_again()
-            self.progress.start(spec.label)
-            reference = references["ditserve" if spec.system == "ditserve" else "diffusers"]
-            self.records.append(self._run_setting(spec, reference))
-        self._time_baselines_again()
-        return references
+            if spec.group == "baseline":
+                self.progress.start(f"{spec.label} (final timing pass)")
+                samples[spec.key()].images.append(self._measure_round(self.baseline_systems[spec.system].generate, 0))
+        return samples, extras, failed
 
-    def _run_setting(self, spec: RunSpec, reference: Samples) -> dict[str, Any]:
+    def _true_cfg_active(self) -> bool:
+        p = self.params
+        return bool(p.true_cfg_scale and p.true_cfg_scale > 1 and p.negative_prompt is not None)
+
+    def _with_guidance_layout(self, spec: RunSpec) -> RunSpec:
+        """Cache-DiT, ours and the library alike, is told whether guidance runs as separate cond/uncond passes
+        (each then keeps its own cache); left to defaults the two could differ and the rows would compare a
+        setting, not an engine. The value is recorded in the row's config."""
+        uses_cache_dit = spec.backend == "cache_dit" or spec.system == "cache-dit"
+        if not uses_cache_dit or "enable_separate_cfg" in spec.config:
+            return spec
+        return dataclasses.replace(spec, config={**spec.config, "enable_separate_cfg": self._true_cfg_active()})
+
+    def _run_setting(self, spec: RunSpec) -> tuple[list[ImageResult], dict[str, Any]] | dict[str, Any]:
+        """One round of a setting: its row of images and extra fields, or the record saying why it cannot run."""
+        spec = self._with_guidance_layout(spec)
         run = self._run_ours if spec.group == "ours" else self._run_peer
         try:
-            samples, extra = run(spec)
+            return run(spec)
         except peers.MethodUnavailableError as error:
-            self.progress.advance(self.images_per_setting())
+            self.progress.advance(self.images_per_round())
             return self._unavailable(spec, str(error), "unavailable")
         except (DitServeError, ValueError, TypeError, RuntimeError, AssertionError) as error:
             # a method that breaks on this model is a finding to report, not a reason to lose the whole run
             logger.warning("%s failed", spec.label, exc_info=True)
-            self.progress.advance(self.images_per_setting())
+            self.progress.advance(self.images_per_round())
             return self._unavailable(spec, f"{type(error).__name__}: {error}", "failed")
-        return self._record(spec, samples, reference, extra)
-
-    def _time_baselines_again(self) -> None:
-        """Another timing pass of both baselines (mid-run and at the end): speed-ups divide by the pooled
-        median, so a slow spell of a shared machine weighs on the references no more than on the settings."""
-        for system_name, system in self.baseline_systems.items():
-            self.progress.start(f"{system_name} uncached (timing again)")
-            again = []
-            for _ in range(self.options.repeats):
-                for index, prompt in enumerate(self.prompts):
-                    again.append(system.generate(prompt, self._seeded(index)))
-                    self.progress.advance()
-            self.baseline_passes[system_name].append(again)
-
-    def _pool_baseline_passes(self) -> dict[str, list[float]]:
-        """Baseline timings from every pass; returns each pass's median wall time (start, middle, end)."""
-        per_pass = {}
-        for record in self.records:
-            if record["group"] == "baseline":
-                passes = self.baseline_passes[record["system"]]
-                record.update(self._timings([image for images in passes for image in images]))
-                per_pass[record["system"]] = [median([r.wall_s for r in images]) for images in passes]
-        return per_pass
 
     def _add_speedups(self) -> None:
         baseline = {r["system"]: r for r in self.records if r["group"] == "baseline"}

@@ -1,14 +1,14 @@
 import pytest
 
 from ditserve.bench.plan import RunSpec, full_plan, quick_plan
-from ditserve.bench.runner import Bench, BenchOptions, Progress, Samples, interleave, select_plan
+from ditserve.bench.runner import Bench, BenchOptions, Progress, interleave, select_plan
 
 
 def test_an_unregistered_backend_is_listed_with_the_reason() -> None:
     bench = Bench(BenchOptions(quick=True))
     bench.prompts = ["a red circle"]
     bench.progress = Progress(0, enabled=False)
-    record = bench._run_setting(RunSpec("ditserve", "Nope", "ours", {}, "no_such_backend"), Samples())
+    record = bench._run_setting(RunSpec("ditserve", "Nope", "ours", {}, "no_such_backend"))
     assert record["status"] == "unavailable"
     assert "'no_such_backend' is not registered" in record["reason"]
 
