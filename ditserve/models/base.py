@@ -75,6 +75,10 @@ class ModelAdapter(ABC):
     transformer_names: ClassVar[tuple[str, ...]] = ("transformer",)
     #: whether the engine's own denoising loop runs this family (False: diffusers' ``__call__`` does)
     uses_shared_loop: ClassVar[bool] = True
+    #: sampling params that mean nothing to this family: an error, never silently ignored
+    unsupported_params: ClassVar[tuple[str, ...]] = ()
+    #: how this family is guided, said in the error for an unsupported param
+    guidance_note: ClassVar[str] = ""
 
     def __init__(self, pipeline: Any, model_defaults: Mapping[str, Any] | None = None) -> None:
         self.pipeline = pipeline
@@ -121,6 +125,11 @@ class ModelAdapter(ABC):
         return request.params
 
     def validate_params(self, params: OmniDiffusionSamplingParams) -> None:
+        for name in self.unsupported_params:
+            if getattr(params, name) is not None:
+                raise InvalidParameterError(
+                    f"{name} is not a parameter of {self.pipeline_class_name}; it uses guidance_scale "
+                    f"({self.guidance_note})", param=name)
         multiple = self.size_multiple
         for name in ("height", "width"):
             value = getattr(params, name)
@@ -165,10 +174,15 @@ class ModelAdapter(ABC):
         Must be a pure function of ``prompt_cache_key(request)``."""
         raise NotImplementedError
 
+    def uses_guidance(self, request: Request) -> bool:
+        """Whether the request runs an unconditional branch (its embeddings then include the negative prompt)."""
+        return False
+
     def prompt_cache_key(self, request: Request) -> tuple[Any, ...] | None:
         """Everything the embedding of ``request`` depends on, or None when it must not be cached."""
         p = request.params
-        return (request.prompt, p.negative_prompt, p.max_sequence_length, str(self.dtype), str(self.device))
+        return (request.prompt, p.negative_prompt, p.max_sequence_length, str(self.dtype), str(self.device),
+                self.uses_guidance(request))
 
 
 class LoopAdapter(ModelAdapter):

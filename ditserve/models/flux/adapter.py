@@ -37,12 +37,10 @@ class FluxAdapter(LoopAdapter):
                 param="max_sequence_length")
 
     @staticmethod
-    def uses_true_cfg(request: Request) -> bool:
+    def uses_guidance(request: Request) -> bool:
         p = request.params
         return p.true_cfg_scale is not None and p.true_cfg_scale > 1 and p.negative_prompt is not None
 
-    def prompt_cache_key(self, request: Request) -> tuple[Any, ...]:
-        return (*super().prompt_cache_key(request), self.uses_true_cfg(request))
 
     def _encode_text(self, text: str, max_sequence_length: int) -> tuple[torch.Tensor, ...]:
         embeds, pooled, text_ids = self.pipeline.encode_prompt(
@@ -54,7 +52,7 @@ class FluxAdapter(LoopAdapter):
         p = request.params
         embeds, pooled, text_ids = self._encode_text(request.prompt, p.max_sequence_length)
         encoded = {"prompt_embeds": embeds, "pooled": pooled, "text_ids": text_ids}
-        if self.uses_true_cfg(request):
+        if self.uses_guidance(request):
             neg_embeds, neg_pooled, neg_ids = self._encode_text(p.negative_prompt, p.max_sequence_length)
             encoded |= {"neg_prompt_embeds": neg_embeds, "neg_pooled": neg_pooled, "neg_text_ids": neg_ids}
         return encoded
@@ -94,7 +92,7 @@ class FluxAdapter(LoopAdapter):
         if pipe.transformer.config.guidance_embeds:
             guidance = torch.full([packed.shape[0]], p.guidance_scale, device=self.device, dtype=torch.float32)
         extra = {**conditioning, "image_ids": image_ids, "guidance": guidance,
-                 "true_cfg": self.uses_true_cfg(requests[0])}
+                 "true_cfg": self.uses_guidance(requests[0])}
         return DenoiseState(latents=packed, timesteps=timesteps, scheduler=scheduler, requests=requests,
                             extra=extra)
 

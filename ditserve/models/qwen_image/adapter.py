@@ -100,12 +100,10 @@ class QwenImageAdapter(LoopAdapter):
                 raise InvalidParameterError(f"{unused} is not used by {name}", param=unused)
 
     @staticmethod
-    def uses_true_cfg(request: Request) -> bool:
+    def uses_guidance(request: Request) -> bool:
         p = request.params
         return p.true_cfg_scale is not None and p.true_cfg_scale > 1 and p.negative_prompt is not None
 
-    def prompt_cache_key(self, request: Request) -> tuple[Any, ...] | None:
-        return (*super().prompt_cache_key(request), self.uses_true_cfg(request))
 
     # ------------------------------------------------------------------ encode
     def _encode_text(self, text: str, request: Request) -> torch.Tensor:
@@ -117,7 +115,7 @@ class QwenImageAdapter(LoopAdapter):
 
     def encode_request(self, request: Request) -> dict[str, torch.Tensor]:
         encoded = {"prompt_embeds": self._encode_text(request.prompt, request)}
-        if self.uses_true_cfg(request):
+        if self.uses_guidance(request):
             encoded["neg_prompt_embeds"] = self._encode_text(request.params.negative_prompt, request)
         return encoded
 
@@ -172,7 +170,7 @@ class QwenImageAdapter(LoopAdapter):
         scheduler = fresh_scheduler(self.pipeline)
         extra = {**conditioning, "image_shapes": [self.image_shapes(requests[0])] * rows,
                  "image_latents": None if image_latents[0] is None else torch.cat(image_latents, dim=0),
-                 "guidance": self._guidance(rows, requests[0].params), "true_cfg": self.uses_true_cfg(requests[0])}
+                 "guidance": self._guidance(rows, requests[0].params), "true_cfg": self.uses_guidance(requests[0])}
         return DenoiseState(latents=latents, scheduler=scheduler, requests=requests, extra=extra,
                             timesteps=self._timesteps(scheduler, requests[0].params.num_inference_steps,
                                                       latents.shape[1]))

@@ -113,7 +113,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
     def encode_request(self, request: Request) -> dict[str, torch.Tensor]:
         prompt_images = self.edit_inputs(request).prompt_images
         encoded = {"prompt_embeds": self._encode_text_with_images(request.prompt, prompt_images, request)}
-        if self.uses_true_cfg(request):
+        if self.uses_guidance(request):
             encoded["neg_prompt_embeds"] = self._encode_text_with_images(
                 request.params.negative_prompt, prompt_images, request)
         return encoded

@@ -23,14 +23,14 @@ from ditserve.models.common import flow_match_shift, fresh_scheduler, split_rows
 
 #: diffusers' StableDiffusion3Pipeline rejects longer T5 sequences
 MAX_SEQUENCE_LENGTH = 512
-#: sampling params that mean nothing to SD3: an error, never silently ignored
-UNSUPPORTED_PARAMS = ("true_cfg_scale", "guidance_scale_2", "boundary_ratio", "fps")
 #: batch tensors built by ``collate``; the negative ones only exist with guidance
 EMBEDDING_KEYS = ("prompt_embeds", "pooled", "neg_prompt_embeds", "neg_pooled")
 
 
 class StableDiffusion3Adapter(LoopAdapter):
     pipeline_class_names = ("StableDiffusion3Pipeline",)
+    unsupported_params = ("true_cfg_scale", "guidance_scale_2", "boundary_ratio", "fps")
+    guidance_note = "classifier-free guidance when > 1"
 
     @property
     def size_multiple(self) -> int:
@@ -43,11 +43,6 @@ class StableDiffusion3Adapter(LoopAdapter):
 
     def validate_params(self, params: Any) -> None:
         super().validate_params(params)
-        for name in UNSUPPORTED_PARAMS:
-            if getattr(params, name) is not None:
-                raise InvalidParameterError(
-                    f"{name} is not a parameter of {self.pipeline_class_name}; it uses guidance_scale "
-                    "(classifier-free guidance when > 1)", param=name)
         if params.max_sequence_length > MAX_SEQUENCE_LENGTH:
             raise InvalidParameterError(
                 f"max_sequence_length={params.max_sequence_length} must be <= {MAX_SEQUENCE_LENGTH} for SD3",
@@ -58,20 +53,18 @@ class StableDiffusion3Adapter(LoopAdapter):
                 "negative branch with classifier-free guidance", param="negative_prompt")
 
     @staticmethod
-    def uses_cfg(request: Request) -> bool:
+    def uses_guidance(request: Request) -> bool:
         return request.params.guidance_scale > 1
 
-    def prompt_cache_key(self, request: Request) -> tuple[Any, ...]:
-        return (*super().prompt_cache_key(request), self.uses_cfg(request))
 
     def encode_request(self, request: Request) -> dict[str, torch.Tensor]:
         p = request.params
         embeds, neg_embeds, pooled, neg_pooled = self.pipeline.encode_prompt(
             prompt=[request.prompt], prompt_2=None, prompt_3=None, negative_prompt=p.negative_prompt,
-            do_classifier_free_guidance=self.uses_cfg(request), device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=self.uses_guidance(request), device=self.device, num_images_per_prompt=1,
             max_sequence_length=p.max_sequence_length)
         encoded = {"prompt_embeds": embeds, "pooled": pooled}
-        if self.uses_cfg(request):
+        if self.uses_guidance(request):
             encoded |= {"neg_prompt_embeds": neg_embeds, "neg_pooled": neg_pooled}
         return encoded
 
@@ -94,7 +87,7 @@ class StableDiffusion3Adapter(LoopAdapter):
             image_seq_len = (latents.shape[2] // patch) * (latents.shape[3] // patch)
             shift_kwargs["mu"] = flow_match_shift(pipe, image_seq_len)
         timesteps, _ = retrieve_timesteps(scheduler, p.num_inference_steps, self.device, **shift_kwargs)
-        extra = {**conditioning, "cfg": self.uses_cfg(requests[0])}
+        extra = {**conditioning, "cfg": self.uses_guidance(requests[0])}
         return DenoiseState(latents=latents, timesteps=timesteps, scheduler=scheduler, requests=requests,
                             extra=extra)
 

@@ -22,11 +22,11 @@ from ditserve.errors import InvalidParameterError
 from ditserve.models.base import DenoiseState, LoopAdapter, RequestMedia, request_generator, stack_rows
 from ditserve.models.common import fresh_scheduler, split_rows
 
-UNSUPPORTED_PARAMS = ("true_cfg_scale",)
-
 
 class WanAdapter(LoopAdapter):
     pipeline_class_names = ("WanPipeline",)
+    unsupported_params = ("true_cfg_scale",)
+    guidance_note = "and guidance_scale_2 for the low-noise expert of two-expert models"
     kind = "video"
     transformer_names = ("transformer", "transformer_2")
 
@@ -52,11 +52,6 @@ class WanAdapter(LoopAdapter):
 
     def validate_params(self, params: Any) -> None:
         super().validate_params(params)
-        for name in UNSUPPORTED_PARAMS:
-            if getattr(params, name) is not None:
-                raise InvalidParameterError(
-                    f"{name} is not a parameter of {self.pipeline_class_name}; it uses guidance_scale "
-                    "(and guidance_scale_2 for the low-noise expert of two-expert models)", param=name)
         self._validate_num_frames(params.num_frames)
         self._validate_experts(params)
         if params.negative_prompt is not None and params.guidance_scale <= 1:
@@ -88,21 +83,19 @@ class WanAdapter(LoopAdapter):
                 param="guidance_scale_2")
 
     @staticmethod
-    def uses_cfg(request: Request) -> bool:
+    def uses_guidance(request: Request) -> bool:
         return request.params.guidance_scale > 1
 
     # ------------------------------------------------------------------ generation
-    def prompt_cache_key(self, request: Request) -> tuple[Any, ...]:
-        return (*super().prompt_cache_key(request), self.uses_cfg(request))
 
     def encode_request(self, request: Request) -> dict[str, torch.Tensor]:
         p = request.params
         embeds, neg_embeds = self.pipeline.encode_prompt(
             prompt=[request.prompt], negative_prompt=p.negative_prompt,
-            do_classifier_free_guidance=self.uses_cfg(request), num_videos_per_prompt=1,
+            do_classifier_free_guidance=self.uses_guidance(request), num_videos_per_prompt=1,
             max_sequence_length=p.max_sequence_length, device=self.device)
         encoded = {"prompt_embeds": embeds.to(self.dtype)}
-        if self.uses_cfg(request):
+        if self.uses_guidance(request):
             encoded["neg_prompt_embeds"] = neg_embeds.to(self.dtype)
         return encoded
 
@@ -123,7 +116,7 @@ class WanAdapter(LoopAdapter):
         boundary = None
         if p.boundary_ratio is not None:
             boundary = p.boundary_ratio * scheduler.config.num_train_timesteps
-        extra = {**conditioning, "cfg": self.uses_cfg(requests[0]), "boundary_timestep": boundary}
+        extra = {**conditioning, "cfg": self.uses_guidance(requests[0]), "boundary_timestep": boundary}
         return DenoiseState(latents=latents, timesteps=scheduler.timesteps, scheduler=scheduler,
                             requests=requests, extra=extra)
 

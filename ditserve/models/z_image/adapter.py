@@ -21,7 +21,6 @@ from ditserve.errors import InvalidParameterError, InvalidTypeError
 from ditserve.models.base import DenoiseState, LoopAdapter, RequestMedia, request_generator
 from ditserve.models.common import flow_match_shift, fresh_scheduler, split_rows
 
-UNSUPPORTED_PARAMS = ("true_cfg_scale", "guidance_scale_2", "boundary_ratio", "fps")
 #: diffusers' defaults: no norm cap, guidance at every step
 CFG_OPTION_DEFAULTS = {"cfg_normalization": 0.0, "cfg_truncation": 1.0}
 
@@ -43,6 +42,8 @@ def _cfg_options(model_defaults: dict[str, Any]) -> dict[str, float]:
 
 class ZImageAdapter(LoopAdapter):
     pipeline_class_names = ("ZImagePipeline",)
+    unsupported_params = ("true_cfg_scale", "guidance_scale_2", "boundary_ratio", "fps")
+    guidance_note = "classifier-free guidance when > 0"
 
     def __init__(self, pipeline: Any, model_defaults: Mapping[str, Any] | None = None) -> None:
         super().__init__(pipeline, model_defaults)
@@ -54,28 +55,21 @@ class ZImageAdapter(LoopAdapter):
 
     def validate_params(self, params: Any) -> None:
         super().validate_params(params)
-        for name in UNSUPPORTED_PARAMS:
-            if getattr(params, name) is not None:
-                raise InvalidParameterError(
-                    f"{name} is not a parameter of {self.pipeline_class_name}; it uses guidance_scale "
-                    "(classifier-free guidance when > 0)", param=name)
         if params.negative_prompt is not None and params.guidance_scale <= 0:
             raise InvalidParameterError(
                 "negative_prompt needs guidance_scale > 0: Z-Image only runs the negative branch with "
                 "classifier-free guidance", param="negative_prompt")
 
     @staticmethod
-    def uses_cfg(request: Request) -> bool:
+    def uses_guidance(request: Request) -> bool:
         return request.params.guidance_scale > 0
 
-    def prompt_cache_key(self, request: Request) -> tuple[Any, ...]:
-        return (*super().prompt_cache_key(request), self.uses_cfg(request))
 
     def encode_request(self, request: Request) -> dict[str, list[torch.Tensor]]:
         p = request.params
         negative = None if p.negative_prompt is None else [p.negative_prompt]
         embeds, neg_embeds = self.pipeline.encode_prompt(
-            prompt=[request.prompt], negative_prompt=negative, do_classifier_free_guidance=self.uses_cfg(request),
+            prompt=[request.prompt], negative_prompt=negative, do_classifier_free_guidance=self.uses_guidance(request),
             device=self.device, max_sequence_length=p.max_sequence_length)
         return {"prompt_embeds": embeds, "neg_prompt_embeds": neg_embeds}
 
@@ -106,7 +100,7 @@ class ZImageAdapter(LoopAdapter):
         """The guidance scale of each step: 0 (no negative pass) where ``cfg_truncation`` switches it off."""
         scale = request.params.guidance_scale
         truncation = self.cfg_options["cfg_truncation"]
-        if not self.uses_cfg(request) or truncation > 1:
+        if not self.uses_guidance(request) or truncation > 1:
             return [scale] * len(timesteps)
         normalized_times = ((1000 - timesteps.float()) / 1000).tolist()
         return [0.0 if time > truncation else scale for time in normalized_times]
