@@ -4,23 +4,16 @@ that has torch, diffusers, transformers and cache-dit but not fastapi)."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from ditserve.bench.cli import register
-from ditserve.errors import DitServeError
+from ditserve.entrypoints.cli import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ditserve.bench")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        return int(args.func(args) or 0)
-    except DitServeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_command(parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

@@ -134,16 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run_command(args: argparse.Namespace, log_level: str = "WARNING") -> int:
+    """Run a parsed sub-command: its exit code, or 2 with one clear line for a user's mistake."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except DitServeError as error:
         # a user's mistake: one clear line, no stack trace
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args, args.log_level)
 
 
 if __name__ == "__main__":

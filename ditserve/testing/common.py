@@ -53,3 +53,23 @@ def sensitize(module: torch.nn.Module, linear_scale: float = 2.0, qk_norm_scale:
             sub.weight.mul_(linear_scale)
         elif name.endswith(("norm_q", "norm_k", "norm_added_q", "norm_added_k")) and getattr(sub, "weight", None) is not None:
             sub.weight.mul_(qk_norm_scale)
+
+
+def tiny_t5_encoder(tokenizer):
+    """A 2-layer, 32-wide T5 encoder (FLUX's and SD3's second/third text encoder)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+
+
+def tiny_image_vae():
+    """A 4-channel AutoencoderKL with 2x down-sampling (64x64 images -> 32x32 latents)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.5, shift_factor=0.1,
+        use_quant_conv=False, use_post_quant_conv=False).eval()

@@ -6,12 +6,18 @@ from pathlib import Path
 
 import torch
 
-from ditserve.testing.common import sensitize, tiny_clip_tokenizer, tiny_t5_tokenizer
+from ditserve.testing.common import (
+    sensitize,
+    tiny_clip_tokenizer,
+    tiny_image_vae,
+    tiny_t5_encoder,
+    tiny_t5_tokenizer,
+)
 
 
 def build_tiny_flux(path: Path, guidance_embeds: bool = False, seed: int = 0) -> Path:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     clip_tokenizer = tiny_clip_tokenizer()
@@ -20,19 +26,13 @@ def build_tiny_flux(path: Path, guidance_embeds: bool = False, seed: int = 0) ->
         vocab_size=len(clip_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
         bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+    text_encoder_2 = tiny_t5_encoder(t5_tokenizer)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
         guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6)).eval()
     sensitize(transformer)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.5, shift_factor=0.1,
-        use_quant_conv=False, use_post_quant_conv=False).eval()
+    vae = tiny_image_vae()
     pipeline = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
                                                   max_image_seq_len=256, base_shift=0.5, max_shift=1.15),

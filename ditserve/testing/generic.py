@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ditserve.testing.common import sensitize
-from ditserve.testing.z_image import tiny_image_vae, tiny_qwen3_encoder, tiny_qwen_tokenizer
+from ditserve.testing.common import sensitize, tiny_image_vae
+from ditserve.testing.z_image import tiny_qwen3_encoder, tiny_qwen_tokenizer
 
 
 def build_tiny_ovis_image(path: Path, seed: int = 0) -> Path:

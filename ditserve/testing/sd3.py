@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 
-from ditserve.testing.common import sensitize, tiny_clip_tokenizer, tiny_t5_tokenizer
+from ditserve.testing.common import (
+    sensitize,
+    tiny_clip_tokenizer,
+    tiny_image_vae,
+    tiny_t5_encoder,
+    tiny_t5_tokenizer,
+)
 
 
 def _clip_encoder(vocab_size: int, hidden_size: int):
@@ -24,12 +30,10 @@ def _clip_encoder(vocab_size: int, hidden_size: int):
 
 def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     clip_tokenizer = tiny_clip_tokenizer()
@@ -37,19 +41,13 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
     # CLIP-L and CLIP-G hidden states are concatenated, then zero-padded to T5's width: 16 + 16 <= 32
     text_encoder = _clip_encoder(len(clip_tokenizer), 16)
     text_encoder_2 = _clip_encoder(len(clip_tokenizer), 16)
-    text_encoder_3 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+    text_encoder_3 = tiny_t5_encoder(t5_tokenizer)
     transformer = SD3Transformer2DModel(
         sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
         num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32,
         pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm").eval()
     sensitize(transformer)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.5, shift_factor=0.1,
-        use_quant_conv=False, use_post_quant_conv=False).eval()
+    vae = tiny_image_vae()
     pipeline = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=text_encoder, tokenizer=clip_tokenizer, text_encoder_2=text_encoder_2,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ditserve.testing.common import TEST_WORDS, sensitize
+from ditserve.testing.common import TEST_WORDS, sensitize, tiny_image_vae
 
 #: ChatML, the layout of Qwen's own template: ZImagePipeline formats every prompt with ``apply_chat_template``
 CHAT_TEMPLATE = (
@@ -58,17 +58,6 @@ def tiny_qwen3_encoder(tokenizer, hidden_size: int = 32):
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id)).eval()
-
-
-def tiny_image_vae():
-    """A 4-channel AutoencoderKL with 2x down-sampling (64x64 images -> 32x32 latents)."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.5, shift_factor=0.1,
-        use_quant_conv=False, use_post_quant_conv=False).eval()
 
 
 def build_tiny_z_image(path: Path, seed: int = 0) -> Path:
