@@ -123,6 +123,7 @@ class Bench:
         self.engine_options = {"model": options.model, "device": options.device, "dtype": options.dtype}
         self.records: list[dict[str, Any]] = []
         self._mag_ratios: list[float] | None = None
+        self._cache_dit_pipeline: DiffusersSystem | None = None
 
     # ------------------------------------------------------------------ set-up
     def _sampling(self, system: DitserveSystem) -> OmniDiffusionSamplingParams:
@@ -162,8 +163,18 @@ class Bench:
         finally:
             system.close()
 
+    def _cache_dit_system(self) -> DiffusersSystem:
+        """A pipeline of its own for the cache-dit library: ``cache_dit.disable_cache`` leaves the transformer's
+        forward patched (seen with FLUX: diffusers' hooks applied afterwards then fail), so the library never
+        touches the pipeline that the baseline and diffusers' hooks run on."""
+        if self._cache_dit_pipeline is None:
+            self._cache_dit_pipeline = DiffusersSystem(self.loaded.path, self.loaded.device, self.loaded.dtype)
+            self._cache_dit_pipeline.generate(self.prompts[0], self._seeded(0))  # a new pipeline's first call
+            self.progress.advance()
+        return self._cache_dit_pipeline
+
     def _run_peer(self, spec: RunSpec) -> tuple[list[ImageResult], dict[str, Any]]:
-        system = self.diffusers
+        system = self._cache_dit_system() if spec.system == "cache-dit" else self.diffusers
         if spec.system == "cache-dit":
             arguments = peers.cache_dit_arguments(spec.config, self.params.num_inference_steps)
             applied = peers.cache_dit_library(system.pipeline, arguments)
@@ -239,7 +250,7 @@ class Bench:
         if self.options.cpu_threads is not None:
             torch.set_num_threads(self.options.cpu_threads)
         ditserve_plain = DitserveSystem(self.engine_options)
-        loaded = ditserve_plain.omni.engine.runner.model
+        self.loaded = loaded = ditserve_plain.omni.engine.runner.model
         self.is_demo = loaded.name == "ditserve-shapes"
         self.prompts = choose_prompts(self.is_demo, self.options.num_prompts)
         self.params = self._sampling(ditserve_plain)
@@ -247,9 +258,10 @@ class Bench:
         self.baseline_systems = {"ditserve": ditserve_plain, "diffusers": self.diffusers}
         ignored = self.diffusers.call_arguments(self.params)[1]
         calibration = any(s.system == "diffusers" and s.method == "MagCache" for s in self.plan)
+        cache_dit_warmup = any(s.system == "cache-dit" for s in self.plan)
         final_baseline_pass = len(self.baseline_systems) * len(self.prompts)
         self.progress = Progress(len(self.plan) * self.options.repeats * self.images_per_round()
-                                 + BASELINE_EXTRA_WARMUPS * 2 + final_baseline_pass + calibration,
+                                 + BASELINE_EXTRA_WARMUPS * 2 + final_baseline_pass + calibration + cache_dit_warmup,
                                  self.options.show_progress)
         try:
             samples, extras, failed = self._run_rounds()
@@ -257,6 +269,8 @@ class Bench:
             self.progress.close()
             ditserve_plain.close()
             self.diffusers.close()
+            if self._cache_dit_pipeline is not None:
+                self._cache_dit_pipeline.close()
         references = {spec.system: samples[spec.key()] for spec in self.plan if spec.group == "baseline"}
         for spec in self.plan:
             if spec.key() in failed:

@@ -35,3 +35,15 @@ def test_interleave_keeps_the_leftovers_of_the_longer_side() -> None:
     ours = [RunSpec("ditserve", f"o{i}", "ours") for i in range(2)]
     peers = [RunSpec("diffusers", f"p{i}", "peer") for i in range(3)]
     assert [s.method for s in interleave(ours, peers)] == ["o0", "p0", "o1", "p1", "p2"]
+
+
+def test_diffusers_hooks_still_run_after_the_cache_dit_library_in_a_later_round(tiny_flux_dir: str) -> None:
+    # cache_dit.disable_cache leaves FLUX's forward patched; the library therefore gets a pipeline of its own
+    from ditserve.bench.runner import run_bench
+
+    options = BenchOptions(model=tiny_flux_dir, steps=3, num_prompts=1, repeats=2, height=64, width=64, quick=True,
+                           show_progress=False, only=("FirstBlockCache", "cache-dit DBCache"))
+    records = {(r["system"], r["method"]): r for r in run_bench(options)["records"]}
+    assert records[("cache-dit", "DBCache+TaylorSeer")]["status"] == "ok"
+    assert records[("diffusers", "FirstBlockCache")]["status"] == "ok"
+    assert records[("diffusers", "FirstBlockCache")]["samples"] == 2
