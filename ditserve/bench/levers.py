@@ -65,6 +65,10 @@ def run_levers(options: BenchOptions) -> dict[str, Any]:
     from ditserve.models.loader import DEMO_MODEL_NAME, resolve_device
 
     started = time.time()
+    if options.cpu_threads is not None:
+        import torch
+
+        torch.set_num_threads(options.cpu_threads)
     measure = _measure_function()
     prompt = choose_prompts(options.model in (None, DEMO_MODEL_NAME), 1)[0]
     if isinstance(measure, ImportError):
