@@ -99,6 +99,8 @@ class CacheBackend(ABC):
     checks: ClassVar[dict[str, OptionCheck]] = {}
     #: the option a quality target tunes (a calibration table sweeps it)
     main_knob: ClassVar[str] = ""
+    #: False for backends that never skip by design (calibration's recorder): no "skipped nothing" warning
+    expected_to_skip: ClassVar[bool] = True
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         given = dict(config or {})
@@ -134,7 +136,8 @@ class CacheBackend(ABC):
         stats = {"backend": self.name, "config": self.public_config(), **self._collect_stats(request_id)}
         if self.resolution is not None:
             stats["resolved_from"] = self.resolution
-        if stats.get("num_steps", 0) >= NO_SKIP_WARNING_MIN_STEPS and stats.get("skipped_steps", 0) == 0:
+        long_run = stats.get("num_steps", 0) >= NO_SKIP_WARNING_MIN_STEPS
+        if self.expected_to_skip and long_run and stats.get("skipped_steps", 0) == 0:
             stats["warning"] = (f"{self.name} was enabled but skipped nothing in {stats['num_steps']} steps: "
                                 f"the setting is too strict for this model (see the distances in 'branches'); "
                                 f"raise {self.main_knob} or run 'ditserve calibrate'")

@@ -48,6 +48,7 @@ class RecordingBackend(ResidualCacheBackend):
     """Computes every step and records what calibration fits on."""
 
     name = "calibration_recorder"
+    expected_to_skip = False
 
     def configure(self, spec: CacheSpec, calibration: dict[str, Any] | None) -> None:
         self.config["transformer_class"] = spec.transformer_class
