@@ -58,11 +58,23 @@ class CacheDiTBackend(CacheBackend):
         self.resolve_quality_target(model_path_of(pipeline))
         self._num_blocks = len(spec.blocks(transformers[0][1]))
         if self.config["enable_separate_cfg"] is None:
-            self.config["enable_separate_cfg"] = spec.cache_dit_defaults.get("enable_separate_cfg", False)
+            self.config["enable_separate_cfg"] = self._default_runs_guidance(adapter, spec)
         self._check_block_counts()
         self._transformers = transformers
         self._attach(num_inference_steps=None)
         self.enabled = True
+
+    @staticmethod
+    def _default_runs_guidance(adapter: Any, spec: Any) -> bool:
+        """Whether a request with the model's default params runs an unconditional pass: cache-dit must then
+        keep separate state for it (the demo model runs true CFG by default, FLUX.1-dev does not)."""
+        if adapter is None or not hasattr(adapter, "uses_guidance"):
+            return bool(spec.cache_dit_defaults.get("enable_separate_cfg", False))
+        from ditserve.config import OmniDiffusionSamplingParams
+        from ditserve.engine.request import Request
+
+        defaults = adapter.resolve_params(OmniDiffusionSamplingParams())
+        return bool(adapter.uses_guidance(Request(prompt="", params=defaults)))
 
     def _check_block_counts(self) -> None:
         fn, bn = self.config["Fn_compute_blocks"], self.config["Bn_compute_blocks"]

@@ -68,3 +68,19 @@ def test_disable_restores_the_uncached_transformer(tiny_flux_dir: str, flux_omni
         runner.cache.disable(runner.model.pipeline)
         runner.cache = None
         assert np.array_equal(media(omni.generate("a red cat", PARAMS)[0]), reference)
+
+
+def test_separate_cfg_state_follows_the_models_default_guidance(tiny_flux_dir: str, tmp_path) -> None:
+    import json
+    import shutil
+
+    # plain FLUX runs no unconditional pass by default; a folder whose defaults turn true CFG on (like the
+    # demo model) needs cache-dit to keep separate state for that pass
+    with Omni(tiny_flux_dir, cache_backend="cache_dit") as omni:
+        assert omni.engine.runner.cache.config["enable_separate_cfg"] is False
+    guided = tmp_path / "guided-flux"
+    shutil.copytree(tiny_flux_dir, guided)
+    (guided / "ditserve_defaults.json").write_text(json.dumps(
+        {"sampling_defaults": {"true_cfg_scale": 3.0, "negative_prompt": ""}}))
+    with Omni(str(guided), cache_backend="cache_dit") as omni:
+        assert omni.engine.runner.cache.config["enable_separate_cfg"] is True
