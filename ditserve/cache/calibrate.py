@@ -144,7 +144,9 @@ def calibrate(omni: Any, prompts: Sequence[Any], params: Mapping[str, Any],
     reference = run_prompts(omni, None, prompts, params)
     if any(not np.array_equal(r.media, p.media) for r, p in zip(recorded, reference, strict=True)):
         raise RuntimeError("the recording pass changed the output: calibration would be wrong")
-    data: dict[str, Any] = {"format": FORMAT_VERSION, "model": model_path, "params": dict(params),
+    # the model as the user named it: a machine's absolute path would travel with a shipped file
+    data: dict[str, Any] = {"format": FORMAT_VERSION, "model": omni.engine.runner.model.name,
+                            "params": dict(params),
                             "prompts": [str(p) for p in prompts], **fits, "quality_table": {}}
     path = save_calibration(model_path, data)
     for name, values in sweeps.items():
