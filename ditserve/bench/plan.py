@@ -62,17 +62,22 @@ def _cache_dit_settings(thresholds: list[float], taylor_threshold: float) -> lis
     return settings
 
 
+#: the same knob values for our method and the peer that reads the same signal, so neither side gets a finer sweep
+FIRST_BLOCK_THRESHOLDS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.8)
+MAG_THRESHOLDS = (0.03, 0.06, 0.09, 0.12, 0.24)
+
+
 def full_plan() -> list[RunSpec]:
     """The sweep of the full run (50 steps on the demo model): each knob from "skips little" to "skips most"."""
-    cache_dit = _cache_dit_settings([0.12, 0.24, 0.4, 0.6], taylor_threshold=0.4)
+    cache_dit = _cache_dit_settings([0.08, 0.12, 0.24, 0.4, 0.6], taylor_threshold=0.4)
     return [
         *baselines(),
-        *_ours("tea_cache", "TeaCache", [{"rel_l1_thresh": t} for t in (0.1, 0.2, 0.4, 0.8)]),
-        *_ours("mag_cache", "MagCache", [{"magcache_thresh": t} for t in (0.03, 0.06, 0.12, 0.24)]),
+        *_ours("tea_cache", "TeaCache", [{"rel_l1_thresh": t} for t in FIRST_BLOCK_THRESHOLDS]),
+        *_ours("mag_cache", "MagCache", [{"magcache_thresh": t} for t in MAG_THRESHOLDS]),
         *[RunSpec("ditserve", f"Cache-DiT {method}", "ours", config, "cache_dit") for method, config in cache_dit],
-        *_peers("diffusers", "FirstBlockCache", [{"threshold": t} for t in (0.1, 0.2, 0.4, 0.8)]),
+        *_peers("diffusers", "FirstBlockCache", [{"threshold": t} for t in FIRST_BLOCK_THRESHOLDS]),
         *_peers("diffusers", "TaylorSeerCache", [{"cache_interval": n} for n in (3, 5, 8)]),
-        *_peers("diffusers", "MagCache", [{"threshold": t} for t in (0.03, 0.06, 0.12, 0.24)]),
+        *_peers("diffusers", "MagCache", [{"threshold": t} for t in MAG_THRESHOLDS]),
         *_peers("diffusers", "PyramidAttentionBroadcast", [{"spatial_attention_block_skip_range": n} for n in (2, 3)]),
         *_peers("diffusers", "FasterCache", [{"spatial_attention_block_skip_range": 2}]),
         *_peers("diffusers", "SeaCache", [{}]),
