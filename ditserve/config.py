@@ -13,7 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ditserve.errors import InvalidParameterError, InvalidTypeError, check_choice, check_keys
+from ditserve.errors import (
+    InvalidParameterError,
+    InvalidTypeError,
+    ParallelConfigError,
+    check_choice,
+    check_keys,
+)
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
@@ -137,6 +143,11 @@ class DiffusionParallelConfig:
                 f"cfg_parallel_size={self.cfg_parallel_size}: allowed values are 1 and 2 "
                 "(one rank per guidance branch)", param="cfg_parallel_size")
         _check_float("timeout_s", self.timeout_s, 1.0, 3600.0)
+        if self.vae_patch_parallel_size > self.world_size:
+            raise ParallelConfigError(
+                f"vae_patch_parallel_size={self.vae_patch_parallel_size} must be <= the world size "
+                f"{self.world_size} set by cfg_parallel_size x ulysses_degree x ring_degree x tensor_parallel_size "
+                "(VAE patch parallelism reuses the denoising ranks)", param="vae_patch_parallel_size")
 
     @property
     def sequence_parallel_size(self) -> int:

@@ -23,10 +23,6 @@ def check_options_implemented(config: DiffusionParallelConfig) -> None:
         raise ParallelConfigError(
             f"tensor_parallel_size={config.tensor_parallel_size}: tensor parallelism is not implemented yet; "
             "use ulysses_degree / ring_degree / cfg_parallel_size", param="tensor_parallel_size")
-    if config.vae_patch_parallel_size > 1:
-        raise ParallelConfigError(
-            f"vae_patch_parallel_size={config.vae_patch_parallel_size}: VAE patch parallelism is not implemented "
-            "yet; use vae_use_tiling on one device", param="vae_patch_parallel_size")
 
 
 def check_model(adapter: Any, config: DiffusionParallelConfig) -> FamilyPlan:

@@ -22,6 +22,7 @@ from ditserve.errors import ParallelConfigError, RequestAbortedError
 from ditserve.parallel.caches import agree_on_skips
 from ditserve.parallel.install import install_parallelism
 from ditserve.parallel.topology import ParallelTopology
+from ditserve.parallel.vae_patch import install_vae_patch_parallel
 
 
 @dataclass
@@ -58,13 +59,21 @@ def backend_for(device: str) -> str:
 
 
 class RankRunner(ModelRunner):
-    """The model runner of one rank. Only rank 0 decodes; the others return empty media."""
+    """The model runner of one rank. Rank 0 decodes (helped by the VAE group's ranks with VAE patch
+    parallelism); the others return empty media."""
 
     def __init__(self, config: OmniDiffusionConfig, topology: ParallelTopology, local_rank: int) -> None:
         self.topology = topology  # read by _build_cache, which the base class calls
         super().__init__(dataclasses.replace(config, device=rank_device(config.device, local_rank)))
         install_parallelism(self.adapter, topology)
-        if not topology.is_driver:
+        parallel = self.config.parallel_config
+        decodes = topology.is_driver
+        if parallel.vae_patch_parallel_size > 1:
+            install_vae_patch_parallel(self.model.pipeline.vae, parallel.vae_patch_parallel_size,
+                                       parallel.world_size)
+            # every rank of the VAE group takes part in the decode (only rank 0's images are returned)
+            decodes = topology.rank < parallel.vae_patch_parallel_size
+        if not decodes:
             self.adapter.decode = lambda state: [[] for _ in state.requests]
 
     def _build_cache(self) -> CacheBackend | None:

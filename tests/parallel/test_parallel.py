@@ -71,7 +71,7 @@ def test_attention_merged_over_key_blocks_equals_full_attention(masked: bool) ->
     assert not torch.allclose(partial_without_last.result(torch.float32), expected, atol=1e-3)
 
 
-@pytest.mark.parametrize(("option", "value"), [("tensor_parallel_size", 2), ("vae_patch_parallel_size", 2)])
+@pytest.mark.parametrize(("option", "value"), [("tensor_parallel_size", 2)])
 def test_options_not_implemented_are_errors_before_any_process_starts(option: str, value: int) -> None:
     config = OmniDiffusionConfig(model=tiny_pipeline_dir("flux"), parallel_config={option: value})
     with pytest.raises(ParallelConfigError, match=option):
