@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
 from ditserve.cache.base import CacheBackend
 from ditserve.errors import CacheConfigError
+from ditserve.lazy import load_object
 
 #: ``cache_backend`` name -> "module:Class"
 BACKENDS: dict[str, str] = {
@@ -26,8 +26,7 @@ def backend_class(name: str) -> type[CacheBackend]:
     if target is None:
         raise CacheConfigError(f"cache_backend={name!r} is unknown; choose one of {available_backends()}",
                                param="cache_backend")
-    module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return load_object(target)
 
 
 def build_cache_backend(name: str, config: Mapping[str, Any] | None = None) -> CacheBackend:

@@ -5,8 +5,7 @@ Entries are "module:Class" strings so that importing the registry does not impor
 
 from __future__ import annotations
 
-import importlib
-
+from ditserve.lazy import load_object
 from ditserve.models.base import ModelAdapter
 
 ADAPTERS: dict[str, str] = {
@@ -31,5 +30,4 @@ def adapter_class_for(pipeline_class_name: str) -> type[ModelAdapter]:
         from ditserve.models.generic import GenericAdapter
 
         return GenericAdapter
-    module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return load_object(target)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import atexit
 import functools
-import importlib
 import shutil
 import tempfile
 from pathlib import Path
+
+from ditserve.lazy import load_object
 
 #: family name -> "module:function(path) -> path"
 BUILDERS: dict[str, str] = {
@@ -47,6 +48,5 @@ def families() -> list[str]:
 def tiny_pipeline_dir(family: str) -> str:
     if family not in BUILDERS:
         raise KeyError(f"no tiny builder for {family!r}; known: {families()}")
-    module_name, function_name = BUILDERS[family].split(":")
-    build = getattr(importlib.import_module(module_name), function_name)
+    build = load_object(BUILDERS[family])
     return str(build(_root() / family))

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-
+from ditserve.lazy import load_object
 from ditserve.parallel.families.base import FamilyPlan
 
 PLANS: dict[str, str] = {
@@ -23,5 +22,4 @@ def plan_for(pipeline_class_name: str) -> FamilyPlan | None:
     target = PLANS.get(pipeline_class_name)
     if target is None:
         return None
-    module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)()
+    return load_object(target)()
