@@ -16,26 +16,21 @@ from ditserve.errors import UnsupportedModelError
 logger = logging.getLogger(__name__)
 
 
-def _vae_of(pipeline: Any, flag: str) -> Any:
+def _enable(pipeline: Any, flag: str, mode: str, description: str) -> None:
+    """Turn on the VAE's ``use_<mode>`` decoding; a pipeline or VAE without it is an error naming ``flag``."""
     vae = getattr(pipeline, "vae", None)
     if vae is None:
         raise UnsupportedModelError(f"{flag}=True: {type(pipeline).__name__} has no VAE", param=flag)
-    return vae
+    if not hasattr(vae, f"use_{mode}"):
+        raise UnsupportedModelError(
+            f"{flag}=True: {type(vae).__name__} does not support {description} decoding", param=flag)
+    getattr(vae, f"enable_{mode}")()
+    logger.info("VAE %s on (%s)", mode, type(vae).__name__)
 
 
 def enable_vae_slicing(pipeline: Any) -> None:
-    vae = _vae_of(pipeline, "vae_use_slicing")
-    if not hasattr(vae, "use_slicing"):
-        raise UnsupportedModelError(
-            f"vae_use_slicing=True: {type(vae).__name__} does not support sliced decoding", param="vae_use_slicing")
-    vae.enable_slicing()
-    logger.info("VAE slicing on (%s)", type(vae).__name__)
+    _enable(pipeline, "vae_use_slicing", "slicing", "sliced")
 
 
 def enable_vae_tiling(pipeline: Any) -> None:
-    vae = _vae_of(pipeline, "vae_use_tiling")
-    if not hasattr(vae, "use_tiling"):
-        raise UnsupportedModelError(
-            f"vae_use_tiling=True: {type(vae).__name__} does not support tiled decoding", param="vae_use_tiling")
-    vae.enable_tiling()
-    logger.info("VAE tiling on (%s)", type(vae).__name__)
+    _enable(pipeline, "vae_use_tiling", "tiling", "tiled")

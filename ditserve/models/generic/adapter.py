@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.engine.context import ForwardContext, _current
 from ditserve.engine.request import Request
 from ditserve.errors import InvalidParameterError
@@ -48,19 +49,13 @@ class GenericAdapter(ModelAdapter):
         return [m for m in found if isinstance(m, torch.nn.Module)]
 
     def family_defaults(self) -> dict[str, Any]:
-        ours = {f.name for f in fields(self._params_type())}
+        ours = {f.name for f in fields(OmniDiffusionSamplingParams)}
         defaults = {}
         for name in ours - _NOT_FORWARDED:
             param = self._call_params.get(_RENAMED.get(name, name))
             if param is not None and param.default is not inspect.Parameter.empty and param.default is not None:
                 defaults[name] = param.default
         return defaults
-
-    @staticmethod
-    def _params_type() -> type:
-        from ditserve.config import OmniDiffusionSamplingParams
-
-        return OmniDiffusionSamplingParams
 
     def validate_params(self, params: Any) -> None:
         # sizes first: diffusers would silently round a size that is not a multiple of its factor
