@@ -14,15 +14,36 @@ from ditserve.models.base import LoopAdapter
 from ditserve.parallel.cfg import install_cfg_parallel
 from ditserve.parallel.families import parallel_families, plan_for
 from ditserve.parallel.families.base import FamilyPlan
+from ditserve.parallel.tensor import SplitCheck, SplitInstall, refuse_fused_projections
 from ditserve.parallel.topology import ParallelTopology
 
 
 def check_options_implemented(config: DiffusionParallelConfig) -> None:
     """Options that exist in the config but not in this build: an error, never ignored."""
-    if config.tensor_parallel_size > 1:
+    if config.tensor_parallel_size > 1 and config.sequence_parallel_size > 1:
         raise ParallelConfigError(
-            f"tensor_parallel_size={config.tensor_parallel_size}: tensor parallelism is not implemented yet; "
-            "use ulysses_degree / ring_degree / cfg_parallel_size", param="tensor_parallel_size")
+            f"tensor_parallel_size={config.tensor_parallel_size} cannot be combined with ulysses_degree / "
+            f"ring_degree (got {config.ulysses_degree} / {config.ring_degree}) yet; combine it with "
+            "cfg_parallel_size only", param="tensor_parallel_size")
+
+
+def check_tensor_parallel(plan: FamilyPlan, transformer: Any, config: DiffusionParallelConfig, name: str) -> None:
+    """Heads and feed-forward widths must divide by tensor_parallel_size, and the linears must be plain."""
+    refuse_fused_projections(transformer)
+    check = SplitCheck()
+    plan.split_tensor_parallel(transformer, check)
+    check.raise_if_not_divisible(config.tensor_parallel_size, name)
+
+
+def check_ulysses_heads(heads: int, config: DiffusionParallelConfig, name: str) -> None:
+    tp = config.tensor_parallel_size
+    local_heads = heads // tp  # tensor parallelism has already split them (checked before)
+    if local_heads % config.ulysses_degree:
+        per_rank = f" ({heads} / tensor_parallel_size {tp} per rank)" if tp > 1 else ""
+        raise ParallelConfigError(
+            f"ulysses_degree={config.ulysses_degree} must divide the {local_heads} attention heads{per_rank} of "
+            f"{name}; allowed: {[d for d in range(1, local_heads + 1) if local_heads % d == 0]}",
+            param="ulysses_degree")
 
 
 def check_model(adapter: Any, config: DiffusionParallelConfig) -> FamilyPlan:
@@ -38,11 +59,9 @@ def check_model(adapter: Any, config: DiffusionParallelConfig) -> FamilyPlan:
             f"multi-device parallelism is not available for {name}; families with it: {parallel_families()}",
             param="parallel_config")
     for transformer in adapter.transformers():
-        heads = plan.attention_heads(transformer)
-        if heads % config.ulysses_degree:
-            raise ParallelConfigError(
-                f"ulysses_degree={config.ulysses_degree} must divide the {heads} attention heads of {name}; "
-                f"allowed: {[d for d in range(1, heads + 1) if heads % d == 0]}", param="ulysses_degree")
+        if config.tensor_parallel_size > 1:
+            check_tensor_parallel(plan, transformer, config, name)
+        check_ulysses_heads(plan.attention_heads(transformer), config, name)
     return plan
 
 
@@ -68,10 +87,14 @@ def add_request_checks(adapter: Any, plan: FamilyPlan, config: DiffusionParallel
 
 
 def install_parallelism(adapter: Any, topology: ParallelTopology) -> None:
-    """Check, then install sequence parallelism on the transformers and CFG-parallel on the adapter."""
+    """Check, then install tensor and sequence parallelism on the transformers and CFG-parallel on the adapter."""
     config = topology.config
     check_options_implemented(config)
     plan = check_model(adapter, config)
+    if config.tensor_parallel_size > 1:
+        for transformer in adapter.transformers():
+            plan.split_tensor_parallel(transformer, SplitInstall(topology.tp_rank, topology.tp_size,
+                                                                 topology.tp_group))
     if config.sequence_parallel_size > 1:
         for transformer in adapter.transformers():
             plan.install(transformer, topology)

@@ -1,9 +1,12 @@
-"""Which rank does what: the layout of ranks over CFG branches, ring and Ulysses degrees, and their groups.
+"""Which rank does what: the layout of ranks over CFG branches, ring, Ulysses and tensor-parallel degrees, and
+their groups.
 
-Layout (outermost first): ``rank = cfg_rank * sp_size + ring_rank * ulysses_degree + ulysses_rank``. The Ulysses
-group (all-to-all every attention, the heaviest traffic) is innermost so that it stays on neighbouring devices
-(one NVLink island); the ring group passes K/V blocks between neighbours; the CFG pair exchanges one output per
-step, so it may cross machines.
+Layout (outermost first): ``rank = cfg_rank * (sp_size * tp) + sp_rank * tp + tp_rank`` with ``sp_rank =
+ring_rank * ulysses_degree + ulysses_rank``. The tensor-parallel group is innermost: it all-reduces the
+activations twice per block and stream (the most frequent, latency-bound traffic), so it must stay on
+neighbouring devices (one NVLink island), as in Megatron. The Ulysses group (an all-to-all per attention) comes
+next, then the ring group (K/V blocks passed between neighbours, overlappable); the CFG pair exchanges one
+output per step, so it may cross machines. With tp = 1 this is the layout without TP.
 
 A sequence is cut into ``sp_size`` equal chunks; the rank with ``sp_rank = ring_rank * ulysses_degree +
 ulysses_rank`` holds chunk ``sp_rank``. After the Ulysses all-to-all a rank holds the ``ulysses_degree``
@@ -25,18 +28,21 @@ class RankCoordinates:
     cfg_rank: int
     ring_rank: int
     ulysses_rank: int
+    tp_rank: int = 0
 
 
 def coordinates_of(rank: int, config: DiffusionParallelConfig) -> RankCoordinates:
-    sp_size = config.sequence_parallel_size
-    cfg_rank, sp_rank = divmod(rank, sp_size)
+    tp = config.tensor_parallel_size
+    cfg_rank, inner = divmod(rank, config.sequence_parallel_size * tp)
+    sp_rank, tp_rank = divmod(inner, tp)
     ring_rank, ulysses_rank = divmod(sp_rank, config.ulysses_degree)
-    return RankCoordinates(cfg_rank=cfg_rank, ring_rank=ring_rank, ulysses_rank=ulysses_rank)
+    return RankCoordinates(cfg_rank=cfg_rank, ring_rank=ring_rank, ulysses_rank=ulysses_rank, tp_rank=tp_rank)
 
 
 def rank_of(coordinates: RankCoordinates, config: DiffusionParallelConfig) -> int:
+    tp = config.tensor_parallel_size
     sp_rank = coordinates.ring_rank * config.ulysses_degree + coordinates.ulysses_rank
-    return coordinates.cfg_rank * config.sequence_parallel_size + sp_rank
+    return (coordinates.cfg_rank * config.sequence_parallel_size + sp_rank) * tp + coordinates.tp_rank
 
 
 @dataclass
@@ -50,6 +56,10 @@ class ParallelTopology:
     sp_group: Any = None
     ulysses_group: Any = None
     ring_group: Any = None
+    tp_group: Any = None
+    #: every rank computing the same CFG branch (sequence and tensor parallel together): the ranks that must
+    #: take the same cache decisions
+    branch_group: Any = None
     #: global ranks of this rank's ring group, in ring order (P2P ops address global ranks)
     ring_ranks: tuple[int, ...] = ()
 
@@ -60,6 +70,14 @@ class ParallelTopology:
     @property
     def sp_rank(self) -> int:
         return self.coordinates.ring_rank * self.config.ulysses_degree + self.coordinates.ulysses_rank
+
+    @property
+    def tp_size(self) -> int:
+        return self.config.tensor_parallel_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coordinates.tp_rank
 
     @property
     def is_driver(self) -> bool:
@@ -89,9 +107,16 @@ def _my_group(config: DiffusionParallelConfig, rank: int, key: Any, size: int) -
 def build_topology(config: DiffusionParallelConfig, rank: int) -> ParallelTopology:
     """Create the process groups of ``config`` (call on every rank after ``init_process_group``)."""
     coords = coordinates_of(rank, config)
-    cfg_group, _ = _my_group(config, rank, lambda c: (c.ring_rank, c.ulysses_rank), config.cfg_parallel_size)
-    sp_group, _ = _my_group(config, rank, lambda c: c.cfg_rank, config.sequence_parallel_size)
-    ulysses_group, _ = _my_group(config, rank, lambda c: (c.cfg_rank, c.ring_rank), config.ulysses_degree)
-    ring_group, ring_ranks = _my_group(config, rank, lambda c: (c.cfg_rank, c.ulysses_rank), config.ring_degree)
+    tp = config.tensor_parallel_size
+    cfg_group, _ = _my_group(config, rank, lambda c: (c.ring_rank, c.ulysses_rank, c.tp_rank),
+                             config.cfg_parallel_size)
+    sp_group, _ = _my_group(config, rank, lambda c: (c.cfg_rank, c.tp_rank), config.sequence_parallel_size)
+    ulysses_group, _ = _my_group(config, rank, lambda c: (c.cfg_rank, c.ring_rank, c.tp_rank),
+                                 config.ulysses_degree)
+    ring_group, ring_ranks = _my_group(config, rank, lambda c: (c.cfg_rank, c.ulysses_rank, c.tp_rank),
+                                       config.ring_degree)
+    tp_group, _ = _my_group(config, rank, lambda c: (c.cfg_rank, c.ring_rank, c.ulysses_rank), tp)
+    branch_group, _ = _my_group(config, rank, lambda c: c.cfg_rank, config.sequence_parallel_size * tp)
     return ParallelTopology(config=config, rank=rank, coordinates=coords, cfg_group=cfg_group, sp_group=sp_group,
-                            ulysses_group=ulysses_group, ring_group=ring_group, ring_ranks=ring_ranks)
+                            ulysses_group=ulysses_group, ring_group=ring_group, tp_group=tp_group,
+                            branch_group=branch_group, ring_ranks=ring_ranks)

@@ -1,5 +1,6 @@
 """What a family tells the parallel runner: the shape its transformer returns (CFG-parallel fills a placeholder
-of it), how many attention heads and sharded tokens it has, and how to install sequence parallelism."""
+of it), how many attention heads and sharded tokens it has, how to install sequence parallelism, and which
+linears tensor parallelism splits how."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any, ClassVar
 import torch
 
 from ditserve.config import OmniDiffusionSamplingParams
+from ditserve.errors import ParallelConfigError
+from ditserve.parallel.tensor import TensorSplit
 from ditserve.parallel.topology import ParallelTopology
 
 
@@ -31,6 +34,13 @@ class FamilyPlan(ABC):
     @abstractmethod
     def install(self, transformer: torch.nn.Module, topology: ParallelTopology) -> None:
         """Shard the inputs, replace the attention processors, gather the output."""
+
+    def split_tensor_parallel(self, transformer: torch.nn.Module, split: TensorSplit) -> None:
+        """Describe the transformer's tensor-parallel split to ``split`` (see ``ditserve.parallel.tensor``).
+        A family without a plan refuses tensor parallelism."""
+        raise ParallelConfigError(
+            f"tensor parallelism has no plan for {type(transformer).__name__}; use tensor_parallel_size=1",
+            param="tensor_parallel_size")
 
 
 def token_output_shape(transformer: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[int, ...]:

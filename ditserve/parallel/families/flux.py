@@ -5,6 +5,10 @@ rotary embedding computed from ``cat(txt_ids, img_ids)`` matches the local token
 (``encoder_hidden_states``, ``txt_ids``), see ``ditserve.parallel.sequence``. Every attention (double blocks:
 text and image projected separately then joined; single blocks: one stream that starts with the text tokens)
 goes through ``sequence_parallel_attention``; the output projection ``proj_out`` is gathered back.
+
+Tensor parallelism: double blocks split both streams' q/k/v by heads and their output projections by rows,
+and both feed-forwards (``ff``, ``ff_context``). Single blocks split q/k/v and ``proj_mlp`` by columns; their
+``proj_out`` reads ``cat(attention output, mlp output)``, so its input columns are split in two blocks alike.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.parallel.families.base import FamilyPlan, token_output_shape
 from ditserve.parallel.sequence import JointSequence, sequence_parallel_attention
 from ditserve.parallel.sharding import gather_output_hook, shard_kwargs_hook
+from ditserve.parallel.tensor import TensorSplit
 from ditserve.parallel.topology import ParallelTopology
 
 
@@ -92,6 +97,19 @@ class FluxPlan(FamilyPlan):
         # latents are packed 2x2 after the VAE: one token per (2 * vae_scale_factor)^2 pixels
         patch = 2 * int(adapter.pipeline.vae_scale_factor)
         return (params.height // patch) * (params.width // patch)
+
+    def split_tensor_parallel(self, transformer: torch.nn.Module, split: TensorSplit) -> None:
+        for index, block in enumerate(transformer.transformer_blocks):
+            split.attention(block.attn, column=("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"),
+                            row=("to_out.0", "to_add_out"))
+            split.feed_forward(block.ff, f"transformer_blocks.{index}.ff")
+            split.feed_forward(block.ff_context, f"transformer_blocks.{index}.ff_context")
+        for index, block in enumerate(transformer.single_transformer_blocks):
+            attention_width = block.attn.inner_dim  # read before the split makes it local
+            split.attention(block.attn, column=("to_q", "to_k", "to_v"), row=())
+            split.column(block, "proj_mlp", f"single_transformer_blocks.{index}.proj_mlp")
+            split.packed_row(block, "proj_out", (attention_width, block.mlp_hidden_dim),
+                             f"single_transformer_blocks.{index}.proj_out")
 
     def install(self, transformer: torch.nn.Module, topology: ParallelTopology) -> None:
         text_length = _TextLength()

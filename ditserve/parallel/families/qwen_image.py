@@ -4,6 +4,9 @@ Sharded: the image tokens (``hidden_states`` dim 1: the noisy latents, then the 
 models), their rotary frequencies (the first output of ``pos_embed``, dim 0) and, for zero-cond models, the
 per-token ``modulate_index`` of each block. Replicated: the text stream and its mask; the mask covers text
 keys only, which every rank holds, so it never needs a shard (see ``ditserve.parallel.sequence``).
+
+Tensor parallelism: the joint attention's image and text q/k/v by heads (per-head q/k norms unchanged), both
+output projections by rows, and both streams' feed-forwards (``img_mlp``, ``txt_mlp``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.parallel.families.base import FamilyPlan, token_output_shape
 from ditserve.parallel.sequence import JointSequence, sequence_parallel_attention
 from ditserve.parallel.sharding import gather_output_hook, shard, shard_kwargs_hook
+from ditserve.parallel.tensor import TensorSplit
 from ditserve.parallel.topology import ParallelTopology
 
 
@@ -76,6 +80,13 @@ class QwenImagePlan(FamilyPlan):
         # the output's tokens; an edit model's input-image tokens are checked when the batch is sharded
         _, rows, columns = adapter.latent_grid(params.height, params.width)
         return rows * columns
+
+    def split_tensor_parallel(self, transformer: torch.nn.Module, split: TensorSplit) -> None:
+        for index, block in enumerate(transformer.transformer_blocks):
+            split.attention(block.attn, column=("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"),
+                            row=("to_out.0", "to_add_out"))
+            split.feed_forward(block.img_mlp, f"transformer_blocks.{index}.img_mlp")
+            split.feed_forward(block.txt_mlp, f"transformer_blocks.{index}.txt_mlp")
 
     def install(self, transformer: torch.nn.Module, topology: ParallelTopology) -> None:
         transformer.register_forward_pre_hook(shard_kwargs_hook((("hidden_states", 1),), topology),

@@ -5,6 +5,10 @@ the input of the first block (``hidden_states`` dim 1), the rotary tables (``rop
 models with per-token timesteps (Wan2.2 TI2V), ``timestep`` (dim 1) at the model's input. Self-attention
 (``attn1``) runs over every rank's shard; cross-attention (``attn2``) needs no communication: each rank's
 queries attend to the full text, which every rank holds. ``proj_out`` is gathered before the unpatchify.
+
+Tensor parallelism: in every block (both transformers of A14B) self- and cross-attention split q/k/v (and an
+image-to-video model's added k/v) by heads and ``to_out[0]`` by rows; Wan's q/k RMSNorms span all heads, so
+they become all-reduced ``ShardedRMSNorm``s; the feed-forward ``ffn`` splits as usual.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ditserve.errors import ParallelConfigError
 from ditserve.parallel.families.base import FamilyPlan
 from ditserve.parallel.sequence import JointSequence, sequence_parallel_attention
 from ditserve.parallel.sharding import gather_output_hook, shard
+from ditserve.parallel.tensor import TensorSplit
 from ditserve.parallel.topology import ParallelTopology
 
 
@@ -73,6 +78,15 @@ class WanPlan(FamilyPlan):
         rows = params.height // pipe.vae_scale_factor_spatial // p_h
         columns = params.width // pipe.vae_scale_factor_spatial // p_w
         return latent_frames // p_t * rows * columns
+
+    def split_tensor_parallel(self, transformer: torch.nn.Module, split: TensorSplit) -> None:
+        for index, block in enumerate(transformer.blocks):
+            for attn in (block.attn1, block.attn2):
+                added = attn.add_k_proj is not None  # image-to-video: keys/values of the image context
+                split.attention(attn, column=("to_q", "to_k", "to_v", *(("add_k_proj", "add_v_proj") if added else ())),
+                                row=("to_out.0",),
+                                norms_across_heads=("norm_q", "norm_k", *(("norm_added_k",) if added else ())))
+            split.feed_forward(block.ffn, f"blocks.{index}.ffn")
 
     def install(self, transformer: torch.nn.Module, topology: ParallelTopology) -> None:
         def shard_timestep(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
