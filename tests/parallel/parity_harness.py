@@ -43,6 +43,12 @@ class Case:
 class CaseResult:
     latents: torch.Tensor
     cache_stats: dict[str, Any] | None
+    #: parameters rank 0 holds in its denoising transformers (tensor parallelism must shrink it)
+    transformer_parameters: int
+
+
+def _transformer_parameters(runner: ModelRunner) -> int:
+    return sum(p.numel() for transformer in runner.adapter.transformers() for p in transformer.parameters())
 
 
 def _capture_final_latents(runner: ModelRunner) -> list[torch.Tensor]:
@@ -66,8 +72,9 @@ def single_process_run(case: Case) -> CaseResult:
     runner = ModelRunner(case.engine_config({}))
     captured = _capture_final_latents(runner)
     output = runner.execute([_request(runner, case)])[0]
+    result = CaseResult(captured[0], output.cache_stats, _transformer_parameters(runner))
     runner.close()
-    return CaseResult(captured[0], output.cache_stats)
+    return result
 
 
 def run_cases(rank: int, port: int, cases: list[Case]) -> dict[str, CaseResult]:
@@ -84,9 +91,9 @@ def run_cases(rank: int, port: int, cases: list[Case]) -> dict[str, CaseResult]:
             runner = RankRunner(config, build_topology(config.parallel_config, rank), local_rank=rank)
             captured = _capture_final_latents(runner)
             output = runner.execute([_request(runner, case)])[0]
-            runner.close()
             if rank == 0:
-                results[case.name] = CaseResult(captured[0], output.cache_stats)
+                results[case.name] = CaseResult(captured[0], output.cache_stats, _transformer_parameters(runner))
+            runner.close()
     finally:
         dist.destroy_process_group()
         torch.set_num_threads(saved_threads)

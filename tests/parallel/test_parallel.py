@@ -21,12 +21,16 @@ from ditserve.config import DiffusionParallelConfig, OmniDiffusionConfig, OmniDi
 from ditserve.engine.runner import ModelRunner
 from ditserve.errors import EngineClosedError, ParallelConfigError, RequestAbortedError
 from ditserve.parallel.attention import PartialAttention, attention_with_lse
+from ditserve.parallel.families.base import FamilyPlan
+from ditserve.parallel.families.flux import FluxPlan
 from ditserve.parallel.install import check_model, check_options_implemented
 from ditserve.parallel.runner import MultiProcessRunner
+from ditserve.parallel.tensor import SplitCheck
 from ditserve.parallel.topology import RankCoordinates, coordinates_of, rank_of
 from ditserve.testing import tiny_pipeline_dir
 
-METHODS = {"cfg": {"cfg_parallel_size": 2}, "ulysses": {"ulysses_degree": 2}, "ring": {"ring_degree": 2}}
+METHODS = {"cfg": {"cfg_parallel_size": 2}, "ulysses": {"ulysses_degree": 2}, "ring": {"ring_degree": 2},
+           "tp": {"tensor_parallel_size": 2}}
 GUIDED = {"true_cfg_scale": 4.0, "negative_prompt": "blue"}
 PARAMS = {
     "flux": {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 1, **GUIDED},
@@ -51,6 +55,13 @@ def test_rank_layout_round_trips_and_keeps_ulysses_innermost() -> None:
     assert coordinates[4].cfg_rank == 1
 
 
+def test_rank_layout_keeps_the_tensor_parallel_pair_innermost() -> None:
+    config = DiffusionParallelConfig(cfg_parallel_size=2, tensor_parallel_size=2)
+    coordinates = [coordinates_of(rank, config) for rank in range(config.world_size)]
+    assert [rank_of(c, config) for c in coordinates] == list(range(4))
+    assert [(c.cfg_rank, c.tp_rank) for c in coordinates] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_merged_over_key_blocks_equals_full_attention(masked: bool) -> None:
     generator = torch.Generator().manual_seed(0)
@@ -71,10 +82,11 @@ def test_attention_merged_over_key_blocks_equals_full_attention(masked: bool) ->
     assert not torch.allclose(partial_without_last.result(torch.float32), expected, atol=1e-3)
 
 
-@pytest.mark.parametrize(("option", "value"), [("tensor_parallel_size", 2)])
-def test_options_not_implemented_are_errors_before_any_process_starts(option: str, value: int) -> None:
-    config = OmniDiffusionConfig(model=tiny_pipeline_dir("flux"), parallel_config={option: value})
-    with pytest.raises(ParallelConfigError, match=option):
+@pytest.mark.parametrize("sequence_option", ["ulysses_degree", "ring_degree"])
+def test_options_not_implemented_are_errors_before_any_process_starts(sequence_option: str) -> None:
+    config = OmniDiffusionConfig(model=tiny_pipeline_dir("flux"),
+                                 parallel_config={"tensor_parallel_size": 2, sequence_option: 2})
+    with pytest.raises(ParallelConfigError, match=f"tensor_parallel_size=2 cannot be combined.*{sequence_option}"):
         MultiProcessRunner(config)
 
 
@@ -87,6 +99,52 @@ def test_start_up_checks_heads_and_family() -> None:
     with pytest.raises(ParallelConfigError, match="not available for StableDiffusion3Pipeline"):
         check_model(sd3.adapter, DiffusionParallelConfig(cfg_parallel_size=2))
     check_options_implemented(DiffusionParallelConfig(ulysses_degree=2, ring_degree=2))
+    check_options_implemented(DiffusionParallelConfig(cfg_parallel_size=2, tensor_parallel_size=2))
+
+
+@pytest.fixture(scope="module")
+def flux_runner() -> ModelRunner:
+    return ModelRunner(OmniDiffusionConfig(model=tiny_pipeline_dir("flux"), device="cpu"))
+
+
+def test_tensor_parallel_start_up_checks_name_the_allowed_sizes(flux_runner: ModelRunner) -> None:
+    transformer = flux_runner.adapter.pipeline.transformer
+    heads = transformer.config.num_attention_heads
+    for size in (3, 2 * heads):  # 3 divides neither heads nor widths; 2 x heads divides widths, not heads
+        with pytest.raises(ParallelConfigError, match=rf"tensor_parallel_size={size} must divide the attention "
+                                                      rf"heads \[{heads}\].*allowed: \[1, 2, 4\]"):
+            check_model(flux_runner.adapter, DiffusionParallelConfig(tensor_parallel_size=size))
+    assert check_model(flux_runner.adapter, DiffusionParallelConfig(tensor_parallel_size=heads)) is not None
+    # Ulysses splits the heads left to each tensor-parallel rank
+    with pytest.raises(ParallelConfigError, match=r"ulysses_degree=4 must divide the 2 attention heads \(4 / "):
+        check_model(flux_runner.adapter, DiffusionParallelConfig(tensor_parallel_size=2, ulysses_degree=4))
+
+
+def test_tensor_parallel_refuses_gated_feed_forwards_quantized_linears_and_families_without_a_plan(
+        flux_runner: ModelRunner) -> None:
+    from diffusers.models.attention import FeedForward
+
+    transformer = flux_runner.adapter.pipeline.transformer
+    with pytest.raises(ParallelConfigError, match="GEGLU"):
+        SplitCheck().feed_forward(FeedForward(dim=8, activation_fn="geglu"), "ff")
+
+    class QuantizedLinear(torch.nn.Linear):
+        pass
+
+    block = transformer.single_transformer_blocks[0]
+    plain = block.proj_mlp
+    block.proj_mlp = QuantizedLinear(plain.in_features, plain.out_features)
+    try:
+        with pytest.raises(ParallelConfigError, match="proj_mlp is QuantizedLinear"):
+            FluxPlan().split_tensor_parallel(transformer, SplitCheck())
+    finally:
+        block.proj_mlp = plain
+
+    class PlanWithoutTensorParallel(FluxPlan):
+        split_tensor_parallel = FamilyPlan.split_tensor_parallel
+
+    with pytest.raises(ParallelConfigError, match="tensor parallelism has no plan for FluxTransformer2DModel"):
+        PlanWithoutTensorParallel().split_tensor_parallel(transformer, SplitCheck())
 
 
 # ---------------------------------------------------------------------------------------------- parity group
@@ -96,9 +154,10 @@ CASES = [Case(f"{family}-{method}", tiny_pipeline_dir(family), degrees, PROMPT, 
 UNGUIDED_FLUX = Case("flux-cfg-unguided", tiny_pipeline_dir("flux"), METHODS["cfg"], PROMPT,
                      {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 1})
 # TeaCache with a threshold so high that every middle step skips: both ranks must follow the same decisions
-CACHED = {family: Case(f"{family}-ulysses-tea_cache", tiny_pipeline_dir(family), METHODS["ulysses"], PROMPT,
-                       {**PARAMS[family], "num_inference_steps": 4}, cache=("tea_cache", {"rel_l1_thresh": 100.0}))
-          for family in ("flux", "wan")}
+CACHED = {(family, method): Case(f"{family}-{method}-tea_cache", tiny_pipeline_dir(family), METHODS[method], PROMPT,
+                                 {**PARAMS[family], "num_inference_steps": 4},
+                                 cache=("tea_cache", {"rel_l1_thresh": 100.0}))
+          for family, method in (("flux", "ulysses"), ("wan", "ulysses"), ("flux", "tp"), ("wan", "tp"))}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +170,9 @@ def references() -> dict[str, CaseResult]:
     refs = {family: single_process_run(Case(family, tiny_pipeline_dir(family), {}, PROMPT, PARAMS[family]))
             for family in PARAMS}
     refs["flux-unguided"] = single_process_run(UNGUIDED_FLUX)
-    refs |= {case.name: single_process_run(case) for case in CACHED.values()}
+    # the single-process cached run depends on the family only
+    refs |= {f"{family}-tea_cache": single_process_run(case) for (family, method), case in CACHED.items()
+             if method == "ulysses"}
     return refs
 
 
@@ -124,6 +185,16 @@ def test_two_ranks_equal_one_process(case: Case, parity_results, references) -> 
     assert _relative_error(results[case.name].latents, expected) < 1e-4
 
 
+@pytest.mark.parametrize("family", sorted(PARAMS))
+def test_tensor_parallel_ranks_keep_only_their_shard_of_the_block_weights(family: str, parity_results,
+                                                                          references) -> None:
+    results, _ = parity_results
+    sharded, whole = results[f"{family}-tp"].transformer_parameters, references[family].transformer_parameters
+    # the split linears hold most of a block's weights; embedders, modulation and proj_out stay whole
+    assert sharded < 0.75 * whole
+    assert results[f"{family}-ulysses"].transformer_parameters == whole
+
+
 def test_cfg_parallel_without_guidance_still_equals_one_process(parity_results, references) -> None:
     results, _ = parity_results
     assert _relative_error(results[UNGUIDED_FLUX.name].latents, references["flux-unguided"].latents) < 1e-4
@@ -131,11 +202,11 @@ def test_cfg_parallel_without_guidance_still_equals_one_process(parity_results, 
     assert _relative_error(references["flux"].latents, references["flux-unguided"].latents) > 1e-2
 
 
-@pytest.mark.parametrize("family", sorted(CACHED))
-def test_cache_decisions_agree_across_sequence_ranks(family: str, parity_results, references) -> None:
+@pytest.mark.parametrize(("family", "method"), sorted(CACHED))
+def test_cache_decisions_agree_across_ranks(family: str, method: str, parity_results, references) -> None:
     results, _ = parity_results
-    case = CACHED[family]
-    parallel, single = results[case.name], references[case.name]
+    case = CACHED[family, method]
+    parallel, single = results[case.name], references[f"{family}-tea_cache"]
     assert parallel.cache_stats["skipped_steps"] == single.cache_stats["skipped_steps"] > 0
     assert _relative_error(parallel.latents, single.latents) < 1e-4
     # skipping changed the result, so the equality above is not trivial
