@@ -18,15 +18,6 @@ from ditserve.parallel.tensor import SplitCheck, SplitInstall, refuse_fused_proj
 from ditserve.parallel.topology import ParallelTopology
 
 
-def check_options_implemented(config: DiffusionParallelConfig) -> None:
-    """Options that exist in the config but not in this build: an error, never ignored."""
-    if config.tensor_parallel_size > 1 and config.sequence_parallel_size > 1:
-        raise ParallelConfigError(
-            f"tensor_parallel_size={config.tensor_parallel_size} cannot be combined with ulysses_degree / "
-            f"ring_degree (got {config.ulysses_degree} / {config.ring_degree}) yet; combine it with "
-            "cfg_parallel_size only", param="tensor_parallel_size")
-
-
 def check_tensor_parallel(plan: FamilyPlan, transformer: Any, config: DiffusionParallelConfig, name: str) -> None:
     """Heads and feed-forward widths must divide by tensor_parallel_size, and the linears must be plain."""
     refuse_fused_projections(transformer)
@@ -89,7 +80,6 @@ def add_request_checks(adapter: Any, plan: FamilyPlan, config: DiffusionParallel
 def install_parallelism(adapter: Any, topology: ParallelTopology) -> None:
     """Check, then install tensor and sequence parallelism on the transformers and CFG-parallel on the adapter."""
     config = topology.config
-    check_options_implemented(config)
     plan = check_model(adapter, config)
     if config.tensor_parallel_size > 1:
         for transformer in adapter.transformers():

@@ -31,7 +31,6 @@ from ditserve.config import OmniDiffusionConfig
 from ditserve.engine.request import Request, RequestOutput
 from ditserve.errors import EngineClosedError, ParallelConfigError
 from ditserve.parallel.channel import ControlChannel, Message, reported_errors, started_key
-from ditserve.parallel.install import check_options_implemented
 from ditserve.parallel.rank import RankRunner, RequestSpec, rank_device
 from ditserve.parallel.worker import AGREED_ERRORS, cpu_threads_per_rank, start_rank, worker_main
 
@@ -68,7 +67,6 @@ class MultiProcessRunner:
     def __init__(self, config: OmniDiffusionConfig) -> None:
         self.config = config
         parallel = config.parallel_config
-        check_options_implemented(parallel)  # before any process is started
         if dist.is_initialized():
             raise ParallelConfigError(
                 "torch.distributed is already initialised in this process (another parallel engine, or your own "

@@ -1,6 +1,7 @@
 """One 2-rank gloo group that runs every (family, method) case on fresh rank runners, so that all the parity
 checks share one worker start-up (about 7 s of imports). Rank 0 is the calling (pytest) process; rank 1 is a
-spawned process running the same cases. Rank 0 returns each case's final latents."""
+spawned process running the same cases. Rank 0 returns each case's final latents. A larger ``world_size``
+serves the by-hand checks of combined methods (4 ranks)."""
 
 from __future__ import annotations
 
@@ -77,13 +78,13 @@ def single_process_run(case: Case) -> CaseResult:
     return result
 
 
-def run_cases(rank: int, port: int, cases: list[Case]) -> dict[str, CaseResult]:
-    # two ranks on two cores: more threads than cores make every collective wait for a descheduled rank
+def run_cases(rank: int, port: int, cases: list[Case], world_size: int = WORLD_SIZE) -> dict[str, CaseResult]:
+    # ranks share the cores: more threads than cores make every collective wait for a descheduled rank
     saved_threads = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads_per_rank(WORLD_SIZE))
-    store = dist.TCPStore("127.0.0.1", port, WORLD_SIZE, is_master=rank == 0, timeout=TIMEOUT,
+    torch.set_num_threads(cpu_threads_per_rank(world_size))
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0, timeout=TIMEOUT,
                           wait_for_workers=False)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD_SIZE, timeout=TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=TIMEOUT)
     results = {}
     try:
         for case in cases:
@@ -100,17 +101,23 @@ def run_cases(rank: int, port: int, cases: list[Case]) -> dict[str, CaseResult]:
     return results
 
 
-def run_parity_group(cases: list[Case]) -> tuple[dict[str, CaseResult], int | None]:
-    """Run ``cases`` on 2 ranks; returns rank 0's latents per case and the worker's exit code."""
+def run_parity_group(cases: list[Case], world_size: int = WORLD_SIZE) -> tuple[dict[str, CaseResult], int | None]:
+    """Run ``cases`` on ``world_size`` ranks; returns rank 0's latents per case and the workers' worst exit
+    code (0 when every worker exited cleanly)."""
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    worker = multiprocessing.get_context("spawn").Process(target=run_cases, args=(1, port, cases), daemon=True)
-    worker.start()
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=run_cases, args=(rank, port, cases, world_size), daemon=True)
+               for rank in range(1, world_size)]
+    for worker in workers:
+        worker.start()
     try:
-        results = run_cases(0, port, cases)
+        results = run_cases(0, port, cases, world_size)
     finally:
-        worker.join(timeout=60)
-    return results, worker.exitcode
+        for worker in workers:
+            worker.join(timeout=60)
+    codes = [worker.exitcode for worker in workers]
+    return results, next((code for code in codes if code != 0), 0)

@@ -23,8 +23,7 @@ from ditserve.errors import EngineClosedError, ParallelConfigError, RequestAbort
 from ditserve.parallel.attention import PartialAttention, attention_with_lse
 from ditserve.parallel.families.base import FamilyPlan
 from ditserve.parallel.families.flux import FluxPlan
-from ditserve.parallel.install import check_model, check_options_implemented
-from ditserve.parallel.runner import MultiProcessRunner
+from ditserve.parallel.install import check_model
 from ditserve.parallel.tensor import SplitCheck
 from ditserve.parallel.topology import RankCoordinates, coordinates_of, rank_of
 from ditserve.testing import tiny_pipeline_dir
@@ -82,14 +81,6 @@ def test_attention_merged_over_key_blocks_equals_full_attention(masked: bool) ->
     assert not torch.allclose(partial_without_last.result(torch.float32), expected, atol=1e-3)
 
 
-@pytest.mark.parametrize("sequence_option", ["ulysses_degree", "ring_degree"])
-def test_options_not_implemented_are_errors_before_any_process_starts(sequence_option: str) -> None:
-    config = OmniDiffusionConfig(model=tiny_pipeline_dir("flux"),
-                                 parallel_config={"tensor_parallel_size": 2, sequence_option: 2})
-    with pytest.raises(ParallelConfigError, match=f"tensor_parallel_size=2 cannot be combined.*{sequence_option}"):
-        MultiProcessRunner(config)
-
-
 def test_start_up_checks_heads_and_family() -> None:
     flux = ModelRunner(OmniDiffusionConfig(model=tiny_pipeline_dir("flux"), device="cpu"))
     with pytest.raises(ParallelConfigError, match=r"ulysses_degree=8 must divide the 4 attention heads"):
@@ -98,8 +89,6 @@ def test_start_up_checks_heads_and_family() -> None:
     sd3 = ModelRunner(OmniDiffusionConfig(model=tiny_pipeline_dir("sd3"), device="cpu"))
     with pytest.raises(ParallelConfigError, match="not available for StableDiffusion3Pipeline"):
         check_model(sd3.adapter, DiffusionParallelConfig(cfg_parallel_size=2))
-    check_options_implemented(DiffusionParallelConfig(ulysses_degree=2, ring_degree=2))
-    check_options_implemented(DiffusionParallelConfig(cfg_parallel_size=2, tensor_parallel_size=2))
 
 
 @pytest.fixture(scope="module")
