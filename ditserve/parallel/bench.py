@@ -3,7 +3,9 @@ against 2 ranks, with the time spent in collectives measured separately (torch.p
 
     python -m ditserve.parallel.bench --tokens 1024 --repeats 5
 
-Prints per method: seconds of one step on 2 ranks (1 thread each; fastest of the repeats), the part of it in
+Methods (``--methods``, all by default): CFG-parallel, Ulysses, ring, and tensor parallelism (the blocks'
+weights split over the 2 ranks; its collectives are the all-reduces after each row-split linear). Prints per
+method: seconds of one step on 2 ranks (1 thread each; fastest of the repeats), the part of it in
 collectives, and the speed-up over one process with 2 threads (the same 2 cores: intra-op threading already
 uses them, so ~1x is the expected best here) and with 1 thread (one rank's device alone: the figure that
 carries over to one GPU per rank). The transformer is built in memory with random weights (hidden 256,
@@ -27,12 +29,16 @@ from torch.profiler import ProfilerActivity, profile
 from ditserve.config import DiffusionParallelConfig
 from ditserve.parallel.cfg import CfgParallelStep
 from ditserve.parallel.families.flux import FluxPlan
+from ditserve.parallel.tensor import SplitInstall
 from ditserve.parallel.topology import build_topology
 
 TEXT_TOKENS = 64
-METHODS = ("cfg", "ulysses", "ring")
+METHODS = ("cfg", "ulysses", "ring", "tp")
+DEGREES = {"cfg": {"cfg_parallel_size": 2}, "ulysses": {"ulysses_degree": 2}, "ring": {"ring_degree": 2},
+           "tp": {"tensor_parallel_size": 2}}
 #: profiler events that are communication (their CPU time includes waiting for the peer)
-COMMUNICATION_MARKERS = ("c10d", "gloo", "nccl", "all_to_all", "all_gather", "broadcast", "send", "recv", "wait")
+COMMUNICATION_MARKERS = ("c10d", "gloo", "nccl", "all_to_all", "all_gather", "all_reduce", "allreduce", "broadcast",
+                         "send", "recv", "wait")
 
 
 def build_transformer() -> torch.nn.Module:
@@ -102,14 +108,17 @@ def rank_main(rank: int, port: int, method: str, tokens: int, repeats: int, resu
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=300))
-    degrees = {"cfg": {"cfg_parallel_size": 2}, "ulysses": {"ulysses_degree": 2}, "ring": {"ring_degree": 2}}
-    topology = build_topology(DiffusionParallelConfig(**degrees[method]), rank)
+    topology = build_topology(DiffusionParallelConfig(**DEGREES[method]), rank)
     transformer, inputs = build_transformer(), make_inputs(tokens)
     if method == "cfg":
         def run() -> Any:
             return _cfg_step(transformer, inputs, topology)
     else:
-        FluxPlan().install(transformer, topology)
+        if method == "tp":
+            FluxPlan().split_tensor_parallel(transformer, SplitInstall(topology.tp_rank, topology.tp_size,
+                                                                       topology.tp_group))
+        else:
+            FluxPlan().install(transformer, topology)
 
         def run() -> Any:
             return transformer(**inputs)
@@ -150,11 +159,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     args = parser.parse_args()
     report = {}
     forward = single_process_forward(args.tokens, args.repeats, threads=2)
     forward_one_core = single_process_forward(args.tokens, args.repeats, threads=1)
-    for method in METHODS:
+    for method in args.methods:
         seconds, comm = measure(method, args.tokens, args.repeats)
         # re-measured between methods: keep the fastest, the least disturbed by the neighbours
         forward = min(forward, single_process_forward(args.tokens, args.repeats, threads=2))
