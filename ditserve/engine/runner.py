@@ -30,13 +30,16 @@ class ModelRunner:
     def __init__(self, config: OmniDiffusionConfig) -> None:
         self.config = config
         self.model: LoadedModel = load_model(config.model, device=config.device, dtype=config.dtype,
-                                             **load_options(config))
+                                             **self._load_options())
         apply_levers(self.model, config)
         self.adapter = self.model.adapter
         enabled, size = resolve_prompt_embed_cache_config(config.enable_prompt_embed_cache,
                                                           config.prompt_embed_cache_size)
         self.prompt_cache = PromptEmbedCache(max_size=size, enabled=enabled, model_tag=self.model.path)
         self.cache: CacheBackend | None = self._build_cache()
+
+    def _load_options(self) -> dict[str, Any]:
+        return load_options(self.config)
 
     def _build_cache(self) -> CacheBackend | None:
         if self.config.cache_backend is None:

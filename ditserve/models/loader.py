@@ -123,6 +123,6 @@ def load_model(model: str | None, device: str = "auto", dtype: str = "auto", *, 
     adapter = adapter_class(pipeline, read_model_defaults(path))
     name = DEMO_MODEL_NAME if model in (None, DEMO_MODEL_NAME) else model
     logger.info("loaded %s (%s, %s adapter) for %s in %s%s", name, class_name, type(adapter).__name__,
-                torch_device, torch_dtype, " (weights kept in CPU memory for offloading)" if keep_on_cpu else "")
+                torch_device, torch_dtype, " (weights kept in CPU memory until placed)" if keep_on_cpu else "")
     return LoadedModel(name=name, path=path, pipeline=pipeline, adapter=adapter, device=torch_device,
                        dtype=torch_dtype)

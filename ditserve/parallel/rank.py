@@ -67,6 +67,8 @@ class RankRunner(ModelRunner):
         super().__init__(dataclasses.replace(config, device=rank_device(config.device, local_rank)))
         install_parallelism(self.adapter, topology)
         parallel = self.config.parallel_config
+        if self._shards_before_placing():
+            self.model.pipeline.to(self.model.device)
         decodes = topology.is_driver
         if parallel.vae_patch_parallel_size > 1:
             install_vae_patch_parallel(self.model.pipeline.vae, parallel.vae_patch_parallel_size,
@@ -75,6 +77,20 @@ class RankRunner(ModelRunner):
             decodes = topology.rank < parallel.vae_patch_parallel_size
         if not decodes:
             self.adapter.decode = lambda state: [[] for _ in state.requests]
+
+    def _shards_before_placing(self) -> bool:
+        """Tensor parallelism exists to fit weights that one device cannot hold, so they are loaded into CPU
+        memory, sharded there, and only then is each rank's shard moved to its device (unless an offload lever
+        places them itself)."""
+        config = self.config
+        offloads = config.enable_cpu_offload or config.enable_layerwise_offload
+        return config.parallel_config.tensor_parallel_size > 1 and not offloads
+
+    def _load_options(self) -> dict[str, Any]:
+        options = super()._load_options()
+        if self._shards_before_placing():
+            options["keep_on_cpu"] = True
+        return options
 
     def _build_cache(self) -> CacheBackend | None:
         if self.config.cache_backend is None:

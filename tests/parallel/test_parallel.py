@@ -24,6 +24,7 @@ from ditserve.parallel.attention import PartialAttention, attention_with_lse
 from ditserve.parallel.families.base import FamilyPlan
 from ditserve.parallel.families.flux import FluxPlan
 from ditserve.parallel.install import check_model
+from ditserve.parallel.rank import RankRunner
 from ditserve.parallel.tensor import SplitCheck
 from ditserve.parallel.topology import RankCoordinates, coordinates_of, rank_of
 from ditserve.testing import tiny_pipeline_dir
@@ -107,6 +108,21 @@ def test_tensor_parallel_start_up_checks_name_the_allowed_sizes(flux_runner: Mod
     # Ulysses splits the heads left to each tensor-parallel rank
     with pytest.raises(ParallelConfigError, match=r"ulysses_degree=4 must divide the 2 attention heads \(4 / "):
         check_model(flux_runner.adapter, DiffusionParallelConfig(tensor_parallel_size=2, ulysses_degree=4))
+
+
+@pytest.mark.parametrize(("parallel", "offload", "sharded_in_cpu_memory"), [
+    ({"tensor_parallel_size": 2}, False, True),
+    ({"tensor_parallel_size": 2}, True, False),
+    ({"ulysses_degree": 2}, False, False),
+])
+def test_tensor_parallel_loads_into_cpu_memory_and_places_only_the_shard(parallel: dict[str, int], offload: bool,
+                                                                          sharded_in_cpu_memory: bool) -> None:
+    # a whole TP model is what does not fit one device: it must not be moved there before it is sharded
+    runner = RankRunner.__new__(RankRunner)
+    runner.config = OmniDiffusionConfig(model="x", device="cuda:1", enable_cpu_offload=offload,
+                                        parallel_config=DiffusionParallelConfig(**parallel))
+    assert runner._shards_before_placing() is sharded_in_cpu_memory
+    assert runner._load_options()["keep_on_cpu"] is (sharded_in_cpu_memory or offload)
 
 
 def test_tensor_parallel_refuses_gated_feed_forwards_quantized_linears_and_families_without_a_plan(
