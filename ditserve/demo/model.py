@@ -85,7 +85,9 @@ def build_t5_text_encoder(vocab_size: int) -> T5EncoderModel:
         d_model=TEXT_HIDDEN,
         d_kv=16,
         d_ff=2 * TEXT_HIDDEN,
-        num_layers=2,
+        # four layers: with two, the parsing stage (text_pretrain.py) had not learnt which words form one
+        # object's phrase after 600 steps; four read 99.8 % of held-out prompts right after 1500
+        num_layers=4,
         num_heads=4,
         dropout_rate=0.0,
         feed_forward_proj="gated-gelu",

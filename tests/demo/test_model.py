@@ -1,9 +1,7 @@
 import json
 
 import numpy as np
-import pytest
 import torch
-from diffusers import FluxPipeline
 
 from ditserve.demo import DEMO_MODEL_NAME, demo_model_path, heldout_prompts
 from ditserve.demo.checker import evaluate
@@ -11,13 +9,6 @@ from ditserve.demo.evaluation import generate, load_sampling_defaults
 from ditserve.demo.language import sample_prompts, vocabulary
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH, build_clip_tokenizer, build_scheduler, build_t5_tokenizer
 from ditserve.demo.train import _shifted_sigmas
-
-
-@pytest.fixture(scope="session")
-def demo_pipeline() -> FluxPipeline:
-    pipe = FluxPipeline.from_pretrained(str(demo_model_path()))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_bundled_folder_layout_and_defaults():
