@@ -47,3 +47,14 @@ def token_output_shape(transformer: torch.nn.Module, kwargs: dict[str, Any]) -> 
     """Token-sequence transformers (FLUX, Qwen-Image): one ``proj_out`` row per input token."""
     batch, tokens = kwargs["hidden_states"].shape[:2]
     return batch, tokens, transformer.proj_out.out_features
+
+
+def split_joint_attention_blocks(transformer: torch.nn.Module, split: TensorSplit,
+                                 feed_forwards: tuple[str, str]) -> None:
+    """Dual-stream blocks with joint attention (FLUX's double-stream blocks, Qwen-Image's blocks): both streams'
+    q/k/v split by heads, both output projections by rows, and each stream's feed-forward (named per family)."""
+    for index, block in enumerate(transformer.transformer_blocks):
+        split.attention(block.attn, column=("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"),
+                        row=("to_out.0", "to_add_out"))
+        for name in feed_forwards:
+            split.feed_forward(getattr(block, name), f"transformer_blocks.{index}.{name}")

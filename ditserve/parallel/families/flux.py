@@ -20,7 +20,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from ditserve.config import OmniDiffusionSamplingParams
-from ditserve.parallel.families.base import FamilyPlan, token_output_shape
+from ditserve.parallel.families.base import FamilyPlan, split_joint_attention_blocks, token_output_shape
 from ditserve.parallel.sequence import JointSequence, sequence_parallel_attention
 from ditserve.parallel.sharding import gather_output_hook, shard_kwargs_hook
 from ditserve.parallel.tensor import TensorSplit
@@ -99,11 +99,7 @@ class FluxPlan(FamilyPlan):
         return (params.height // patch) * (params.width // patch)
 
     def split_tensor_parallel(self, transformer: torch.nn.Module, split: TensorSplit) -> None:
-        for index, block in enumerate(transformer.transformer_blocks):
-            split.attention(block.attn, column=("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"),
-                            row=("to_out.0", "to_add_out"))
-            split.feed_forward(block.ff, f"transformer_blocks.{index}.ff")
-            split.feed_forward(block.ff_context, f"transformer_blocks.{index}.ff_context")
+        split_joint_attention_blocks(transformer, split, feed_forwards=("ff", "ff_context"))
         for index, block in enumerate(transformer.single_transformer_blocks):
             attention_width = block.attn.inner_dim  # read before the split makes it local
             split.attention(block.attn, column=("to_q", "to_k", "to_v"), row=())

@@ -17,7 +17,7 @@ import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from ditserve.config import OmniDiffusionSamplingParams
-from ditserve.parallel.families.base import FamilyPlan, token_output_shape
+from ditserve.parallel.families.base import FamilyPlan, split_joint_attention_blocks, token_output_shape
 from ditserve.parallel.sequence import JointSequence, sequence_parallel_attention
 from ditserve.parallel.sharding import gather_output_hook, shard, shard_kwargs_hook
 from ditserve.parallel.tensor import TensorSplit
@@ -82,11 +82,7 @@ class QwenImagePlan(FamilyPlan):
         return rows * columns
 
     def split_tensor_parallel(self, transformer: torch.nn.Module, split: TensorSplit) -> None:
-        for index, block in enumerate(transformer.transformer_blocks):
-            split.attention(block.attn, column=("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"),
-                            row=("to_out.0", "to_add_out"))
-            split.feed_forward(block.img_mlp, f"transformer_blocks.{index}.img_mlp")
-            split.feed_forward(block.txt_mlp, f"transformer_blocks.{index}.txt_mlp")
+        split_joint_attention_blocks(transformer, split, feed_forwards=("img_mlp", "txt_mlp"))
 
     def install(self, transformer: torch.nn.Module, topology: ParallelTopology) -> None:
         transformer.register_forward_pre_hook(shard_kwargs_hook((("hidden_states", 1),), topology),
