@@ -6,6 +6,7 @@ the saved folder unchanged. Tokenizers are built from the language's own vocabul
 
 from __future__ import annotations
 
+import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
@@ -160,3 +161,9 @@ def build_pipeline() -> FluxPipeline:
         tokenizer_2=tokenizer_2,
         transformer=build_transformer(),
     )
+
+
+def encode_prompts(pipe: FluxPipeline, prompts: list[str], device: torch.device, max_sequence_length: int):
+    """The pipeline's own prompt encoding (same tokenizers, padding and pooled output), with gradients when the
+    encoders require them: (T5 token features, pooled CLIP feature, text ids)."""
+    return pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length)

@@ -23,6 +23,7 @@ from diffusers import FluxPipeline
 from tqdm.auto import tqdm
 
 from ditserve.demo.language import COLORS, POSITIONS, SHAPES, SIZES, Scene, sample_scenes
+from ditserve.demo.model import encode_prompts
 
 CELLS = len(POSITIONS)
 EMPTY = 0  # cell class 0 is "no object"; colour i is class i + 1
@@ -102,14 +103,6 @@ def scene_accuracy(logits: dict[str, torch.Tensor], targets: ParseTargets) -> fl
     return right.float().mean().item()
 
 
-def encode(pipe: FluxPipeline, prompts: list[str], device: torch.device, max_sequence_length: int):
-    """T5 token features and the pooled CLIP feature, exactly as FluxPipeline encodes a prompt."""
-    prompt_embeds, pooled, _ = pipe.encode_prompt(
-        prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
-    )
-    return prompt_embeds, pooled
-
-
 def pretrain_text_encoders(
     pipe: FluxPipeline,
     *,
@@ -140,7 +133,7 @@ def pretrain_text_encoders(
         long_padding = torch.rand(1, generator=generator).item() < long_padding_fraction
         count = max(1, batch // 8) if long_padding else batch
         scenes = sample_scenes(count, seed=seed * 1_000_003 + 4 * 100_003 + step, split="train")
-        tokens, pooled = encode(pipe, [s.to_prompt() for s in scenes], device, paddings[long_padding])
+        tokens, pooled, _ = encode_prompts(pipe, [s.to_prompt() for s in scenes], device, paddings[long_padding])
         loss = parsing_loss(probe(tokens, pooled), parse_targets(scenes, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,5 +148,5 @@ def pretrain_text_encoders(
 @torch.no_grad()
 def heldout_parse_accuracy(pipe: FluxPipeline, probe: ParsingProbe, device: torch.device, padding: int) -> float:
     scenes = sample_scenes(512, seed=12_345, split="heldout")
-    tokens, pooled = encode(pipe, [s.to_prompt() for s in scenes], device, padding)
+    tokens, pooled, _ = encode_prompts(pipe, [s.to_prompt() for s in scenes], device, padding)
     return scene_accuracy(probe(tokens, pooled), parse_targets(scenes, device))

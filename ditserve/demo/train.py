@@ -29,6 +29,7 @@ from ditserve.demo.model import (
     build_pipeline,
     build_t5_text_encoder,
     build_transformer,
+    encode_prompts,
 )
 from ditserve.demo.render import MAX_JITTER, render_batch
 from ditserve.demo.text_pretrain import pretrain_text_encoders
@@ -65,12 +66,12 @@ class TrainConfig:
     # A trained diffusers folder to continue from: its VAE and latent scaling are kept as they are and its
     # transformer is the starting point of a new learning-rate schedule.
     init_from: str = ""
-    # Text encoders are first trained to parse prompts (text_pretrain.py), then frozen while the transformer
-    # learns to draw (as a real model keeps its pretrained T5 frozen). 0 steps: no parsing stage, and the
-    # encoders train jointly with the transformer.
     # Decoder fine-tuning on posterior means, the latents the transformer learns to produce (0: none).
     decoder_steps: int = 0
     decoder_lr: float = 3e-4
+    # Text encoders are first trained to parse prompts (text_pretrain.py), then frozen while the transformer
+    # learns to draw (as a real model keeps its pretrained T5 frozen). 0 steps: no parsing stage, and the
+    # encoders train jointly with the transformer.
     text_steps: int = 3000
     text_batch: int = 128
     text_lr: float = 2e-3
@@ -135,6 +136,11 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
+def _reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # L1 keeps the flat colours' edges sharp, MSE the colours themselves
+    return F.mse_loss(reconstruction, target) + F.l1_loss(reconstruction, target)
+
+
 def train_vae(pipe: FluxPipeline, cfg: TrainConfig, device: torch.device, logger: _Logger) -> None:
     """Reconstruction (MSE + L1) with a tiny KL term; then sets the latent scaling/shift factors."""
     vae = pipe.vae.to(device).train()
@@ -156,7 +162,7 @@ def train_vae(pipe: FluxPipeline, cfg: TrainConfig, device: torch.device, logger
             posterior = vae.encode(target).latent_dist
             reconstruction = vae.decode(posterior.sample()).sample
         reconstruction = reconstruction.float()
-        loss_rec = F.mse_loss(reconstruction, target) + F.l1_loss(reconstruction, target)
+        loss_rec = _reconstruction_loss(reconstruction, target)
         loss = loss_rec + cfg.vae_kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -192,7 +198,7 @@ def finetune_decoder(pipe: FluxPipeline, cfg: TrainConfig, device: torch.device,
             latents = vae.encode(target).latent_dist.mode()
         with _autocast(device):
             reconstruction = vae.decode(latents).sample.float()
-        loss = F.mse_loss(reconstruction, target) + F.l1_loss(reconstruction, target)
+        loss = _reconstruction_loss(reconstruction, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
@@ -209,14 +215,6 @@ def _set_latent_statistics(pipe: FluxPipeline, cfg: TrainConfig, device: torch.d
     _, images = _training_images(256, cfg.seed, 2, 0, device)
     latents = pipe.vae.encode(images * 2 - 1).latent_dist.mode().float()
     pipe.vae.register_to_config(shift_factor=round(latents.mean().item(), 5), scaling_factor=round(1 / latents.std().item(), 5))
-
-
-def _encode_prompts(pipe: FluxPipeline, prompts: list[str], device: torch.device, max_sequence_length: int):
-    """The pipeline's own prompt encoding (same tokenizers, padding and pooled output), with gradients."""
-    prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-        prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
-    )
-    return prompt_embeds, pooled, text_ids
 
 
 def _shifted_sigmas(pipe: FluxPipeline, u: torch.Tensor, image_seq_len: int) -> torch.Tensor:
@@ -246,7 +244,7 @@ def _flow_matching_loss(pipe: FluxPipeline, prompts: list[str], images: torch.Te
     u = torch.rand(batch, generator=generator, device=device).clamp(1e-4, 1.0)
     sigma = _shifted_sigmas(pipe, u, (height // 2) * (width // 2))
     noisy = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-    prompt_embeds, pooled, text_ids = _encode_prompts(pipe, prompts, device, max_sequence_length)
+    prompt_embeds, pooled, text_ids = encode_prompts(pipe, prompts, device, max_sequence_length)
     image_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, x0.dtype)
     prediction = pipe.transformer(
         hidden_states=pipe._pack_latents(noisy, batch, channels, height, width),
@@ -276,7 +274,8 @@ def _apply_prompt_dropout(prompts: list[str], generator: torch.Generator, rate: 
 
 
 def train_transformer(pipe: FluxPipeline, cfg: TrainConfig, device: torch.device, logger: _Logger) -> dict[str, dict]:
-    """Train transformer + text encoders; returns the EMA state dicts of those modules."""
+    """Train the transformer (and the text encoders when there is no parsing stage); returns the EMA state
+    dicts of the trained modules."""
     modules = _trainable_modules(pipe, cfg)
     for module in modules.values():
         module.to(device).train().requires_grad_(True)

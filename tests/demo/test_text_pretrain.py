@@ -1,7 +1,7 @@
 import torch
 
 from ditserve.demo.language import COLORS, SHAPES, SIZES, parse_prompt, sample_scenes
-from ditserve.demo.model import MAX_SEQUENCE_LENGTH, build_transformer
+from ditserve.demo.model import MAX_SEQUENCE_LENGTH, build_transformer, encode_prompts
 from ditserve.demo.text_pretrain import EMPTY, ParsingProbe, parse_targets, parsing_loss, scene_accuracy
 from ditserve.demo.train import _with_fresh_text_inputs
 
@@ -36,8 +36,8 @@ def test_scene_accuracy_counts_a_prompt_right_only_when_everything_is():
 
 @torch.no_grad()
 def _features(pipe, scenes):
-    tokens, pooled, _ = pipe.encode_prompt(prompt=[s.to_prompt() for s in scenes], prompt_2=None,
-                                           device=torch.device("cpu"), max_sequence_length=MAX_SEQUENCE_LENGTH)
+    tokens, pooled, _ = encode_prompts(pipe, [s.to_prompt() for s in scenes], torch.device("cpu"),
+                                       MAX_SEQUENCE_LENGTH)
     return tokens, pooled, parse_targets(scenes, torch.device("cpu"))
 
 
