@@ -19,6 +19,7 @@ from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
 from ditserve.engine.request import Request
 from ditserve.engine.runner import ModelRunner
 from ditserve.errors import ParallelConfigError, RequestAbortedError
+from ditserve.levers import load_options
 from ditserve.parallel.caches import agree_on_skips
 from ditserve.parallel.install import install_parallelism
 from ditserve.parallel.topology import ParallelTopology
@@ -82,9 +83,8 @@ class RankRunner(ModelRunner):
         """Tensor parallelism exists to fit weights that one device cannot hold, so they are loaded into CPU
         memory, sharded there, and only then is each rank's shard moved to its device (unless an offload lever
         places them itself)."""
-        config = self.config
-        offloads = config.enable_cpu_offload or config.enable_layerwise_offload
-        return config.parallel_config.tensor_parallel_size > 1 and not offloads
+        placed_by_a_lever = load_options(self.config)["keep_on_cpu"]
+        return self.config.parallel_config.tensor_parallel_size > 1 and not placed_by_a_lever
 
     def _load_options(self) -> dict[str, Any]:
         options = super()._load_options()

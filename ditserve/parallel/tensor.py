@@ -42,10 +42,6 @@ from ditserve.errors import ParallelConfigError
 ELEMENTWISE_FF_INPUTS = (GELU, ApproximateGELU, LinearActivation)
 
 
-def _submodule(owner: nn.Module, path: str) -> nn.Module:
-    return owner.get_submodule(path)
-
-
 def _replace(owner: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     setattr(owner.get_submodule(parent_path) if parent_path else owner, name, new)
@@ -126,7 +122,7 @@ class TensorSplit(ABC):
 
 
 def _linear(owner: nn.Module, path: str) -> nn.Linear:
-    module = _submodule(owner, path)
+    module = owner.get_submodule(path)
     # exact type: quantized layers (int8, fp8, GGUF) subclass or replace nn.Linear with their own storage
     if type(module) is not nn.Linear:
         raise ParallelConfigError(
