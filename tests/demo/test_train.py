@@ -1,7 +1,14 @@
 import torch
 
 from ditserve.demo.model import build_pipeline
-from ditserve.demo.train import TrainConfig, _Logger, finetune_decoder
+from ditserve.demo.train import (
+    TrainConfig,
+    _Logger,
+    _reconstruction_loss,
+    _regenerated_latents,
+    _training_images,
+    finetune_decoder,
+)
 
 
 def test_decoder_fine_tuning_leaves_the_latent_space_alone(tmp_path):
@@ -14,3 +21,39 @@ def test_decoder_fine_tuning_leaves_the_latent_space_alone(tmp_path):
     assert any(not torch.equal(v, decoder_before[k]) for k, v in pipe.vae.decoder.state_dict().items())
     assert not pipe.vae.training and not any(p.requires_grad for p in pipe.vae.parameters())
     assert (tmp_path / "log.jsonl").read_text().count('"stage": "decoder"') == 2
+
+
+def test_decoder_adaptation_trains_the_decoder_alone(tmp_path):
+    pipe = build_pipeline()
+    frozen = {"encoder": pipe.vae.encoder, "transformer": pipe.transformer}
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in frozen.items()}
+    decoder_before = {k: v.clone() for k, v in pipe.vae.decoder.state_dict().items()}
+    config = TrainConfig(decoder_adapt_steps=2, vae_batch=2, warmup_steps=1, log_every=1)
+    finetune_decoder(pipe, config, torch.device("cpu"), _Logger(tmp_path / "log.jsonl"), adapt=True)
+    for name, module in frozen.items():
+        assert all(torch.equal(v, before[name][k]) for k, v in module.state_dict().items()), name
+    assert any(not torch.equal(v, decoder_before[k]) for k, v in pipe.vae.decoder.state_dict().items())
+    assert (tmp_path / "log.jsonl").read_text().count('"stage": "decoder_adapt"') == 2
+
+
+def test_regenerated_latents_redraw_the_same_picture(demo_pipeline):
+    # Re-generated from part way, a latent must stay nearer its own picture's latent than to any other.
+    prompts, images = _training_images(6, seed=0, stage=9, step=0, device=torch.device("cpu"))
+    with torch.no_grad():
+        latents = demo_pipeline.vae.encode(images * 2 - 1).latent_dist.mode()
+    regenerated = _regenerated_latents(demo_pipeline, latents, prompts, torch.Generator().manual_seed(0))
+    assert regenerated.shape == latents.shape
+    distances = torch.cdist(regenerated.flatten(1), latents.flatten(1))
+    assert torch.equal(distances.argmin(dim=1), torch.arange(6))
+    assert not torch.allclose(regenerated, latents, atol=1e-3)
+
+
+
+def test_edge_weight_counts_errors_at_colour_edges_more_than_in_flat_areas():
+    target = torch.zeros(1, 3, 16, 16)
+    target[:, :, 4:12, 4:12] = 1.0
+    at_edge, in_flat = target.clone(), target.clone()
+    at_edge[:, :, 4, 4] += 0.5  # a square's corner
+    in_flat[:, :, 14, 14] += 0.5  # background, far from the square
+    assert _reconstruction_loss(at_edge, target) == _reconstruction_loss(in_flat, target)
+    assert _reconstruction_loss(at_edge, target, edge_weight=4.0) > 2 * _reconstruction_loss(in_flat, target, edge_weight=4.0)
