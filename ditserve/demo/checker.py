@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from ditserve.demo.language import COLORS, POSITIONS, Scene, ShapeObject, parse_prompt
+from ditserve.demo.language import COLORS, POSITIONS, SHAPES, SIZES, Scene, ShapeObject, parse_prompt
 from ditserve.demo.render import BOX_SIDE, MAX_JITTER, PALETTE, cell_center
 from ditserve.errors import InvalidParameterError
 
@@ -190,7 +190,19 @@ def evaluate(images: list, prompts: list[str | Scene]) -> dict[str, float]:
         "background_accuracy": _mean(s.background_ok for s in scores),
         "extra_object_rate": _mean(s.extra_objects > 0 for s in scores),
         "heldout_object_accuracy": _mean(o.correct for o in heldout) if heldout else float("nan"),
+        **_accuracy_by_kind(objects),
     }
+
+
+def _accuracy_by_kind(objects: list[ObjectScore]) -> dict[str, float]:
+    """Object accuracy per size and shape (``small_triangle_accuracy``, ...), NaN for a kind with no object:
+    where the misses are."""
+    figures = {}
+    for size in SIZES:
+        for shape in SHAPES:
+            kind = [o.correct for o in objects if (o.object.size, o.object.shape) == (size, shape)]
+            figures[f"{size}_{shape}_accuracy"] = _mean(kind) if kind else float("nan")
+    return figures
 
 
 def _mean(values) -> float:

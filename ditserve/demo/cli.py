@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from ditserve.demo.language import SHAPES, SIZES
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
 from ditserve.errors import InvalidParameterError
 
@@ -71,7 +72,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from ditserve.demo.evaluation import adherence, load_pipeline, load_sampling_defaults
+    from ditserve.demo.checker import evaluate
+    from ditserve.demo.evaluation import (
+        adherence,
+        decoded_ground_truth,
+        load_pipeline,
+        load_sampling_defaults,
+    )
     from ditserve.demo.language import heldout_prompts
 
     model_dir = _model_path(args)
@@ -86,8 +93,16 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"{r['num_inference_steps']:>5} {r['true_cfg_scale']:>5.2f} {r['object_accuracy']:>7.3f} "
               f"{r['prompt_accuracy']:>7.3f} {r['heldout_object_accuracy']:>11.3f} {r['shape_accuracy']:>6.3f} "
               f"{r['size_accuracy']:>6.3f}")
+    print("object accuracy by kind, per setting above:")
+    for size in SIZES:
+        for shape in SHAPES:
+            key = f"{size}_{shape}_accuracy"
+            print(f"  {size + ' ' + shape:>14}: " + " ".join(f"{r[key]:.3f}" for r in results))
+    ceiling = evaluate(decoded_ground_truth(pipe, prompts), prompts)
+    print(f"decoded ground truth (the checker's ceiling for this VAE): object {ceiling['object_accuracy']:.3f} "
+          f"prompt {ceiling['prompt_accuracy']:.3f}")
     report = {"model": str(model_dir), "heldout_prompts": len(prompts), "prompt_seed": args.prompt_seed,
-              "seed": args.seed, "results": results}
+              "seed": args.seed, "results": results, "decoded_ground_truth": ceiling}
     if args.select_cfg:
         best = max((r for r in results if r["num_inference_steps"] == 50), key=lambda r: (r["prompt_accuracy"], r["object_accuracy"]))
         write_defaults(model_dir, best["true_cfg_scale"])
@@ -150,7 +165,7 @@ def _cmd_redundancy(args: argparse.Namespace) -> None:
 def _add_train_parser(subparsers) -> None:
     from ditserve.demo.train import TrainConfig
 
-    parser = subparsers.add_parser("train", help="train the demo model (VAE, then transformer + text encoders)")
+    parser = subparsers.add_parser("train", help="train the demo model (VAE, decoder, text encoders, transformer, decoder adaptation)")
     for field in fields(TrainConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=type(field.default), default=None,
                             help=f"default {field.default}")

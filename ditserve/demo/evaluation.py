@@ -12,6 +12,8 @@ from diffusers import FluxPipeline
 from PIL import Image, ImageDraw, ImageFont
 
 from ditserve.demo.checker import evaluate
+from ditserve.demo.language import parse_prompt
+from ditserve.demo.render import render_batch, to_pil
 from ditserve.errors import InvalidParameterError
 
 DEFAULTS_FILE = "ditserve_defaults.json"
@@ -73,6 +75,19 @@ def adherence(pipe: FluxPipeline, prompts: list[str], settings: list[tuple[int, 
                           max_sequence_length=max_sequence_length)
         results.append({"num_inference_steps": steps, "true_cfg_scale": cfg_scale, **evaluate(images, prompts)})
     return results
+
+
+@torch.no_grad()
+def decoded_ground_truth(pipe: FluxPipeline, prompts: list[str], batch_size: int = 32) -> list[Image.Image]:
+    """The true pictures passed through the VAE (posterior mean, then decoder): what a perfect transformer would
+    give, so their checker score is the ceiling of the model's."""
+    device = pipe.vae.device
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        pictures = render_batch([parse_prompt(p) for p in prompts[start : start + batch_size]], device=device)
+        latents = pipe.vae.encode(pictures.to(pipe.vae.dtype) * 2 - 1).latent_dist.mode()
+        images.extend(to_pil(((pipe.vae.decode(latents).sample.float() + 1) / 2).clamp(0, 1)))
+    return images
 
 
 def gallery(images: list[Image.Image], prompts: list[str], columns: int = 4, caption_width: int = 34) -> Image.Image:

@@ -47,6 +47,16 @@ def test_checker_accepts_ground_truth_renders():
     figures = evaluate(images, scenes)
     assert figures["object_accuracy"] >= 0.99
     assert figures["prompt_accuracy"] >= 0.97
+    kinds = [f"{size}_{shape}_accuracy" for size in ("small", "large") for shape in ("circle", "square", "triangle")]
+    assert all(figures[kind] >= 0.95 for kind in kinds)
+
+
+def test_accuracy_by_kind_points_at_the_kind_that_is_drawn_wrong():
+    prompts = ["a small red triangle on the left and a large blue circle at the top right"] * 4
+    drawn = [render("a small red circle on the left and a large blue circle at the top right")] * 4
+    figures = evaluate(drawn, prompts)
+    assert figures["small_triangle_accuracy"] == 0.0 and figures["large_circle_accuracy"] == 1.0
+    assert np.isnan(figures["small_square_accuracy"])
 
 
 def test_checker_rejects_noise_and_mismatched_prompts():
