@@ -194,6 +194,11 @@ def evaluate(images: list, prompts: list[str | Scene]) -> dict[str, float]:
     }
 
 
+def kind_accuracy_key(size: str, shape: str) -> str:
+    """The key of one size-and-shape accuracy in ``evaluate``'s figures, e.g. ``small_triangle_accuracy``."""
+    return f"{size}_{shape}_accuracy"
+
+
 def _accuracy_by_kind(objects: list[ObjectScore]) -> dict[str, float]:
     """Object accuracy per size and shape (``small_triangle_accuracy``, ...), NaN for a kind with no object:
     where the misses are."""
@@ -201,7 +206,7 @@ def _accuracy_by_kind(objects: list[ObjectScore]) -> dict[str, float]:
     for size in SIZES:
         for shape in SHAPES:
             kind = [o.correct for o in objects if (o.object.size, o.object.shape) == (size, shape)]
-            figures[f"{size}_{shape}_accuracy"] = _mean(kind) if kind else float("nan")
+            figures[kind_accuracy_key(size, shape)] = _mean(kind) if kind else float("nan")
     return figures
 
 

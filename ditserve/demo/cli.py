@@ -72,7 +72,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from ditserve.demo.checker import evaluate
+    from ditserve.demo.checker import evaluate, kind_accuracy_key
     from ditserve.demo.evaluation import (
         adherence,
         decoded_ground_truth,
@@ -96,7 +96,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print("object accuracy by kind, per setting above:")
     for size in SIZES:
         for shape in SHAPES:
-            key = f"{size}_{shape}_accuracy"
+            key = kind_accuracy_key(size, shape)
             print(f"  {size + ' ' + shape:>14}: " + " ".join(f"{r[key]:.3f}" for r in results))
     ceiling = evaluate(decoded_ground_truth(pipe, prompts), prompts)
     print(f"decoded ground truth (the checker's ceiling for this VAE): object {ceiling['object_accuracy']:.3f} "
