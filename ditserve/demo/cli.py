@@ -167,8 +167,13 @@ def _add_train_parser(subparsers) -> None:
 
     parser = subparsers.add_parser("train", help="train the demo model (VAE, decoder, text encoders, transformer, decoder adaptation)")
     for field in fields(TrainConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=type(field.default), default=None,
-                            help=f"default {field.default}")
+        flag = f"--{field.name.replace('_', '-')}"
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"default {field.default}")
+        else:
+            parser.add_argument(flag, dest=field.name, type=type(field.default), default=None,
+                                help=f"default {field.default}")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run-dir")
     parser.add_argument("--output", default="runs/ditserve-shapes/final", help="where to write the diffusers folder")
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="true_cfg_scale written to ditserve_defaults.json")

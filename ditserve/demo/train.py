@@ -34,6 +34,7 @@ from ditserve.demo.model import (
 )
 from ditserve.demo.render import MAX_JITTER, render_batch
 from ditserve.demo.text_pretrain import pretrain_text_encoders
+from ditserve.errors import InvalidParameterError
 
 IMAGE_SIZE = 128
 # FluxPipeline's own check caps max_sequence_length at 512.
@@ -67,6 +68,9 @@ class TrainConfig:
     # A trained diffusers folder to continue from: its VAE and latent scaling are kept as they are and its
     # transformer is the starting point of a new learning-rate schedule.
     init_from: str = ""
+    # With init_from: keep that folder's text encoders (frozen) and the transformer whole, with no parsing
+    # stage; for continuing a finished model with more compute. Without it the encoders are trained afresh.
+    keep_text_encoders: bool = False
     # Decoder fine-tuning on posterior means, the latents the transformer learns to produce (0: none).
     decoder_steps: int = 0
     decoder_lr: float = 3e-4
@@ -325,8 +329,12 @@ def _flow_matching_loss(pipe: FluxPipeline, prompts: list[str], images: torch.Te
     return F.mse_loss(prediction.float(), target)
 
 
+def _text_encoders_frozen(cfg: TrainConfig) -> bool:
+    return cfg.text_steps > 0 or cfg.keep_text_encoders
+
+
 def _trainable_modules(pipe: FluxPipeline, cfg: TrainConfig) -> dict[str, torch.nn.Module]:
-    if cfg.text_steps > 0:
+    if _text_encoders_frozen(cfg):
         return {"transformer": pipe.transformer}
     return {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
 
@@ -448,6 +456,9 @@ def _with_fresh_text_inputs(trained: torch.nn.Module) -> torch.nn.Module:
 
 def train(cfg: TrainConfig, output_dir: str | Path) -> Path:
     """Full training (resumable from ``cfg.run_dir``); writes the diffusers folder to ``output_dir``."""
+    if cfg.keep_text_encoders and not cfg.init_from:
+        raise InvalidParameterError("keep_text_encoders keeps the text encoders of init_from: give init_from too",
+                                    param="keep_text_encoders")
     device = resolve_device(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -468,7 +479,10 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> Path:
     if cfg.decoder_steps > 0:
         finetune_decoder(pipe, cfg, device, logger)
     vae_seconds = time.perf_counter() - started
-    if cfg.text_steps > 0:
+    if cfg.keep_text_encoders:
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+            encoder.to(device).eval().requires_grad_(False)
+    elif cfg.text_steps > 0:
         _train_text_encoders(pipe, cfg, device, logger)
     text_seconds = time.perf_counter() - started - vae_seconds
     ema = train_transformer(pipe, cfg, device, logger)

@@ -1,5 +1,10 @@
-import torch
+import argparse
 
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+from ditserve.demo.cli import register
 from ditserve.demo.model import build_pipeline
 from ditserve.demo.train import (
     TrainConfig,
@@ -8,7 +13,9 @@ from ditserve.demo.train import (
     _regenerated_latents,
     _training_images,
     finetune_decoder,
+    train,
 )
+from ditserve.errors import InvalidParameterError
 
 
 def test_decoder_fine_tuning_leaves_the_latent_space_alone(tmp_path):
@@ -48,7 +55,6 @@ def test_regenerated_latents_redraw_the_same_picture(demo_pipeline):
     assert not torch.allclose(regenerated, latents, atol=1e-3)
 
 
-
 def test_edge_weight_counts_errors_at_colour_edges_more_than_in_flat_areas():
     target = torch.zeros(1, 3, 16, 16)
     target[:, :, 4:12, 4:12] = 1.0
@@ -57,3 +63,34 @@ def test_edge_weight_counts_errors_at_colour_edges_more_than_in_flat_areas():
     in_flat[:, :, 14, 14] += 0.5  # background, far from the square
     assert _reconstruction_loss(at_edge, target) == _reconstruction_loss(in_flat, target)
     assert _reconstruction_loss(at_edge, target, edge_weight=4.0) > 2 * _reconstruction_loss(in_flat, target, edge_weight=4.0)
+
+
+def test_continuing_a_finished_model_keeps_its_text_encoders_and_text_inputs(tmp_path):
+    # keep_text_encoders: no parsing stage, frozen encoders, and the transformer's text-input layers go on
+    # from their trained weights (without the flag they would be rebuilt at random for new encoders).
+    build_pipeline().save_pretrained(tmp_path / "start")
+    start = FluxPipeline.from_pretrained(tmp_path / "start")
+    config = TrainConfig(run_dir=str(tmp_path / "run"), init_from=str(tmp_path / "start"), keep_text_encoders=True,
+                         steps=2, batch=2, lr=1e-6, warmup_steps=1, log_every=1, long_padding_fraction=0.0)
+    result = FluxPipeline.from_pretrained(train(config, tmp_path / "out"))
+    for name in ("text_encoder", "text_encoder_2"):
+        before, after = getattr(start, name).state_dict(), getattr(result, name).state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in before.items()), name
+    embedder_before = start.transformer.context_embedder.weight
+    embedder_after = result.transformer.context_embedder.weight
+    assert not torch.equal(embedder_before, embedder_after)
+    assert torch.allclose(embedder_before, embedder_after, atol=1e-4)
+    assert '"stage": "text_encoders"' not in (tmp_path / "run" / "log.jsonl").read_text()
+
+
+def test_keeping_text_encoders_needs_a_model_to_keep_them_from(tmp_path):
+    with pytest.raises(InvalidParameterError, match="init_from"):
+        train(TrainConfig(run_dir=str(tmp_path / "run"), keep_text_encoders=True), tmp_path / "out")
+
+
+def test_train_command_reads_boolean_options_both_ways():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["demo", "train", "--keep-text-encoders"]).keep_text_encoders is True
+    assert parser.parse_args(["demo", "train", "--no-keep-text-encoders"]).keep_text_encoders is False
+    assert parser.parse_args(["demo", "train"]).keep_text_encoders is None
