@@ -167,13 +167,11 @@ def _add_train_parser(subparsers) -> None:
 
     parser = subparsers.add_parser("train", help="train the demo model (VAE, decoder, text encoders, transformer, decoder adaptation)")
     for field in fields(TrainConfig):
-        flag = f"--{field.name.replace('_', '-')}"
-        if isinstance(field.default, bool):
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"default {field.default}")
-        else:
-            parser.add_argument(flag, dest=field.name, type=type(field.default), default=None,
-                                help=f"default {field.default}")
+        # booleans read as --flag / --no-flag; type=bool would take any text, "0" included, as True
+        parsing = ({"action": argparse.BooleanOptionalAction} if isinstance(field.default, bool)
+                   else {"type": type(field.default)})
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
+                            help=f"default {field.default}", **parsing)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run-dir")
     parser.add_argument("--output", default="runs/ditserve-shapes/final", help="where to write the diffusers folder")
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="true_cfg_scale written to ditserve_defaults.json")
