@@ -262,16 +262,11 @@ def _regenerated_latents(pipe: FluxPipeline, latents: torch.Tensor, prompts: lis
     image_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, x0.dtype)
     conditional = encode_prompts(pipe, prompts, device, MAX_SEQUENCE_LENGTH)
     unconditional = encode_prompts(pipe, [""] * batch, device, MAX_SEQUENCE_LENGTH)
-
-    def velocity(x: torch.Tensor, text: tuple, sigma: torch.Tensor) -> torch.Tensor:
-        embeds, pooled, text_ids = text
-        return pipe.transformer(hidden_states=x, timestep=sigma, guidance=None, pooled_projections=pooled,
-                                encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
-
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         with _autocast(device):
-            unguided = velocity(x, unconditional, sigma).float()
-            guided = unguided + REGENERATE_CFG_SCALE * (velocity(x, conditional, sigma).float() - unguided)
+            unguided = _velocity(pipe, x, sigma, unconditional, image_ids).float()
+            conditioned = _velocity(pipe, x, sigma, conditional, image_ids).float()
+            guided = unguided + REGENERATE_CFG_SCALE * (conditioned - unguided)
         x = x + (sigma_next - sigma)[:, None, None] * guided
     x0_regenerated = pipe._unpack_latents(x, height * pipe.vae_scale_factor, width * pipe.vae_scale_factor, pipe.vae_scale_factor)
     return x0_regenerated / config.scaling_factor + config.shift_factor
@@ -298,6 +293,16 @@ def _shifted_sigmas(pipe: FluxPipeline, u: torch.Tensor, image_seq_len: int) -> 
     return pipe.scheduler.time_shift(mu, 1.0, u)
 
 
+def _velocity(pipe: FluxPipeline, packed: torch.Tensor, sigma: torch.Tensor, text: tuple,
+              image_ids: torch.Tensor) -> torch.Tensor:
+    """The transformer's velocity for packed latents at noise level ``sigma``, given ``encode_prompts``' output."""
+    prompt_embeds, pooled, text_ids = text
+    # FluxPipeline passes timestep / 1000 with timestep = sigma * 1000.
+    return pipe.transformer(hidden_states=packed, timestep=sigma, guidance=None, pooled_projections=pooled,
+                            encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
+                            return_dict=False)[0]
+
+
 def _flow_matching_loss(pipe: FluxPipeline, prompts: list[str], images: torch.Tensor, generator: torch.Generator,
                         max_sequence_length: int) -> torch.Tensor:
     device = images.device
@@ -312,19 +317,9 @@ def _flow_matching_loss(pipe: FluxPipeline, prompts: list[str], images: torch.Te
     u = torch.rand(batch, generator=generator, device=device).clamp(1e-4, 1.0)
     sigma = _shifted_sigmas(pipe, u, (height // 2) * (width // 2))
     noisy = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-    prompt_embeds, pooled, text_ids = encode_prompts(pipe, prompts, device, max_sequence_length)
+    text = encode_prompts(pipe, prompts, device, max_sequence_length)
     image_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, x0.dtype)
-    prediction = pipe.transformer(
-        hidden_states=pipe._pack_latents(noisy, batch, channels, height, width),
-        # FluxPipeline passes timestep / 1000 with timestep = sigma * 1000.
-        timestep=sigma,
-        guidance=None,
-        pooled_projections=pooled,
-        encoder_hidden_states=prompt_embeds,
-        txt_ids=text_ids,
-        img_ids=image_ids,
-        return_dict=False,
-    )[0]
+    prediction = _velocity(pipe, pipe._pack_latents(noisy, batch, channels, height, width), sigma, text, image_ids)
     target = pipe._pack_latents(noise - x0, batch, channels, height, width)
     return F.mse_loss(prediction.float(), target)
 
@@ -429,8 +424,7 @@ def _train_text_encoders(pipe: FluxPipeline, cfg: TrainConfig, device: torch.dev
         state = torch.load(checkpoint, map_location=device)
         pipe.text_encoder.load_state_dict(state["text_encoder"])
         pipe.text_encoder_2.load_state_dict(state["text_encoder_2"])
-        pipe.text_encoder.to(device).eval().requires_grad_(False)
-        pipe.text_encoder_2.to(device).eval().requires_grad_(False)
+        _freeze_text_encoders(pipe, device)
         return
     accuracy = pretrain_text_encoders(
         pipe, steps=cfg.text_steps, batch=cfg.text_batch, lr=cfg.text_lr,
@@ -440,6 +434,11 @@ def _train_text_encoders(pipe: FluxPipeline, cfg: TrainConfig, device: torch.dev
     logger.write(stage="text_encoders", heldout_parse_accuracy=accuracy)
     _save_checkpoint(checkpoint, {"text_encoder": pipe.text_encoder.state_dict(),
                                   "text_encoder_2": pipe.text_encoder_2.state_dict()})
+
+
+def _freeze_text_encoders(pipe: FluxPipeline, device: torch.device) -> None:
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        encoder.to(device).eval().requires_grad_(False)
 
 
 def _with_fresh_text_inputs(trained: torch.nn.Module) -> torch.nn.Module:
@@ -480,8 +479,7 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> Path:
         finetune_decoder(pipe, cfg, device, logger)
     vae_seconds = time.perf_counter() - started
     if cfg.keep_text_encoders:
-        for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-            encoder.to(device).eval().requires_grad_(False)
+        _freeze_text_encoders(pipe, device)
     elif cfg.text_steps > 0:
         _train_text_encoders(pipe, cfg, device, logger)
     text_seconds = time.perf_counter() - started - vae_seconds
