@@ -7,12 +7,14 @@ it by up to ``MAX_JITTER``), a small object fits a box of side 0.20 S, a large o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ditserve.demo.language import COLORS, MAX_OBJECTS, SHAPES, Scene, parse_prompt
+from ditserve.demo.language import COLORS, MAX_OBJECTS, SHAPES, SIZES, Scene, parse_prompt
 from ditserve.errors import InvalidParameterError
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -39,13 +41,42 @@ def _palette_tensor(device: torch.device) -> torch.Tensor:
     return torch.tensor([PALETTE[c] for c in COLORS], dtype=torch.float32, device=device) / 255.0
 
 
-def _scene_tables(scenes: list[Scene], device: torch.device) -> dict[str, torch.Tensor]:
-    """Per scene and object slot: centre, half side, shape id, colour id and presence, padded to MAX_OBJECTS."""
+@dataclass(frozen=True)
+class Layout:
+    """Where every object slot of a batch of scenes lands: per scene and slot (padded to MAX_OBJECTS) its centre
+    (jitter applied), half side, size, shape and colour ids and presence, and each scene's background id."""
+
+    center: torch.Tensor  # (B, MAX_OBJECTS, 2) float, (x, y) in fractions of the side
+    half: torch.Tensor  # (B, MAX_OBJECTS) float
+    size: torch.Tensor  # (B, MAX_OBJECTS) long, index into SIZES
+    shape: torch.Tensor  # (B, MAX_OBJECTS) long, index into SHAPES
+    color: torch.Tensor  # (B, MAX_OBJECTS) long, index into COLORS
+    present: torch.Tensor  # (B, MAX_OBJECTS) bool
+    background: torch.Tensor  # (B,) long, index into COLORS
+
+    def masks(self, side: int) -> torch.Tensor:
+        """Boolean (B, MAX_OBJECTS, side, side) coverage of every slot, sampled at the centres of a side x side
+        pixel grid."""
+        coords = (torch.arange(side, device=self.center.device, dtype=torch.float32) + 0.5) / side
+        return _shape_masks(coords[None, :], coords[:, None], self.center, self.half, self.shape) & self.present[..., None, None]
+
+
+def lay_out(
+    scenes: list[Scene],
+    jitter: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Layout:
+    """Place the scenes' objects. ``jitter`` moves each object's centre uniformly by up to that fraction of the
+    side in x and y (training only; at most MAX_JITTER). ``generator`` must live on ``device`` when jitter is
+    used."""
+    if not 0.0 <= jitter <= MAX_JITTER:
+        raise InvalidParameterError(f"jitter must be in [0, {MAX_JITTER}], got {jitter}", param="jitter")
+    device = torch.device(device) if device is not None else torch.device("cpu")
     count = len(scenes)
     center = torch.zeros(count, MAX_OBJECTS, 2)
     half = torch.zeros(count, MAX_OBJECTS)
-    shape = torch.zeros(count, MAX_OBJECTS, dtype=torch.long)
-    color = torch.zeros(count, MAX_OBJECTS, dtype=torch.long)
+    size, shape, color = (torch.zeros(count, MAX_OBJECTS, dtype=torch.long) for _ in range(3))
     present = torch.zeros(count, MAX_OBJECTS, dtype=torch.bool)
     background = torch.zeros(count, dtype=torch.long)
     for i, scene in enumerate(scenes):
@@ -53,11 +84,16 @@ def _scene_tables(scenes: list[Scene], device: torch.device) -> dict[str, torch.
         for j, obj in enumerate(scene.objects):
             center[i, j] = torch.tensor(cell_center(*obj.cell))
             half[i, j] = BOX_SIDE[obj.size] / 2
+            size[i, j] = SIZES.index(obj.size)
             shape[i, j] = SHAPES.index(obj.shape)
             color[i, j] = COLORS.index(obj.color)
             present[i, j] = True
-    tables = {"center": center, "half": half, "shape": shape, "color": color, "present": present, "background": background}
-    return {name: t.to(device) for name, t in tables.items()}
+    center = center.to(device)
+    if jitter > 0:
+        offsets = torch.rand(center.shape, generator=generator, device=device) * 2 - 1
+        center = center + jitter * offsets
+    return Layout(center, half.to(device), size.to(device), shape.to(device), color.to(device), present.to(device),
+                  background.to(device))
 
 
 def _shape_masks(x: torch.Tensor, y: torch.Tensor, center: torch.Tensor, half: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
@@ -74,6 +110,31 @@ def _shape_masks(x: torch.Tensor, y: torch.Tensor, center: torch.Tensor, half: t
     return torch.where(shape == 0, disc, torch.where(shape == 1, square, triangle))
 
 
+def rasterize(layout: Layout, size: int = 128) -> torch.Tensor:
+    """The pictures of a layout: float (B, 3, size, size) in [0, 1], 2x supersampled."""
+    if size < 8:
+        raise InvalidParameterError(f"size must be >= 8 pixels, got {size}", param="size")
+    fine = size * SUPERSAMPLING
+    masks = layout.masks(fine)
+    palette = _palette_tensor(layout.center.device)
+    image = palette[layout.background][:, :, None, None].expand(-1, -1, fine, fine)
+    # Later objects are painted over earlier ones, as in the prompt's order.
+    for slot in range(MAX_OBJECTS):
+        color = palette[layout.color[:, slot]][:, :, None, None]
+        image = torch.where(masks[:, slot, None], color, image)
+    return F.avg_pool2d(image, SUPERSAMPLING)
+
+
+def object_map(layout: Layout, side: int) -> torch.Tensor:
+    """Which object is visible at the centre of each cell of a side x side grid: long (B, side, side), 0 for the
+    background and j + 1 for the scene's object j (later objects cover earlier ones, as in ``rasterize``)."""
+    masks = layout.masks(side)
+    visible = torch.zeros(masks.shape[0], side, side, dtype=torch.long, device=masks.device)
+    for slot in range(MAX_OBJECTS):
+        visible = torch.where(masks[:, slot], slot + 1, visible)
+    return visible
+
+
 def render_batch(
     scenes: list[Scene],
     size: int = 128,
@@ -81,32 +142,9 @@ def render_batch(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Render scenes to a float tensor (B, 3, size, size) in [0, 1] on ``device``.
-
-    ``jitter`` moves each object's centre uniformly by up to that fraction of the side in x and y
-    (training only; at most MAX_JITTER). ``generator`` must live on ``device`` when jitter is used.
-    """
-    if not 0.0 <= jitter <= MAX_JITTER:
-        raise InvalidParameterError(f"jitter must be in [0, {MAX_JITTER}], got {jitter}", param="jitter")
-    if size < 8:
-        raise InvalidParameterError(f"size must be >= 8 pixels, got {size}", param="size")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    tables = _scene_tables(scenes, device)
-    center = tables["center"]
-    if jitter > 0:
-        offsets = torch.rand(center.shape, generator=generator, device=device) * 2 - 1
-        center = center + jitter * offsets
-    fine = size * SUPERSAMPLING
-    coords = (torch.arange(fine, device=device, dtype=torch.float32) + 0.5) / fine
-    y, x = coords[:, None], coords[None, :]
-    masks = _shape_masks(x, y, center, tables["half"], tables["shape"]) & tables["present"][..., None, None]
-    palette = _palette_tensor(device)
-    image = palette[tables["background"]][:, :, None, None].expand(-1, -1, fine, fine)
-    # Later objects are painted over earlier ones, as in the prompt's order.
-    for slot in range(MAX_OBJECTS):
-        color = palette[tables["color"][:, slot]][:, :, None, None]
-        image = torch.where(masks[:, slot, None], color, image)
-    return F.avg_pool2d(image, SUPERSAMPLING)
+    """Render scenes to a float tensor (B, 3, size, size) in [0, 1] on ``device`` (see ``lay_out`` for
+    ``jitter`` and ``generator``)."""
+    return rasterize(lay_out(scenes, jitter, generator, device), size)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

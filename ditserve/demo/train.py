@@ -32,7 +32,8 @@ from ditserve.demo.model import (
     build_transformer,
     encode_prompts,
 )
-from ditserve.demo.render import MAX_JITTER, render_batch
+from ditserve.demo.object_probe import ObjectProbe, object_targets
+from ditserve.demo.render import MAX_JITTER, Layout, lay_out, rasterize
 from ditserve.demo.text_pretrain import pretrain_text_encoders
 from ditserve.errors import InvalidParameterError
 
@@ -60,6 +61,10 @@ class TrainConfig:
     # Some steps pad T5 to FluxPipeline's default 512 tokens, so callers that omit max_sequence_length still
     # get pictures that follow the prompt.
     long_padding_fraction: float = 0.05
+    # Weight of the object probe's loss (object_probe.py) beside the denoising loss (0: no probe), and its grid
+    # of cells per token side (4: cells of 4x4 pixels).
+    probe_weight: float = 0.3
+    probe_cells: int = 4
     checkpoint_every: int = 500
     log_every: int = 50
     # Wall-clock budget of the transformer stage in minutes (0: none). The learning-rate schedule ends with
@@ -113,12 +118,15 @@ def _step_generator(device: torch.device, seed: int, stage: int, step: int) -> t
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + stage * 100_003 + step)
 
 
-def _training_images(batch: int, seed: int, stage: int, step: int, device: torch.device) -> tuple[list[str], torch.Tensor]:
+def _training_layout(batch: int, seed: int, stage: int, step: int, device: torch.device) -> tuple[list[str], Layout]:
     scenes = sample_scenes(batch, seed=seed * 1_000_003 + stage * 100_003 + step, split="train")
-    images = render_batch(
-        scenes, size=IMAGE_SIZE, jitter=MAX_JITTER, generator=_step_generator(device, seed, stage, step), device=device
-    )
-    return [s.to_prompt() for s in scenes], images
+    layout = lay_out(scenes, jitter=MAX_JITTER, generator=_step_generator(device, seed, stage, step), device=device)
+    return [s.to_prompt() for s in scenes], layout
+
+
+def _training_images(batch: int, seed: int, stage: int, step: int, device: torch.device) -> tuple[list[str], torch.Tensor]:
+    prompts, layout = _training_layout(batch, seed, stage, step, device)
+    return prompts, rasterize(layout, IMAGE_SIZE)
 
 
 def _lr_factor(step: int, total: int, warmup: int, progress: float | None = None) -> float:
@@ -341,12 +349,14 @@ def _apply_prompt_dropout(prompts: list[str], generator: torch.Generator, rate: 
 
 
 def train_transformer(pipe: FluxPipeline, cfg: TrainConfig, device: torch.device, logger: _Logger) -> dict[str, dict]:
-    """Train the transformer (and the text encoders when there is no parsing stage); returns the EMA state
-    dicts of the trained modules."""
+    """Train the transformer (and the text encoders when there is no parsing stage), with the object probe's
+    loss beside the denoising loss when ``cfg.probe_weight`` > 0; returns the EMA state dicts of the trained
+    modules."""
     modules = _trainable_modules(pipe, cfg)
     for module in modules.values():
         module.to(device).train().requires_grad_(True)
-    parameters = [p for m in modules.values() for p in m.parameters()]
+    probe = ObjectProbe(pipe.transformer, cfg.probe_cells).to(device) if cfg.probe_weight > 0 else None
+    parameters = [p for m in [*modules.values(), *([probe] if probe else [])] for p in m.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     ema = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
     checkpoint = Path(cfg.run_dir) / "transformer.pt"
@@ -355,8 +365,11 @@ def train_transformer(pipe: FluxPipeline, cfg: TrainConfig, device: torch.device
         state = torch.load(checkpoint, map_location=device)
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
+        if probe is not None:
+            probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
         ema, start = state["ema"], state["step"]
+    tokens_per_side = IMAGE_SIZE // (2 * pipe.vae_scale_factor)  # FLUX packs 2x2 latent pixels per token
     progress = tqdm(range(start, cfg.steps), desc="transformer", initial=start, total=cfg.steps)
     began = time.perf_counter()
     budget = 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
@@ -367,36 +380,44 @@ def train_transformer(pipe: FluxPipeline, cfg: TrainConfig, device: torch.device
         fraction = max(step / cfg.steps, elapsed / budget)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup_steps, fraction)
-        prompts, images = _training_images(cfg.batch, cfg.seed, 1, step, device)
+        prompts, layout = _training_layout(cfg.batch, cfg.seed, 1, step, device)
+        images = rasterize(layout, IMAGE_SIZE)
         generator = _step_generator(device, cfg.seed, 3, step)
         prompts = _apply_prompt_dropout(prompts, generator, cfg.prompt_dropout)
+        targets = object_targets(layout, tokens_per_side, cfg.probe_cells, [p != "" for p in prompts]) if probe else None
         long_padding = torch.rand(1, generator=generator, device=device).item() < cfg.long_padding_fraction
         if long_padding:
             # a quarter of the batch: at 512 text tokens a step costs several usual ones
             keep = max(1, cfg.batch // 4)
             prompts, images = prompts[:keep], images[:keep]
+            targets = targets[:keep] if targets else None
         with _autocast(device):
             padding = LONGEST_PADDING if long_padding else MAX_SEQUENCE_LENGTH
             loss = _flow_matching_loss(pipe, prompts, images, generator, padding)
+            probe_loss = probe.loss(targets) if probe else torch.zeros(())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + cfg.probe_weight * probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         _update_ema(ema, modules, cfg.ema_decay, step)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            logger.write(stage="transformer", step=step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+            progress.set_postfix(loss=f"{loss.item():.4f}", probe=f"{probe_loss.item():.3f}")
+            logger.write(stage="transformer", step=step, loss=loss.item(), probe_loss=probe_loss.item(),
+                         lr=optimizer.param_groups[0]["lr"])
         out_of_time = time.perf_counter() - began > budget
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1 or out_of_time:
             _save_checkpoint(checkpoint, {
                 "step": step + 1,
                 "modules": {name: m.state_dict() for name, m in modules.items()},
+                "probe": probe.state_dict() if probe else None,
                 "optimizer": optimizer.state_dict(),
                 "ema": ema,
             })
         if out_of_time:
             logger.write(stage="transformer", stopped_early_at_step=step + 1, of_steps=cfg.steps)
             break
+    if probe is not None:
+        probe.detach()
     return ema
 
 

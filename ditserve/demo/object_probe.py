@@ -1,0 +1,87 @@
+"""Object probe: a training-only read-out of what each image token shows, learnt beside the denoising loss.
+
+Why: trained by the denoising loss alone, the transformer learns colours and positions fast but shapes slowly. A
+circle and a square of the same colour and place differ only in a thin rim of pixels, so the loss hardly
+depends on the shape word, and after 63 k pictures the transformer still drew blobs half way between the two
+(68 % held-out object accuracy). The probe reads the image tokens after the double-stream blocks and must say,
+on a grid of cells inside each token, which colour is there and which kind of object (size and shape) covers
+it. The shape then labels every pixel of an object, not only its rim. With the probe the same 30 minutes gave
+91 % instead of 68 % (A/B on one CPU thread, model card). The probe is not saved with the model: the
+transformer stays a stock ``FluxTransformer2DModel``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel
+
+from ditserve.demo.language import COLORS, SHAPES, SIZES
+from ditserve.demo.render import Layout, object_map
+
+# Class 0 is "no object" (background); object kinds are 1 + size * len(SHAPES) + shape.
+KINDS = 1 + len(SIZES) * len(SHAPES)
+
+
+@dataclass(frozen=True)
+class ObjectTargets:
+    """What each cell of each image token shows, in FLUX's token order (row-major over the packed latent)."""
+
+    color: torch.Tensor  # (B, tokens, cells) long, index into COLORS
+    kind: torch.Tensor  # (B, tokens, cells) long, 0 or an object kind
+    prompted: torch.Tensor  # (B,) bool: the kind is only knowable where the prompt was not dropped
+
+    def __getitem__(self, rows: slice) -> ObjectTargets:
+        return ObjectTargets(self.color[rows], self.kind[rows], self.prompted[rows])
+
+
+def object_targets(layout: Layout, tokens_per_side: int, cells_per_token: int, prompted: list[bool]) -> ObjectTargets:
+    """Colour and object kind at the centre of every cell, for a square image of ``tokens_per_side`` tokens a
+    side, each split into ``cells_per_token`` x ``cells_per_token`` cells."""
+    visible = object_map(layout, tokens_per_side * cells_per_token)  # 0 background, j + 1 object j
+    batch = visible.shape[0]
+    colors = torch.cat([layout.background[:, None], layout.color], dim=1)
+    kinds = torch.cat([torch.zeros_like(layout.size[:, :1]), 1 + layout.size * len(SHAPES) + layout.shape], dim=1)
+
+    def per_token(table: torch.Tensor) -> torch.Tensor:
+        cells = torch.gather(table, 1, visible.flatten(1)).view(batch, tokens_per_side, cells_per_token, tokens_per_side, cells_per_token)
+        return cells.permute(0, 1, 3, 2, 4).reshape(batch, tokens_per_side**2, cells_per_token**2)
+
+    prompted_mask = torch.tensor(prompted, dtype=torch.bool, device=visible.device)
+    return ObjectTargets(per_token(colors), per_token(kinds), prompted_mask)
+
+
+class ObjectProbe(torch.nn.Module):
+    """A linear read-out of the image tokens that leave the last double-stream block (captured by a forward
+    hook while the transformer runs), scored against :class:`ObjectTargets` with cross-entropy."""
+
+    def __init__(self, transformer: FluxTransformer2DModel, cells_per_token: int) -> None:
+        super().__init__()
+        self.cells = cells_per_token**2
+        self.read_out = torch.nn.Linear(transformer.inner_dim, self.cells * (len(COLORS) + KINDS))
+        self._features: torch.Tensor | None = None
+        self._hook = transformer.transformer_blocks[-1].register_forward_hook(self._capture)
+
+    def _capture(self, module: torch.nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._features = output[1]  # (encoder_hidden_states, hidden_states): the image stream
+
+    def loss(self, targets: ObjectTargets) -> torch.Tensor:
+        """Colour cross-entropy on every cell, plus kind cross-entropy on the cells of prompted pictures, from
+        the features of the transformer's latest forward pass."""
+        if self._features is None:
+            raise RuntimeError("ObjectProbe.loss needs a transformer forward pass first")
+        batch, tokens, _ = self._features.shape
+        logits = self.read_out(self._features.float()).view(batch, tokens, self.cells, len(COLORS) + KINDS)
+        self._features = None
+        color_loss = F.cross_entropy(logits[..., : len(COLORS)].flatten(0, 2), targets.color.flatten())
+        prompted = targets.prompted
+        if not prompted.any():
+            return color_loss
+        kind_logits = logits[prompted][..., len(COLORS) :]
+        return color_loss + F.cross_entropy(kind_logits.flatten(0, 2), targets.kind[prompted].flatten())
+
+    def detach(self) -> None:
+        """Remove the hook: the transformer runs exactly as before the probe was attached."""
+        self._hook.remove()
