@@ -1,4 +1,5 @@
 import argparse
+import json
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from ditserve.demo.train import (
     _training_images,
     finetune_decoder,
     train,
+    train_transformer,
 )
 from ditserve.errors import InvalidParameterError
 
@@ -71,7 +73,8 @@ def test_continuing_a_finished_model_keeps_its_text_encoders_and_text_inputs(tmp
     build_pipeline().save_pretrained(tmp_path / "start")
     start = FluxPipeline.from_pretrained(tmp_path / "start")
     config = TrainConfig(run_dir=str(tmp_path / "run"), init_from=str(tmp_path / "start"), keep_text_encoders=True,
-                         steps=2, batch=2, lr=1e-6, warmup_steps=1, log_every=1, long_padding_fraction=0.0)
+                         steps=2, batch=2, lr=1e-6, warmup_steps=1, log_every=1, long_padding_fraction=0.0,
+                         decoder_steps=0, decoder_adapt_steps=0)
     result = FluxPipeline.from_pretrained(train(config, tmp_path / "out"))
     for name in ("text_encoder", "text_encoder_2"):
         before, after = getattr(start, name).state_dict(), getattr(result, name).state_dict()
@@ -81,6 +84,25 @@ def test_continuing_a_finished_model_keeps_its_text_encoders_and_text_inputs(tmp
     assert not torch.equal(embedder_before, embedder_after)
     assert torch.allclose(embedder_before, embedder_after, atol=1e-4)
     assert '"stage": "text_encoders"' not in (tmp_path / "run" / "log.jsonl").read_text()
+
+
+def test_a_resumed_run_goes_on_with_the_time_budget_its_checkpoint_had_spent(tmp_path):
+    # 570 of 600 s spent: the resumed step's learning rate must be near the end of the cosine (about 0.11 x
+    # lr), not where its step count alone would put it (step 2 of 4: 0.55 x lr).
+    pipe = build_pipeline()
+    config = TrainConfig(run_dir=str(tmp_path), steps=2, batch=2, warmup_steps=1, log_every=1, max_minutes=10.0,
+                         long_padding_fraction=0.0)
+    logger = _Logger(tmp_path / "log.jsonl")
+    train_transformer(pipe, config, torch.device("cpu"), logger)
+    state = torch.load(tmp_path / "transformer.pt")
+    assert 0 < state["seconds"] < 60
+    state["seconds"] = 570.0
+    torch.save(state, tmp_path / "transformer.pt")
+    config.steps = 4
+    train_transformer(pipe, config, torch.device("cpu"), logger)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    resumed = next(r for r in records if r.get("step") == 2)
+    assert resumed["lr"] < 0.15 * config.lr
 
 
 def test_keeping_text_encoders_needs_a_model_to_keep_them_from(tmp_path):
