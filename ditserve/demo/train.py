@@ -51,8 +51,8 @@ class TrainConfig:
     vae_batch: int = 8
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    # The defaults are the from-scratch recipe timed on the 2-core CPU (model card): the transformer stage is
-    # bounded by max_minutes, with steps set high enough never to end first there.
+    # The defaults are the from-scratch run timed on a 2-core AVX2 CPU (103 min; model card), which falls short
+    # of the adherence targets. The transformer stage is bounded by max_minutes; steps never end first there.
     steps: int = 100_000
     batch: int = 32
     lr: float = 1.5e-3
