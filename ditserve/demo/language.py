@@ -171,6 +171,12 @@ def _in_split(scene: Scene, split: Split) -> bool:
     return True
 
 
+def stage_seed(seed: int, stage: int, step: int) -> int:
+    """One seed per (run seed, training stage, step): every stage draws its own data, and a resumed stage replays
+    the batches an uninterrupted run would have seen."""
+    return seed * 1_000_003 + stage * 100_003 + step
+
+
 def sample_scenes(n: int, seed: int, split: Split = "train") -> list[Scene]:
     """``n`` random scenes of ``split`` ("train": no held-out object; "heldout": at least one; "all")."""
     if split not in SPLITS:

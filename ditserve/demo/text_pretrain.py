@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline
 from tqdm.auto import tqdm
 
-from ditserve.demo.language import COLORS, POSITIONS, SHAPES, SIZES, Scene, sample_scenes
+from ditserve.demo.language import COLORS, POSITIONS, SHAPES, SIZES, Scene, sample_scenes, stage_seed
 from ditserve.demo.model import encode_prompts
 
 CELLS = len(POSITIONS)
@@ -132,7 +132,7 @@ def pretrain_text_encoders(
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         long_padding = torch.rand(1, generator=generator).item() < long_padding_fraction
         count = max(1, batch // 8) if long_padding else batch
-        scenes = sample_scenes(count, seed=seed * 1_000_003 + 4 * 100_003 + step, split="train")
+        scenes = sample_scenes(count, seed=stage_seed(seed, 4, step), split="train")
         tokens, pooled, _ = encode_prompts(pipe, [s.to_prompt() for s in scenes], device, paddings[long_padding])
         loss = parsing_loss(probe(tokens, pooled), parse_targets(scenes, device))
         optimizer.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from tqdm.auto import tqdm
 
-from ditserve.demo.language import sample_scenes
+from ditserve.demo.language import sample_scenes, stage_seed
 from ditserve.demo.model import (
     MAX_SEQUENCE_LENGTH,
     build_clip_text_encoder,
@@ -124,11 +124,11 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def _step_generator(device: torch.device, seed: int, stage: int, step: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + stage * 100_003 + step)
+    return torch.Generator(device=device).manual_seed(stage_seed(seed, stage, step))
 
 
 def _training_layout(batch: int, seed: int, stage: int, step: int, device: torch.device) -> tuple[list[str], Layout]:
-    scenes = sample_scenes(batch, seed=seed * 1_000_003 + stage * 100_003 + step, split="train")
+    scenes = sample_scenes(batch, seed=stage_seed(seed, stage, step), split="train")
     layout = lay_out(scenes, jitter=MAX_JITTER, generator=_step_generator(device, seed, stage, step), device=device)
     return [s.to_prompt() for s in scenes], layout
 
