@@ -9,6 +9,7 @@ from ditserve.demo.cli import register
 from ditserve.demo.model import build_pipeline
 from ditserve.demo.train import (
     TrainConfig,
+    _autocast,
     _Logger,
     _reconstruction_loss,
     _regenerated_latents,
@@ -55,6 +56,15 @@ def test_regenerated_latents_redraw_the_same_picture(demo_pipeline):
     distances = torch.cdist(regenerated.flatten(1), latents.flatten(1))
     assert torch.equal(distances.argmin(dim=1), torch.arange(6))
     assert not torch.allclose(regenerated, latents, atol=1e-3)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_cpu_training_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native_bf16):
+    # Emulated bf16 (an AVX2-only CPU) made a VAE step 15x slower than fp32: there autocast must stay off.
+    monkeypatch.setattr("ditserve.demo.train._cpu_has_native_bf16", lambda: native_bf16)
+    with _autocast(torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") is native_bf16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if native_bf16 else torch.float32)
 
 
 def test_edge_weight_counts_errors_at_colour_edges_more_than_in_flat_areas():
