@@ -47,12 +47,13 @@ class TrainConfig:
     run_dir: str = "runs/ditserve-shapes"
     device: str = "auto"
     seed: int = 0
-    vae_steps: int = 1200
-    vae_batch: int = 8
+    vae_steps: int = 1500
+    vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    # The defaults are the from-scratch run timed on a 2-core AVX2 CPU (103 min; model card), which falls short
-    # of the adherence targets. The transformer stage is bounded by max_minutes; steps never end first there.
+    # The defaults are the from-scratch run timed on a 2-core CPU with AVX-512-bf16 (model card). The transformer
+    # stage is bounded by max_minutes; steps never end first there. The other stages have fixed step counts, so
+    # a slower machine (an AVX2-only CPU trains about 4x slower) takes longer in them.
     steps: int = 100_000
     batch: int = 32
     lr: float = 1.5e-3
@@ -72,7 +73,7 @@ class TrainConfig:
     # Wall-clock budget of the transformer stage in minutes (0: none). The learning-rate schedule ends with
     # whichever runs out first, steps or minutes; then training stops at a checkpoint and exports. A resumed
     # run counts the minutes its checkpoint had already spent.
-    max_minutes: float = 60.0
+    max_minutes: float = 65.0
     # A trained diffusers folder to continue from: its VAE and latent scaling are kept as they are and its
     # transformer is the starting point of a new learning-rate schedule.
     init_from: str = ""
@@ -80,7 +81,7 @@ class TrainConfig:
     # stage; for continuing a finished model with more compute. Without it the encoders are trained afresh.
     keep_text_encoders: bool = False
     # Decoder fine-tuning on posterior means, the latents the transformer learns to produce (0: none).
-    decoder_steps: int = 300
+    decoder_steps: int = 1200
     decoder_lr: float = 2e-4
     # Text encoders are first trained to parse prompts (text_pretrain.py), then frozen while the transformer
     # learns to draw (as a real model keeps its pretrained T5 frozen). 0 steps: no parsing stage, and the
@@ -91,7 +92,7 @@ class TrainConfig:
     # Last stage: the decoder learns to render the transformer's own latents (0: none). Half of each batch is
     # ground-truth means; the other half is the same pictures' latents noised part way and denoised again by
     # the trained transformer, whose small shapes come out rounder than the encoder's.
-    decoder_adapt_steps: int = 200
+    decoder_adapt_steps: int = 400
     # Extra weight of edge pixels in both decoder stages' loss (0: uniform): a small triangle's apex is a few
     # pixels of a picture that is mostly flat background.
     decoder_edge_weight: float = 6.0
@@ -374,6 +375,7 @@ def train_transformer(pipe: FluxPipeline, cfg: TrainConfig, device: torch.device
         state = torch.load(checkpoint, map_location=device)
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
+        _check_probe_matches(state, probe)
         if probe is not None:
             probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
@@ -432,6 +434,17 @@ def train_transformer(pipe: FluxPipeline, cfg: TrainConfig, device: torch.device
     if probe is not None:
         probe.detach()
     return ema
+
+
+def _check_probe_matches(state: dict, probe: ObjectProbe | None) -> None:
+    """A checkpoint resumes only with the probe setting it was written with: its optimizer state holds the probe's
+    parameters or it does not."""
+    if (state.get("probe") is None) != (probe is None):
+        written = "without" if state.get("probe") is None else "with"
+        raise InvalidParameterError(
+            f"the transformer checkpoint was written {written} the object probe; resume with "
+            f"probe_weight {'0' if written == 'without' else '> 0'} as it was, or start a new run_dir",
+            param="probe_weight")
 
 
 @torch.no_grad()

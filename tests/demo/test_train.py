@@ -115,6 +115,19 @@ def test_a_resumed_run_goes_on_with_the_time_budget_its_checkpoint_had_spent(tmp
     assert resumed["lr"] < 0.15 * config.lr
 
 
+@pytest.mark.parametrize("written_with, resumed_with", [(0.0, 0.3), (0.3, 0.0)])
+def test_resuming_with_another_probe_setting_than_the_checkpoint_names_probe_weight(tmp_path, written_with, resumed_with):
+    pipe = build_pipeline()
+    config = TrainConfig(run_dir=str(tmp_path), steps=1, batch=2, warmup_steps=1, log_every=1,
+                         long_padding_fraction=0.0, probe_weight=written_with)
+    logger = _Logger(tmp_path / "log.jsonl")
+    train_transformer(pipe, config, torch.device("cpu"), logger)
+    config.steps, config.probe_weight = 2, resumed_with
+    with pytest.raises(InvalidParameterError, match="probe") as raised:
+        train_transformer(pipe, config, torch.device("cpu"), logger)
+    assert raised.value.param == "probe_weight"
+
+
 def test_keeping_text_encoders_needs_a_model_to_keep_them_from(tmp_path):
     with pytest.raises(InvalidParameterError, match="init_from"):
         train(TrainConfig(run_dir=str(tmp_path / "run"), keep_text_encoders=True), tmp_path / "out")
