@@ -373,9 +373,9 @@ def train_transformer(pipe: FluxPipeline, cfg: TrainConfig, device: torch.device
     start, spent_before = 0, 0.0
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device)
+        _check_probe_matches(state, probe)
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
-        _check_probe_matches(state, probe)
         if probe is not None:
             probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
@@ -439,12 +439,12 @@ def train_transformer(pipe: FluxPipeline, cfg: TrainConfig, device: torch.device
 def _check_probe_matches(state: dict, probe: ObjectProbe | None) -> None:
     """A checkpoint resumes only with the probe setting it was written with: its optimizer state holds the probe's
     parameters or it does not."""
-    if (state.get("probe") is None) != (probe is None):
-        written = "without" if state.get("probe") is None else "with"
+    written_with_probe = state.get("probe") is not None
+    if written_with_probe != (probe is not None):
+        setting = "> 0" if written_with_probe else "0"
         raise InvalidParameterError(
-            f"the transformer checkpoint was written {written} the object probe; resume with "
-            f"probe_weight {'0' if written == 'without' else '> 0'} as it was, or start a new run_dir",
-            param="probe_weight")
+            f"the transformer checkpoint was written with probe_weight {setting}; resume with that setting, "
+            f"or start a new run_dir", param="probe_weight")
 
 
 @torch.no_grad()
