@@ -1,9 +1,9 @@
 """ditserve: fast serving of diffusion transformers in diffusers format."""
 
 from ditserve.config import DiffusionParallelConfig, Limits, OmniDiffusionConfig, OmniDiffusionSamplingParams
-from ditserve.engine.request import RequestOutput
 from ditserve.entrypoints.omni import Omni
 from ditserve.errors import DitServeError, InvalidParameterError, InvalidTypeError
+from ditserve.request import RequestOutput
 
 __all__ = [
     "DiffusionParallelConfig",

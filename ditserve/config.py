@@ -173,6 +173,7 @@ class DiffusionParallelConfig:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "fp8", "gguf", "int8")
+SCHEDULING_MODES = ("step", "request")
 
 
 @dataclass
@@ -189,6 +190,9 @@ class OmniDiffusionConfig:
     enable_prompt_embed_cache: bool | None = None
     prompt_embed_cache_size: int | None = None
     max_batch_size: int = 4
+    #: "step": requests join and leave a running batch between denoising steps; "request": a batch forms when
+    #: the running set is empty and runs to its end (the behaviour before step scheduling, for comparison)
+    scheduling: str = "step"
     #: requests allowed to wait; beyond it new ones are refused (QueueFullError, HTTP 429). None: unbounded
     max_queue_size: int | None = None
     #: ``False`` compiles the family's repeated transformer blocks with torch.compile (regional compile);
@@ -219,6 +223,7 @@ class OmniDiffusionConfig:
             raise InvalidParameterError("cache_config was given without cache_backend; set cache_backend too",
                                         param="cache_config")
         _check_int("max_batch_size", self.max_batch_size, 1, 256)
+        check_choice("scheduling", self.scheduling, SCHEDULING_MODES)
         if self.enforce_eager is not None and not isinstance(self.enforce_eager, bool):
             raise InvalidTypeError("enforce_eager must be True, False or None (auto: compile on CUDA only)",
                                    param="enforce_eager")

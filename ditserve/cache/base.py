@@ -1,7 +1,7 @@
 """The contract every cache method implements.
 
 A backend is built from a name and a config (``ditserve.cache.selector``), enabled once on a pipeline,
-refreshed before every batch, and asked for each request's statistics after it. A backend that cannot serve
+started for each request that joins the running set, asked for its statistics when it leaves, then finished. A backend that cannot serve
 the model raises ``CacheConfigError`` from ``enable`` (at ``Omni(...)``), never degrades to a silent no-op.
 
 Config handling is shared: every backend declares its options with defaults and checks; unknown keys are an
@@ -101,6 +101,10 @@ class CacheBackend(ABC):
     main_knob: ClassVar[str] = ""
     #: False for backends that never skip by design (calibration's recorder): no "skipped nothing" warning
     expected_to_skip: ClassVar[bool] = True
+    #: True when skip decisions and state are kept per request (a request may join or leave a running batch
+    #: at any step); False when the library decides per transformer call for the whole batch, so requests
+    #: share a running batch only as a cohort that starts and steps together
+    decides_per_request: ClassVar[bool] = True
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         given = dict(config or {})
@@ -123,8 +127,13 @@ class CacheBackend(ABC):
         """Apply the method to the pipeline's transformer(s). Called once, at start-up."""
 
     @abstractmethod
-    def refresh(self, pipeline: Any, num_inference_steps: int, request_ids: Sequence[str] = ()) -> None:
-        """Clear all state before a batch runs: nothing leaks from one request to the next."""
+    def start(self, pipeline: Any, request_ids: Sequence[str], num_inference_steps: int) -> None:
+        """Fresh state for requests that join the running set (``num_inference_steps`` each). A backend that
+        does not decide per request is only ever started for a whole cohort, into an empty running set."""
+
+    def finish(self, request_id: str) -> None:
+        """A request left the running set and its statistics were read: drop what was kept for it."""
+        return None
 
     @abstractmethod
     def _collect_stats(self, request_id: str) -> dict[str, Any]:
@@ -132,7 +141,7 @@ class CacheBackend(ABC):
         ``skipped_steps`` (summed over guidance branches)."""
 
     def request_stats(self, request_id: str) -> dict[str, Any]:
-        """Statistics of one request of the last batch, with a warning when a long run skipped nothing."""
+        """Statistics of one running or just finished request, with a warning when a long run skipped nothing."""
         stats = {"backend": self.name, "config": self.public_config(), **self._collect_stats(request_id)}
         if self.resolution is not None:
             stats["resolved_from"] = self.resolution
@@ -165,9 +174,9 @@ class CacheBackend(ABC):
         value, self.resolution = resolve_target(model_path, self.name, self.main_knob, self.target_psnr)
         self.config[self.main_knob] = value
 
+    @abstractmethod
     def recover(self, pipeline: Any) -> None:
-        """After a run raised: drop every half-updated state so the next request starts clean."""
-        self.refresh(pipeline, 0, ())
+        """After a step raised: drop every half-updated state so the next requests start clean."""
 
     def disable(self, pipeline: Any) -> None:
         """Remove the method from the pipeline (on close)."""

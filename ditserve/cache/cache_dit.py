@@ -1,10 +1,13 @@
 """Cache-DiT through the cache-dit library: DBCache, TaylorSeer and SCM (we configure it, never rewrite it).
 
 cache-dit is enabled on the transformer itself ("transformer-only" mode), since our own loop calls the
-transformer and never the pipeline's ``__call__``. Before every batch the library's context is rebuilt for that
-batch's step count (and its step-computation mask when SCM is on); after a failed run the hooks are removed and
-put back, so no half-updated context survives. cache-dit decides per transformer call, so every request of a
-batch shares its decisions (unlike tea_cache / mag_cache, which decide per request).
+transformer and never the pipeline's ``__call__``. cache-dit decides per transformer call for the whole batch
+and keeps one step counter, so requests under it share a running batch only as a cohort: they start together
+into an empty running set, with the same step count, and none joins until all have left (the scheduler does
+this for backends with ``decides_per_request = False``). Every request of a cohort therefore shares its
+decisions, unlike tea_cache / mag_cache, which decide per request. When a cohort starts, the library's context
+is rebuilt for its step count (and its step-computation mask when SCM is on); after a failed step the hooks are
+removed and put back, so no half-updated context survives.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ DBCACHE_OPTIONS = ("Fn_compute_blocks", "Bn_compute_blocks", "max_warmup_steps",
 
 class CacheDiTBackend(CacheBackend):
     name = "cache_dit"
+    decides_per_request = False
     main_knob = "residual_diff_threshold"
     # DBCache F1B0 with a short warm-up: valid on a 2-block model as on a 60-block one (the library
     # asserts Fn_compute_blocks < number of blocks; its own default Fn=8 is not)
@@ -71,7 +75,7 @@ class CacheDiTBackend(CacheBackend):
         if adapter is None or not hasattr(adapter, "uses_guidance"):
             return bool(spec.cache_dit_defaults.get("enable_separate_cfg", False))
         from ditserve.config import OmniDiffusionSamplingParams
-        from ditserve.engine.request import Request
+        from ditserve.request import Request
 
         defaults = adapter.resolve_params(OmniDiffusionSamplingParams())
         return bool(adapter.uses_guidance(Request(prompt="", params=defaults)))
@@ -106,7 +110,8 @@ class CacheDiTBackend(CacheBackend):
         for _, module in self._transformers:
             cache_dit.enable_cache(module, cache_config=cache_config, calibrator_config=calibrator)
 
-    def refresh(self, pipeline: Any, num_inference_steps: int, request_ids: Sequence[str] = ()) -> None:
+    def start(self, pipeline: Any, request_ids: Sequence[str], num_inference_steps: int) -> None:
+        """Rebuild the library's context for a new cohort (the running set is empty when one starts)."""
         import cache_dit
 
         self._num_steps = num_inference_steps

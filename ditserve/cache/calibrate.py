@@ -50,13 +50,22 @@ class RecordingBackend(ResidualCacheBackend):
     name = "calibration_recorder"
     expected_to_skip = False
 
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        #: the recorded series of each finished request, by branch label
+        self.recorded: dict[str, dict[str, StepSeries]] = {}
+
     def configure(self, spec: CacheSpec, calibration: dict[str, Any] | None) -> None:
         self.config["transformer_class"] = spec.transformer_class
 
     def make_policy(self) -> RecordingPolicy:
         return RecordingPolicy()
 
-    def series_of(self, request_id: str) -> dict[str, StepSeries]:
+    def finish(self, request_id: str) -> None:
+        self.recorded[request_id] = self._series_of(request_id)
+        super().finish(request_id)
+
+    def _series_of(self, request_id: str) -> dict[str, StepSeries]:
         found = {}
         for _, controller in self._controllers:
             for label, record in controller.request_records(request_id).items():
@@ -102,7 +111,7 @@ def record_reference(omni: Any, prompts: Sequence[Any], params: Mapping[str, Any
         for prompt in prompts:
             output = omni.generate(prompt, dict(params))[0]
             results.append(RunResult(output_array(output), output.timings["denoise_s"], None))
-            for label, series in recorder.series_of(output.request_id).items():
+            for label, series in recorder.recorded.pop(output.request_id).items():
                 by_branch[label].append(series)
     finally:
         runner.cache = None

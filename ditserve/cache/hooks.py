@@ -24,7 +24,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ditserve.cache.spec import BlockIO, CacheSpec
-from ditserve.engine.context import ForwardContext, current_forward_context
+from ditserve.forward_context import ForwardContext, RowOwner, current_forward_context
 
 HOOK_NAME = "ditserve_residual_cache"
 
@@ -76,7 +76,8 @@ class KeyRecord:
 class CallState:
     """One transformer call: which rows belong to which key, and what was decided."""
 
-    step: int
+    #: the step index of each key's request
+    steps: dict[StateKey, int]
     rows: dict[StateKey, list[int]]
     skipped: set[StateKey]
     blocks_in: torch.Tensor
@@ -101,33 +102,44 @@ class ResidualReuseController:
         self.spec = spec
         self.policy = policy
         self.records: dict[StateKey, KeyRecord] = {}
-        self._calls_in_step: dict[tuple[str, int], int] = defaultdict(int)
+        self._calls_in_step: dict[tuple[str, str, int], int] = defaultdict(int)
         self.current: CallState | None = None
-        #: transformer calls whose block bodies ran (used to check the statistics against real work)
-        self.block_loop_runs = 0
 
     def reset(self) -> None:
         self.records.clear()
         self._calls_in_step.clear()
         self.current = None
-        self.block_loop_runs = 0
+
+    def forget(self, request_id: str) -> None:
+        """Drop one request's residuals, policy state and call counts."""
+        for key in [key for key in self.records if key[1] == request_id]:
+            del self.records[key]
+        for key in [key for key in self._calls_in_step if key[1] == request_id]:
+            del self._calls_in_step[key]
 
     # ------------------------------------------------------------------ per call
-    def _row_keys(self, ctx: ForwardContext, batch_size: int) -> dict[StateKey, list[int]]:
-        row_ids = ctx.row_request_ids
-        if not row_ids or batch_size % len(row_ids):
+    def _row_keys(self, ctx: ForwardContext, batch_size: int) -> dict[StateKey, tuple[RowOwner, list[int]]]:
+        """Each state key of the call with its owner (step, step count) and its rows of the batch."""
+        request_rows = sum(owner.num_rows for owner in ctx.owners)
+        if not request_rows or batch_size % request_rows:
             raise RuntimeError(
                 f"{self.transformer_name}: batch of {batch_size} rows does not match the forward context's "
-                f"{len(row_ids)} request rows; the family's adapter must set row_request_ids")
-        slot = self._calls_in_step[(ctx.branch, ctx.step_index)]
-        self._calls_in_step[(ctx.branch, ctx.step_index)] += 1
-        base = ctx.branch if slot == 0 else f"{ctx.branch}/call{slot}"
-        rows: dict[StateKey, list[int]] = {}
-        for row in range(batch_size):
-            copy, position = divmod(row, len(row_ids))
-            label = base if copy == 0 else f"{base}/copy{copy}"
-            rows.setdefault((label, row_ids[position]), []).append(row)
-        return rows
+                f"{request_rows} request rows; the runner must name the requests of every transformer call")
+        keys: dict[StateKey, tuple[RowOwner, list[int]]] = {}
+        start = 0
+        for owner in ctx.owners:
+            # a second call in the same step and branch (a pipeline running its own guidance passes) gets its
+            # own label, and so does every further copy of the rows (guidance concatenated in one call)
+            call_key = (ctx.branch, owner.request_id, owner.step_index)
+            slot = self._calls_in_step[call_key]
+            self._calls_in_step[call_key] += 1
+            base = ctx.branch if slot == 0 else f"{ctx.branch}/call{slot}"
+            for copy in range(batch_size // request_rows):
+                label = base if copy == 0 else f"{base}/copy{copy}"
+                first = copy * request_rows + start
+                keys[(label, owner.request_id)] = (owner, list(range(first, first + owner.num_rows)))
+            start += owner.num_rows
+        return keys
 
     def begin_call(self, first_block: torch.nn.Module, io: BlockIO, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> CallState:
@@ -136,28 +148,28 @@ class ResidualReuseController:
             raise RuntimeError(f"{self.transformer_name} was called outside ditserve's denoising loop: the cache "
                                "needs the forward context (step, branch, request of each row)")
         blocks_in = io.hidden_in(args, kwargs)
-        rows = self._row_keys(ctx, blocks_in.shape[0])
+        keys = self._row_keys(ctx, blocks_in.shape[0])
         modulated = None
         if self.policy.needs_modulated_input:
             modulated = self.spec.modulated_input(first_block, args, kwargs)
         skipped = set()
-        for key, key_rows in rows.items():
+        for key, (owner, key_rows) in keys.items():
             record = self.records.get(key)
             if record is None:
                 record = self.records[key] = KeyRecord(self.policy.new_state(key[0]))
             index = _row_index(key_rows, blocks_in.device)
             signal = modulated[index] if modulated is not None else None
-            decision = self.policy.decide(record.policy_state, ctx.step_index, ctx.num_steps, signal)
+            decision = self.policy.decide(record.policy_state, owner.step_index, owner.num_steps, signal)
             expected_shape = blocks_in[index].shape
             if decision.skip and (record.residual is None or record.residual.shape != expected_shape):
                 decision = Decision(False, decision.distance, "no stored residual")
             if decision.skip:
                 skipped.add(key)
-            record.decisions.append({"step": ctx.step_index, "decision": "skip" if decision.skip else "compute",
+            record.decisions.append({"step": owner.step_index, "decision": "skip" if decision.skip else "compute",
                                      "distance": decision.distance, "reason": decision.reason})
-        self.current = CallState(ctx.step_index, rows, skipped, blocks_in)
-        if not self.current.skip_all:
-            self.block_loop_runs += 1
+        rows = {key: key_rows for key, (_, key_rows) in keys.items()}
+        steps = {key: owner.step_index for key, (owner, _) in keys.items()}
+        self.current = CallState(steps, rows, skipped, blocks_in)
         return self.current
 
     def finish_call(self, io: BlockIO, output: Any) -> Any:
@@ -174,7 +186,8 @@ class ResidualReuseController:
             record = self.records[key]
             index = _row_index(key_rows, residual.device)
             record.residual = residual if len(call.rows) == 1 else residual[index]
-            self.policy.observe_computed(record.policy_state, call.step, call.blocks_in[index], blocks_out[index])
+            self.policy.observe_computed(record.policy_state, call.steps[key], call.blocks_in[index],
+                                         blocks_out[index])
         if not call.skipped:
             # untouched output: a cache that skips nothing is bitwise the uncached model
             return output

@@ -1,9 +1,10 @@
-"""The lifecycle shared by the residual-reuse caches (TeaCache, MagCache): enable, refresh, statistics, disable."""
+"""The lifecycle shared by the residual-reuse caches (TeaCache, MagCache): enable, start and finish each request,
+statistics, disable."""
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +30,11 @@ class ResidualCacheBackend(CacheBackend):
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
         self._controllers: list[tuple[torch.nn.Module, ResidualReuseController]] = []
-        self._num_steps = 0
+        #: wraps each transformer's skip policy before ``enable`` installs it (multi-device runs make the
+        #: decisions agree across ranks)
+        self.policy_wrapper: Callable[[SkipPolicy], SkipPolicy] | None = None
+        #: step count of each running request
+        self._num_steps: dict[str, int] = {}
 
     @abstractmethod
     def configure(self, spec: CacheSpec, calibration: dict[str, Any] | None) -> None:
@@ -47,13 +52,27 @@ class ResidualCacheBackend(CacheBackend):
         # one config for the model: the first transformer's family knowledge (Wan2.2's two experts share it)
         self.configure(specs[0], load_calibration(model_path))
         for (name, module), spec in zip(transformers, specs, strict=True):
-            controller = ResidualReuseController(name, spec, self.make_policy())
+            policy = self.make_policy()
+            if self.policy_wrapper is not None:
+                policy = self.policy_wrapper(policy)
+            controller = ResidualReuseController(name, spec, policy)
             install_loop_hooks(module, controller)
             self._controllers.append((module, controller))
         self.enabled = True
 
-    def refresh(self, pipeline: Any, num_inference_steps: int, request_ids: Sequence[str] = ()) -> None:
-        self._num_steps = num_inference_steps
+    def start(self, pipeline: Any, request_ids: Sequence[str], num_inference_steps: int) -> None:
+        for request_id in request_ids:
+            self._num_steps[request_id] = num_inference_steps
+            for _, controller in self._controllers:
+                controller.forget(request_id)
+
+    def finish(self, request_id: str) -> None:
+        self._num_steps.pop(request_id, None)
+        for _, controller in self._controllers:
+            controller.forget(request_id)
+
+    def recover(self, pipeline: Any) -> None:
+        self._num_steps.clear()
         for _, controller in self._controllers:
             controller.reset()
 
@@ -62,10 +81,6 @@ class ResidualCacheBackend(CacheBackend):
             remove_loop_hooks(module, controller.spec)
         self._controllers.clear()
         self.enabled = False
-
-    def block_loop_runs(self) -> int:
-        """Transformer calls of the last batch whose block bodies actually ran."""
-        return sum(controller.block_loop_runs for _, controller in self._controllers)
 
     def _collect_stats(self, request_id: str) -> dict[str, Any]:
         branches: dict[str, Any] = {}
@@ -78,5 +93,5 @@ class ResidualCacheBackend(CacheBackend):
         computed = sum(b["computed"] for b in branches.values())
         skipped = sum(b["skipped"] for b in branches.values())
         total = computed + skipped
-        return {"num_steps": self._num_steps, "computed_steps": computed, "skipped_steps": skipped,
+        return {"num_steps": self._num_steps.get(request_id, 0), "computed_steps": computed, "skipped_steps": skipped,
                 "work_fraction": computed / total if total else 1.0, "branches": branches}

@@ -1,7 +1,10 @@
-"""The engine loop: validate and queue requests, run batches on a background thread, resolve futures.
+"""The engine loop: validate and queue requests, run denoising steps on a background thread, resolve futures.
 
 Offline generation (``Omni``) and the HTTP server share this one path. Requests are resolved (family
 defaults, seed drawn, limits checked) when they are added, so bad input fails before it waits in a queue.
+Each turn of the loop is schedule -> step -> postprocess: the scheduler says who joins and who is dropped, the
+runner runs one denoising step for the running set, and the requests that finished (or failed alone) are
+answered at once, without waiting for their batch mates.
 """
 
 from __future__ import annotations
@@ -12,19 +15,34 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
 from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
-from ditserve.engine.request import Request, RequestOutput, new_request_id
-from ditserve.engine.scheduler import BatchScheduler
+from ditserve.engine.scheduler import SchedulingMode, StepPlan, StepScheduler
 from ditserve.errors import EngineClosedError, InvalidParameterError, InvalidTypeError, RequestAbortedError
+from ditserve.models.base import LoopAdapter
+from ditserve.request import Request, RequestOutput, new_request_id
 
 logger = logging.getLogger(__name__)
 
-#: called after every batch with (batch, outputs or the exception, wall seconds)
-BatchObserver = Callable[[Sequence[Request], "list[RequestOutput] | BaseException", float], None]
+
+
+@dataclass
+class StepReport:
+    """What one turn of the engine loop did, for observers (metrics)."""
+
+    #: requests that ran the step (a whole run counts as one step of one request)
+    batch_size: int
+    seconds: float
+    finished: list[tuple[Request, RequestOutput]] = field(default_factory=list)
+    failed: list[tuple[Request, BaseException]] = field(default_factory=list)
+
+
+#: called after every step of the engine loop
+StepObserver = Callable[[StepReport], None]
 
 
 def make_runner(config: OmniDiffusionConfig) -> Any:
@@ -42,9 +60,12 @@ class DiffusionEngine:
         self.config = config
         self.runner = runner if runner is not None else make_runner(config)
         self.adapter = self.runner.adapter
-        self.scheduler = BatchScheduler(self.adapter.batch_key, config.max_batch_size, config.max_queue_size)
-        self.observers: list[BatchObserver] = []
+        step_key = self.adapter.step_key if isinstance(self.adapter, LoopAdapter) else self.adapter.batch_key
+        self.scheduler = StepScheduler(step_key, self.adapter.batch_key, config.max_batch_size, config.max_queue_size,
+                                       mode=self._scheduling_mode())
+        self.observers: list[StepObserver] = []
         self._active: dict[str, Request] = {}
+        self._dropped: dict[str, Request] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="ditserve-engine", daemon=True)
@@ -78,6 +99,7 @@ class DiffusionEngine:
                           request_id=request_id or new_request_id(), progress_callback=progress_callback)
         request.params = self.adapter.complete_params(request)
         self._check_limits(request.params)
+        self.runner.validate_request(request)
         return request
 
     def _check_limits(self, params: OmniDiffusionSamplingParams) -> None:
@@ -111,6 +133,10 @@ class DiffusionEngine:
         if request is None:
             return False
         request.abort()
+        if request.admitted_at is not None:
+            with self._lock:
+                # a running request: kept until the step that drops it reports the abort to observers
+                self._dropped[request_id] = request
         if not request.future.done():
             request.future.set_exception(RequestAbortedError(f"request {request_id} was aborted"))
         self.scheduler.wake()
@@ -129,37 +155,96 @@ class DiffusionEngine:
         return not self._closed and self._thread.is_alive()
 
     # ------------------------------------------------------------------ loop
+    def _scheduling_mode(self) -> SchedulingMode:
+        """Step scheduling unless asked otherwise, or unless the model or its cache cannot share steps: the
+        generic path runs whole pipeline calls, and a cache that decides for the whole batch needs cohorts."""
+        if SchedulingMode(self.config.scheduling) is SchedulingMode.REQUEST or not self.runner.joins_running_batch:
+            return SchedulingMode.REQUEST
+        return SchedulingMode.STEP
+
     def _loop(self) -> None:
         while not self._closed:
-            batch = [r for r in self.scheduler.next_batch(timeout=0.5) if not r.future.done()]
-            if batch:
-                self._run(batch)
+            plan = self.scheduler.schedule(timeout=0.5)
+            if plan is None:
+                continue
+            admitted_at = time.monotonic()
+            for request in plan.admit:
+                request.admitted_at = admitted_at
+            if self.runner.steps_in_loop:
+                self._step(plan)
+            else:
+                self._run_whole(plan.admit)
 
-    def _run(self, batch: list[Request]) -> None:
-        started_at = time.monotonic()
+    def _step(self, plan: StepPlan) -> None:
         start = time.perf_counter()
         try:
-            outputs = self.runner.execute(batch)
+            outcome = self.runner.step(plan)
         except BaseException as error:  # noqa: BLE001 - every failure must reach the waiting callers
-            if not isinstance(error, RequestAbortedError):
-                logger.exception("batch of %d request(s) failed", len(batch))
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(error)
-            self._notify(batch, error, time.perf_counter() - start)
+            failed = [self._active[rid] for rid in self.scheduler.running_ids() if rid in self._active]
+            logger.exception("a denoising step of %d request(s) failed", len(failed))
+            self.scheduler.finish([r.request_id for r in failed])
+            for request in failed:
+                self._fail(request, error)
+            self._notify(StepReport(len(failed), time.perf_counter() - start, failed=[(r, error) for r in failed]))
             return
-        for request, output in zip(batch, outputs, strict=True):
-            output.timings["queue_s"] = max(0.0, started_at - request.arrival_time)
-            if not request.future.done():
-                request.future.set_result(output)
-        self._notify(batch, outputs, time.perf_counter() - start)
+        report = StepReport(outcome.batch_size, time.perf_counter() - start)
+        for request_id in plan.drop:
+            with self._lock:
+                request = self._dropped.pop(request_id, None)
+            if request is not None:
+                report.failed.append((request, RequestAbortedError(f"request {request_id} was aborted")))
+        for request_id, error in outcome.failed.items():
+            request = self._active.get(request_id)
+            if request is not None:
+                self._fail(request, error)
+                report.failed.append((request, error))
+        for request_id, (done, total) in outcome.progress.items():
+            request = self._active.get(request_id)
+            if request is not None and request.progress_callback is not None:
+                request.progress_callback(done, total)
+        for output in outcome.finished:
+            request = self._active.get(output.request_id)
+            if request is not None:
+                self._resolve(request, output)
+                report.finished.append((request, output))
+        self.scheduler.finish([*outcome.failed, *(o.request_id for o in outcome.finished)])
+        self._notify(report)
 
-    def _notify(self, batch: Sequence[Request], result: Any, seconds: float) -> None:
+    def _run_whole(self, batch: Sequence[Request]) -> None:
+        """Models without a step loop: each request runs its whole pipeline call."""
+        for request in batch:
+            start = time.perf_counter()
+            report = StepReport(1, 0.0)
+            try:
+                output = self.runner.execute([request])[0]
+            except BaseException as error:  # noqa: BLE001 - every failure must reach the waiting caller
+                if not isinstance(error, RequestAbortedError):
+                    logger.exception("request %s failed", request.request_id)
+                self._fail(request, error)
+                report.failed.append((request, error))
+            else:
+                self._resolve(request, output)
+                report.finished.append((request, output))
+            self.scheduler.finish([request.request_id])
+            report.seconds = time.perf_counter() - start
+            self._notify(report)
+
+    def _resolve(self, request: Request, output: RequestOutput) -> None:
+        output.timings["queue_s"] = max(0.0, (request.admitted_at or request.arrival_time) - request.arrival_time)
+        if not request.future.done():
+            request.future.set_result(output)
+
+    @staticmethod
+    def _fail(request: Request, error: BaseException) -> None:
+        if not request.future.done():
+            request.future.set_exception(error)
+
+    def _notify(self, report: StepReport) -> None:
         for observer in self.observers:
             try:
-                observer(batch, result, seconds)
+                observer(report)
             except Exception:  # noqa: BLE001 - metrics must never break generation
-                logger.exception("batch observer failed")
+                logger.exception("step observer failed")
 
     def close(self) -> None:
         if self._closed:
@@ -167,6 +252,6 @@ class DiffusionEngine:
         self._closed = True
         for request in self.scheduler.close():
             if not request.future.done():
-                request.future.set_exception(EngineClosedError("the engine was closed before this request ran"))
+                request.future.set_exception(EngineClosedError("the engine was closed before this request finished"))
         self._thread.join(timeout=30)
         self.runner.close()

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ditserve.engine.request import RequestOutput
 from ditserve.errors import InvalidParameterError
+from ditserve.request import RequestOutput
 
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 

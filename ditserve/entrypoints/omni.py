@@ -8,16 +8,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
 from ditserve.engine.engine import DiffusionEngine
-from ditserve.engine.request import Request, RequestOutput
 from ditserve.errors import InvalidParameterError, InvalidTypeError, check_keys
+from ditserve.request import Request, RequestOutput
 
 PROMPT_KEYS = ("prompt", "negative_prompt", "multi_modal_data")
 MULTI_MODAL_KEYS = ("image",)
@@ -52,6 +53,17 @@ def as_sampling_params(value: Any) -> OmniDiffusionSamplingParams:
         param="sampling_params")
 
 
+def _bar_updater(bar: tqdm) -> Callable[[int, int], None]:
+    """A request's progress callback that moves ``bar`` by the steps it did since its last report."""
+    last = [0]
+
+    def update(done: int, _total: int) -> None:
+        bar.update(done - last[0])
+        last[0] = done
+
+    return update
+
+
 class Omni:
     def __init__(self, model: str | None = None, *, od_config: OmniDiffusionConfig | None = None,
                  **kwargs: Any) -> None:
@@ -68,10 +80,12 @@ class Omni:
     def model_kind(self) -> str:
         return self.engine.adapter.kind
 
-    def generate(self, prompts: Any, sampling_params: Any = None, **overrides: Any) -> list[RequestOutput]:
+    def generate(self, prompts: Any, sampling_params: Any = None, *, use_tqdm: bool | None = None,
+                 **overrides: Any) -> list[RequestOutput]:
         """One RequestOutput per prompt. ``prompts``: a string, a dict with ``prompt`` / ``negative_prompt`` /
         ``multi_modal_data``, or a list of those. ``sampling_params``: one for all, or a list (one per prompt).
-        Keyword overrides (``num_inference_steps=20``...) apply to every prompt."""
+        Keyword overrides (``num_inference_steps=20``...) apply to every prompt. ``use_tqdm`` shows one progress
+        bar over the denoising steps of all the prompts (default: the engine's ``show_progress``)."""
         items = prompts if isinstance(prompts, list) else [prompts]
         if not items:
             raise InvalidParameterError("prompts is empty", param="prompt")
@@ -80,7 +94,13 @@ class Omni:
             raise InvalidParameterError(
                 f"got {len(params_list)} sampling params for {len(items)} prompts", param="sampling_params")
         requests = [self._request(item, as_sampling_params(p), overrides) for item, p in zip(items, params_list, strict=True)]
-        return self.engine.generate(requests)
+        if not (self.config.show_progress if use_tqdm is None else use_tqdm):
+            return self.engine.generate(requests)
+        total = sum(r.params.num_inference_steps or 0 for r in requests)
+        with tqdm(total=total, desc=f"denoising {len(requests)} prompt(s)", unit="step") as bar:
+            for request in requests:
+                request.progress_callback = _bar_updater(bar)
+            return self.engine.generate(requests)
 
     def _request(self, item: Any, params: OmniDiffusionSamplingParams, overrides: Mapping[str, Any]) -> Request:
         if overrides:

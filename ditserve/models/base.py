@@ -1,10 +1,11 @@
 """The adapter contract: what the engine needs to know about a family of diffusers pipelines.
 
-An adapter is small. It resolves a request's params against the family's defaults, and for adapters that use
-ditserve's shared denoising loop (``LoopAdapter``) it says how to encode prompts, prepare latents from each
-request's own generator, predict the velocity/noise at a step (guidance included), and decode. The loop
-itself (steps, scheduler, cancellation, progress, the forward context read by caches) lives in
-``ditserve.engine.denoise`` and is the same for every family.
+An adapter is family policy only. It resolves a request's params against the family's defaults, and for
+adapters that run in ditserve's step loop (``LoopAdapter``) it says how to encode one request's prompts,
+prepare one request's latents and schedule, predict the model output for a step batch of requests that may each
+be at a different step of a different schedule (guidance included), step one request's scheduler, and decode one
+request. The loop itself (who runs at each step, progress, abort, the forward context read by caches) belongs
+to the engine's runner; adapters never import the engine.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from ditserve.config import OmniDiffusionSamplingParams
-from ditserve.engine.context import branch_context
-from ditserve.engine.request import Request
 from ditserve.errors import InvalidParameterError
+from ditserve.forward_context import RowOwner
+from ditserve.request import Request
 
-#: what a batch produces per request: a list of PIL images, or a list of uint8 videos (frames x H x W x 3)
+#: what a request produces: a list of PIL images, or a list of uint8 videos (frames x H x W x 3)
 RequestMedia = list[Any]
 
 
@@ -34,34 +35,95 @@ class StageTimings:
 
 
 @dataclass
-class BatchResult:
-    media: list[RequestMedia]
-    timings: StageTimings
+class RequestState:
+    """One request in the running set: its latents (one row per output), its own scheduler and schedule, where
+    it is in it, and its conditioning (the embeddings ``encode_request`` made, plus the family's extras)."""
 
-
-@dataclass
-class DenoiseState:
-    """Everything the shared loop carries from one step to the next for one batch."""
-
+    request: Request
     latents: torch.Tensor
-    timesteps: torch.Tensor
     scheduler: Any
-    requests: Sequence[Request]
-    #: family-specific tensors (prompt embeddings, position ids, masks, guidance...)
-    extra: dict[str, Any] = field(default_factory=dict)
+    timesteps: torch.Tensor
+    conditioning: dict[str, Any]
+    step_index: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
     @property
     def params(self) -> OmniDiffusionSamplingParams:
-        return self.requests[0].params
+        return self.request.params
 
-    def row_request_ids(self) -> tuple[str, ...]:
-        """The request id of each row of the latents (a request with n outputs owns n rows)."""
-        return tuple(r.request_id for r in self.requests for _ in range(r.num_outputs))
+    @property
+    def num_rows(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def t(self) -> torch.Tensor:
+        """This request's timestep at its current step."""
+        return self.timesteps[self.step_index]
+
+    @property
+    def finished(self) -> bool:
+        return self.step_index >= self.num_steps
+
+    def owner(self) -> RowOwner:
+        return RowOwner(self.request_id, self.step_index, self.num_steps, self.num_rows)
 
 
-#: hooks the engine gives an adapter for one batch: called before each step (may raise to abort),
-#: and after each step with (step_index, num_steps)
-StepHooks = tuple[Callable[[int, int], None], Callable[[int, int], None]]
+class TransformerCall(Protocol):
+    """How an adapter calls a transformer for some requests of the step batch (their rows, in order). The runner
+    provides it: it names the requests for the caches, and a multi-device runner wraps it (CFG-parallel)."""
+
+    def __call__(self, branch: str, states: Sequence[RequestState], transformer_name: str = "transformer",
+                 **kwargs: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class StepBatch:
+    """The requests that run this step, in row order, and the transformer call the runner gives for them."""
+
+    states: list[RequestState]
+    call: TransformerCall
+    #: values derived from the members alone (collated embeddings): kept by the runner while they stay the same
+    memo: dict[Any, Any] = field(default_factory=dict)
+
+    def latents(self, states: Sequence[RequestState] | None = None) -> torch.Tensor:
+        return torch.cat([s.latents for s in (self.states if states is None else states)])
+
+    def timesteps(self, states: Sequence[RequestState] | None = None) -> torch.Tensor:
+        """Each row's own timestep (requests in one batch may be at different points of their schedules)."""
+        return torch.cat([s.t.expand(s.num_rows) for s in (self.states if states is None else states)])
+
+    def remember(self, key: Any, states: Sequence[RequestState], make: Callable[[], Any]) -> Any:
+        """``make()`` once per key and set of requests, while the membership of the running set lasts."""
+        full_key = (key, tuple(s.request_id for s in states))
+        if full_key not in self.memo:
+            self.memo[full_key] = make()
+        return self.memo[full_key]
+
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, guided: Sequence[RequestState],
+                guide: Callable[[torch.Tensor, torch.Tensor, RequestState], torch.Tensor],
+                states: Sequence[RequestState] | None = None) -> torch.Tensor:
+        """The prediction for ``states`` (default: the whole batch; ``cond`` holds their rows): ``cond``, replaced
+        by ``guide(cond, uncond, state)`` on the rows of the ``guided`` requests (``uncond`` holds theirs, in
+        order). Guidance is applied per request with its own scale, so a row never depends on its batch mates."""
+        combined = cond.clone()
+        starts, start = {}, 0
+        for state in self.states if states is None else states:
+            starts[state.request_id] = start
+            start += state.num_rows
+        uncond_start = 0
+        for state in guided:
+            rows = slice(starts[state.request_id], starts[state.request_id] + state.num_rows)
+            uncond_rows = slice(uncond_start, uncond_start + state.num_rows)
+            combined[rows] = guide(cond[rows], uncond[uncond_rows], state)
+            uncond_start += state.num_rows
+        return combined
 
 
 class ModelAdapter(ABC):
@@ -73,8 +135,6 @@ class ModelAdapter(ABC):
     kind: ClassVar[str] = "image"
     #: pipeline attributes holding the denoising transformers, in call order
     transformer_names: ClassVar[tuple[str, ...]] = ("transformer",)
-    #: whether the engine's own denoising loop runs this family (False: diffusers' ``__call__`` does)
-    uses_shared_loop: ClassVar[bool] = True
     #: sampling params that mean nothing to this family: an error, never silently ignored
     unsupported_params: ClassVar[tuple[str, ...]] = ()
     #: how this family is guided, said in the error for an unsupported param
@@ -152,7 +212,8 @@ class ModelAdapter(ABC):
                 f"{self.pipeline_class_name} takes no input image (it is a {self.kind} model)", param="image")
 
     def batch_key(self, request: Request) -> tuple[Any, ...]:
-        """Requests with equal keys may share a batch: everything but prompt, seed and output count."""
+        """Requests with equal keys may run as one cohort (request scheduling, and caches that decide for the
+        whole batch): everything but prompt, seed and output count."""
         p = request.params
         excluded = {"seed", "negative_prompt", "num_outputs_per_prompt"}
         values = tuple((f.name, getattr(p, f.name)) for f in dataclasses.fields(p) if f.name not in excluded)
@@ -164,13 +225,8 @@ class ModelAdapter(ABC):
         return type(self.pipeline).__name__
 
     # ------------------------------------------------------------------ generation
-    @abstractmethod
-    def generate(self, requests: Sequence[Request], hooks: StepHooks,
-                 encode: Callable[[Request], Any]) -> BatchResult:
-        """Run one batch of compatible requests; ``encode`` is ``encode_request`` behind the prompt cache."""
-
     def encode_request(self, request: Request) -> Any:
-        """Prompt embeddings of one request (one output's worth; the loop repeats them per output).
+        """Prompt embeddings of one request (one output's worth; rows are repeated per output when collated).
         Must be a pure function of ``prompt_cache_key(request)``."""
         raise NotImplementedError
 
@@ -186,38 +242,35 @@ class ModelAdapter(ABC):
 
 
 class LoopAdapter(ModelAdapter):
-    """An adapter whose batches run in ditserve's shared denoising loop."""
+    """An adapter whose requests run in ditserve's step loop, each with its own state, in a running batch."""
+
+    def step_key(self, request: Request) -> tuple[Any, ...]:
+        """Requests with equal keys may share a denoising step: their latents, text and image-token shapes
+        stack. Prompt, seed, step count, guidance and the negative prompt may differ."""
+        p = request.params
+        return (p.height, p.width, p.num_frames, p.max_sequence_length, tuple(img.size for img in request.images))
 
     @abstractmethod
-    def collate(self, embeddings: Sequence[Any], requests: Sequence[Request]) -> dict[str, Any]:
-        """Stack per-request embeddings into batch tensors (rows repeated per output)."""
+    def prepare(self, request: Request, embeddings: Any) -> RequestState:
+        """The request's initial latents (from its own generator), its own scheduler and timesteps, and its
+        conditioning (the embeddings, and whatever else the family computes once per request)."""
+
+    def guided(self, state: RequestState) -> bool:
+        """Whether the request runs the unconditional branch at its current step."""
+        return self.uses_guidance(state.request)
 
     @abstractmethod
-    def prepare(self, requests: Sequence[Request], conditioning: dict[str, Any]) -> DenoiseState:
-        """Initial latents (each request from its own generator) and the scheduler's timesteps."""
+    def predict(self, batch: StepBatch) -> torch.Tensor:
+        """The model output of every row of the batch at each request's own step, guidance applied; transformer
+        calls go through ``batch.call``."""
+
+    def scheduler_step(self, state: RequestState, model_output: torch.Tensor) -> torch.Tensor:
+        """The request's latents after its scheduler's step (each request owns its scheduler)."""
+        return state.scheduler.step(model_output, state.t, state.latents, return_dict=False)[0]
 
     @abstractmethod
-    def predict(self, state: DenoiseState, step_index: int, t: torch.Tensor) -> torch.Tensor:
-        """The model output at this step, guidance applied; transformer calls go through ``call_transformer``."""
-
-    @abstractmethod
-    def decode(self, state: DenoiseState) -> list[RequestMedia]:
-        """Final latents to images or videos, one list per request."""
-
-    def scheduler_step(self, state: DenoiseState, model_output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return state.scheduler.step(model_output, t, state.latents, return_dict=False)[0]
-
-    def call_transformer(self, branch: str, transformer_name: str = "transformer", **kwargs: Any) -> Any:
-        """Call a transformer inside the branch's forward context, so caches keep per-branch state."""
-        module = getattr(self.pipeline, transformer_name)
-        with branch_context(branch, transformer_name):
-            return module(**kwargs, return_dict=False)[0]
-
-    def generate(self, requests: Sequence[Request], hooks: StepHooks,
-                 encode: Callable[[Request], Any]) -> BatchResult:
-        from ditserve.engine.denoise import run_denoising_loop
-
-        return run_denoising_loop(self, requests, hooks, encode)
+    def decode(self, state: RequestState) -> RequestMedia:
+        """A finished request's latents to its images or videos."""
 
 
 def request_generator(request: Request) -> torch.Generator:
@@ -225,10 +278,10 @@ def request_generator(request: Request) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(request.seed)
 
 
-def stack_rows(per_request: Sequence[torch.Tensor | None], requests: Sequence[Request]) -> torch.Tensor | None:
+def stack_rows(per_request: Sequence[torch.Tensor | None], states: Sequence[RequestState]) -> torch.Tensor | None:
     """Batch tensors computed per request (leading dim 1): each request's row repeated once per output, as
     diffusers' ``num_images_per_prompt`` does, then concatenated in request order."""
     if per_request[0] is None:
         return None
-    rows = [t.repeat(r.num_outputs, *([1] * (t.dim() - 1))) for t, r in zip(per_request, requests, strict=True)]
+    rows = [t.repeat(s.num_rows, *([1] * (t.dim() - 1))) for t, s in zip(per_request, states, strict=True)]
     return torch.cat(rows, dim=0)

@@ -1,14 +1,10 @@
-"""Helpers several families share (flow-matching shift, per-batch schedulers, splitting outputs per request)."""
+"""Helpers several families share (flow-matching shift, per-request schedulers)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-from ditserve.engine.request import Request
-from ditserve.models.base import RequestMedia
 
 
 def flow_match_shift(pipeline: Any, image_seq_len: int) -> float:
@@ -24,14 +20,6 @@ def flow_match_shift(pipeline: Any, image_seq_len: int) -> float:
 
 
 def fresh_scheduler(pipeline: Any) -> Any:
-    """A scheduler of its own for each batch: schedulers are stateful (step index), the pipeline's is shared."""
+    """A scheduler of its own for each request: schedulers are stateful (step index, multistep history), the
+    pipeline's is shared."""
     return type(pipeline.scheduler).from_config(pipeline.scheduler.config)
-
-
-def split_rows(images: Sequence[Any], requests: Sequence[Request]) -> list[RequestMedia]:
-    """Cut a flat list of outputs (rows in request order) back into one list per request."""
-    media, start = [], 0
-    for request in requests:
-        media.append(list(images[start:start + request.num_outputs]))
-        start += request.num_outputs
-    return media

@@ -62,8 +62,7 @@ def agree_on_skips(backend: Any, topology: ParallelTopology) -> None:
     config = topology.config
     if isinstance(backend, ResidualCacheBackend):
         if config.sequence_parallel_size * config.tensor_parallel_size > 1:
-            make_policy = backend.make_policy
-            backend.make_policy = lambda: AgreedSkipPolicy(make_policy(), topology)
+            backend.policy_wrapper = lambda policy: AgreedSkipPolicy(policy, topology)
         return
     if config.world_size > 1:
         raise ParallelConfigError(

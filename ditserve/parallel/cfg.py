@@ -1,25 +1,29 @@
 """CFG-parallel: the conditional and unconditional transformer passes of a step run on different ranks.
 
-Adapters call ``call_transformer("cond", ...)`` and then ``call_transformer("uncond", ...)`` and combine the two
-in ``predict``. That order is kept: on the rank that owns "uncond" the "cond" call computes nothing and returns
-a *placeholder* of the output's shape (the family plan knows it from the inputs); the "uncond" call computes
-the branch; then the pair exchanges outputs (one all-gather) and the placeholder is filled in place. Views an
-adapter took of the cond output meanwhile (Qwen-Image slices it) see the filled values, so ``predict``
-combines real tensors on both ranks and both take the same scheduler step. No adapter needs to know.
+``CfgParallelPredictor`` wraps a family's ``predict``: it hands ``predict`` a step batch whose transformer call
+computes a branch only on the rank that owns it. Adapters call "cond" and then "uncond" and combine the two; that
+order is kept. On the rank that does not own a branch, its call computes nothing and returns a *placeholder* of
+the output's shape (the family plan knows it from the inputs); after the "uncond" call each owner broadcasts its
+branch's output to the other rank, which fills the placeholder in place. Views an adapter took of the cond output
+meanwhile (Qwen-Image slices it) see the filled values, so ``predict`` combines real tensors on both ranks and
+both take the same scheduler step. The two branches may cover different rows (in a step batch only the requests
+with guidance run "uncond"), which is why each branch travels in its own broadcast.
 
-A step that calls only "cond" (no negative prompt) gets the cond rank's output broadcast when ``predict``
-returns: correct, but with no speed-up.
+A step that calls only "cond" (no request of the batch runs guidance) gets the cond rank's output broadcast when
+``predict`` returns: correct, but with no speed-up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ditserve.errors import ParallelConfigError
+from ditserve.models.base import RequestState, StepBatch, TransformerCall
 from ditserve.parallel.topology import ParallelTopology
 
 #: which cfg rank computes which branch
@@ -30,12 +34,12 @@ OutputShape = Callable[[torch.nn.Module, dict[str, Any]], tuple[int, ...]]
 
 
 class CfgParallelStep:
-    """One ``predict`` call on one rank: the branch outputs computed here and the placeholders to fill."""
+    """One ``predict`` call on one rank: the branch outputs computed or awaited here, until exchanged."""
 
     def __init__(self, topology: ParallelTopology) -> None:
         self.topology = topology
-        self.computed: dict[str, torch.Tensor] = {}
-        self.placeholders: dict[str, torch.Tensor] = {}
+        #: "transformer_name:branch" -> the computed output, or the placeholder to fill
+        self.pending: dict[str, torch.Tensor] = {}
 
     @property
     def cfg_rank(self) -> int:
@@ -46,73 +50,54 @@ class CfgParallelStep:
         if branch not in BRANCH_OWNER:
             raise ParallelConfigError(f"CFG-parallel knows the branches {sorted(BRANCH_OWNER)}, got {branch!r}",
                                       param="cfg_parallel_size")
-        key = f"{transformer_name}:{branch}"
-        if BRANCH_OWNER[branch] == self.cfg_rank:
-            self.computed[key] = compute()
-        if branch == "cond":
-            if key not in self.computed:
-                self.placeholders[key] = make_placeholder()
-                return self.placeholders[key]
-            return self.computed[key]
-        return self._exchange(transformer_name)
+        output = compute() if BRANCH_OWNER[branch] == self.cfg_rank else make_placeholder()
+        self.pending[f"{transformer_name}:{branch}"] = output
+        if branch == "uncond":
+            for pending_branch in ("cond", "uncond"):
+                self._share(f"{transformer_name}:{pending_branch}")
+        return output
 
-    def _exchange(self, transformer_name: str) -> torch.Tensor:
-        """Both branches are now known, on one rank each: all-gather them and fill the placeholder."""
-        cond_key, uncond_key = f"{transformer_name}:cond", f"{transformer_name}:uncond"
-        mine = self.computed.pop(cond_key if self.cfg_rank == BRANCH_OWNER["cond"] else uncond_key)
-        self.computed.pop(uncond_key, None)
-        parts = [torch.empty_like(mine) for _ in range(2)]
-        dist.all_gather(parts, mine.contiguous(), group=self.topology.cfg_group)
-        cond, uncond = parts
-        self._fill(cond_key, cond)
-        return uncond
-
-    def _fill(self, key: str, value: torch.Tensor) -> None:
-        placeholder = self.placeholders.pop(key, None)
-        if placeholder is None:
-            return
-        if placeholder.shape != value.shape or placeholder.dtype != value.dtype:
-            raise ParallelConfigError(
-                f"CFG-parallel expected a transformer output of {tuple(placeholder.shape)} {placeholder.dtype}, "
-                f"got {tuple(value.shape)} {value.dtype}; the family plan's output shape is wrong",
-                param="cfg_parallel_size")
-        placeholder.copy_(value)
+    def _share(self, key: str) -> None:
+        """The owner of the branch sends its output; the other rank receives it into its placeholder."""
+        tensor = self.pending.pop(key)
+        owner = dist.get_global_rank(self.topology.cfg_group, BRANCH_OWNER[key.rsplit(":", 1)[1]])
+        # a placeholder is contiguous by construction; a computed output is sent from a contiguous copy if need be
+        dist.broadcast(tensor.contiguous(), src=owner, group=self.topology.cfg_group)
 
     def finish(self) -> None:
         """After ``predict``: a "cond" never followed by "uncond" (no guidance this step) still has to reach the
         uncond rank. Both ranks made the same calls, so both know which outputs are pending."""
-        for key in sorted(set(self.computed) | set(self.placeholders)):
-            if key.endswith(":cond"):
-                source = self.computed.pop(key, None)
-                buffer = source if source is not None else self.placeholders.pop(key)
-                cond_rank = dist.get_global_rank(self.topology.cfg_group, BRANCH_OWNER["cond"])
-                dist.broadcast(buffer, src=cond_rank, group=self.topology.cfg_group)
-        self.computed.clear()
+        for key in sorted(self.pending):
+            self._share(key)
 
 
-def install_cfg_parallel(adapter: Any, topology: ParallelTopology, output_shape: OutputShape) -> None:
-    """Route the adapter's branch calls through CFG-parallel (instance attributes shadow the methods)."""
-    original_call = adapter.call_transformer
-    original_predict = adapter.predict
-    current: dict[str, CfgParallelStep] = {}
+class CfgParallelPredictor:
+    """A family's ``predict`` with the two guidance branches on two ranks."""
 
-    def call_transformer(branch: str, transformer_name: str = "transformer", **kwargs: Any) -> Any:
-        module = getattr(adapter.pipeline, transformer_name)
+    def __init__(self, predict: Callable[[StepBatch], torch.Tensor], topology: ParallelTopology,
+                 output_shape: OutputShape, transformers: Callable[[str], torch.nn.Module],
+                 device: torch.device) -> None:
+        self.predict = predict
+        self.topology = topology
+        self.output_shape = output_shape
+        self.transformers = transformers
+        self.device = device
 
-        def placeholder() -> torch.Tensor:
-            return torch.empty(output_shape(module, kwargs), dtype=module.dtype, device=adapter.device)
-
-        return current["step"].call(lambda: original_call(branch, transformer_name, **kwargs), branch,
-                                    transformer_name, placeholder)
-
-    def predict(state: Any, step_index: int, t: torch.Tensor) -> torch.Tensor:
-        current["step"] = CfgParallelStep(topology)
-        try:
-            output = original_predict(state, step_index, t)
-            current["step"].finish()
-        finally:
-            current.pop("step", None)
+    def __call__(self, batch: StepBatch) -> torch.Tensor:
+        step = CfgParallelStep(self.topology)
+        output = self.predict(replace(batch, call=self._split_call(step, batch.call)))
+        step.finish()
         return output
 
-    adapter.call_transformer = call_transformer
-    adapter.predict = predict
+    def _split_call(self, step: CfgParallelStep, call: TransformerCall) -> TransformerCall:
+        def split_call(branch: str, states: Sequence[RequestState], transformer_name: str = "transformer",
+                       **kwargs: Any) -> torch.Tensor:
+            module = self.transformers(transformer_name)
+
+            def placeholder() -> torch.Tensor:
+                return torch.empty(self.output_shape(module, kwargs), dtype=module.dtype, device=self.device)
+
+            return step.call(lambda: call(branch, states, transformer_name, **kwargs), branch, transformer_name,
+                             placeholder)
+
+        return split_call

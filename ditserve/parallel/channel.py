@@ -1,4 +1,4 @@
-"""Rank 0 tells the other ranks what to do (run a batch, stop) through the rendezvous key-value store.
+"""Rank 0 tells the other ranks what to do (run a step, stop) through the rendezvous key-value store.
 
 Why not a collective: an idle worker would wait in it for the next request, and collectives time out (they
 must, so that a dead rank cannot hang a run). A store key can be waited on for as long as the server is idle,
@@ -19,9 +19,12 @@ IDLE_WAIT = timedelta(days=365)
 
 @dataclass
 class Message:
-    #: "batch" or "stop"
+    #: "step" or "stop"
     kind: str
+    #: the requests admitted before this step (``RequestSpec``)
     specs: list[Any] = field(default_factory=list)
+    #: ids of running requests dropped before this step
+    drop: list[str] = field(default_factory=list)
 
 
 class ControlChannel:
@@ -35,7 +38,7 @@ class ControlChannel:
     def send(self, message: Message) -> None:
         self.store.set(self._key(self.count), pickle.dumps(message))
         if self.count:
-            # every rank read the previous message before the batch it carried could finish
+            # every rank read the previous message before the step it carried could finish
             self.store.delete_key(self._key(self.count - 1))
         self.count += 1
 

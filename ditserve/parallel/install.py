@@ -11,7 +11,6 @@ from typing import Any
 from ditserve.config import DiffusionParallelConfig, OmniDiffusionSamplingParams
 from ditserve.errors import ParallelConfigError
 from ditserve.models.base import LoopAdapter
-from ditserve.parallel.cfg import install_cfg_parallel
 from ditserve.parallel.families import parallel_families, plan_for
 from ditserve.parallel.families.base import FamilyPlan
 from ditserve.parallel.tensor import SplitCheck, SplitInstall, refuse_fused_projections
@@ -66,19 +65,9 @@ def check_request_sequence(plan: FamilyPlan, adapter: Any, config: DiffusionPara
             f"ulysses_degree x ring_degree = {degree}; choose a size whose token count divides", param="height")
 
 
-def add_request_checks(adapter: Any, plan: FamilyPlan, config: DiffusionParallelConfig) -> None:
-    """Make the adapter's own request validation also check the sequence split (instance attribute)."""
-    validate_params = adapter.validate_params
-
-    def validate(params: OmniDiffusionSamplingParams) -> None:
-        validate_params(params)
-        check_request_sequence(plan, adapter, config, params)
-
-    adapter.validate_params = validate
-
-
-def install_parallelism(adapter: Any, topology: ParallelTopology) -> None:
-    """Check, then install tensor and sequence parallelism on the transformers and CFG-parallel on the adapter."""
+def install_parallelism(adapter: Any, topology: ParallelTopology) -> FamilyPlan:
+    """Check, then install tensor and sequence parallelism on the transformers; returns the family's plan (the
+    runner wraps the adapter's ``predict`` for CFG-parallel and checks each request's sequence split with it)."""
     config = topology.config
     plan = check_model(adapter, config)
     if config.tensor_parallel_size > 1:
@@ -88,6 +77,4 @@ def install_parallelism(adapter: Any, topology: ParallelTopology) -> None:
     if config.sequence_parallel_size > 1:
         for transformer in adapter.transformers():
             plan.install(transformer, topology)
-        add_request_checks(adapter, plan, config)
-    if config.cfg_parallel_size > 1:
-        install_cfg_parallel(adapter, topology, plan.output_shape)
+    return plan

@@ -1,29 +1,28 @@
-"""One rank's runner: a ``ModelRunner`` with the parallel plan installed, and the agreement of all ranks on
-whether to go on at each step (an abort seen by rank 0 stops every rank at the same step, so no rank is left
-waiting in a collective)."""
+"""One rank's runner: a ``ModelRunner`` with the parallel plan installed. Rank 0 decides every step's running set
+and sends the same plan to every rank (an abort seen by rank 0 drops the request on every rank at the same
+step, so no rank is left waiting in a collective)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 
 from ditserve.cache.base import CacheBackend
 from ditserve.cache.selector import build_cache_backend
 from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
-from ditserve.engine.request import Request
 from ditserve.engine.runner import ModelRunner
-from ditserve.errors import ParallelConfigError, RequestAbortedError
+from ditserve.errors import ParallelConfigError
 from ditserve.levers import load_options
 from ditserve.parallel.caches import agree_on_skips
-from ditserve.parallel.install import install_parallelism
+from ditserve.parallel.cfg import CfgParallelPredictor
+from ditserve.parallel.install import check_request_sequence, install_parallelism
 from ditserve.parallel.topology import ParallelTopology
 from ditserve.parallel.vae_patch import install_vae_patch_parallel
+from ditserve.request import Request
 
 
 @dataclass
@@ -66,18 +65,24 @@ class RankRunner(ModelRunner):
     def __init__(self, config: OmniDiffusionConfig, topology: ParallelTopology, local_rank: int) -> None:
         self.topology = topology  # read by _build_cache, which the base class calls
         super().__init__(dataclasses.replace(config, device=rank_device(config.device, local_rank)))
-        install_parallelism(self.adapter, topology)
+        self.plan = install_parallelism(self.adapter, topology)
         parallel = self.config.parallel_config
+        if parallel.cfg_parallel_size > 1:
+            self.predictor = CfgParallelPredictor(self.adapter.predict, topology, self.plan.output_shape,
+                                                  lambda name: getattr(self.model.pipeline, name),
+                                                  self.model.device)
         if self._shards_before_placing():
             self.model.pipeline.to(self.model.device)
-        decodes = topology.is_driver
+        self.decodes = topology.is_driver
         if parallel.vae_patch_parallel_size > 1:
             install_vae_patch_parallel(self.model.pipeline.vae, parallel.vae_patch_parallel_size,
                                        parallel.world_size)
             # every rank of the VAE group takes part in the decode (only rank 0's images are returned)
-            decodes = topology.rank < parallel.vae_patch_parallel_size
-        if not decodes:
-            self.adapter.decode = lambda state: [[] for _ in state.requests]
+            self.decodes = topology.rank < parallel.vae_patch_parallel_size
+
+    def validate_request(self, request: Request) -> None:
+        if self.config.parallel_config.sequence_parallel_size > 1:
+            check_request_sequence(self.plan, self.adapter, self.config.parallel_config, request.params)
 
     def _shards_before_placing(self) -> bool:
         """Tensor parallelism exists to fit weights that one device cannot hold, so they are loaded into CPU
@@ -99,21 +104,3 @@ class RankRunner(ModelRunner):
         agree_on_skips(backend, self.topology)
         backend.enable(self.model.pipeline, self.adapter)
         return backend
-
-    def _step_hooks(self, batch: Sequence[Request], *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        before_step, after_step = super()._step_hooks(batch, *args, **kwargs)
-        flag_device = torch.device("cuda", torch.cuda.current_device()) if self.model.device.type == "cuda" \
-            else torch.device("cpu")
-
-        def agreed_before_step(step_index: int, num_steps: int) -> None:
-            stop = torch.zeros(1, dtype=torch.int32, device=flag_device)
-            if self.topology.is_driver:
-                try:
-                    before_step(step_index, num_steps)
-                except RequestAbortedError:
-                    stop.fill_(1)
-            dist.broadcast(stop, src=0)
-            if int(stop.item()):
-                raise RequestAbortedError(f"aborted before step {step_index + 1} of {num_steps}")
-
-        return agreed_before_step, after_step

@@ -2,14 +2,14 @@
 
 The engine process is rank 0: it loads its own copy of the model, so ``.adapter`` (validation, batch keys,
 kind) is a real adapter, and it decodes the images. Ranks 1..N-1 are worker processes: spawned here on one
-machine, or started by torchrun on several (see ``ditserve.parallel.launch``). For each batch rank 0 sends the
-requests (prompt, params, images, ids) through the store; every rank encodes the prompts and prepares the
-same latents from the same seeds, runs the shared denoising loop on its part (its CFG branch, its sequence
-shard), and rank 0 decodes.
+machine, or started by torchrun on several (see ``ditserve.parallel.launch``). Before every step rank 0 sends
+the step's plan through the store: the admitted requests (prompt, params, images, ids) and the dropped ids; every
+rank encodes the admitted prompts and prepares the same latents from the same seeds, runs the step on its part
+(its CFG branch, its sequence shard), and rank 0 decodes the requests that finished.
 
 Failures: collectives time out after ``timeout_s``, and gloo/NCCL fail at once when a peer's process is gone.
-Any failure other than an agreed abort leaves the group in an unknown state, so the runner stops every rank
-and answers this and every later batch with ``EngineClosedError`` naming the rank and its error.
+Any failure other than an agreed one leaves the group in an unknown state, so the runner stops every rank
+and answers this and every later step with ``EngineClosedError`` naming the rank and its error.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ import torch
 import torch.distributed as dist
 
 from ditserve.config import OmniDiffusionConfig
-from ditserve.engine.request import Request, RequestOutput
+from ditserve.engine.runner import StepOutcome, run_cohort
+from ditserve.engine.scheduler import StepPlan
 from ditserve.errors import EngineClosedError, ParallelConfigError
 from ditserve.parallel.channel import ControlChannel, Message, reported_errors, started_key
 from ditserve.parallel.rank import RankRunner, RequestSpec, rank_device
 from ditserve.parallel.worker import AGREED_ERRORS, cpu_threads_per_rank, start_rank, worker_main
+from ditserve.request import Request, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -138,20 +140,36 @@ class MultiProcessRunner:
         store.set("ditserve/config", pickle.dumps(self.config))
         return store
 
-    # ------------------------------------------------------------------ batches
-    def execute(self, batch: Sequence[Request]) -> list[RequestOutput]:
+    # ------------------------------------------------------------------ steps
+    @property
+    def steps_in_loop(self) -> bool:
+        return self.local.steps_in_loop
+
+    @property
+    def joins_running_batch(self) -> bool:
+        return self.local.joins_running_batch
+
+    def validate_request(self, request: Request) -> None:
+        self.local.validate_request(request)
+
+    def step(self, plan: StepPlan) -> StepOutcome:
+        """Send the plan to every rank, then run the step here (rank 0 decodes and answers)."""
         if self._broken is not None:
             raise EngineClosedError(f"the parallel runner stopped after a failure: {self._broken}")
         dead = self._dead_workers()
         if dead:
             self._fail(dead)
-        self.channel.send(Message("batch", [RequestSpec.of(r) for r in batch]))
+        self.channel.send(Message("step", [RequestSpec.of(r) for r in plan.admit], list(plan.drop)))
         try:
-            return self.local.execute(batch)
+            return self.local.step(plan)
         except AGREED_ERRORS:
             raise  # every rank raised it at the same point: the group is still in step
         except BaseException as error:
             self._fail(self._describe_failure(error), error)
+
+    def execute(self, batch: Sequence[Request]) -> list[RequestOutput]:
+        """Run ``batch`` as one cohort, start to end, on every rank."""
+        return run_cohort(self.step, batch)
 
     def _fail(self, reason: str, error: BaseException | None = None) -> None:
         self._broken = reason

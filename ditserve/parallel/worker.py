@@ -1,5 +1,5 @@
-"""A rank's life: join the process group, load the model with the parallel plan, then run the batches rank 0
-sends until it says stop. Rank 0 calls ``start_rank`` in the engine process; the other ranks run
+"""A rank's life: join the process group, load the model with the parallel plan, then run the steps rank 0
+plans until it says stop. Rank 0 calls ``start_rank`` in the engine process; the other ranks run
 ``worker_main`` (spawned by ``MultiProcessRunner``) or ``run_torchrun_worker`` (started by torchrun)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ditserve.config import OmniDiffusionConfig
-from ditserve.errors import RequestAbortedError
+from ditserve.engine.scheduler import StepPlan
 from ditserve.parallel.channel import ControlChannel, report_error, started_key
 from ditserve.parallel.rank import RankRunner, backend_for, rank_device
 from ditserve.parallel.sharding import SequenceSplitError
@@ -38,19 +38,20 @@ def start_rank(config: OmniDiffusionConfig, store: Any, rank: int, world_size: i
     return RankRunner(config, topology, local_rank)
 
 
-#: errors every rank raises at the same point of a batch (an agreed abort, a sequence that does not divide):
-#: the group is still in step afterwards, so the ranks go on with the next batch
-AGREED_ERRORS = (RequestAbortedError, SequenceSplitError)
+#: errors every rank raises at the same point of a step (a sequence that does not divide): the group is still
+#: in step afterwards, so the ranks go on with the next step
+AGREED_ERRORS = (SequenceSplitError,)
 
 
 def serve(runner: RankRunner, channel: ControlChannel) -> None:
-    """Run batches until rank 0 says stop. An abort is agreed by all ranks, so the group stays usable."""
+    """Run the steps rank 0 plans until it says stop. An error every rank raises at the same point (the step's
+    running set is then failed everywhere) leaves the group usable."""
     while True:
         message = channel.receive()
         if message.kind == "stop":
             return
         try:
-            runner.execute([spec.to_request() for spec in message.specs])
+            runner.step(StepPlan(admit=[spec.to_request() for spec in message.specs], drop=message.drop))
         except AGREED_ERRORS:
             continue
 

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from ditserve import Omni
+from ditserve import Omni, OmniDiffusionSamplingParams
 from ditserve.testing.compare import max_abs_diff
 from tests.cache.helpers import count_block_work, media
 
@@ -91,6 +91,33 @@ def test_batched_equals_solo_with_the_cache_on(skipping_omni: Omni) -> None:
         assert max_abs_diff(one.images[0], many.images[0]) <= 1
         assert ([d["decision"] for d in one.cache_stats["branches"]["cond"]["decisions"]]
                 == [d["decision"] for d in many.cache_stats["branches"]["cond"]["decisions"]])
+
+
+def test_a_request_joining_mid_run_keeps_its_own_decisions_and_output(skipping_omni: Omni) -> None:
+    """In a continuous batch each request is at its own step: its cache decides from its own history, so it
+    skips exactly the steps it skips alone and its image equals its solo image; its mate's too."""
+    long_params = {**PARAMS, "num_inference_steps": 9, "seed": 21}
+    short_params = {**PARAMS, "num_inference_steps": 5, "seed": 22}
+    long_solo = skipping_omni.generate("a red cat", long_params)[0]
+    short_solo = skipping_omni.generate("a blue dog on the left", short_params)[0]
+    engine = skipping_omni.engine
+    joined = {}
+
+    def join_after_step_3(done: int, _total: int) -> None:
+        if done == 3:
+            request = engine.make_request("a blue dog on the left", OmniDiffusionSamplingParams(**short_params))
+            joined["future"] = engine.submit(request)
+
+    long_request = engine.make_request("a red cat", OmniDiffusionSamplingParams(**long_params),
+                                       progress_callback=join_after_step_3)
+    long_out = engine.submit(long_request).result(timeout=120)
+    short_out = joined["future"].result(timeout=120)
+    assert short_out.cache_stats["shared_with"] == [long_out.request_id]
+    for solo, batched in ((long_solo, long_out), (short_solo, short_out)):
+        assert batched.timings["batch_size"] == 2
+        assert max_abs_diff(solo.images[0], batched.images[0]) <= 1
+        decisions = [[d["decision"] for d in o.cache_stats["branches"]["cond"]["decisions"]] for o in (solo, batched)]
+        assert decisions[0] == decisions[1] and "skip" in decisions[0]
 
 
 def test_a_long_run_that_skips_nothing_is_loud(tiny_flux_dir: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -41,7 +41,8 @@ def test_batched_output_equals_solo(flux_omni: Omni) -> None:
     blocker.result(timeout=60)
     batched = [f.result(timeout=60) for f in futures]
 
-    assert [o.timings["batch_size"] for o in batched] == [3, 3, 3]
+    # they joined the blocker's running batch after its first step
+    assert [o.timings["batch_size"] for o in batched] == [4, 4, 4]
     for one, many in zip(solo, batched, strict=True):
         assert max_abs_diff(one.images[0], many.images[0]) <= 1
     assert max_abs_diff(batched[0].images[0], batched[1].images[0]) > 15

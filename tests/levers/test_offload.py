@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from ditserve import Omni
-from ditserve.config import OmniDiffusionSamplingParams
-from ditserve.engine.request import Request
+from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
+from ditserve.engine.runner import ModelRunner
 from ditserve.errors import InvalidParameterError
 from ditserve.levers.compile import repeated_blocks
 from ditserve.levers.offload import enable_layerwise_offload, enable_model_offload
 from ditserve.models.loader import LoadedModel, load_model
+from ditserve.request import Request
 from ditserve.testing.compare import max_abs_diff
 from tests.levers.conftest import BASE, PROMPT, requires_cuda
 
@@ -29,11 +30,10 @@ def test_offload_options_are_mutually_exclusive(tiny_flux_dir: str) -> None:
 
 
 def generate(model: LoadedModel, seed: int = 5) -> list:
-    """One request through the model's adapter, without an engine around it."""
+    """One request through a runner of the model as it was set up here (no engine, no other lever)."""
     params = model.adapter.resolve_params(OmniDiffusionSamplingParams(seed=seed, **BASE))
     request = Request(prompt=PROMPT, params=params)
-    result = model.adapter.generate([request], (lambda *_: None, lambda *_: None), model.adapter.encode_request)
-    return result.media[0]
+    return ModelRunner(OmniDiffusionConfig(model=model.path), model=model).execute([request])[0].images
 
 
 def test_model_offload_hooks_run_on_cpu_and_keep_output(tiny_flux_dir: str, plain_flux_images: list) -> None:

@@ -8,9 +8,10 @@ from diffusers import QwenImagePipeline
 from PIL import Image
 
 from ditserve import Omni, OmniDiffusionSamplingParams
-from ditserve.engine.request import Request
 from ditserve.errors import InvalidParameterError
+from ditserve.models.base import RequestState
 from ditserve.models.qwen_image.adapter import norm_preserving_cfg, pad_and_mask
+from ditserve.request import Request
 from ditserve.testing import tiny_pipeline_dir
 from ditserve.testing.compare import max_abs_diff
 
@@ -81,13 +82,14 @@ def test_batch_of_prompts_of_different_lengths_equals_solo(qwen_omni: Omni) -> N
 
 
 def test_pad_and_mask_masks_only_padding() -> None:
-    requests = [Request("a", OmniDiffusionSamplingParams(seed=0, num_outputs_per_prompt=2)),
-                Request("b", OmniDiffusionSamplingParams(seed=0))]
-    embeds, mask = pad_and_mask([torch.ones(1, 2, 3), torch.ones(1, 4, 3)], requests)
+    # two requests in one step: the first with two outputs (rows), the second with one
+    states = [RequestState(Request(prompt, OmniDiffusionSamplingParams(seed=0)), torch.zeros(rows, 4), None,
+                           torch.zeros(1), {}) for prompt, rows in (("a", 2), ("b", 1))]
+    embeds, mask = pad_and_mask([torch.ones(1, 2, 3), torch.ones(1, 4, 3)], states)
     assert embeds.shape == (3, 4, 3)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
     assert embeds[:2, 2:].abs().sum() == 0
-    _, no_mask = pad_and_mask([torch.ones(1, 4, 3), torch.ones(1, 4, 3)], requests)
+    _, no_mask = pad_and_mask([torch.ones(1, 4, 3), torch.ones(1, 4, 3)], states)
     assert no_mask is None
 
 

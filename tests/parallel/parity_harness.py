@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 
 from ditserve.config import DiffusionParallelConfig, OmniDiffusionConfig, OmniDiffusionSamplingParams
-from ditserve.engine.request import Request
 from ditserve.engine.runner import ModelRunner
 from ditserve.parallel.rank import RankRunner
 from ditserve.parallel.topology import build_topology
 from ditserve.parallel.worker import cpu_threads_per_rank
+from ditserve.request import Request
 
 WORLD_SIZE = 2
 TIMEOUT = timedelta(seconds=60)

@@ -30,7 +30,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.engine.engine import DiffusionEngine
-from ditserve.engine.request import Request, RequestOutput
 from ditserve.entrypoints.media import image_bytes
 from ditserve.entrypoints.server.errors import APIError, install_error_handlers
 from ditserve.entrypoints.server.metrics import MetricsMiddleware, ServerMetrics
@@ -56,6 +55,7 @@ from ditserve.entrypoints.server.security import APIKeyMiddleware, BodyLimitMidd
 from ditserve.entrypoints.server.uploads import read_form, read_images
 from ditserve.entrypoints.server.videos import VideoJob, VideoJobRunner, VideoStore, new_video_id
 from ditserve.errors import DitServeError
+from ditserve.request import Request, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -374,11 +374,11 @@ def create_app(engine: DiffusionEngine, settings: ServerSettings) -> FastAPI:
             "server_restarted", "the server restarted before this job finished; submit it again")
         if interrupted:
             logger.warning("marked %d unfinished video job(s) of a previous run as failed", interrupted)
-        engine.observers.append(state.metrics.observe_batch)
+        engine.observers.append(state.metrics.observe_step)
         try:
             yield
         finally:
-            engine.observers.remove(state.metrics.observe_batch)
+            engine.observers.remove(state.metrics.observe_step)
             await state.videos.shutdown()
             state.store.close()
 

@@ -7,13 +7,12 @@ Each app owns its own registry (several apps can share one process, as tests do)
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ditserve.engine.request import Request, RequestOutput
+from ditserve.engine.engine import StepReport
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
@@ -28,31 +27,26 @@ class ServerMetrics:
                                          ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
         queue = Gauge("ditserve_queue_depth", "requests waiting for the engine", registry=self.registry)
         queue.set_function(queue_depth)
-        self.batch_size = Histogram("ditserve_batch_size", "requests per executed batch", buckets=BATCH_BUCKETS,
+        self.batch_size = Histogram("ditserve_batch_size", "requests per denoising step", buckets=BATCH_BUCKETS,
                                     registry=self.registry)
-        self.batch_latency = Histogram("ditserve_batch_latency_seconds", "wall time of one batch",
-                                       buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.step_latency = Histogram("ditserve_step_latency_seconds", "denoising time per step of a batch",
+        self.step_latency = Histogram("ditserve_step_latency_seconds",
+                                      "wall time of one denoising step of the running batch (decodes included)",
                                       buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.failed_batches = Counter("ditserve_failed_batches", "batches that raised (aborts included)",
-                                      ["error"], registry=self.registry)
+        self.failed_requests = Counter("ditserve_failed_requests", "requests that failed in the engine "
+                                       "(aborts included)", ["error"], registry=self.registry)
         self.cache_steps = Counter("ditserve_cache_steps", "denoising steps by cache decision",
                                    ["decision"], registry=self.registry)
         self.prompt_cache = Counter("ditserve_prompt_embed_cache", "prompt-embedding cache outcomes per request",
                                     ["outcome"], registry=self.registry)
 
-    def observe_batch(self, batch: Sequence[Request], result: list[RequestOutput] | BaseException,
-                      seconds: float) -> None:
-        """Engine observer: runs on the engine thread after every batch."""
-        if isinstance(result, BaseException):
-            self.failed_batches.labels(type(result).__name__).inc()
-            return
-        self.batch_size.observe(len(batch))
-        self.batch_latency.observe(seconds)
-        steps = batch[0].params.num_inference_steps or 0
-        if result and steps:
-            self.step_latency.observe(result[0].timings.get("denoise_s", 0.0) / steps)
-        for output in result:
+    def observe_step(self, report: StepReport) -> None:
+        """Engine observer: runs on the engine thread after every denoising step (or whole run)."""
+        if report.batch_size:
+            self.batch_size.observe(report.batch_size)
+            self.step_latency.observe(report.seconds)
+        for _, error in report.failed:
+            self.failed_requests.labels(type(error).__name__).inc()
+        for _, output in report.finished:
             self._count_cache_steps(output.cache_stats)
 
     def _count_cache_steps(self, stats: dict[str, Any] | None) -> None:

@@ -25,11 +25,11 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 
 from ditserve.engine.engine import DiffusionEngine
-from ditserve.engine.request import Request, RequestOutput
 from ditserve.entrypoints.media import video_bytes
 from ditserve.entrypoints.server.errors import APIError, api_error_from_engine
 from ditserve.entrypoints.server.protocol import VIDEO_ID_PATTERN, VideoObject, json_safe
 from ditserve.errors import DitServeError, RequestAbortedError
+from ditserve.request import Request, RequestOutput
 
 logger = logging.getLogger(__name__)
 

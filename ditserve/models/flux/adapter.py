@@ -14,9 +14,16 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
-from ditserve.engine.request import Request
-from ditserve.models.base import DenoiseState, LoopAdapter, RequestMedia, request_generator, stack_rows
-from ditserve.models.common import flow_match_shift, fresh_scheduler, split_rows
+from ditserve.models.base import (
+    LoopAdapter,
+    RequestMedia,
+    RequestState,
+    StepBatch,
+    request_generator,
+    stack_rows,
+)
+from ditserve.models.common import flow_match_shift, fresh_scheduler
+from ditserve.request import Request
 
 
 class FluxAdapter(LoopAdapter):
@@ -57,63 +64,60 @@ class FluxAdapter(LoopAdapter):
             encoded |= {"neg_prompt_embeds": neg_embeds, "neg_pooled": neg_pooled, "neg_text_ids": neg_ids}
         return encoded
 
-    def collate(self, embeddings: Sequence[dict[str, Any]], requests: Sequence[Request]) -> dict[str, Any]:
-        batch: dict[str, Any] = {}
-        for key in ("prompt_embeds", "pooled", "neg_prompt_embeds", "neg_pooled"):
-            if key in embeddings[0]:
-                batch[key] = stack_rows([e[key] for e in embeddings], requests)
-        # text ids carry no batch dimension: the same for every row
-        batch["text_ids"] = embeddings[0]["text_ids"]
-        if "neg_text_ids" in embeddings[0]:
-            batch["neg_text_ids"] = embeddings[0]["neg_text_ids"]
-        return batch
-
-    def prepare(self, requests: Sequence[Request], conditioning: dict[str, Any]) -> DenoiseState:
-        pipe, p = self.pipeline, requests[0].params
+    def prepare(self, request: Request, embeddings: dict[str, Any]) -> RequestState:
+        pipe, p = self.pipeline, request.params
         channels = pipe.transformer.config.in_channels // 4
-        latents, image_ids = [], None
-        for request in requests:
-            request_latents, image_ids = pipe.prepare_latents(
-                request.num_outputs, channels, p.height, p.width, conditioning["prompt_embeds"].dtype,
-                self.device, request_generator(request))
-            latents.append(request_latents)
-        packed = torch.cat(latents, dim=0)
-
+        latents, image_ids = pipe.prepare_latents(
+            request.num_outputs, channels, p.height, p.width, embeddings["prompt_embeds"].dtype, self.device,
+            request_generator(request))
         scheduler = fresh_scheduler(pipe)
         steps = p.num_inference_steps
         sigmas = np.linspace(1.0, 1 / steps, steps)
         if getattr(scheduler.config, "use_flow_sigmas", False):
             sigmas = None
         timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas,
-                                          mu=flow_match_shift(pipe, packed.shape[1]))
+                                          mu=flow_match_shift(pipe, latents.shape[1]))
         scheduler.set_begin_index(0)
-
         guidance = None
         if pipe.transformer.config.guidance_embeds:
-            guidance = torch.full([packed.shape[0]], p.guidance_scale, device=self.device, dtype=torch.float32)
-        extra = {**conditioning, "image_ids": image_ids, "guidance": guidance,
-                 "true_cfg": self.uses_guidance(requests[0])}
-        return DenoiseState(latents=packed, timesteps=timesteps, scheduler=scheduler, requests=requests,
-                            extra=extra)
+            guidance = torch.full([latents.shape[0]], p.guidance_scale, device=self.device, dtype=torch.float32)
+        conditioning = {**embeddings, "image_ids": image_ids, "guidance": guidance}
+        return RequestState(request=request, latents=latents, scheduler=scheduler, timesteps=timesteps,
+                            conditioning=conditioning)
 
-    def predict(self, state: DenoiseState, step_index: int, t: torch.Tensor) -> torch.Tensor:
-        x = state.extra
-        timestep = t.expand(state.latents.shape[0]).to(state.latents.dtype) / 1000
-        common = {"hidden_states": state.latents, "timestep": timestep, "guidance": x["guidance"],
-                  "img_ids": x["image_ids"]}
-        cond = self.call_transformer("cond", pooled_projections=x["pooled"],
-                                     encoder_hidden_states=x["prompt_embeds"], txt_ids=x["text_ids"], **common)
-        if not x["true_cfg"]:
+    def _branch_inputs(self, batch: StepBatch, branch: str, states: Sequence[RequestState]) -> dict[str, Any]:
+        """The text inputs of one guidance branch for ``states``, stacked once while the batch's members stay."""
+        prefix = "" if branch == "cond" else "neg_"
+
+        def stack() -> dict[str, Any]:
+            embeddings = [s.conditioning for s in states]
+            guidance = [e["guidance"] for e in embeddings]
+            return {"encoder_hidden_states": stack_rows([e[f"{prefix}prompt_embeds"] for e in embeddings], states),
+                    "pooled_projections": stack_rows([e[f"{prefix}pooled"] for e in embeddings], states),
+                    # text ids carry no batch dimension: the same for every row of one max_sequence_length
+                    "txt_ids": embeddings[0][f"{prefix}text_ids"],
+                    "img_ids": embeddings[0]["image_ids"],
+                    "guidance": None if guidance[0] is None else torch.cat(guidance)}
+
+        return batch.remember(branch, states, stack)
+
+    def _call_branch(self, batch: StepBatch, branch: str, states: Sequence[RequestState]) -> torch.Tensor:
+        latents = batch.latents(states)
+        timestep = batch.timesteps(states).to(latents.dtype) / 1000
+        return batch.call(branch, states, hidden_states=latents, timestep=timestep,
+                          **self._branch_inputs(batch, branch, states))
+
+    def predict(self, batch: StepBatch) -> torch.Tensor:
+        cond = self._call_branch(batch, "cond", batch.states)
+        guided = [s for s in batch.states if self.guided(s)]
+        if not guided:
             return cond
-        uncond = self.call_transformer("uncond", pooled_projections=x["neg_pooled"],
-                                       encoder_hidden_states=x["neg_prompt_embeds"], txt_ids=x["neg_text_ids"],
-                                       **common)
-        return uncond + state.params.true_cfg_scale * (cond - uncond)
+        uncond = self._call_branch(batch, "uncond", guided)
+        return batch.combine(cond, uncond, guided, lambda c, u, s: u + s.params.true_cfg_scale * (c - u))
 
-    def decode(self, state: DenoiseState) -> list[RequestMedia]:
+    def decode(self, state: RequestState) -> RequestMedia:
         pipe, p = self.pipeline, state.params
         latents = pipe._unpack_latents(state.latents, p.height, p.width, pipe.vae_scale_factor)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-        images = pipe.image_processor.postprocess(decoded, output_type="pil")
-        return split_rows(images, state.requests)
+        return pipe.image_processor.postprocess(decoded, output_type="pil")

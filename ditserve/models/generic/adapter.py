@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
@@ -18,19 +18,23 @@ import numpy as np
 import torch
 
 from ditserve.config import OmniDiffusionSamplingParams
-from ditserve.engine.context import ForwardContext, _current
-from ditserve.engine.request import Request
 from ditserve.errors import InvalidParameterError
-from ditserve.models.base import BatchResult, ModelAdapter, StageTimings, StepHooks, request_generator
+from ditserve.forward_context import ForwardContext, RowOwner, forward_context, move_current
+from ditserve.models.base import ModelAdapter, RequestMedia, StageTimings, request_generator
+from ditserve.request import Request
 
 # our param name -> diffusers' name where they differ
 _RENAMED = {"num_outputs_per_prompt": "num_images_per_prompt"}
 #: ours alone: the seed becomes the generator, fps only matters when we encode a video
 _NOT_FORWARDED = {"seed", "fps"}
 
+#: what the runner gives a whole run: called before each step with (step_index, num_steps), which may raise to
+#: abort, and after each step with the same
+StepHooks = tuple[Callable[[int, int], None], Callable[[int, int], None]]
+
 
 class GenericAdapter(ModelAdapter):
-    uses_shared_loop = False
+    """Runs diffusers' own ``__call__`` for one request at a time (request scheduling only)."""
 
     def __init__(self, pipeline: Any, model_defaults: dict[str, Any] | None = None) -> None:
         super().__init__(pipeline, model_defaults)
@@ -89,9 +93,8 @@ class GenericAdapter(ModelAdapter):
             kwargs["output_type"] = "np"
         return kwargs
 
-    def generate(self, requests: Sequence[Request], hooks: StepHooks,
-                 encode: Callable[[Request], Any]) -> BatchResult:
-        (request,) = requests
+    def run(self, request: Request, hooks: StepHooks) -> tuple[RequestMedia, StageTimings]:
+        """One request through the pipeline's own ``__call__``."""
         before_step, after_step = hooks
         steps = request.params.num_inference_steps or 0
         marks: dict[str, float] = {}
@@ -102,20 +105,18 @@ class GenericAdapter(ModelAdapter):
         def on_step_end(_pipe: Any, step_index: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             after_step(step_index, steps)
             marks["denoise_end"] = time.perf_counter()
-            _current.set(ForwardContext(step_index + 1, steps, row_request_ids=(request.request_id,)))
+            move_current(ForwardContext((RowOwner(request.request_id, step_index + 1, steps),)))
             if step_index + 1 < steps:
                 before_step(step_index + 1, steps)
             return tensors
 
         handles = [m.register_forward_pre_hook(on_transformer_call) for m in self.transformers()]
-        token = _current.set(ForwardContext(0, steps, row_request_ids=(request.request_id,)))
         start = time.perf_counter()
         try:
             before_step(0, steps)
-            with torch.inference_mode():
+            with torch.inference_mode(), forward_context(ForwardContext((RowOwner(request.request_id, 0, steps),))):
                 result = self.pipeline(**self._call_kwargs(request), callback_on_step_end=on_step_end)
         finally:
-            _current.reset(token)
             for handle in handles:
                 handle.remove()
         end = time.perf_counter()
@@ -123,7 +124,7 @@ class GenericAdapter(ModelAdapter):
         denoise_end = marks.get("denoise_end", end)
         timings = StageTimings(encode_s=denoise_start - start, denoise_s=denoise_end - denoise_start,
                                decode_s=end - denoise_end)
-        return BatchResult(media=[self._media(result)], timings=timings)
+        return self._media(result), timings
 
     def _media(self, result: Any) -> list[Any]:
         if self.kind == "video":

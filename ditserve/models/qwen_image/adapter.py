@@ -17,10 +17,17 @@ import torch
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import retrieve_timesteps
 
 from ditserve.config import OmniDiffusionSamplingParams
-from ditserve.engine.request import Request
 from ditserve.errors import InvalidParameterError
-from ditserve.models.base import DenoiseState, LoopAdapter, RequestMedia, request_generator, stack_rows
-from ditserve.models.common import flow_match_shift, fresh_scheduler, split_rows
+from ditserve.models.base import (
+    LoopAdapter,
+    RequestMedia,
+    RequestState,
+    StepBatch,
+    request_generator,
+    stack_rows,
+)
+from ditserve.models.common import flow_match_shift, fresh_scheduler
+from ditserve.request import Request
 
 #: diffusers' Qwen pipelines refuse longer prompt embeddings
 MAX_SEQUENCE_LENGTH = 1024
@@ -35,18 +42,18 @@ def norm_preserving_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) 
     return combined * (cond_norm / combined_norm)
 
 
-def pad_and_mask(per_request: Sequence[torch.Tensor], requests: Sequence[Request]
+def pad_and_mask(per_request: Sequence[torch.Tensor], states: Sequence[RequestState]
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stack per-request text embeddings (1 x L_i x D) into rows, zero-padded to the longest, with the mask
     diffusers builds for a batch (1 = token, 0 = padding); no mask when nothing was padded, as diffusers."""
     longest = max(e.shape[1] for e in per_request)
     padded = [torch.nn.functional.pad(e, (0, 0, 0, longest - e.shape[1])) for e in per_request]
-    embeds = stack_rows(padded, requests)
+    embeds = stack_rows(padded, states)
     if all(e.shape[1] == longest for e in per_request):
         return embeds, None
     positions = torch.arange(longest, device=embeds.device)
     masks = [(positions < e.shape[1]).long().unsqueeze(0) for e in per_request]
-    return embeds, stack_rows(masks, requests)
+    return embeds, stack_rows(masks, states)
 
 
 class QwenImageAdapter(LoopAdapter):
@@ -119,14 +126,6 @@ class QwenImageAdapter(LoopAdapter):
             encoded["neg_prompt_embeds"] = self._encode_text(request.params.negative_prompt, request)
         return encoded
 
-    def collate(self, embeddings: Sequence[dict[str, torch.Tensor]], requests: Sequence[Request]) -> dict[str, Any]:
-        batch: dict[str, Any] = {}
-        for branch in ("prompt", "neg_prompt"):
-            if f"{branch}_embeds" in embeddings[0]:
-                embeds, mask = pad_and_mask([e[f"{branch}_embeds"] for e in embeddings], requests)
-                batch[f"{branch}_embeds"], batch[f"{branch}_mask"] = embeds, mask
-        return batch
-
     # ------------------------------------------------------------------ prepare
     def output_size(self, request: Request) -> tuple[int, int]:
         """(height, width) of the request's output."""
@@ -162,45 +161,50 @@ class QwenImageAdapter(LoopAdapter):
             return None
         return torch.full([1], params.guidance_scale, device=self.device, dtype=torch.float32).expand(rows)
 
-    def prepare(self, requests: Sequence[Request], conditioning: dict[str, Any]) -> DenoiseState:
-        dtype = conditioning["prompt_embeds"].dtype
-        noise, image_latents = zip(*(self.request_latents(r, dtype) for r in requests), strict=True)
-        latents = torch.cat(noise, dim=0)
-        rows = latents.shape[0]
+    def prepare(self, request: Request, embeddings: dict[str, torch.Tensor]) -> RequestState:
+        noise, image_latents = self.request_latents(request, embeddings["prompt_embeds"].dtype)
         scheduler = fresh_scheduler(self.pipeline)
-        extra = {**conditioning, "image_shapes": [self.image_shapes(requests[0])] * rows,
-                 "image_latents": None if image_latents[0] is None else torch.cat(image_latents, dim=0),
-                 "guidance": self._guidance(rows, requests[0].params), "true_cfg": self.uses_guidance(requests[0])}
-        return DenoiseState(latents=latents, scheduler=scheduler, requests=requests, extra=extra,
-                            timesteps=self._timesteps(scheduler, requests[0].params.num_inference_steps,
-                                                      latents.shape[1]))
+        conditioning = {**embeddings, "image_latents": image_latents,
+                        "guidance": self._guidance(noise.shape[0], request.params)}
+        return RequestState(request=request, latents=noise, scheduler=scheduler, conditioning=conditioning,
+                            timesteps=self._timesteps(scheduler, request.params.num_inference_steps, noise.shape[1]))
 
     # ------------------------------------------------------------------ denoise
-    @staticmethod
-    def transformer_input(state: DenoiseState) -> torch.Tensor:
-        """The image tokens the transformer sees: the noisy latents, then any input images' latents."""
-        image_latents = state.extra["image_latents"]
-        if image_latents is None:
-            return state.latents
-        return torch.cat([state.latents, image_latents], dim=1)
+    def _branch_inputs(self, batch: StepBatch, branch: str, states: Sequence[RequestState]) -> dict[str, Any]:
+        """What the transformer needs besides the latents and timesteps, built once while the members stay.
+        Prompts of one batch have different lengths: zero-padded to the longest and masked, as diffusers does
+        for a list of prompts."""
+        key = "prompt_embeds" if branch == "cond" else "neg_prompt_embeds"
 
-    def _call_branch(self, branch: str, state: DenoiseState, t: torch.Tensor) -> torch.Tensor:
-        x = state.extra
-        prefix = "prompt" if branch == "cond" else "neg_prompt"
-        timestep = t.expand(state.latents.shape[0]).to(state.latents.dtype)
-        output = self.call_transformer(
-            branch, hidden_states=self.transformer_input(state), timestep=timestep / 1000, guidance=x["guidance"],
-            encoder_hidden_states_mask=x[f"{prefix}_mask"], encoder_hidden_states=x[f"{prefix}_embeds"],
-            img_shapes=x["image_shapes"])
-        # only the noisy latents' tokens are predicted; input-image tokens (edit models) are context
-        return output[:, :state.latents.shape[1]]
+        def build() -> dict[str, Any]:
+            embeds, mask = pad_and_mask([s.conditioning[key] for s in states], states)
+            guidance = [s.conditioning["guidance"] for s in states]
+            image_latents = [s.conditioning["image_latents"] for s in states]
+            return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask,
+                    "img_shapes": [self.image_shapes(s.request) for s in states for _ in range(s.num_rows)],
+                    "guidance": None if guidance[0] is None else torch.cat(guidance),
+                    "image_latents": None if image_latents[0] is None else torch.cat(image_latents)}
 
-    def predict(self, state: DenoiseState, step_index: int, t: torch.Tensor) -> torch.Tensor:
-        cond = self._call_branch("cond", state, t)
-        if not state.extra["true_cfg"]:
+        return batch.remember(branch, states, build)
+
+    def _call_branch(self, batch: StepBatch, branch: str, states: Sequence[RequestState]) -> torch.Tensor:
+        inputs = dict(self._branch_inputs(batch, branch, states))
+        latents = batch.latents(states)
+        # the image tokens the transformer sees: the noisy latents, then any input images' latents (edit models)
+        image_latents = inputs.pop("image_latents")
+        hidden = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
+        timestep = batch.timesteps(states).to(latents.dtype)
+        output = batch.call(branch, states, hidden_states=hidden, timestep=timestep / 1000, **inputs)
+        # only the noisy latents' tokens are predicted; input-image tokens are context
+        return output[:, :latents.shape[1]]
+
+    def predict(self, batch: StepBatch) -> torch.Tensor:
+        cond = self._call_branch(batch, "cond", batch.states)
+        guided = [s for s in batch.states if self.guided(s)]
+        if not guided:
             return cond
-        uncond = self._call_branch("uncond", state, t)
-        return norm_preserving_cfg(cond, uncond, state.params.true_cfg_scale)
+        uncond = self._call_branch(batch, "uncond", guided)
+        return batch.combine(cond, uncond, guided, lambda c, u, s: norm_preserving_cfg(c, u, s.params.true_cfg_scale))
 
     # ------------------------------------------------------------------ decode
     def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -211,11 +215,10 @@ class QwenImageAdapter(LoopAdapter):
             latents.device, latents.dtype)
         return latents / inverse_std + mean
 
-    def decode(self, state: DenoiseState) -> list[RequestMedia]:
+    def decode(self, state: RequestState) -> RequestMedia:
         pipe = self.pipeline
-        height, width = self.output_size(state.requests[0])
+        height, width = self.output_size(state.request)
         latents = pipe._unpack_latents(state.latents, height, width, pipe.vae_scale_factor).to(pipe.vae.dtype)
         # the VAE is a video VAE: decode one frame and drop the frame axis
         decoded = pipe.vae.decode(self._denormalize(latents), return_dict=False)[0][:, :, 0]
-        images = pipe.image_processor.postprocess(decoded, output_type="pil")
-        return split_rows(images, state.requests)
+        return pipe.image_processor.postprocess(decoded, output_type="pil")

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ditserve.engine.request import Request
 from ditserve.errors import InvalidParameterError
 from ditserve.models.base import request_generator
 from ditserve.models.qwen_image.adapter import QwenImageAdapter
 from ditserve.models.qwen_image.processor import load_processor_without_video, torchvision_available
+from ditserve.request import Request
 
 #: pixel areas diffusers resizes input images to (its module constants, not configurable)
 VAE_IMAGE_AREA = 1024 * 1024

@@ -16,15 +16,20 @@ from typing import Any
 import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 
-from ditserve.engine.request import Request
 from ditserve.errors import InvalidParameterError
-from ditserve.models.base import DenoiseState, LoopAdapter, RequestMedia, request_generator, stack_rows
-from ditserve.models.common import flow_match_shift, fresh_scheduler, split_rows
+from ditserve.models.base import (
+    LoopAdapter,
+    RequestMedia,
+    RequestState,
+    StepBatch,
+    request_generator,
+    stack_rows,
+)
+from ditserve.models.common import flow_match_shift, fresh_scheduler
+from ditserve.request import Request
 
 #: diffusers' StableDiffusion3Pipeline rejects longer T5 sequences
 MAX_SEQUENCE_LENGTH = 512
-#: batch tensors built by ``collate``; the negative ones only exist with guidance
-EMBEDDING_KEYS = ("prompt_embeds", "pooled", "neg_prompt_embeds", "neg_pooled")
 
 
 class StableDiffusion3Adapter(LoopAdapter):
@@ -68,18 +73,10 @@ class StableDiffusion3Adapter(LoopAdapter):
             encoded |= {"neg_prompt_embeds": neg_embeds, "neg_pooled": neg_pooled}
         return encoded
 
-    def collate(self, embeddings: Sequence[dict[str, torch.Tensor]], requests: Sequence[Request]) -> dict[str, Any]:
-        return {key: stack_rows([e[key] for e in embeddings], requests)
-                for key in EMBEDDING_KEYS if key in embeddings[0]}
-
-    def prepare(self, requests: Sequence[Request], conditioning: dict[str, Any]) -> DenoiseState:
-        pipe, p = self.pipeline, requests[0].params
-        channels = pipe.transformer.config.in_channels
-        latents = torch.cat([
-            pipe.prepare_latents(request.num_outputs, channels, p.height, p.width,
-                                 conditioning["prompt_embeds"].dtype, self.device, request_generator(request))
-            for request in requests])
-
+    def prepare(self, request: Request, embeddings: dict[str, torch.Tensor]) -> RequestState:
+        pipe, p = self.pipeline, request.params
+        latents = pipe.prepare_latents(request.num_outputs, pipe.transformer.config.in_channels, p.height, p.width,
+                                       embeddings["prompt_embeds"].dtype, self.device, request_generator(request))
         scheduler = fresh_scheduler(pipe)
         shift_kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", None):
@@ -87,24 +84,27 @@ class StableDiffusion3Adapter(LoopAdapter):
             image_seq_len = (latents.shape[2] // patch) * (latents.shape[3] // patch)
             shift_kwargs["mu"] = flow_match_shift(pipe, image_seq_len)
         timesteps, _ = retrieve_timesteps(scheduler, p.num_inference_steps, self.device, **shift_kwargs)
-        extra = {**conditioning, "cfg": self.uses_guidance(requests[0])}
-        return DenoiseState(latents=latents, timesteps=timesteps, scheduler=scheduler, requests=requests,
-                            extra=extra)
+        return RequestState(request=request, latents=latents, scheduler=scheduler, timesteps=timesteps,
+                            conditioning=embeddings)
 
-    def predict(self, state: DenoiseState, step_index: int, t: torch.Tensor) -> torch.Tensor:
-        x = state.extra
-        common = {"hidden_states": state.latents, "timestep": t.expand(state.latents.shape[0])}
-        cond = self.call_transformer("cond", encoder_hidden_states=x["prompt_embeds"],
-                                     pooled_projections=x["pooled"], **common)
-        if not x["cfg"]:
+    def _call_branch(self, batch: StepBatch, branch: str, states: Sequence[RequestState]) -> torch.Tensor:
+        prefix = "" if branch == "cond" else "neg_"
+        text = batch.remember(branch, states, lambda: {
+            "encoder_hidden_states": stack_rows([s.conditioning[f"{prefix}prompt_embeds"] for s in states], states),
+            "pooled_projections": stack_rows([s.conditioning[f"{prefix}pooled"] for s in states], states)})
+        return batch.call(branch, states, hidden_states=batch.latents(states), timestep=batch.timesteps(states),
+                          **text)
+
+    def predict(self, batch: StepBatch) -> torch.Tensor:
+        cond = self._call_branch(batch, "cond", batch.states)
+        guided = [s for s in batch.states if self.guided(s)]
+        if not guided:
             return cond
-        uncond = self.call_transformer("uncond", encoder_hidden_states=x["neg_prompt_embeds"],
-                                       pooled_projections=x["neg_pooled"], **common)
-        return uncond + state.params.guidance_scale * (cond - uncond)
+        uncond = self._call_branch(batch, "uncond", guided)
+        return batch.combine(cond, uncond, guided, lambda c, u, s: u + s.params.guidance_scale * (c - u))
 
-    def decode(self, state: DenoiseState) -> list[RequestMedia]:
+    def decode(self, state: RequestState) -> RequestMedia:
         vae = self.pipeline.vae
         latents = state.latents / vae.config.scaling_factor + vae.config.shift_factor
         decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        images = self.pipeline.image_processor.postprocess(decoded, output_type="pil")
-        return split_rows(images, state.requests)
+        return self.pipeline.image_processor.postprocess(decoded, output_type="pil")

@@ -17,10 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditserve.engine.request import Request
 from ditserve.errors import InvalidParameterError
-from ditserve.models.base import DenoiseState, LoopAdapter, RequestMedia, request_generator, stack_rows
-from ditserve.models.common import fresh_scheduler, split_rows
+from ditserve.models.base import (
+    LoopAdapter,
+    RequestMedia,
+    RequestState,
+    StepBatch,
+    request_generator,
+    stack_rows,
+)
+from ditserve.models.common import fresh_scheduler
+from ditserve.request import Request
 
 
 class WanAdapter(LoopAdapter):
@@ -99,56 +106,71 @@ class WanAdapter(LoopAdapter):
             encoded["neg_prompt_embeds"] = neg_embeds.to(self.dtype)
         return encoded
 
-    def collate(self, embeddings: Sequence[dict[str, torch.Tensor]], requests: Sequence[Request]) -> dict[str, Any]:
-        return {key: stack_rows([e[key] for e in embeddings], requests)
-                for key in ("prompt_embeds", "neg_prompt_embeds") if key in embeddings[0]}
-
-    def prepare(self, requests: Sequence[Request], conditioning: dict[str, Any]) -> DenoiseState:
-        pipe, p = self.pipeline, requests[0].params
+    def prepare(self, request: Request, embeddings: dict[str, torch.Tensor]) -> RequestState:
+        pipe, p = self.pipeline, request.params
         channels = self._any_transformer().config.in_channels
-        latents = torch.cat([
-            pipe.prepare_latents(request.num_outputs, channels, p.height, p.width, p.num_frames, torch.float32,
-                                 self.device, request_generator(request))
-            for request in requests])
+        latents = pipe.prepare_latents(request.num_outputs, channels, p.height, p.width, p.num_frames,
+                                       torch.float32, self.device, request_generator(request))
         scheduler = fresh_scheduler(pipe)
         scheduler.set_timesteps(p.num_inference_steps, device=self.device)
         scheduler.set_begin_index(0)
         boundary = None
         if p.boundary_ratio is not None:
             boundary = p.boundary_ratio * scheduler.config.num_train_timesteps
-        extra = {**conditioning, "cfg": self.uses_guidance(requests[0]), "boundary_timestep": boundary}
-        return DenoiseState(latents=latents, timesteps=scheduler.timesteps, scheduler=scheduler,
-                            requests=requests, extra=extra)
+        return RequestState(request=request, latents=latents, scheduler=scheduler, timesteps=scheduler.timesteps,
+                            conditioning={**embeddings, "boundary_timestep": boundary})
 
-    def _expert(self, state: DenoiseState, t: torch.Tensor) -> tuple[str, float]:
-        """Which transformer denoises at ``t``, and with which guidance scale."""
-        p, boundary = state.params, state.extra["boundary_timestep"]
-        if boundary is None or t >= boundary:
+    def _expert(self, state: RequestState) -> tuple[str, float]:
+        """Which transformer denoises the request at its current step, and with which guidance scale."""
+        p, boundary = state.params, state.conditioning["boundary_timestep"]
+        if boundary is None or state.t >= boundary:
             return "transformer", p.guidance_scale
         scale_2 = p.guidance_scale_2 if p.guidance_scale_2 is not None else p.guidance_scale
         return "transformer_2", scale_2
 
-    def _timestep(self, latents: torch.Tensor, t: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
+    def _timesteps(self, batch: StepBatch, states: Sequence[RequestState], latents: torch.Tensor,
+                   patch_size: Sequence[int]) -> torch.Tensor:
+        timesteps = batch.timesteps(states)
         if not self.pipeline.config.expand_timesteps:
-            return t.expand(latents.shape[0])
+            return timesteps
         # one timestep per latent token (frames x patched height x patched width), as Wan2.2 TI2V does
         frames, height, width = latents.shape[2:]
         tokens = frames * math.ceil(height / patch_size[1]) * math.ceil(width / patch_size[2])
-        return t.expand(latents.shape[0], tokens)
+        return timesteps[:, None].expand(-1, tokens)
 
-    def predict(self, state: DenoiseState, step_index: int, t: torch.Tensor) -> torch.Tensor:
-        x = state.extra
-        name, scale = self._expert(state, t)
+    def _call_branch(self, batch: StepBatch, branch: str, name: str, states: Sequence[RequestState]) -> torch.Tensor:
         transformer = getattr(self.pipeline, name)
-        common = {"hidden_states": state.latents.to(transformer.dtype),
-                  "timestep": self._timestep(state.latents, t, transformer.config.patch_size)}
-        cond = self.call_transformer("cond", name, encoder_hidden_states=x["prompt_embeds"], **common)
-        if not x["cfg"]:
-            return cond
-        uncond = self.call_transformer("uncond", name, encoder_hidden_states=x["neg_prompt_embeds"], **common)
-        return uncond + scale * (cond - uncond)
+        key = "prompt_embeds" if branch == "cond" else "neg_prompt_embeds"
+        text = batch.remember(branch, states, lambda: stack_rows([s.conditioning[key] for s in states], states))
+        latents = batch.latents(states)
+        return batch.call(branch, states, name, hidden_states=latents.to(transformer.dtype),
+                          timestep=self._timesteps(batch, states, latents, transformer.config.patch_size),
+                          encoder_hidden_states=text)
 
-    def decode(self, state: DenoiseState) -> list[RequestMedia]:
+    def _predict_expert(self, batch: StepBatch, name: str, states: list[RequestState]) -> torch.Tensor:
+        cond = self._call_branch(batch, "cond", name, states)
+        guided = [s for s in states if self.guided(s)]
+        if not guided:
+            return cond
+        uncond = self._call_branch(batch, "uncond", name, guided)
+        return batch.combine(cond, uncond, guided, lambda c, u, s: u + self._expert(s)[1] * (c - u), states)
+
+    def predict(self, batch: StepBatch) -> torch.Tensor:
+        # requests past the boundary are denoised by the low-noise expert: one group (and call) per expert
+        groups: dict[str, list[RequestState]] = {}
+        for state in batch.states:
+            groups.setdefault(self._expert(state)[0], []).append(state)
+        if len(groups) == 1:
+            (name, states), = groups.items()
+            return self._predict_expert(batch, name, states)
+        rows: dict[str, torch.Tensor] = {}
+        for name, states in groups.items():
+            output = self._predict_expert(batch, name, states)
+            for state, part in zip(states, output.split([s.num_rows for s in states]), strict=True):
+                rows[state.request_id] = part
+        return torch.cat([rows[state.request_id] for state in batch.states])
+
+    def decode(self, state: RequestState) -> RequestMedia:
         vae = self.pipeline.vae
         latents = state.latents.to(vae.dtype)
         shape = (1, vae.config.z_dim, 1, 1, 1)
@@ -156,7 +178,7 @@ class WanAdapter(LoopAdapter):
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
         decoded = vae.decode(latents / inverse_std + mean, return_dict=False)[0]
         videos = self.pipeline.video_processor.postprocess_video(decoded, output_type="np")
-        return split_rows([to_uint8_video(v) for v in videos], state.requests)
+        return [to_uint8_video(v) for v in videos]
 
 
 def to_uint8_video(frames: np.ndarray) -> np.ndarray:

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas, retrieve_timesteps
 
-from ditserve.engine.request import Request
 from ditserve.errors import InvalidParameterError, InvalidTypeError
-from ditserve.models.base import DenoiseState, LoopAdapter, RequestMedia, request_generator
-from ditserve.models.common import flow_match_shift, fresh_scheduler, split_rows
+from ditserve.models.base import LoopAdapter, RequestMedia, RequestState, StepBatch, request_generator
+from ditserve.models.common import flow_match_shift, fresh_scheduler
+from ditserve.request import Request
 
 #: diffusers' defaults: no norm cap, guidance at every step
 CFG_OPTION_DEFAULTS = {"cfg_normalization": 0.0, "cfg_truncation": 1.0}
@@ -73,28 +73,19 @@ class ZImageAdapter(LoopAdapter):
             device=self.device, max_sequence_length=p.max_sequence_length)
         return {"prompt_embeds": embeds, "neg_prompt_embeds": neg_embeds}
 
-    def collate(self, embeddings: Sequence[dict[str, list[torch.Tensor]]],
-                requests: Sequence[Request]) -> dict[str, Any]:
-        # captions keep their own lengths: one list entry per latent row, repeated per output as diffusers does
-        return {key: [row for e, r in zip(embeddings, requests, strict=True) for row in e[key] * r.num_outputs]
-                for key in ("prompt_embeds", "neg_prompt_embeds")}
-
-    def prepare(self, requests: Sequence[Request], conditioning: dict[str, Any]) -> DenoiseState:
-        pipe, p = self.pipeline, requests[0].params
-        latents = torch.cat([
-            pipe.prepare_latents(request.num_outputs, pipe.transformer.in_channels, p.height, p.width,
-                                 torch.float32, self.device, request_generator(request))
-            for request in requests])
-
+    def prepare(self, request: Request, embeddings: dict[str, list[torch.Tensor]]) -> RequestState:
+        pipe, p = self.pipeline, request.params
+        latents = pipe.prepare_latents(request.num_outputs, pipe.transformer.in_channels, p.height, p.width,
+                                       torch.float32, self.device, request_generator(request))
         scheduler = fresh_scheduler(pipe)
         image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
         timesteps, _ = retrieve_timesteps(scheduler, p.num_inference_steps, self.device,
                                           sigmas=get_default_z_image_sigmas(p.num_inference_steps),
                                           mu=flow_match_shift(pipe, image_seq_len))
         scheduler.set_begin_index(0)
-        extra = {**conditioning, "guidance_scales": self._guidance_per_step(timesteps, requests[0])}
-        return DenoiseState(latents=latents, timesteps=timesteps, scheduler=scheduler, requests=requests,
-                            extra=extra)
+        conditioning = {**embeddings, "guidance_scales": self._guidance_per_step(timesteps, request)}
+        return RequestState(request=request, latents=latents, scheduler=scheduler, timesteps=timesteps,
+                            conditioning=conditioning)
 
     def _guidance_per_step(self, timesteps: torch.Tensor, request: Request) -> list[float]:
         """The guidance scale of each step: 0 (no negative pass) where ``cfg_truncation`` switches it off."""
@@ -105,21 +96,32 @@ class ZImageAdapter(LoopAdapter):
         normalized_times = ((1000 - timesteps.float()) / 1000).tolist()
         return [0.0 if time > truncation else scale for time in normalized_times]
 
-    def predict(self, state: DenoiseState, step_index: int, t: torch.Tensor) -> torch.Tensor:
-        x = state.extra
-        timestep = (1000 - t.expand(state.latents.shape[0])) / 1000
+    def guided(self, state: RequestState) -> bool:
+        return state.conditioning["guidance_scales"][state.step_index] > 0
+
+    def _call_branch(self, batch: StepBatch, branch: str, states: Sequence[RequestState]) -> torch.Tensor:
+        key = "prompt_embeds" if branch == "cond" else "neg_prompt_embeds"
+        # captions keep their own lengths: one list entry per latent row, repeated per output as diffusers does
+        captions = [row for s in states for row in s.conditioning[key] * s.num_rows]
+        latents = batch.latents(states)
+        timestep = (1000 - batch.timesteps(states)) / 1000
         # the transformer wants one (channels, frames=1, height, width) tensor per sample
-        samples = list(state.latents.to(self.pipeline.transformer.dtype).unsqueeze(2).unbind(dim=0))
-        cond = self.call_transformer("cond", x=samples, t=timestep, cap_feats=x["prompt_embeds"])
-        scale = x["guidance_scales"][step_index]
-        if scale > 0:
-            uncond = self.call_transformer("uncond", x=samples, t=timestep, cap_feats=x["neg_prompt_embeds"])
-            prediction = torch.stack([self._guide(pos.float(), neg.float(), scale)
-                                      for pos, neg in zip(cond, uncond, strict=True)])
-        else:
-            prediction = torch.stack([pos.float() for pos in cond])
+        samples = list(latents.to(self.pipeline.transformer.dtype).unsqueeze(2).unbind(dim=0))
+        output = batch.call(branch, states, x=samples, t=timestep, cap_feats=captions)
+        return torch.stack([sample.float() for sample in output])
+
+    def predict(self, batch: StepBatch) -> torch.Tensor:
+        cond = self._call_branch(batch, "cond", batch.states)
+        guided = [s for s in batch.states if self.guided(s)]
+        if guided:
+            uncond = self._call_branch(batch, "uncond", guided)
+            cond = batch.combine(cond, uncond, guided, self._guide_rows)
         # the model predicts the negated flow-matching velocity
-        return -prediction.squeeze(2).to(torch.float32)
+        return -cond.squeeze(2).to(torch.float32)
+
+    def _guide_rows(self, pos: torch.Tensor, neg: torch.Tensor, state: RequestState) -> torch.Tensor:
+        scale = state.conditioning["guidance_scales"][state.step_index]
+        return torch.stack([self._guide(p, n, scale) for p, n in zip(pos, neg, strict=True)])
 
     def _guide(self, pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
         guided = pos + scale * (pos - neg)
@@ -131,9 +133,8 @@ class ZImageAdapter(LoopAdapter):
                 guided = guided * (max_norm / guided_norm)
         return guided
 
-    def decode(self, state: DenoiseState) -> list[RequestMedia]:
+    def decode(self, state: RequestState) -> RequestMedia:
         vae = self.pipeline.vae
         latents = state.latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         decoded = vae.decode(latents, return_dict=False)[0]
-        images = self.pipeline.image_processor.postprocess(decoded, output_type="pil")
-        return split_rows(images, state.requests)
+        return self.pipeline.image_processor.postprocess(decoded, output_type="pil")

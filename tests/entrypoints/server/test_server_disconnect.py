@@ -52,7 +52,7 @@ def test_disconnect_aborts_within_a_step(image_server: ServerThread, image_engin
         assert counter.calls == stopped_at, "the transformer kept running after the client left"
         assert stopped_at < LONG_RUN["num_inference_steps"] // 2
         metrics = httpx.get(f"{image_server.url}/metrics").text
-        assert 'ditserve_failed_batches_total{error="RequestAbortedError"}' in metrics
+        assert 'ditserve_failed_requests_total{error="RequestAbortedError"}' in metrics
         assert 'status="499"' in metrics
     finally:
         counter.remove()

@@ -1,4 +1,4 @@
-"""What flows through the engine: a Request in, a RequestOutput out."""
+"""What flows through the engine: a Request in, a RequestOutput out (plain records: models read them too)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ class Request:
     images: list[Image.Image] = field(default_factory=list)
     request_id: str = field(default_factory=new_request_id)
     arrival_time: float = field(default_factory=time.monotonic)
-    #: set by ``abort()``; the denoising loop checks it between steps
+    #: when the scheduler admitted it into the running set (None while it waits)
+    admitted_at: float | None = None
+    #: set by ``abort()``; the scheduler drops the request before the next step
     abort_event: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
     #: called with (steps_done, steps_total) after every denoising step (video jobs report progress)

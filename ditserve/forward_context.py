@@ -1,0 +1,64 @@
+"""The forward context: which request, at which of its steps, each row of a transformer call belongs to.
+
+Caches keep their state per request and per guidance branch, and in a step batch every request is at its own
+step of its own schedule, so a hook on the transformer needs, for the call running now: the guidance branch
+("cond" / "uncond"), the transformer's name, and for each request whose rows are in the batch its id, step
+index and step count. The runner sets this context around every transformer call; hooks read it. A ContextVar
+keeps concurrent engines in different threads apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RowOwner:
+    """One request in a transformer call: its rows are consecutive, ``num_rows`` of them (one per output)."""
+
+    request_id: str
+    step_index: int
+    num_steps: int
+    num_rows: int = 1
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    #: the requests of the call, in row order
+    owners: tuple[RowOwner, ...]
+    #: "cond" or "uncond"
+    branch: str = "cond"
+    #: name of the transformer being called (Wan2.2 A14B has "transformer" and "transformer_2")
+    transformer_name: str = "transformer"
+
+    @property
+    def row_request_ids(self) -> tuple[str, ...]:
+        """The request id of each row."""
+        return tuple(owner.request_id for owner in self.owners for _ in range(owner.num_rows))
+
+
+_current: ContextVar[ForwardContext | None] = ContextVar("ditserve_forward_context", default=None)
+
+
+def current_forward_context() -> ForwardContext | None:
+    return _current.get()
+
+
+@contextlib.contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)
+
+
+def move_current(ctx: ForwardContext) -> None:
+    """Replace the context inside a ``forward_context`` block (a pipeline that runs its own loop moves on to its
+    next step from a callback); the block's exit restores what was there before it."""
+    if _current.get() is None:
+        raise RuntimeError("move_current needs an enclosing forward_context block")
+    _current.set(ctx)
