@@ -4,8 +4,9 @@ One ``LoopBlockHook`` wraps each block of the loop a ``CacheSpec`` describes. Th
 skip policy (TeaCache, MagCache, calibration recording) for a decision per *state key*; when every row of the
 batch may skip, no block body runs and each block passes its inputs through; the last block's hook then adds
 the residual ``blocks_out - blocks_in`` stored the last time the rows were computed. When only some rows may
-skip, the batch is computed and those rows still receive their stored residual, so a request's output never
-depends on which other requests shared its batch.
+skip, every block runs on the computing rows alone (a sub-batch) while the skipping rows pass through and then
+receive their own stored residual, so a request's output never depends on which other requests shared its
+batch, and a request's skip saves its share of the work even when its mates compute.
 
 State key: (guidance branch, request id). The branch label comes from the forward context ("cond",
 "uncond"); a second call within the same step and branch (a pipeline that runs its own guidance passes) or a
@@ -85,6 +86,10 @@ class CallState:
     @property
     def skip_all(self) -> bool:
         return len(self.skipped) == len(self.rows)
+
+    def computed_rows(self) -> list[int]:
+        """The rows whose keys compute at this call, in order."""
+        return sorted(row for key, rows in self.rows.items() if key not in self.skipped for row in rows)
 
 
 def _row_index(rows: list[int], device: torch.device) -> slice | torch.Tensor:
@@ -227,11 +232,46 @@ class LoopBlockHook(ModelHook):
             raise RuntimeError(f"{controller.transformer_name}: a cached block ran before the first block")
         if call.skip_all:
             output = self.io.passthrough(args, kwargs)
+        elif call.skipped:
+            output = self._run_sub_batch(call, args, kwargs)
         else:
             output = self.fn_ref.original_forward(*args, **kwargs)
         if self.is_last:
             output = controller.finish_call(self.io, output)
         return output
+
+
+    def _run_sub_batch(self, call: CallState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the block on the computing rows only; the skipping rows pass their inputs through (their stored
+        residual is added after the last block). A skip is thus never paid for by a batch mate's compute."""
+        batch = call.blocks_in.shape[0]
+        index = _row_index(call.computed_rows(), call.blocks_in.device)
+        sub_args = tuple(_take_rows(a, index, batch) for a in args)
+        sub_kwargs = {k: v if k in self.io.shared_names else _take_rows(v, index, batch) for k, v in kwargs.items()}
+        computed = self.fn_ref.original_forward(*sub_args, **sub_kwargs)
+        passed = self.io.passthrough(args, kwargs)
+        if self.io.output_index is None:
+            output = passed.clone()
+            output[index] = computed
+            return output
+        items = []
+        for full, part in zip(passed, computed, strict=True):
+            full = full.clone()
+            full[index] = part
+            items.append(full)
+        return tuple(items)
+
+
+def _take_rows(value: Any, index: slice | torch.Tensor, batch: int) -> Any:
+    """``value`` cut to the rows ``index`` where it has one entry per batch row (tensors whose first dimension is
+    the batch, also inside tuples, lists and dicts); anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value[index] if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take_rows(v, index, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _take_rows(v, index, batch) for k, v in value.items()}
+    return value
 
 
 def install_loop_hooks(transformer: torch.nn.Module, controller: ResidualReuseController) -> None:

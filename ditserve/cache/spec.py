@@ -35,13 +35,15 @@ class BlockIO:
 
     ``hidden_name``/``hidden_position``: the argument holding the stream. ``output_index``: where the stream is
     in the block's output tuple (``None``: the block returns the stream alone). ``passthrough_names``: the
-    arguments a skipped block returns unchanged, in the order of its output tuple.
+    arguments a skipped block returns unchanged, in the order of its output tuple. ``shared_names``: keyword
+    arguments that hold no batch rows (rotary embeddings of the token positions), never cut to a sub-batch.
     """
 
     hidden_name: str
     hidden_position: int
     output_index: int | None = None
     passthrough_names: tuple[tuple[str, int], ...] = ()
+    shared_names: tuple[str, ...] = ()
 
     def hidden_in(self, args: Args, kwargs: Kwargs) -> torch.Tensor:
         return block_argument(args, kwargs, self.hidden_name, self.hidden_position)
@@ -65,7 +67,8 @@ class BlockIO:
 
 #: the block stream IO shared by FLUX / Qwen-Image style dual-stream blocks: in (hidden, encoder), out (encoder, hidden)
 DUAL_STREAM_IO = BlockIO(hidden_name="hidden_states", hidden_position=0, output_index=1,
-                         passthrough_names=(("encoder_hidden_states", 1), ("hidden_states", 0)))
+                         passthrough_names=(("encoder_hidden_states", 1), ("hidden_states", 0)),
+                         shared_names=("image_rotary_emb",))
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,12 @@ WORK_MODULE_NAMES = ("attn", "attention", "ff", "mlp", "feed_forward")
 class WorkCounter:
     def __init__(self) -> None:
         self.calls = 0
+        #: batch rows those calls ran on (a sub-batch counts its own rows)
+        self.rows = 0
 
-    def __call__(self, _module: torch.nn.Module, _args: object) -> None:
+    def __call__(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self.calls += 1
+        self.rows += args[0].shape[0]
 
 
 @contextmanager

@@ -31,8 +31,19 @@ def test_teacache_on_family(family: str) -> None:
         transformer = omni.engine.runner.model.pipeline.transformer
         with count_block_work(transformer) as counter:
             skipping = omni.generate("a red cat", params)[0]
+        # two requests of different lengths in one batch: TeaCache computes each one's last step, so at the
+        # short one's last step it computes while the long one skips: a sub-batch of the short one's rows
+        pair_params = [{**params, "num_inference_steps": 7}, {**params, "num_inference_steps": 4, "seed": 3}]
+        with count_block_work(transformer) as solo_work:
+            solo = [omni.generate(p, sp)[0] for p, sp in zip(("a red cat", "a blue dog"), pair_params, strict=True)]
+        with count_block_work(transformer) as pair_work:
+            pair = omni.generate(["a red cat", "a blue dog"], pair_params)
     assert np.array_equal(media(exact), media(reference))
     stats = skipping.cache_stats
     calls_per_step = len(stats["branches"])  # one transformer call per guidance branch
     assert stats["skipped_steps"] > 0
     assert counter.calls == stats["computed_steps"] * one_step.calls // calls_per_step
+    assert [o.timings["batch_size"] for o in pair] == [2, 2]
+    assert pair_work.rows == solo_work.rows
+    for alone, together in zip(solo, pair, strict=True):
+        assert np.abs(media(alone).astype(int) - media(together).astype(int)).max() <= 1

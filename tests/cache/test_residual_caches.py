@@ -98,8 +98,10 @@ def test_a_request_joining_mid_run_keeps_its_own_decisions_and_output(skipping_o
     skips exactly the steps it skips alone and its image equals its solo image; its mate's too."""
     long_params = {**PARAMS, "num_inference_steps": 9, "seed": 21}
     short_params = {**PARAMS, "num_inference_steps": 5, "seed": 22}
-    long_solo = skipping_omni.generate("a red cat", long_params)[0]
-    short_solo = skipping_omni.generate("a blue dog on the left", short_params)[0]
+    transformer = skipping_omni.engine.runner.model.pipeline.transformer
+    with count_block_work(transformer) as solo_work:
+        long_solo = skipping_omni.generate("a red cat", long_params)[0]
+        short_solo = skipping_omni.generate("a blue dog on the left", short_params)[0]
     engine = skipping_omni.engine
     joined = {}
 
@@ -110,8 +112,11 @@ def test_a_request_joining_mid_run_keeps_its_own_decisions_and_output(skipping_o
 
     long_request = engine.make_request("a red cat", OmniDiffusionSamplingParams(**long_params),
                                        progress_callback=join_after_step_3)
-    long_out = engine.submit(long_request).result(timeout=120)
-    short_out = joined["future"].result(timeout=120)
+    with count_block_work(transformer) as batched_work:
+        long_out = engine.submit(long_request).result(timeout=120)
+        short_out = joined["future"].result(timeout=120)
+    # steps where one skips and the other computes run the blocks on the computing rows alone
+    assert batched_work.rows == solo_work.rows
     assert short_out.cache_stats["shared_with"] == [long_out.request_id]
     for solo, batched in ((long_solo, long_out), (short_solo, short_out)):
         assert batched.timings["batch_size"] == 2
