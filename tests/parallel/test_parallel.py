@@ -262,6 +262,17 @@ def test_omni_with_ulysses_equals_single_process_and_shuts_down_cleanly(single_f
     assert [w.exitcode for w in workers] == [0]
 
 
+def test_cfg_parallel_steps_a_batch_of_guided_and_unguided_requests(single_flux_images) -> None:
+    """In one step batch only the guided request runs the unconditional branch: the two ranks' branches cover
+    different rows, and each is sent whole to the other rank."""
+    with Omni(model=tiny_pipeline_dir("flux"), parallel_config={"cfg_parallel_size": 2, "timeout_s": 30}) as omni:
+        outputs = omni.generate([PROMPT, {"prompt": "a blue square", "negative_prompt": "red"}], ENGINE_PARAMS,
+                                true_cfg_scale=3.0)
+    assert [o.timings["batch_size"] for o in outputs] == [2, 2]
+    for output, expected in zip(outputs, single_flux_images, strict=True):
+        assert np.abs(np.asarray(output.images[0], dtype=np.int16) - expected).max() <= 1
+
+
 def test_a_killed_rank_fails_the_run_quickly_with_a_clear_error() -> None:
     omni = Omni(model=tiny_pipeline_dir("flux"), parallel_config={"ring_degree": 2, "timeout_s": 30})
     worker = omni.engine.runner._workers[0]
