@@ -16,7 +16,9 @@ QUICK_DEFAULTS = {"steps": 4, "num_prompts": 2, "repeats": 1, "height": 64, "wid
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("bench", help="benchmark caches of ditserve against diffusers and cache-dit")
+    register_serve(subparsers)
+    parser = subparsers.add_parser("bench", help="benchmark caches of ditserve against diffusers and cache-dit "
+                                                 "('ditserve bench serve --help': the serving benchmark)")
     parser.add_argument("model", nargs="?", default=None, help="diffusers folder or hub id (default: the demo)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; --quick: 4)")
     parser.add_argument("--prompts", dest="num_prompts", type=int, default=None,
@@ -102,5 +104,44 @@ def run_from_args(args: argparse.Namespace) -> int:
         paths = write_outputs(results, args.out, command)
         for line in results["summary"]:
             print(summary_text(line))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+#: ``ditserve bench serve ...`` is parsed as this sub-command (``bench`` itself takes a model name first)
+SERVE_COMMAND = "bench-serve"
+
+
+def register_serve(subparsers: Any) -> None:
+    parser = subparsers.add_parser(SERVE_COMMAND, help="the serving benchmark (same as: ditserve bench serve)")
+    parser.add_argument("model", nargs="?", default=None, help="diffusers folder or hub id (default: the demo)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--height", type=int, default=128, help="square image size of every request")
+    parser.add_argument("--requests", type=int, default=40, help="requests per mode and rate")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 0.8],
+                        help="arrival rates as fractions of the one-at-a-time capacity")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 30], help="step counts of the mix")
+    parser.add_argument("--max-batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="folder for results.json, results.md, latency.png")
+    parser.set_defaults(func=run_serve_from_args)
+
+
+def run_serve_from_args(args: argparse.Namespace) -> int:
+    from ditserve.bench.serve import ServeBenchOptions, run_serve_bench, write_serve_results
+
+    for name in ("requests", "max_batch_size", "height"):
+        _check_at_least_one("--" + name.replace("_", "-"), getattr(args, name))
+    if any(rate <= 0 for rate in args.rates):
+        raise InvalidParameterError(f"--rates {args.rates}: every rate must be > 0", param="rates")
+    for steps in args.steps:
+        _check_at_least_one("--steps", steps)
+    options = ServeBenchOptions(model=args.model, device=args.device, height=args.height, requests=args.requests,
+                                rates=tuple(args.rates), steps=tuple(args.steps),
+                                max_batch_size=args.max_batch_size, seed=args.seed)
+    words = ["ditserve", "bench", "serve", *([args.model] if args.model else []), "--requests", str(args.requests),
+             "--rates", *map(str, args.rates), "--steps", *map(str, args.steps), "--max-batch-size",
+             str(args.max_batch_size), "--height", str(args.height), "--seed", str(args.seed), "--out", str(args.out)]
+    paths = write_serve_results(run_serve_bench(options), args.out, " ".join(shlex.quote(w) for w in words))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

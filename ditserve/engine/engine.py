@@ -180,7 +180,7 @@ class DiffusionEngine:
         try:
             outcome = self.runner.step(plan)
         except BaseException as error:  # noqa: BLE001 - every failure must reach the waiting callers
-            failed = [self._active[rid] for rid in self.scheduler.running_ids() if rid in self._active]
+            failed = [self._active[rid] for rid in self.scheduler.resident_ids() if rid in self._active]
             logger.exception("a denoising step of %d request(s) failed", len(failed))
             self.scheduler.finish([r.request_id for r in failed])
             for request in failed:
@@ -198,6 +198,7 @@ class DiffusionEngine:
             if request is not None:
                 self._fail(request, error)
                 report.failed.append((request, error))
+        self.scheduler.advance(outcome.progress)
         for request_id, (done, total) in outcome.progress.items():
             request = self._active.get(request_id)
             if request is not None and request.progress_callback is not None:

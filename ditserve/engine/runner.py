@@ -1,9 +1,10 @@
-"""Runs denoising steps on one device: the loaded pipeline, its adapter, its cache, and the running set.
+"""Runs denoising steps on one device: the loaded pipeline, its adapter, its cache, and the resident requests.
 
 The engine calls ``step(plan)`` once per denoising step: the runner drops the aborted requests, admits the new
-ones (each encoded and prepared on its own, so a request whose prompt cannot be encoded fails alone), runs one
-step for every running request (each at its own step of its own schedule) through the family's ``predict``,
-steps each request's scheduler, and decodes and returns the requests that finished. A multi-device runner
+ones as residents (each encoded and prepared on its own, so a request whose prompt cannot be encoded fails
+alone), runs one step for the residents the plan names (each at its own step of its own schedule; the others
+keep their state, paused) through the family's ``predict``, steps each request's scheduler, and decodes and
+returns the requests that finished. A multi-device runner
 offers the same interface, so ``Omni`` and the server never know the difference.
 
 Families without a step loop (the generic adapter runs diffusers' own ``__call__``) are served by ``execute``,
@@ -52,8 +53,8 @@ class StepOutcome:
 
 
 @dataclass
-class _Running:
-    """A running request: its tensors and its own timings."""
+class _Resident:
+    """A resident request: its tensors and its own timings."""
 
     state: RequestState
     admitted_at: float
@@ -89,7 +90,7 @@ class ModelRunner:
         self.cache: CacheBackend | None = self._build_cache()
         self.predictor: Predictor | None = self.adapter.predict if isinstance(self.adapter, LoopAdapter) else None
         self.decodes = True
-        self._running: dict[str, _Running] = {}
+        self._residents: dict[str, _Resident] = {}
         #: collated conditioning of the current members (``StepBatch.memo``), dropped when membership changes
         self._memo: dict[Any, Any] = {}
 
@@ -131,27 +132,30 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepOutcome:
-        """Apply the plan, run one denoising step for the running set, return what finished. A failure of the
-        step itself raises, after the running set was cleared (every running request failed with it)."""
+        """Apply the plan, run one denoising step for its run set, return what finished. A failure of the step
+        itself raises, after every resident was dropped (all of them fail with it)."""
         outcome = StepOutcome()
         for request_id in plan.drop:
-            entry = self._running.get(request_id)
+            entry = self._residents.get(request_id)
             if entry is not None and self.cache is not None and not self.cache.decides_per_request:
                 # the library keeps state for the whole cohort's rows: the request's rows run to the end of
                 # the cohort, and its output is dropped
                 entry.abandoned = True
             else:
                 self._leave(request_id)
-        if all(entry.abandoned for entry in self._running.values()):
-            for request_id in list(self._running):  # nobody is left who needs the cohort's rows
+        if all(entry.abandoned for entry in self._residents.values()):
+            for request_id in list(self._residents):  # nobody is left who needs the cohort's rows
                 self._leave(request_id)
         self._admit(plan.admit, outcome)
-        if not self._running:
+        # the plan's run set (the others stay resident, paused), and abandoned cohort rows that must keep pace
+        run = [entry for rid, entry in self._residents.items()
+               if plan.run is None or rid in plan.run or entry.abandoned]
+        if not run:
             return outcome
         try:
-            self._run_step(outcome)
+            self._run_step(run, outcome)
         except BaseException:
-            for request_id in list(self._running):
+            for request_id in list(self._residents):
                 self._leave(request_id)
             if self.cache is not None:
                 # a failed step must not leave half-updated state for the next requests
@@ -171,7 +175,7 @@ class ModelRunner:
                 logger.warning("request %s failed while encoding: %s", request.request_id, error)
                 outcome.failed[request.request_id] = error
                 continue
-            self._running[request.request_id] = _Running(state, start, time.perf_counter() - start)
+            self._residents[request.request_id] = _Resident(state, start, time.perf_counter() - start)
             started.setdefault(state.num_steps, []).append(request.request_id)
         if self.cache is not None:
             for num_steps, request_ids in started.items():
@@ -181,9 +185,8 @@ class ModelRunner:
         key = self.adapter.prompt_cache_key(request)
         return self.prompt_cache.lookup(key, lambda: self.adapter.encode_request(request), owner=request.request_id)
 
-    def _run_step(self, outcome: StepOutcome) -> None:
-        running = list(self._running.values())
-        members = tuple(self._running)
+    def _run_step(self, running: list[_Resident], outcome: StepOutcome) -> None:
+        members = tuple(entry.state.request_id for entry in running)
         if self._memo.get("members") != members:
             self._memo = {"members": members}
         batch = StepBatch([entry.state for entry in running], self.call_transformer, self._memo)
@@ -209,7 +212,7 @@ class ModelRunner:
             elif entry.state.finished:
                 outcome.finished.append(self._finish(entry))
 
-    def _finish(self, entry: _Running) -> RequestOutput:
+    def _finish(self, entry: _Resident) -> RequestOutput:
         state = entry.state
         start = time.perf_counter()
         media = self.adapter.decode(state) if self.decodes else []
@@ -224,7 +227,7 @@ class ModelRunner:
         return output
 
     def _leave(self, request_id: str) -> None:
-        if self._running.pop(request_id, None) is not None and self.cache is not None:
+        if self._residents.pop(request_id, None) is not None and self.cache is not None:
             self.cache.finish(request_id)
 
     # ------------------------------------------------------------------ whole runs

@@ -1,20 +1,24 @@
-"""Who runs at the next denoising step: a waiting queue, a running set, and an admission policy.
+"""Who runs at the next denoising step: a waiting queue, a resident set, and an admission policy.
 
-Before every step the engine asks ``schedule()`` for a ``StepPlan``: the running requests that were aborted
-(dropped at once, so their compute goes to the others) and the waiting requests admitted into the free slots.
+Before every step the engine asks ``schedule()`` for a ``StepPlan``: the resident requests that were aborted
+(dropped at once), the waiting requests admitted as residents (encoded, their latents prepared), and which
+residents run this step.
 
 Two modes (``SchedulingMode``):
-- ``STEP``: a waiting request joins the running set at any step when its *step key* matches the running
-  requests' (same latent shape and kind of call; prompt, seed, step count and guidance may differ) and leaves it
-  the step it finishes. When there are more candidates than slots, the ``AdmissionPolicy`` chooses.
+- ``STEP``: a waiting request starts (becomes resident) at any step when its *step key* matches the residents'
+  (same latent shape and kind of call; prompt, seed, step count and guidance may differ) and it would run at
+  once. Each step runs up to ``max_batch_size`` residents, those with the fewest remaining steps first
+  (shortest remaining work first, with preemption: a long request pauses, its state kept, while shorter ones
+  run; at most ``RESIDENTS_PER_SLOT`` x ``max_batch_size`` residents), and a request leaves the step it
+  finishes.
 - ``REQUEST`` (and the cohort of a cache that decides for the whole batch, such as cache-dit): a batch forms only
-  when the running set is empty, from requests with equal *cohort keys* (same params but seed, prompt and output
-  count), first come first served, and runs until all of it has finished.
+  when no request is resident, from requests with equal *cohort keys* (same params but seed, prompt and output
+  count), first come first served, and every step runs all of it until it has finished.
 
-Starvation: a waiting request whose key differs from the running set's can only start once the running set has
-drained. When such a request has waited ``max_wait_s``, no more requests are admitted into the running set, so
-it drains within the remaining steps of its longest member and the waiting request goes next. The bound on any
-request's wait is therefore ``max_wait_s`` plus the longest remaining run at that moment.
+Starvation: a request that has waited ``max_wait_s`` since it arrived goes before every younger one, both to
+become resident and to run (oldest first); a waiting request whose key differs from the residents' makes the
+scheduler stop admitting, so the residents drain and it goes next. A request therefore starts within
+``max_wait_s`` plus the time the residents at that moment need to finish.
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ from dataclasses import dataclass, field
 from ditserve.errors import EngineClosedError, QueueFullError, RequestAbortedError
 from ditserve.request import Request
 
-#: how long a waiting request may be passed over before the running set is left to drain for it
+#: how long a request may be passed over before it goes first (and the residents drain for it)
 DEFAULT_MAX_WAIT_S = 30.0
+#: resident requests (state in memory) per batch slot under step scheduling: room to pause long requests
+#: while shorter ones run
+RESIDENTS_PER_SLOT = 2
 
 
 class SchedulingMode(enum.Enum):
@@ -40,45 +47,52 @@ class SchedulingMode(enum.Enum):
 
 @dataclass
 class StepPlan:
-    """What changes in the running set before the next step."""
+    """What changes in the resident set before the next step, and who runs it."""
 
     admit: list[Request] = field(default_factory=list)
-    #: ids of running requests that were aborted
+    #: ids of resident requests that were aborted
     drop: list[str] = field(default_factory=list)
+    #: ids of the residents that run this step (None: all of them); the others keep their state, paused
+    run: list[str] | None = None
+
+
+#: a request's denoising steps still to run (all of them while it waits)
+RemainingSteps = Callable[[Request], int]
 
 
 class AdmissionPolicy(ABC):
-    """Orders the waiting requests that could be admitted; the first ones get the free slots."""
+    """Orders requests competing for slots (waiting ones for residency, residents for this step's batch)."""
 
     @abstractmethod
-    def order(self, candidates: Sequence[Request], now: float) -> list[Request]: ...
+    def order(self, candidates: Sequence[Request], remaining: RemainingSteps, now: float) -> list[Request]: ...
 
 
 class FirstComeFirstServed(AdmissionPolicy):
-    def order(self, candidates: Sequence[Request], now: float) -> list[Request]:
+    def order(self, candidates: Sequence[Request], remaining: RemainingSteps, now: float) -> list[Request]:
         return sorted(candidates, key=lambda r: r.arrival_time)
 
 
 class ShortestWorkFirst(AdmissionPolicy):
-    """Fewest denoising steps first (short work does not wait behind long work), except that a request that has
-    waited ``max_wait_s`` goes before every younger one: no request is passed over forever."""
+    """Fewest remaining denoising steps first (short work does not wait behind long work), except that requests
+    that have waited ``max_wait_s`` since they arrived go first, oldest first: none is passed over forever."""
 
     def __init__(self, max_wait_s: float = DEFAULT_MAX_WAIT_S) -> None:
         self.max_wait_s = max_wait_s
 
-    def order(self, candidates: Sequence[Request], now: float) -> list[Request]:
+    def order(self, candidates: Sequence[Request], remaining: RemainingSteps, now: float) -> list[Request]:
         def rank(request: Request) -> tuple[int, float, float]:
-            aged = now - request.arrival_time >= self.max_wait_s
-            return (0, request.arrival_time, 0.0) if aged else (1, request.params.num_inference_steps,
-                                                                  request.arrival_time)
+            if now - request.arrival_time >= self.max_wait_s:
+                return (0, request.arrival_time, 0.0)
+            return (1, remaining(request), request.arrival_time)
 
         return sorted(candidates, key=rank)
 
 
 @dataclass
-class _Running:
+class _Resident:
     request: Request
     key: Hashable
+    remaining: int
 
 
 class StepScheduler:
@@ -96,19 +110,20 @@ class StepScheduler:
             self._key, self._policy = step_key, policy or ShortestWorkFirst(max_wait_s)
         else:
             self._key, self._policy = cohort_key, FirstComeFirstServed()
+        self.max_residents = max_batch_size * RESIDENTS_PER_SLOT if mode is SchedulingMode.STEP else max_batch_size
         self._waiting: list[Request] = []
-        self._running: dict[str, _Running] = {}
+        self._residents: dict[str, _Resident] = {}
         self._cond = threading.Condition()
         self._closed = False
 
     def __len__(self) -> int:
-        """Requests waiting (not running)."""
+        """Requests waiting (not resident)."""
         with self._cond:
             return len(self._waiting)
 
-    def running_ids(self) -> list[str]:
+    def resident_ids(self) -> list[str]:
         with self._cond:
-            return list(self._running)
+            return list(self._residents)
 
     def add(self, request: Request) -> None:
         with self._cond:
@@ -124,45 +139,69 @@ class StepScheduler:
         """The next step's plan; waits up to ``timeout`` while there is nothing to run. None: nothing to do."""
         with self._cond:
             self._drop_aborted_waiting()
-            if not self._waiting and not self._running and not self._closed:
+            if not self._waiting and not self._residents and not self._closed:
                 self._cond.wait(timeout)
                 self._drop_aborted_waiting()
-            drop = [rid for rid, entry in self._running.items() if entry.request.aborted]
+            drop = [rid for rid, entry in self._residents.items() if entry.request.aborted]
             for rid in drop:
-                del self._running[rid]
-            admit = self._admit(self.clock())
-            if not admit and not drop and not self._running:
+                del self._residents[rid]
+            now = self.clock()
+            admit = self._admit(now)
+            if not admit and not drop and not self._residents:
                 return None
-            return StepPlan(admit=admit, drop=drop)
+            return StepPlan(admit=admit, drop=drop, run=self._run_set(now))
 
     def _admit(self, now: float) -> list[Request]:
-        if self._running:
+        if self._residents:
             if self.mode is SchedulingMode.REQUEST or self._someone_waited_too_long(now):
                 return []
-            key = next(iter(self._running.values())).key
-            candidates = [r for r in self._waiting if self._key(r) == key]
+            key = next(iter(self._residents.values())).key
+        elif self._waiting:
+            key = self._key(self._policy.order(self._waiting, self._steps_left, now)[0])
         else:
-            if not self._waiting:
-                return []
-            head = self._policy.order(self._waiting, now)[0]
-            key = self._key(head)
-            candidates = [r for r in self._waiting if self._key(r) == key]
-        chosen = self._policy.order(candidates, now)[:self.max_batch_size - len(self._running)]
+            return []
+        candidates = [r for r in self._waiting if self._key(r) == key]
+        chosen = self._policy.order(candidates, self._steps_left, now)[:self.max_residents - len(self._residents)]
+        if self.mode is SchedulingMode.STEP:
+            # a request starts only to run now: in a free slot, or preempting a resident it goes before
+            residents = [entry.request for entry in self._residents.values()]
+            first = self._policy.order([*residents, *chosen], self._steps_left, now)[:self.max_batch_size]
+            chosen = [r for r in chosen if r in first]
         for request in chosen:
             self._waiting.remove(request)
-            self._running[request.request_id] = _Running(request, key)
+            self._residents[request.request_id] = _Resident(request, key, request.params.num_inference_steps)
         return chosen
 
+    def _run_set(self, now: float) -> list[str]:
+        """The residents that run this step, in the order they became resident (a stable row order)."""
+        if self.mode is SchedulingMode.REQUEST:
+            return list(self._residents)
+        residents = [entry.request for entry in self._residents.values()]
+        chosen = {r.request_id for r in self._policy.order(residents, self._steps_left, now)[:self.max_batch_size]}
+        return [rid for rid in self._residents if rid in chosen]
+
+    def _steps_left(self, request: Request) -> int:
+        entry = self._residents.get(request.request_id)
+        return entry.remaining if entry is not None else request.params.num_inference_steps
+
     def _someone_waited_too_long(self, now: float) -> bool:
-        """A waiting request that cannot join has waited ``max_wait_s``: let the running set drain for it."""
-        key = next(iter(self._running.values())).key
+        """A waiting request that cannot join has waited ``max_wait_s``: let the residents drain for it."""
+        key = next(iter(self._residents.values())).key
         return any(now - r.arrival_time >= self.max_wait_s for r in self._waiting if self._key(r) != key)
 
+    def advance(self, progress: dict[str, tuple[int, int]]) -> None:
+        """Steps done by the requests that ran: request id -> (steps done, steps in all)."""
+        with self._cond:
+            for rid, (done, total) in progress.items():
+                entry = self._residents.get(rid)
+                if entry is not None:
+                    entry.remaining = total - done
+
     def finish(self, request_ids: Sequence[str]) -> None:
-        """These requests left the running set (finished or failed)."""
+        """These requests are no longer resident (finished or failed)."""
         with self._cond:
             for rid in request_ids:
-                self._running.pop(rid, None)
+                self._residents.pop(rid, None)
 
     def _drop_aborted_waiting(self) -> None:
         kept = []
@@ -179,11 +218,11 @@ class StepScheduler:
             self._cond.notify_all()
 
     def close(self) -> list[Request]:
-        """Stop accepting work; return what was still waiting or running (the engine fails those requests)."""
+        """Stop accepting work; return what was still waiting or resident (the engine fails those requests)."""
         with self._cond:
             self._closed = True
-            left = self._waiting + [entry.request for entry in self._running.values()]
+            left = self._waiting + [entry.request for entry in self._residents.values()]
             self._waiting = []
-            self._running.clear()
+            self._residents.clear()
             self._cond.notify_all()
             return left

@@ -23,8 +23,10 @@ class Message:
     kind: str
     #: the requests admitted before this step (``RequestSpec``)
     specs: list[Any] = field(default_factory=list)
-    #: ids of running requests dropped before this step
+    #: ids of resident requests dropped before this step
     drop: list[str] = field(default_factory=list)
+    #: ids of the residents that run this step (None: all)
+    run: list[str] | None = None
 
 
 class ControlChannel:

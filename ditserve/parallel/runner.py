@@ -159,7 +159,7 @@ class MultiProcessRunner:
         dead = self._dead_workers()
         if dead:
             self._fail(dead)
-        self.channel.send(Message("step", [RequestSpec.of(r) for r in plan.admit], list(plan.drop)))
+        self.channel.send(Message("step", [RequestSpec.of(r) for r in plan.admit], list(plan.drop), plan.run))
         try:
             return self.local.step(plan)
         except AGREED_ERRORS:

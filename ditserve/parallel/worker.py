@@ -51,7 +51,8 @@ def serve(runner: RankRunner, channel: ControlChannel) -> None:
         if message.kind == "stop":
             return
         try:
-            runner.step(StepPlan(admit=[spec.to_request() for spec in message.specs], drop=message.drop))
+            runner.step(StepPlan(admit=[spec.to_request() for spec in message.specs], drop=message.drop,
+                                 run=message.run))
         except AGREED_ERRORS:
             continue
 

@@ -1,11 +1,12 @@
-"""The step scheduler on its own: who joins a running batch, in which order, and the bound on waiting."""
+"""The step scheduler on its own: who becomes resident, who runs each step, in which order, and the bound on
+waiting."""
 
 from __future__ import annotations
 
 import pytest
 
 from ditserve.config import OmniDiffusionSamplingParams
-from ditserve.engine.scheduler import SchedulingMode, StepScheduler
+from ditserve.engine.scheduler import RESIDENTS_PER_SLOT, SchedulingMode, StepScheduler
 from ditserve.request import Request
 
 
@@ -50,15 +51,14 @@ def test_a_compatible_request_joins_the_running_batch_and_another_size_waits(clo
     sched.add(same_size)
     plan = sched.schedule(0)
     assert plan.admit == [same_size] and plan.drop == []
-    assert sched.running_ids() == [first.request_id, same_size.request_id]
+    assert sched.resident_ids() == [first.request_id, same_size.request_id]
     sched.finish([first.request_id, same_size.request_id])
     assert sched.schedule(0).admit == [other_size]
 
 
 def test_fewest_steps_first_when_slots_are_short(clock: FakeClock) -> None:
-    sched = scheduler(clock, max_batch_size=2)
-    running = make(clock, 50)
-    sched.add(running)
+    sched = scheduler(clock, max_batch_size=1)  # one batch slot, two residents
+    sched.add(make(clock, 50))
     sched.schedule(0)
     long, short = make(clock, 30), make(clock, 10)
     sched.add(long)
@@ -66,15 +66,35 @@ def test_fewest_steps_first_when_slots_are_short(clock: FakeClock) -> None:
     assert sched.schedule(0).admit == [short]
 
 
-def test_a_request_that_waited_too_long_goes_before_shorter_ones(clock: FakeClock) -> None:
-    sched = scheduler(clock, max_batch_size=2, max_wait_s=5.0)
-    sched.add(make(clock, 50))
+def test_a_shorter_request_preempts_a_long_one_which_resumes_after_it(clock: FakeClock) -> None:
+    sched = scheduler(clock, max_batch_size=1)
+    long = make(clock, 50)
+    sched.add(long)
+    assert sched.schedule(0).run == [long.request_id]
+    sched.advance({long.request_id: (5, 50)})
+    short = make(clock, 10)
+    sched.add(short)
+    plan = sched.schedule(0)
+    assert plan.admit == [short] and plan.run == [short.request_id]  # the long one is paused, not dropped
+    assert sched.resident_ids() == [long.request_id, short.request_id]
+    sched.finish([short.request_id])
+    assert sched.schedule(0).run == [long.request_id]
+
+
+def test_a_request_that_waited_too_long_goes_first(clock: FakeClock) -> None:
+    sched = scheduler(clock, max_batch_size=1, max_wait_s=5.0)
+    long = make(clock, 40)
+    sched.add(long)
     sched.schedule(0)
-    old_long = make(clock, 30)
-    sched.add(old_long)
-    clock.now += 6.0
+    clock.now += 1.0
+    shorter = make(clock, 30)
+    sched.add(shorter)
+    assert sched.schedule(0).run == [shorter.request_id]  # fewer remaining steps: the long one pauses
+    clock.now += 4.5  # the long one has now waited 5.5 s since it arrived, the shorter one 4.5 s
     sched.add(make(clock, 10))
-    assert sched.schedule(0).admit == [old_long]
+    plan = sched.schedule(0)
+    assert plan.admit == []  # two residents already: the newcomer waits
+    assert plan.run == [long.request_id]
 
 
 def test_an_aborted_running_request_is_dropped_before_the_next_step(clock: FakeClock) -> None:
@@ -85,7 +105,7 @@ def test_an_aborted_running_request_is_dropped_before_the_next_step(clock: FakeC
     request.abort()
     plan = sched.schedule(0)
     assert plan.drop == [request.request_id] and plan.admit == []
-    assert sched.running_ids() == []
+    assert sched.resident_ids() == []
 
 
 def test_request_scheduling_forms_cohorts_only_when_idle(clock: FakeClock) -> None:
@@ -102,8 +122,8 @@ def test_request_scheduling_forms_cohorts_only_when_idle(clock: FakeClock) -> No
 
 
 def test_no_request_waits_past_the_bound_behind_a_stream_of_short_work(clock: FakeClock) -> None:
-    """An incompatible request waits at most max_wait_s plus the longest remaining run: simulate a stream of
-    compatible 10-step requests arriving every step, each step taking one second."""
+    """An incompatible request waits at most max_wait_s plus the time the residents need to finish: simulate a
+    stream of compatible 10-step requests arriving every step, each step taking one second."""
     max_wait_s, steps = 20.0, 10
     sched = scheduler(clock, max_batch_size=4, max_wait_s=max_wait_s)
     remaining: dict[str, int] = {}
@@ -114,16 +134,18 @@ def test_no_request_waits_past_the_bound_behind_a_stream_of_short_work(clock: Fa
             other = make(clock, 10, size=128, name="other size")
             sched.add(other)
         plan = sched.schedule(0)
+        assert plan is not None
         for request in plan.admit:
             remaining[request.request_id] = request.params.num_inference_steps
         if other is not None and other in plan.admit:
             waited = clock.now - other.arrival_time
-            assert waited <= max_wait_s + steps
+            # the residents (at most RESIDENTS_PER_SLOT per slot, each with at most `steps` left) drain first
+            assert waited <= max_wait_s + RESIDENTS_PER_SLOT * steps
             assert waited >= max_wait_s  # it really had to wait for the drain: the stream never stopped
             return
         clock.now += 1.0
-        done = [rid for rid in remaining if rid in sched.running_ids()]
-        for rid in done:
+        for rid in plan.run:
             remaining[rid] -= 1
-        sched.finish([rid for rid in done if remaining[rid] == 0])
+        sched.advance({rid: (steps - remaining[rid], steps) for rid in plan.run})
+        sched.finish([rid for rid in plan.run if remaining[rid] == 0])
     pytest.fail("the other-size request never started")

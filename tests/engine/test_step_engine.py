@@ -136,3 +136,31 @@ def test_request_scheduling_runs_a_late_request_after_the_running_batch(tiny_flu
     assert started.is_set()
     assert finished == ["long", "late"]
     assert long_out.timings["batch_size"] == late_out.timings["batch_size"] == 1
+
+
+@pytest.mark.parametrize("cache", [None, "tea_cache"])
+def test_a_short_request_preempts_a_long_one_which_resumes_unchanged(tiny_flux_dir: str, cache: str | None) -> None:
+    """One batch slot: the short request pauses the long one (its latents, scheduler and cache state kept) and
+    finishes first; the long one resumes where it was. Both equal their solo runs, cache decisions included."""
+    options = {"cache_backend": cache, "cache_config": {"rel_l1_thresh": 5.0}} if cache else {}
+    with Omni(model=tiny_flux_dir, max_batch_size=1, **options) as omni:
+        long_solo = omni.generate("a red circle in the middle", LONG)[0]
+        short_solo = omni.generate("a blue square", SHORT_GUIDED)[0]
+        finished: list[str] = []
+        joined: dict[str, Future] = {}
+
+        def join() -> None:
+            joined["future"] = omni.engine.submit(omni.engine.make_request("a blue square", SHORT_GUIDED))
+            joined["future"].add_done_callback(lambda _f: finished.append("short"))
+
+        long_future, long_steps = submit_at_step(omni, 2, join)
+        long_future.add_done_callback(lambda _f: finished.append("long"))
+        long_out = long_future.result(timeout=120)
+        short_out = joined["future"].result(timeout=120)
+    assert finished == ["short", "long"]
+    assert long_steps == list(range(1, 9))
+    assert long_out.timings["batch_size"] == short_out.timings["batch_size"] == 1
+    for solo, preempted in ((long_solo, long_out), (short_solo, short_out)):
+        assert max_abs_diff(solo.images[0], preempted.images[0]) == 0
+        if cache:
+            assert solo.cache_stats["branches"] == preempted.cache_stats["branches"]
