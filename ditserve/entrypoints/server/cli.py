@@ -34,6 +34,8 @@ def register(subparsers: Any) -> None:
                         help="largest height or width a request may ask for, or upload")
     parser.add_argument("--max-n", type=int, default=limits.max_n, help="most images per request")
     parser.add_argument("--max-frames", type=int, default=limits.max_frames)
+    parser.add_argument("--max-prompt-chars", type=int, default=limits.max_prompt_chars)
+    parser.add_argument("--max-negative-prompt-chars", type=int, default=limits.max_negative_prompt_chars)
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="larger request bodies are refused (413)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests allowed to wait; more are refused with 429")
@@ -58,7 +60,8 @@ def engine_config(args: argparse.Namespace) -> Any:
     from ditserve.config import OmniDiffusionConfig
 
     limits = {"max_steps": args.max_steps, "max_image_size": args.max_image_size, "max_n": args.max_n,
-              "max_frames": args.max_frames}
+              "max_frames": args.max_frames, "max_prompt_chars": args.max_prompt_chars,
+              "max_negative_prompt_chars": args.max_negative_prompt_chars}
     return OmniDiffusionConfig.from_kwargs({**engine_kwargs(args), "max_batch_size": args.max_batch_size,
                                             "max_queue_size": args.max_queue, "limits": limits})
 
