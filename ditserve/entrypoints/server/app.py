@@ -53,9 +53,15 @@ from ditserve.entrypoints.server.protocol import (
     validate_fields,
 )
 from ditserve.entrypoints.server.security import APIKeyMiddleware, BodyLimitMiddleware
-from ditserve.entrypoints.server.uploads import read_form, read_images
+from ditserve.entrypoints.server.uploads import (
+    MAX_INPUT_IMAGES,
+    check_upload_count,
+    decode_permits,
+    read_form,
+    read_images,
+)
 from ditserve.entrypoints.server.videos import VideoJob, VideoJobRunner, VideoStore, new_video_id
-from ditserve.errors import DitServeError
+from ditserve.errors import DitServeError, check_text
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +99,27 @@ class ServerState:
         self.store = VideoStore(settings.output_dir)
         self.videos = VideoJobRunner(engine, self.store)
         self.created = int(time.time())
+        self.decoding = asyncio.Semaphore(decode_permits(engine.config.limits.max_image_size))
+
+    def accepted_uploads(self) -> int:
+        """How many input images this model takes, known before any upload is decoded. The rule is the
+        adapters' ``validate_inputs`` (edit models take images, up to ``max_input_images``; the others none),
+        which judges the decoded images again in ``make_request``."""
+        if self.kind != "edit":
+            return 0
+        most = getattr(self.engine.adapter, "max_input_images", None)
+        return MAX_INPUT_IMAGES if most is None else min(most, MAX_INPUT_IMAGES)
+
+    async def read_uploads(self, uploads: list[Any], field: str) -> list[Image.Image]:
+        check_upload_count(uploads, field, self.accepted_uploads(), self.settings.served_model_name, self.kind)
+        return await read_images(uploads, field, self.engine.config.limits.max_image_size, self.decoding)
+
+    def check_texts(self, fields: ImageEditFields | VideoCreateFields) -> None:
+        """The engine's text limits, checked before uploads are decoded (``make_request`` checks them again)."""
+        limits = self.engine.config.limits
+        check_text("prompt", fields.prompt, limits.max_prompt_chars)
+        if fields.negative_prompt is not None:
+            check_text("negative_prompt", fields.negative_prompt, limits.max_negative_prompt_chars)
 
     def model_card(self) -> ModelCard:
         d = self.defaults
@@ -254,33 +281,36 @@ def add_routes(app: FastAPI) -> None:
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=EDIT_BODY)
     async def edit_images(http_request: HTTPRequest, state: State) -> Any:
+        # the kind is the server's, not the request's: a model that edits nothing refuses before reading the body
+        state.require_kind("edit", "POST /v1/images/edits")
         form = await read_form(http_request, ("image", "mask"), state.settings.max_body_bytes)
         fields = validate_fields(ImageEditFields, form.fields, strict=False)
         state.check_model(fields.model)
-        state.require_kind("edit", "POST /v1/images/edits")
+        state.check_texts(fields)
         if "mask" in form.files:
             raise APIError(400, f"mask: {state.settings.served_model_name!r} edits from the prompt and takes no mask",
                            param="mask", code="invalid_parameter")
         if not form.files.get("image"):
             raise APIError(400, "image: at least one input image is required", param="image",
                            code="invalid_parameter")
-        images = await read_images(form.files["image"], "image", state.engine.config.limits.max_image_size)
+        images = await state.read_uploads(form.files["image"], "image")
         return await generate_images(http_request, state, fields, images)
 
     @app.post("/v1/videos", response_model=VideoObject, openapi_extra=VIDEO_BODY)
     async def create_video(http_request: HTTPRequest, state: State) -> VideoObject:
+        state.require_kind("video", "POST /v1/videos")
         content_type = http_request.headers.get("content-type", "")
         images: list[Image.Image] = []
         if content_type.startswith("application/json"):
             fields = validate_fields(VideoCreateFields, await read_json_object(http_request), strict=True)
+            state.check_model(fields.model)
         else:
             form = await read_form(http_request, ("input_reference",), state.settings.max_body_bytes)
             fields = validate_fields(VideoCreateFields, form.fields, strict=False)
+            state.check_model(fields.model)
+            state.check_texts(fields)
             if form.files.get("input_reference"):
-                images = await read_images(form.files["input_reference"], "input_reference",
-                                           state.engine.config.limits.max_image_size)
-        state.check_model(fields.model)
-        state.require_kind("video", "POST /v1/videos")
+                images = await state.read_uploads(form.files["input_reference"], "input_reference")
         default_fps = state.defaults.fps or DEFAULT_FPS
         params = sampling_params(fields, fields.size, num_frames=video_seconds_to_frames(fields, default_fps),
                                  fps=fields.fps)
