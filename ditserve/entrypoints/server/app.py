@@ -418,6 +418,7 @@ def create_app(engine: DiffusionEngine, settings: ServerSettings) -> FastAPI:
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     add_routes(app)
+    state.metrics.known_routes = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     # added innermost first: metrics see every answer, the key is checked before the body is read
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_key:

@@ -150,3 +150,15 @@ def test_server_still_answers_after_abuse(image_server: ServerThread) -> None:
     assert response.status_code == 200 and response.json()["data"][0]["b64_json"]
     metrics = httpx.get(image_server.url + "/metrics").text
     assert 'status="500"' not in metrics
+
+
+def test_made_up_methods_and_paths_do_not_grow_the_metric_labels(image_server: ServerThread) -> None:
+    for index in range(40):
+        httpx.request(f"MADEUP{index}", image_server.url + "/v1/models")
+        httpx.get(f"{image_server.url}/no/such/path/{index}")
+    metrics = httpx.get(image_server.url + "/metrics").text
+    assert "MADEUP" not in metrics and "/no/such/path" not in metrics
+    assert 'method="other",route="/v1/models"' in metrics
+    assert 'method="GET",route="other",status="404"' in metrics
+    series = [line for line in metrics.splitlines() if line.startswith("ditserve_http_requests_total{")]
+    assert len(series) < 40
