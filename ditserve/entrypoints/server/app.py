@@ -23,6 +23,7 @@ from fastapi import Depends, FastAPI, Query
 from fastapi import Path as PathParam
 from fastapi import Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, Response
 from PIL import Image
@@ -52,7 +53,14 @@ from ditserve.entrypoints.server.protocol import (
     parse_size,
     validate_fields,
 )
-from ditserve.entrypoints.server.security import APIKeyMiddleware, BodyLimitMiddleware
+from ditserve.entrypoints.server.security import (
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    HostCheckMiddleware,
+    OriginCheckMiddleware,
+    allowed_host_patterns,
+    normalise_origin,
+)
 from ditserve.entrypoints.server.uploads import (
     MAX_INPUT_IMAGES,
     check_upload_count,
@@ -61,7 +69,7 @@ from ditserve.entrypoints.server.uploads import (
     read_images,
 )
 from ditserve.entrypoints.server.videos import VideoJob, VideoJobRunner, VideoStore, new_video_id
-from ditserve.errors import DitServeError, check_text
+from ditserve.errors import DitServeError, InvalidParameterError, check_text
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +89,18 @@ class ServerSettings:
     #: video jobs' database and MP4 files
     output_dir: Path = field(default_factory=lambda: DEFAULT_OUTPUT_DIR)
     max_body_mb: float = 32.0
+    #: the address the server listens on: a Host header naming it is accepted, as are loopback names
+    host: str = "127.0.0.1"
+    #: other Host names accepted (``*.example.com``, or ``*`` for any: behind a proxy that checks them)
+    allowed_hosts: list[str] = field(default_factory=list)
+    #: web origins (``https://app.example.com``) whose pages may call the API; other pages are refused
+    allowed_origins: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        try:
+            self.allowed_origins = [normalise_origin(origin) for origin in self.allowed_origins]
+        except ValueError as error:
+            raise InvalidParameterError(f"allowed_origins: {error}", param="allowed_origins") from None
 
     @property
     def max_body_bytes(self) -> int:
@@ -419,9 +439,15 @@ def create_app(engine: DiffusionEngine, settings: ServerSettings) -> FastAPI:
     install_error_handlers(app)
     add_routes(app)
     state.metrics.known_routes = frozenset(route.path for route in app.routes if hasattr(route, "path"))
-    # added innermost first: metrics see every answer, the key is checked before the body is read
+    # added innermost first: metrics see every answer; Host and Origin are checked before anything else, CORS
+    # answers allowed pages' preflights before the key is asked for; the key is checked before the body is read
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["authorization", "content-type"])
+    app.add_middleware(OriginCheckMiddleware, allowed_origins=frozenset(settings.allowed_origins))
+    app.add_middleware(HostCheckMiddleware, allowed=allowed_host_patterns(settings.host, settings.allowed_hosts))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app

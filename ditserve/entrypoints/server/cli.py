@@ -41,9 +41,19 @@ def register(subparsers: Any) -> None:
                         help="requests allowed to wait; more are refused with 429")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="video jobs' database and MP4 files (default: ~/.cache/ditserve/server)")
+    parser.add_argument("--allowed-hosts", type=comma_list, default=[],
+                        help="comma-separated Host names accepted besides localhost, 127.0.0.1, ::1 and --host "
+                             "(*.example.com for sub-domains, * for any); others are refused (DNS rebinding)")
+    parser.add_argument("--allowed-origins", type=comma_list, default=[],
+                        help="comma-separated web origins (https://app.example.com) whose pages may call the API "
+                             "(CORS); requests from other pages are refused with 403 (default: none)")
     parser.add_argument("--log-level", dest="server_log_level", default=None, choices=LOG_LEVELS)
     add_engine_arguments(parser)
     parser.set_defaults(func=run_serve)
+
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def served_model_name(args: argparse.Namespace) -> str:
@@ -73,7 +83,8 @@ def server_settings(args: argparse.Namespace) -> Any:
     if args.max_body_mb <= 0:
         raise InvalidParameterError(f"--max-body-mb={args.max_body_mb} must be > 0", param="max_body_mb")
     return ServerSettings(served_model_name=served_model_name(args), api_key=args.api_key or None,
-                          output_dir=args.output_dir or DEFAULT_OUTPUT_DIR, max_body_mb=args.max_body_mb)
+                          output_dir=args.output_dir or DEFAULT_OUTPUT_DIR, max_body_mb=args.max_body_mb,
+                          host=args.host, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins)
 
 
 def run_serve(args: argparse.Namespace) -> int:

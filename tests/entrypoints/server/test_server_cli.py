@@ -57,7 +57,7 @@ def test_serve_runs_uvicorn_over_the_app_and_closes_the_engine(
 
     def fake_run(app: Any, **kwargs: Any) -> None:
         seen.update(kwargs)
-        with TestClient(app) as http:
+        with TestClient(app, base_url="http://localhost") as http:  # the Host a local client sends
             seen["models"] = http.get("/v1/models").json()
         seen["engine"] = app.state.server.engine
 
