@@ -33,6 +33,7 @@ from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.engine.engine import DiffusionEngine
 from ditserve.engine.request import Request, RequestOutput
 from ditserve.entrypoints.media import image_bytes
+from ditserve.entrypoints.server.connections import BodyTimeoutMiddleware, ConnectionLimits
 from ditserve.entrypoints.server.errors import APIError, install_error_handlers
 from ditserve.entrypoints.server.metrics import MetricsMiddleware, ServerMetrics
 from ditserve.entrypoints.server.protocol import (
@@ -95,6 +96,7 @@ class ServerSettings:
     allowed_hosts: list[str] = field(default_factory=list)
     #: web origins (``https://app.example.com``) whose pages may call the API; other pages are refused
     allowed_origins: list[str] = field(default_factory=list)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     def __post_init__(self) -> None:
         try:
@@ -441,6 +443,7 @@ def create_app(engine: DiffusionEngine, settings: ServerSettings) -> FastAPI:
     state.metrics.known_routes = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     # added innermost first: metrics see every answer; Host and Origin are checked before anything else, CORS
     # answers allowed pages' preflights before the key is asked for; the key is checked before the body is read
+    app.add_middleware(BodyTimeoutMiddleware, body_timeout_s=settings.connections.body_timeout_s)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)

@@ -16,8 +16,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 def register(subparsers: Any) -> None:
     from ditserve.config import Limits
+    from ditserve.entrypoints.server.connections import ConnectionLimits
 
     limits = Limits()
+    connections = ConnectionLimits()
     parser = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     parser.add_argument("model", nargs="?", default=None,
                         help="diffusers folder or hub id (default: the bundled demo model)")
@@ -47,6 +49,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--allowed-origins", type=comma_list, default=[],
                         help="comma-separated web origins (https://app.example.com) whose pages may call the API "
                              "(CORS); requests from other pages are refused with 403 (default: none)")
+    parser.add_argument("--header-timeout", type=float, default=connections.header_timeout_s,
+                        help="seconds a client has to send a complete request head; then the connection closes")
+    parser.add_argument("--body-timeout", type=float, default=connections.body_timeout_s,
+                        help="seconds a client has to send a whole request body; then 408")
+    parser.add_argument("--timeout-keep-alive", type=int, default=connections.keep_alive_s,
+                        help="seconds an idle keep-alive connection stays open")
+    parser.add_argument("--limit-concurrency", type=int, default=connections.max_connections,
+                        help="connections and requests served at once; more requests get 503")
     parser.add_argument("--log-level", dest="server_log_level", default=None, choices=LOG_LEVELS)
     add_engine_arguments(parser)
     parser.set_defaults(func=run_serve)
@@ -78,13 +88,20 @@ def engine_config(args: argparse.Namespace) -> Any:
 
 def server_settings(args: argparse.Namespace) -> Any:
     from ditserve.entrypoints.server.app import DEFAULT_OUTPUT_DIR, ServerSettings
+    from ditserve.entrypoints.server.connections import ConnectionLimits
     from ditserve.errors import InvalidParameterError
 
     if args.max_body_mb <= 0:
         raise InvalidParameterError(f"--max-body-mb={args.max_body_mb} must be > 0", param="max_body_mb")
+    for flag in ("header_timeout", "body_timeout", "timeout_keep_alive", "limit_concurrency"):
+        if getattr(args, flag) <= 0:
+            raise InvalidParameterError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be > 0", param=flag)
+    connections = ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                                   keep_alive_s=args.timeout_keep_alive, max_connections=args.limit_concurrency)
     return ServerSettings(served_model_name=served_model_name(args), api_key=args.api_key or None,
                           output_dir=args.output_dir or DEFAULT_OUTPUT_DIR, max_body_mb=args.max_body_mb,
-                          host=args.host, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins)
+                          host=args.host, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
+                          connections=connections)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -92,6 +109,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from ditserve.engine.engine import DiffusionEngine
     from ditserve.entrypoints.server.app import create_app
+    from ditserve.entrypoints.server.connections import uvicorn_options
 
     if args.server_log_level:
         logging.getLogger().setLevel(args.server_log_level.upper())
@@ -99,7 +117,8 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = DiffusionEngine(engine_config(args))
     try:
         app = create_app(engine, settings)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.server_log_level or "info")
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.server_log_level or "info",
+                    **uvicorn_options(settings.connections))
     finally:
         engine.close()
     return 0

@@ -65,6 +65,10 @@ def test_serve_runs_uvicorn_over_the_app_and_closes_the_engine(
     args = parse(tiny_flux_dir, "--port", "8123", "--output-dir", str(tmp_path))
     assert serve_cli.run_serve(args) == 0
     assert seen["port"] == 8123 and seen["host"] == "127.0.0.1"
+    # the connection limits reach uvicorn, with their stated defaults
+    assert (seen["limit_concurrency"], seen["timeout_keep_alive"], seen["h11_max_incomplete_event_size"]) == (
+        256, 5, 16384)
+    assert seen["http"].header_timeout_s == 15.0
     assert seen["models"]["data"][0]["id"] == "flux"
     with pytest.raises(Exception, match="closed"):
         seen["engine"].submit(seen["engine"].make_request("x"))
