@@ -80,6 +80,9 @@ DISCONNECT_POLL_S = 0.05
 CLIENT_CLOSED_REQUEST = 499
 DEFAULT_FPS = 16
 DEFAULT_OUTPUT_DIR = Path.home() / ".cache" / "ditserve" / "server"
+DEFAULT_VIDEO_TTL_S = 24 * 3600.0
+#: the longest pause between two sweeps of expired video jobs
+EXPIRY_SWEEP_S = 600.0
 
 
 @dataclass
@@ -87,8 +90,10 @@ class ServerSettings:
     served_model_name: str
     #: clients must send ``Authorization: Bearer <api_key>`` on /v1 routes; None: no authentication
     api_key: str | None = None
-    #: video jobs' database and MP4 files
+    #: video jobs' database and MP4 files (used, and locked, only by servers of video models)
     output_dir: Path = field(default_factory=lambda: DEFAULT_OUTPUT_DIR)
+    #: finished video jobs (rows and files) are removed this long after they ended; None keeps them
+    video_ttl_s: float | None = DEFAULT_VIDEO_TTL_S
     max_body_mb: float = 32.0
     #: the address the server listens on: a Host header naming it is accepted, as are loopback names
     host: str = "127.0.0.1"
@@ -112,14 +117,20 @@ class ServerSettings:
 class ServerState:
     """What the routes share: the engine, the settings, the video jobs, the metrics, the model card."""
 
-    def __init__(self, engine: DiffusionEngine, settings: ServerSettings) -> None:
+    def __init__(self, engine: DiffusionEngine, settings: ServerSettings, store: VideoStore | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.kind: str = engine.adapter.kind
         self.defaults = engine.adapter.resolve_params(OmniDiffusionSamplingParams())
         self.metrics = ServerMetrics(engine.queue_depth)
-        self.store = VideoStore(settings.output_dir)
-        self.videos = VideoJobRunner(engine, self.store)
+        #: video jobs exist only on servers of video models; the others neither need nor lock the folder
+        self.store: VideoStore | None = None
+        self.videos: VideoJobRunner | None = None
+        if self.kind == "video":
+            self.store = store if store is not None else VideoStore(settings.output_dir)
+            self.videos = VideoJobRunner(engine, self.store)
+        elif store is not None:
+            store.close()
         self.created = int(time.time())
         self.decoding = asyncio.Semaphore(decode_permits(engine.config.limits.max_image_size))
 
@@ -282,10 +293,14 @@ def add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(state: State) -> Response:
         alive = state.engine.is_alive()
-        body = {"status": "ok" if alive else "engine_down", "model": state.settings.served_model_name,
+        degraded = state.store.degraded if state.store is not None else None
+        status = "engine_down" if not alive else "degraded" if degraded else "ok"
+        body = {"status": status, "model": state.settings.served_model_name,
                 "kind": state.kind, "queue_depth": state.engine.queue_depth()}
-        # a load balancer must see a dead engine as unhealthy, not as a server that answers
-        return Response(json.dumps(body), status_code=200 if alive else 503, media_type="application/json")
+        if degraded:
+            body["reason"] = degraded
+        # a load balancer must see a dead engine, or a video server that cannot save videos, as unhealthy
+        return Response(json.dumps(body), status_code=200 if status == "ok" else 503, media_type="application/json")
 
     @app.get("/metrics", response_class=Response)
     async def metrics(state: State) -> Response:
@@ -334,18 +349,20 @@ def add_routes(app: FastAPI) -> None:
             if form.files.get("input_reference"):
                 images = await state.read_uploads(form.files["input_reference"], "input_reference")
         default_fps = state.defaults.fps or DEFAULT_FPS
+        videos = state.videos
+        assert videos is not None  # a video model's server always has its job runner (require_kind above)
         params = sampling_params(fields, fields.size, num_frames=video_seconds_to_frames(fields, default_fps),
                                  fps=fields.fps)
         video_id = new_video_id()
         try:
             request = state.engine.make_request(fields.prompt, params, images, request_id=video_id,
-                                                progress_callback=state.videos.progress_callback(video_id))
+                                                progress_callback=videos.progress_callback(video_id))
         except DitServeError as error:
             if error.param == "image":  # the engine's name for what this route calls input_reference
                 error.param = "input_reference"
             raise
         job = new_video_job(state, video_id, request)
-        state.videos.start(job, request)
+        videos.start(job, request)
         return job.to_api()
 
     @app.get("/v1/videos", response_model=VideoList)
@@ -353,6 +370,8 @@ def add_routes(app: FastAPI) -> None:
                           after: Annotated[str | None, Query(pattern=VIDEO_ID_PATTERN, max_length=38)] = None,
                           limit: Annotated[int, Query(ge=1, le=100)] = 20,
                           order: Literal["asc", "desc"] = "desc") -> VideoList:
+        if state.store is None:
+            return VideoList(data=[], has_more=False)
         jobs, has_more = state.store.list(after, limit, order)
         data = [job.to_api() for job in jobs]
         return VideoList(data=data, has_more=has_more, first_id=data[0].id if data else None,
@@ -369,7 +388,7 @@ def add_routes(app: FastAPI) -> None:
         if job.status != "completed":
             raise APIError(409, f"video {video_id} is {job.status}; its content exists once it is completed",
                            param="video_id", code="video_not_ready")
-        path = state.store.video_path(video_id)
+        path = _store_or_404(state, video_id).video_path(video_id)
         if not path.is_file():
             raise APIError(404, f"the file of video {video_id} is missing from the output directory",
                            param="video_id", code="video_file_missing")
@@ -378,14 +397,21 @@ def add_routes(app: FastAPI) -> None:
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
     async def delete_video(video_id: VideoIdParam, state: State) -> VideoDeleted:
         job = _job_or_404(state, video_id)
-        if job.status in ("queued", "in_progress"):
+        if job.status in ("queued", "in_progress") and state.videos is not None:
             state.videos.cancel(video_id)
-        state.store.delete(video_id)
+        _store_or_404(state, video_id).delete(video_id)
         return VideoDeleted(id=video_id, deleted=True)
 
 
+def _store_or_404(state: ServerState, video_id: str) -> VideoStore:
+    if state.store is None:
+        raise APIError(404, f"no video with id {video_id} (this server's model makes no videos)", param="video_id",
+                       code="video_not_found")
+    return state.store
+
+
 def _job_or_404(state: ServerState, video_id: str) -> VideoJob:
-    job = state.store.get(video_id)
+    job = _store_or_404(state, video_id).get(video_id)
     if job is None:
         raise APIError(404, f"no video with id {video_id}", param="video_id", code="video_not_found")
     return job
@@ -416,23 +442,46 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
             components.pop(unused, None)
         app.openapi_schema = schema
     return app.openapi_schema
-def create_app(engine: DiffusionEngine, settings: ServerSettings) -> FastAPI:
-    """The FastAPI app over ``engine``. The app does not own the engine: whoever built it closes it."""
-    state = ServerState(engine, settings)
+async def sweep_expired_videos(store: VideoStore, ttl_s: float) -> None:
+    """Remove finished jobs older than ``ttl_s``, now and then every ``min(ttl_s / 10, EXPIRY_SWEEP_S)``."""
+    while True:
+        try:
+            removed = await run_in_threadpool(store.expire, time.time() - ttl_s)
+            if removed:
+                logger.info("removed %d video job(s) finished more than %gs ago", removed, ttl_s)
+        except Exception:  # noqa: BLE001 - a failed sweep is retried at the next one, never ends the server
+            logger.exception("removing expired video jobs failed")
+        await asyncio.sleep(min(ttl_s / 10, EXPIRY_SWEEP_S))
+
+
+def create_app(engine: DiffusionEngine, settings: ServerSettings, store: VideoStore | None = None) -> FastAPI:
+    """The FastAPI app over ``engine``. The app does not own the engine: whoever built it closes it.
+    ``store``: the video store, when the caller opened it before loading the model (to check the folder
+    early); otherwise a video model's server opens ``settings.output_dir`` here."""
+    state = ServerState(engine, settings, store)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        interrupted = state.store.fail_interrupted(
-            "server_restarted", "the server restarted before this job finished; submit it again")
-        if interrupted:
-            logger.warning("marked %d unfinished video job(s) of a previous run as failed", interrupted)
+        sweeper = None
+        if state.store is not None:
+            # the folder's lock is ours: its unfinished jobs were left by a server that is gone
+            interrupted = state.store.fail_interrupted(
+                "server_restarted", "the server restarted before this job finished; submit it again")
+            if interrupted:
+                logger.warning("marked %d unfinished video job(s) of a previous run as failed", interrupted)
+            if settings.video_ttl_s is not None:
+                sweeper = asyncio.get_running_loop().create_task(
+                    sweep_expired_videos(state.store, settings.video_ttl_s))
         engine.observers.append(state.metrics.observe_batch)
         try:
             yield
         finally:
             engine.observers.remove(state.metrics.observe_batch)
-            await state.videos.shutdown()
-            state.store.close()
+            if sweeper is not None:
+                sweeper.cancel()
+            if state.videos is not None and state.store is not None:
+                await state.videos.shutdown()
+                state.store.close()
 
     app = FastAPI(title="ditserve", description="OpenAI-compatible serving of diffusion transformers",
                   version="0.1.0", lifespan=lifespan, redirect_slashes=False)

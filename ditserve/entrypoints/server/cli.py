@@ -16,6 +16,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 def register(subparsers: Any) -> None:
     from ditserve.config import Limits
+    from ditserve.entrypoints.server.app import DEFAULT_VIDEO_TTL_S
     from ditserve.entrypoints.server.connections import ConnectionLimits
 
     limits = Limits()
@@ -42,7 +43,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests allowed to wait; more are refused with 429")
     parser.add_argument("--output-dir", type=Path, default=None,
-                        help="video jobs' database and MP4 files (default: ~/.cache/ditserve/server)")
+                        help="video jobs' database and MP4 files, one server per folder; used by video models only "
+                             "(default: ~/.cache/ditserve/server); a given folder is checked before the model loads")
+    parser.add_argument("--video-ttl", type=float, default=DEFAULT_VIDEO_TTL_S / 3600,
+                        help="hours a finished video job (row and MP4) is kept; 0 keeps them forever (default: 24)")
     parser.add_argument("--allowed-hosts", type=comma_list, default=[],
                         help="comma-separated Host names accepted besides localhost, 127.0.0.1, ::1 and --host "
                              "(*.example.com for sub-domains, * for any); others are refused (DNS rebinding)")
@@ -93,6 +97,9 @@ def server_settings(args: argparse.Namespace) -> Any:
 
     if args.max_body_mb <= 0:
         raise InvalidParameterError(f"--max-body-mb={args.max_body_mb} must be > 0", param="max_body_mb")
+    if args.video_ttl < 0:
+        raise InvalidParameterError(f"--video-ttl={args.video_ttl} must be >= 0 (hours; 0 keeps videos)",
+                                    param="video_ttl")
     for flag in ("header_timeout", "body_timeout", "timeout_keep_alive", "limit_concurrency"):
         if getattr(args, flag) <= 0:
             raise InvalidParameterError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be > 0", param=flag)
@@ -101,7 +108,7 @@ def server_settings(args: argparse.Namespace) -> Any:
     return ServerSettings(served_model_name=served_model_name(args), api_key=args.api_key or None,
                           output_dir=args.output_dir or DEFAULT_OUTPUT_DIR, max_body_mb=args.max_body_mb,
                           host=args.host, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
-                          connections=connections)
+                          connections=connections, video_ttl_s=args.video_ttl * 3600 or None)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -110,13 +117,21 @@ def run_serve(args: argparse.Namespace) -> int:
     from ditserve.engine.engine import DiffusionEngine
     from ditserve.entrypoints.server.app import create_app
     from ditserve.entrypoints.server.connections import uvicorn_options
+    from ditserve.entrypoints.server.videos import VideoStore
 
     if args.server_log_level:
         logging.getLogger().setLevel(args.server_log_level.upper())
     settings = server_settings(args)
-    engine = DiffusionEngine(engine_config(args))
+    # a folder given on the command line is checked (and locked) before the model loads, which takes minutes
+    store = VideoStore(args.output_dir) if args.output_dir is not None else None
     try:
-        app = create_app(engine, settings)
+        engine = DiffusionEngine(engine_config(args))
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    try:
+        app = create_app(engine, settings, store)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.server_log_level or "info",
                     **uvicorn_options(settings.connections))
     finally:
