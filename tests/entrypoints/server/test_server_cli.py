@@ -72,3 +72,12 @@ def test_serve_runs_uvicorn_over_the_app_and_closes_the_engine(
     assert seen["models"]["data"][0]["id"] == "flux"
     with pytest.raises(Exception, match="closed"):
         seen["engine"].submit(seen["engine"].make_request("x"))
+
+
+def test_text_limits_and_video_retention_flags(tmp_path: Any) -> None:
+    args = parse("--max-prompt-chars", "100", "--max-negative-prompt-chars", "50", "--video-ttl", "0.5")
+    config = serve_cli.engine_config(args)
+    assert (config.limits.max_prompt_chars, config.limits.max_negative_prompt_chars) == (100, 50)
+    assert serve_cli.server_settings(args).video_ttl_s == 1800
+    assert serve_cli.server_settings(parse("--video-ttl", "0")).video_ttl_s is None  # 0 keeps them
+    assert serve_cli.server_settings(parse()).video_ttl_s == 24 * 3600
