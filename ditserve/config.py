@@ -107,6 +107,10 @@ class OmniDiffusionSamplingParams:
         return dataclasses.replace(self, **changes)
 
 
+#: the most characters any text field may be configured to take (the HTTP models refuse longer ones outright)
+MAX_TEXT_CHARS = 65536
+
+
 @dataclass
 class Limits:
     """Upper bounds a request may ask for: protects a server from a request that would run for hours."""
@@ -116,10 +120,13 @@ class Limits:
     max_n: int = 8
     max_frames: int = 257
     max_prompt_chars: int = 4000
+    max_negative_prompt_chars: int = 4000
 
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_int(f.name, getattr(self, f.name), 1)
+        for name in ("max_prompt_chars", "max_negative_prompt_chars"):
+            _check_int(name, getattr(self, name), 1, MAX_TEXT_CHARS)
 
 
 @dataclass

@@ -82,3 +82,16 @@ def check_keys(where: str, given: Iterable[str], allowed: Iterable[str]) -> None
     unknown = set(given) - allowed_set
     if unknown:
         raise UnknownKeyError(where, unknown, allowed_set)
+
+
+def check_text(field: str, value: str, max_chars: int) -> None:
+    """A text field within its length limit and encodable as UTF-8 (tokenizers, SQLite and JSON all need that:
+    a lone surrogate such as "\\ud800" passes for a ``str`` but fails deep inside them)."""
+    if len(value) > max_chars:
+        raise InvalidParameterError(f"{field} has {len(value)} characters; the limit is {max_chars}", param=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidParameterError(
+            f"{field} is not valid Unicode text: character {error.start} is {value[error.start]!r}, a lone surrogate, "
+            "which cannot be encoded as UTF-8", param=field) from None

@@ -22,7 +22,13 @@ from PIL import Image
 
 from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
 from ditserve.engine.scheduler import SchedulingMode, StepPlan, StepScheduler
-from ditserve.errors import EngineClosedError, InvalidParameterError, InvalidTypeError, RequestAbortedError
+from ditserve.errors import (
+    EngineClosedError,
+    InvalidParameterError,
+    InvalidTypeError,
+    RequestAbortedError,
+    check_text,
+)
 from ditserve.models.base import LoopAdapter
 from ditserve.request import Request, RequestOutput, new_request_id
 
@@ -79,13 +85,14 @@ class DiffusionEngine:
         if not isinstance(prompt, str):
             raise InvalidTypeError(f"prompt must be a string, got {type(prompt).__name__}", param="prompt")
         limits = self.config.limits
-        if len(prompt) > limits.max_prompt_chars:
-            raise InvalidParameterError(
-                f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}", param="prompt")
+        check_text("prompt", prompt, limits.max_prompt_chars)
         params = params if params is not None else OmniDiffusionSamplingParams()
         if not isinstance(params, OmniDiffusionSamplingParams):
             raise InvalidTypeError("sampling params must be an OmniDiffusionSamplingParams or a dict",
                                    param="sampling_params")
+        if params.negative_prompt is not None:
+            # checked as given, before any work: a family's own default negative prompt is not the caller's
+            check_text("negative_prompt", params.negative_prompt, limits.max_negative_prompt_chars)
         images = list(images)
         for image in images:
             if not isinstance(image, Image.Image):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import time
 from collections.abc import Sequence
@@ -31,7 +30,18 @@ from ditserve.config import OmniDiffusionConfig
 from ditserve.engine.runner import StepOutcome, run_cohort
 from ditserve.engine.scheduler import StepPlan
 from ditserve.errors import EngineClosedError, ParallelConfigError
-from ditserve.parallel.channel import ControlChannel, Message, reported_errors, started_key
+from ditserve.parallel.channel import (
+    CONFIG_KEY,
+    ControlChannel,
+    Message,
+    MessageKind,
+    host_store,
+    new_secret,
+    put_object,
+    reported_errors,
+    secret_from_env,
+    started_key,
+)
 from ditserve.parallel.rank import RankRunner, RequestSpec, rank_device
 from ditserve.parallel.worker import AGREED_ERRORS, cpu_threads_per_rank, start_rank, worker_main
 from ditserve.request import Request, RequestOutput
@@ -42,6 +52,8 @@ logger = logging.getLogger(__name__)
 DIAGNOSE_WAIT_S = 2.0
 #: how long ``close`` waits for workers to exit on their own before it terminates them
 EXIT_WAIT_S = 10.0
+#: where the control store of spawned workers listens: they run on this machine, so nothing else may reach it
+SPAWN_HOST = "127.0.0.1"
 
 
 def torchrun_rank() -> tuple[int, int, int] | None:
@@ -80,8 +92,10 @@ class MultiProcessRunner:
         self._saved_threads = torch.get_num_threads()
         launched = torchrun_rank()
         if launched is not None:
+            self._secret = secret_from_env()
             self._store = self._join_torchrun(launched)
         else:
+            self._secret = new_secret()
             self._store = self._spawn_workers()
         try:
             self._wait_for_workers_to_start()
@@ -94,20 +108,20 @@ class MultiProcessRunner:
                 raise
             raise EngineClosedError(f"parallel start-up failed: {reason}") from error
         self.adapter = self.local.adapter
-        self.channel = ControlChannel(self._store)
+        self.channel = ControlChannel(self._store, self._secret)
         logger.info("parallel runner ready: %d ranks (%s)", self.world_size, parallel)
 
     # ------------------------------------------------------------------ start-up
     def _spawn_workers(self) -> Any:
         timeout = timedelta(seconds=self.config.parallel_config.timeout_s)
-        store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True, timeout=timeout,
-                              wait_for_workers=False)
+        store = host_store(SPAWN_HOST, 0, self.world_size, timeout)
         if self._device == "cpu":
             torch.set_num_threads(cpu_threads_per_rank(self.world_size))
         context = multiprocessing.get_context("spawn")
         for rank in range(1, self.world_size):
             process = context.Process(target=worker_main, name=f"ditserve-rank{rank}", daemon=True,
-                                      args=(rank, self.world_size, self.config, "127.0.0.1", store.port))
+                                      args=(rank, self.world_size, self.config, SPAWN_HOST, store.port,
+                                            self._secret))
             process.start()
             self._workers.append(process)
         return store
@@ -135,9 +149,8 @@ class MultiProcessRunner:
                 f"torchrun started {world_size} processes but the parallel config needs {self.world_size} "
                 "(cfg_parallel_size x ulysses_degree x ring_degree x tensor_parallel_size)", param="parallel_config")
         host, port = control_store_address()
-        store = dist.TCPStore(host, port, world_size, is_master=True,
-                              timeout=timedelta(seconds=self.config.parallel_config.timeout_s))
-        store.set("ditserve/config", pickle.dumps(self.config))
+        store = host_store(host, port, world_size, timedelta(seconds=self.config.parallel_config.timeout_s))
+        put_object(store, self._secret, CONFIG_KEY, self.config)
         return store
 
     # ------------------------------------------------------------------ steps
@@ -159,7 +172,8 @@ class MultiProcessRunner:
         dead = self._dead_workers()
         if dead:
             self._fail(dead)
-        self.channel.send(Message("step", [RequestSpec.of(r) for r in plan.admit], list(plan.drop), plan.run))
+        self.channel.send(Message(MessageKind.STEP, [RequestSpec.of(r) for r in plan.admit], list(plan.drop),
+                                  plan.run))
         try:
             return self.local.step(plan)
         except AGREED_ERRORS:
@@ -187,7 +201,7 @@ class MultiProcessRunner:
         deadline = time.monotonic() + DIAGNOSE_WAIT_S
         errors: dict[int, str] = {}
         while time.monotonic() < deadline:
-            errors = reported_errors(self._store, range(1, self.world_size))
+            errors = reported_errors(self._store, self._secret, range(1, self.world_size))
             if errors or self._dead_workers():
                 break
             time.sleep(0.1)
@@ -216,7 +230,7 @@ class MultiProcessRunner:
     def close(self) -> None:
         if self._broken is None:
             self._broken = "the runner was closed"
-            self.channel.send(Message("stop"))
+            self.channel.send(Message(MessageKind.STOP))
             for process in self._workers:
                 process.join(timeout=EXIT_WAIT_S)
         self.local.close()

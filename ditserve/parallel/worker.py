@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ditserve.config import OmniDiffusionConfig
 from ditserve.engine.scheduler import StepPlan
-from ditserve.parallel.channel import ControlChannel, report_error, started_key
+from ditserve.parallel.channel import ControlChannel, MessageKind, report_error, started_key
 from ditserve.parallel.rank import RankRunner, backend_for, rank_device
 from ditserve.parallel.sharding import SequenceSplitError
 from ditserve.parallel.topology import build_topology
@@ -48,7 +48,7 @@ def serve(runner: RankRunner, channel: ControlChannel) -> None:
     running set is then failed everywhere) leaves the group usable."""
     while True:
         message = channel.receive()
-        if message.kind == "stop":
+        if message.kind is MessageKind.STOP:
             return
         try:
             runner.step(StepPlan(admit=[spec.to_request() for spec in message.specs], drop=message.drop,
@@ -57,25 +57,28 @@ def serve(runner: RankRunner, channel: ControlChannel) -> None:
             continue
 
 
-def run_worker(config: OmniDiffusionConfig, store: Any, rank: int, world_size: int, local_rank: int) -> None:
+def run_worker(config: OmniDiffusionConfig, store: Any, secret: bytes, rank: int, world_size: int,
+               local_rank: int) -> None:
     try:
         runner = start_rank(config, store, rank, world_size, local_rank)
         dist.barrier()  # rank 0 waits here until every rank has loaded its model
-        serve(runner, ControlChannel(store))
+        serve(runner, ControlChannel(store, secret))
         runner.close()
     except BaseException:
-        report_error(store, rank, traceback.format_exc())
+        report_error(store, secret, rank, traceback.format_exc())
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def worker_main(rank: int, world_size: int, config: OmniDiffusionConfig, host: str, port: int) -> None:
-    """Entry of a spawned worker process (one machine: local rank = rank)."""
+def worker_main(rank: int, world_size: int, config: OmniDiffusionConfig, host: str, port: int,
+                secret: bytes) -> None:
+    """Entry of a spawned worker process (one machine: local rank = rank). The control secret comes with
+    the spawn arguments (a pipe from the parent), never through the store."""
     if rank_device(config.device, rank) == "cpu":
         torch.set_num_threads(cpu_threads_per_rank(world_size))
     store = dist.TCPStore(host, port, world_size, is_master=False,
                           timeout=timedelta(seconds=config.parallel_config.timeout_s))
     store.set(started_key(rank), b"1")
-    run_worker(config, store, rank, world_size, local_rank=rank)
+    run_worker(config, store, secret, rank, world_size, local_rank=rank)

@@ -100,3 +100,16 @@ def test_every_error_is_a_ditserve_error() -> None:
     for error_type in (InvalidParameterError, InvalidTypeError, ModelNotFoundError, UnsupportedModelError):
         assert issubclass(error_type, DitServeError)
         assert issubclass(error_type, (ValueError, TypeError))
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_unencodable_or_overlong_text_is_refused_naming_the_field(flux_omni, field: str) -> None:
+    engine = flux_omni.engine
+    limit = engine.config.limits.max_prompt_chars if field == "prompt" else \
+        engine.config.limits.max_negative_prompt_chars
+    for text in ("a \ud800 b", "x" * (limit + 1)):
+        prompt, params = ("p", OmniDiffusionSamplingParams(negative_prompt=text)) if field == "negative_prompt" \
+            else (text, None)
+        with pytest.raises(InvalidParameterError) as error:
+            engine.make_request(prompt, params)
+        assert error.value.param == field

@@ -23,6 +23,7 @@ from fastapi import Depends, FastAPI, Query
 from fastapi import Path as PathParam
 from fastapi import Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, Response
 from PIL import Image
@@ -31,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.engine.engine import DiffusionEngine
 from ditserve.entrypoints.media import image_bytes
+from ditserve.entrypoints.server.connections import BodyTimeoutMiddleware, ConnectionLimits
 from ditserve.entrypoints.server.errors import APIError, install_error_handlers
 from ditserve.entrypoints.server.metrics import MetricsMiddleware, ServerMetrics
 from ditserve.entrypoints.server.protocol import (
@@ -51,10 +53,23 @@ from ditserve.entrypoints.server.protocol import (
     parse_size,
     validate_fields,
 )
-from ditserve.entrypoints.server.security import APIKeyMiddleware, BodyLimitMiddleware
-from ditserve.entrypoints.server.uploads import read_form, read_images
+from ditserve.entrypoints.server.security import (
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    HostCheckMiddleware,
+    OriginCheckMiddleware,
+    allowed_host_patterns,
+    normalise_origin,
+)
+from ditserve.entrypoints.server.uploads import (
+    MAX_INPUT_IMAGES,
+    check_upload_count,
+    decode_permits,
+    read_form,
+    read_images,
+)
 from ditserve.entrypoints.server.videos import VideoJob, VideoJobRunner, VideoStore, new_video_id
-from ditserve.errors import DitServeError
+from ditserve.errors import DitServeError, InvalidParameterError, check_text
 from ditserve.request import Request, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -65,6 +80,9 @@ DISCONNECT_POLL_S = 0.05
 CLIENT_CLOSED_REQUEST = 499
 DEFAULT_FPS = 16
 DEFAULT_OUTPUT_DIR = Path.home() / ".cache" / "ditserve" / "server"
+DEFAULT_VIDEO_TTL_S = 24 * 3600.0
+#: the longest pause between two sweeps of expired video jobs
+EXPIRY_SWEEP_S = 600.0
 
 
 @dataclass
@@ -72,9 +90,24 @@ class ServerSettings:
     served_model_name: str
     #: clients must send ``Authorization: Bearer <api_key>`` on /v1 routes; None: no authentication
     api_key: str | None = None
-    #: video jobs' database and MP4 files
+    #: video jobs' database and MP4 files (used, and locked, only by servers of video models)
     output_dir: Path = field(default_factory=lambda: DEFAULT_OUTPUT_DIR)
+    #: finished video jobs (rows and files) are removed this long after they ended; None keeps them
+    video_ttl_s: float | None = DEFAULT_VIDEO_TTL_S
     max_body_mb: float = 32.0
+    #: the address the server listens on: a Host header naming it is accepted, as are loopback names
+    host: str = "127.0.0.1"
+    #: other Host names accepted (``*.example.com``, or ``*`` for any: behind a proxy that checks them)
+    allowed_hosts: list[str] = field(default_factory=list)
+    #: web origins (``https://app.example.com``) whose pages may call the API; other pages are refused
+    allowed_origins: list[str] = field(default_factory=list)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+
+    def __post_init__(self) -> None:
+        try:
+            self.allowed_origins = [normalise_origin(origin) for origin in self.allowed_origins]
+        except ValueError as error:
+            raise InvalidParameterError(f"allowed_origins: {error}", param="allowed_origins") from None
 
     @property
     def max_body_bytes(self) -> int:
@@ -84,15 +117,42 @@ class ServerSettings:
 class ServerState:
     """What the routes share: the engine, the settings, the video jobs, the metrics, the model card."""
 
-    def __init__(self, engine: DiffusionEngine, settings: ServerSettings) -> None:
+    def __init__(self, engine: DiffusionEngine, settings: ServerSettings, store: VideoStore | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.kind: str = engine.adapter.kind
         self.defaults = engine.adapter.resolve_params(OmniDiffusionSamplingParams())
         self.metrics = ServerMetrics(engine.queue_depth)
-        self.store = VideoStore(settings.output_dir)
-        self.videos = VideoJobRunner(engine, self.store)
+        #: video jobs exist only on servers of video models; the others neither need nor lock the folder
+        self.store: VideoStore | None = None
+        self.videos: VideoJobRunner | None = None
+        if self.kind == "video":
+            self.store = store if store is not None else VideoStore(settings.output_dir)
+            self.videos = VideoJobRunner(engine, self.store)
+        elif store is not None:
+            store.close()
         self.created = int(time.time())
+        self.decoding = asyncio.Semaphore(decode_permits(engine.config.limits.max_image_size))
+
+    def accepted_uploads(self) -> int:
+        """How many input images this model takes, known before any upload is decoded. The rule is the
+        adapters' ``validate_inputs`` (edit models take images, up to ``max_input_images``; the others none),
+        which judges the decoded images again in ``make_request``."""
+        if self.kind != "edit":
+            return 0
+        most = getattr(self.engine.adapter, "max_input_images", None)
+        return MAX_INPUT_IMAGES if most is None else min(most, MAX_INPUT_IMAGES)
+
+    async def read_uploads(self, uploads: list[Any], field: str) -> list[Image.Image]:
+        check_upload_count(uploads, field, self.accepted_uploads(), self.settings.served_model_name, self.kind)
+        return await read_images(uploads, field, self.engine.config.limits.max_image_size, self.decoding)
+
+    def check_texts(self, fields: ImageEditFields | VideoCreateFields) -> None:
+        """The engine's text limits, checked before uploads are decoded (``make_request`` checks them again)."""
+        limits = self.engine.config.limits
+        check_text("prompt", fields.prompt, limits.max_prompt_chars)
+        if fields.negative_prompt is not None:
+            check_text("negative_prompt", fields.negative_prompt, limits.max_negative_prompt_chars)
 
     def model_card(self) -> ModelCard:
         d = self.defaults
@@ -233,10 +293,14 @@ def add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(state: State) -> Response:
         alive = state.engine.is_alive()
-        body = {"status": "ok" if alive else "engine_down", "model": state.settings.served_model_name,
+        degraded = state.store.degraded if state.store is not None else None
+        status = "engine_down" if not alive else "degraded" if degraded else "ok"
+        body = {"status": status, "model": state.settings.served_model_name,
                 "kind": state.kind, "queue_depth": state.engine.queue_depth()}
-        # a load balancer must see a dead engine as unhealthy, not as a server that answers
-        return Response(json.dumps(body), status_code=200 if alive else 503, media_type="application/json")
+        if degraded:
+            body["reason"] = degraded
+        # a load balancer must see a dead engine, or a video server that cannot save videos, as unhealthy
+        return Response(json.dumps(body), status_code=200 if status == "ok" else 503, media_type="application/json")
 
     @app.get("/metrics", response_class=Response)
     async def metrics(state: State) -> Response:
@@ -254,46 +318,51 @@ def add_routes(app: FastAPI) -> None:
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=EDIT_BODY)
     async def edit_images(http_request: HTTPRequest, state: State) -> Any:
+        # the kind is the server's, not the request's: a model that edits nothing refuses before reading the body
+        state.require_kind("edit", "POST /v1/images/edits")
         form = await read_form(http_request, ("image", "mask"), state.settings.max_body_bytes)
         fields = validate_fields(ImageEditFields, form.fields, strict=False)
         state.check_model(fields.model)
-        state.require_kind("edit", "POST /v1/images/edits")
+        state.check_texts(fields)
         if "mask" in form.files:
             raise APIError(400, f"mask: {state.settings.served_model_name!r} edits from the prompt and takes no mask",
                            param="mask", code="invalid_parameter")
         if not form.files.get("image"):
             raise APIError(400, "image: at least one input image is required", param="image",
                            code="invalid_parameter")
-        images = await read_images(form.files["image"], "image", state.engine.config.limits.max_image_size)
+        images = await state.read_uploads(form.files["image"], "image")
         return await generate_images(http_request, state, fields, images)
 
     @app.post("/v1/videos", response_model=VideoObject, openapi_extra=VIDEO_BODY)
     async def create_video(http_request: HTTPRequest, state: State) -> VideoObject:
+        state.require_kind("video", "POST /v1/videos")
         content_type = http_request.headers.get("content-type", "")
         images: list[Image.Image] = []
         if content_type.startswith("application/json"):
             fields = validate_fields(VideoCreateFields, await read_json_object(http_request), strict=True)
+            state.check_model(fields.model)
         else:
             form = await read_form(http_request, ("input_reference",), state.settings.max_body_bytes)
             fields = validate_fields(VideoCreateFields, form.fields, strict=False)
+            state.check_model(fields.model)
+            state.check_texts(fields)
             if form.files.get("input_reference"):
-                images = await read_images(form.files["input_reference"], "input_reference",
-                                           state.engine.config.limits.max_image_size)
-        state.check_model(fields.model)
-        state.require_kind("video", "POST /v1/videos")
+                images = await state.read_uploads(form.files["input_reference"], "input_reference")
         default_fps = state.defaults.fps or DEFAULT_FPS
+        videos = state.videos
+        assert videos is not None  # a video model's server always has its job runner (require_kind above)
         params = sampling_params(fields, fields.size, num_frames=video_seconds_to_frames(fields, default_fps),
                                  fps=fields.fps)
         video_id = new_video_id()
         try:
             request = state.engine.make_request(fields.prompt, params, images, request_id=video_id,
-                                                progress_callback=state.videos.progress_callback(video_id))
+                                                progress_callback=videos.progress_callback(video_id))
         except DitServeError as error:
             if error.param == "image":  # the engine's name for what this route calls input_reference
                 error.param = "input_reference"
             raise
         job = new_video_job(state, video_id, request)
-        state.videos.start(job, request)
+        videos.start(job, request)
         return job.to_api()
 
     @app.get("/v1/videos", response_model=VideoList)
@@ -301,6 +370,8 @@ def add_routes(app: FastAPI) -> None:
                           after: Annotated[str | None, Query(pattern=VIDEO_ID_PATTERN, max_length=38)] = None,
                           limit: Annotated[int, Query(ge=1, le=100)] = 20,
                           order: Literal["asc", "desc"] = "desc") -> VideoList:
+        if state.store is None:
+            return VideoList(data=[], has_more=False)
         jobs, has_more = state.store.list(after, limit, order)
         data = [job.to_api() for job in jobs]
         return VideoList(data=data, has_more=has_more, first_id=data[0].id if data else None,
@@ -317,7 +388,7 @@ def add_routes(app: FastAPI) -> None:
         if job.status != "completed":
             raise APIError(409, f"video {video_id} is {job.status}; its content exists once it is completed",
                            param="video_id", code="video_not_ready")
-        path = state.store.video_path(video_id)
+        path = _store_or_404(state, video_id).video_path(video_id)
         if not path.is_file():
             raise APIError(404, f"the file of video {video_id} is missing from the output directory",
                            param="video_id", code="video_file_missing")
@@ -326,14 +397,21 @@ def add_routes(app: FastAPI) -> None:
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
     async def delete_video(video_id: VideoIdParam, state: State) -> VideoDeleted:
         job = _job_or_404(state, video_id)
-        if job.status in ("queued", "in_progress"):
+        if job.status in ("queued", "in_progress") and state.videos is not None:
             state.videos.cancel(video_id)
-        state.store.delete(video_id)
+        _store_or_404(state, video_id).delete(video_id)
         return VideoDeleted(id=video_id, deleted=True)
 
 
+def _store_or_404(state: ServerState, video_id: str) -> VideoStore:
+    if state.store is None:
+        raise APIError(404, f"no video with id {video_id} (this server's model makes no videos)", param="video_id",
+                       code="video_not_found")
+    return state.store
+
+
 def _job_or_404(state: ServerState, video_id: str) -> VideoJob:
-    job = state.store.get(video_id)
+    job = _store_or_404(state, video_id).get(video_id)
     if job is None:
         raise APIError(404, f"no video with id {video_id}", param="video_id", code="video_not_found")
     return job
@@ -364,23 +442,46 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
             components.pop(unused, None)
         app.openapi_schema = schema
     return app.openapi_schema
-def create_app(engine: DiffusionEngine, settings: ServerSettings) -> FastAPI:
-    """The FastAPI app over ``engine``. The app does not own the engine: whoever built it closes it."""
-    state = ServerState(engine, settings)
+async def sweep_expired_videos(store: VideoStore, ttl_s: float) -> None:
+    """Remove finished jobs older than ``ttl_s``, now and then every ``min(ttl_s / 10, EXPIRY_SWEEP_S)``."""
+    while True:
+        try:
+            removed = await run_in_threadpool(store.expire, time.time() - ttl_s)
+            if removed:
+                logger.info("removed %d video job(s) finished more than %gs ago", removed, ttl_s)
+        except Exception:  # noqa: BLE001 - a failed sweep is retried at the next one, never ends the server
+            logger.exception("removing expired video jobs failed")
+        await asyncio.sleep(min(ttl_s / 10, EXPIRY_SWEEP_S))
+
+
+def create_app(engine: DiffusionEngine, settings: ServerSettings, store: VideoStore | None = None) -> FastAPI:
+    """The FastAPI app over ``engine``. The app does not own the engine: whoever built it closes it.
+    ``store``: the video store, when the caller opened it before loading the model (to check the folder
+    early); otherwise a video model's server opens ``settings.output_dir`` here."""
+    state = ServerState(engine, settings, store)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        interrupted = state.store.fail_interrupted(
-            "server_restarted", "the server restarted before this job finished; submit it again")
-        if interrupted:
-            logger.warning("marked %d unfinished video job(s) of a previous run as failed", interrupted)
+        sweeper = None
+        if state.store is not None:
+            # the folder's lock is ours: its unfinished jobs were left by a server that is gone
+            interrupted = state.store.fail_interrupted(
+                "server_restarted", "the server restarted before this job finished; submit it again")
+            if interrupted:
+                logger.warning("marked %d unfinished video job(s) of a previous run as failed", interrupted)
+            if settings.video_ttl_s is not None:
+                sweeper = asyncio.get_running_loop().create_task(
+                    sweep_expired_videos(state.store, settings.video_ttl_s))
         engine.observers.append(state.metrics.observe_step)
         try:
             yield
         finally:
             engine.observers.remove(state.metrics.observe_step)
-            await state.videos.shutdown()
-            state.store.close()
+            if sweeper is not None:
+                sweeper.cancel()
+            if state.videos is not None and state.store is not None:
+                await state.videos.shutdown()
+                state.store.close()
 
     app = FastAPI(title="ditserve", description="OpenAI-compatible serving of diffusion transformers",
                   version="0.1.0", lifespan=lifespan, redirect_slashes=False)
@@ -388,9 +489,17 @@ def create_app(engine: DiffusionEngine, settings: ServerSettings) -> FastAPI:
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     add_routes(app)
-    # added innermost first: metrics see every answer, the key is checked before the body is read
+    state.metrics.known_routes = frozenset(route.path for route in app.routes if hasattr(route, "path"))
+    # added innermost first: metrics see every answer; Host and Origin are checked before anything else, CORS
+    # answers allowed pages' preflights before the key is asked for; the key is checked before the body is read
+    app.add_middleware(BodyTimeoutMiddleware, body_timeout_s=settings.connections.body_timeout_s)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["authorization", "content-type"])
+    app.add_middleware(OriginCheckMiddleware, allowed_origins=frozenset(settings.allowed_origins))
+    app.add_middleware(HostCheckMiddleware, allowed=allowed_host_patterns(settings.host, settings.allowed_hosts))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app

@@ -16,8 +16,11 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 def register(subparsers: Any) -> None:
     from ditserve.config import Limits
+    from ditserve.entrypoints.server.app import DEFAULT_VIDEO_TTL_S
+    from ditserve.entrypoints.server.connections import ConnectionLimits
 
     limits = Limits()
+    connections = ConnectionLimits()
     parser = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     parser.add_argument("model", nargs="?", default=None,
                         help="diffusers folder or hub id (default: the bundled demo model)")
@@ -34,14 +37,37 @@ def register(subparsers: Any) -> None:
                         help="largest height or width a request may ask for, or upload")
     parser.add_argument("--max-n", type=int, default=limits.max_n, help="most images per request")
     parser.add_argument("--max-frames", type=int, default=limits.max_frames)
+    parser.add_argument("--max-prompt-chars", type=int, default=limits.max_prompt_chars)
+    parser.add_argument("--max-negative-prompt-chars", type=int, default=limits.max_negative_prompt_chars)
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="larger request bodies are refused (413)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests allowed to wait; more are refused with 429")
     parser.add_argument("--output-dir", type=Path, default=None,
-                        help="video jobs' database and MP4 files (default: ~/.cache/ditserve/server)")
+                        help="video jobs' database and MP4 files, one server per folder; used by video models only "
+                             "(default: ~/.cache/ditserve/server); a given folder is checked before the model loads")
+    parser.add_argument("--video-ttl", type=float, default=DEFAULT_VIDEO_TTL_S / 3600,
+                        help="hours a finished video job (row and MP4) is kept; 0 keeps them forever (default: 24)")
+    parser.add_argument("--allowed-hosts", type=comma_list, default=[],
+                        help="comma-separated Host names accepted besides localhost, 127.0.0.1, ::1 and --host "
+                             "(*.example.com for sub-domains, * for any); others are refused (DNS rebinding)")
+    parser.add_argument("--allowed-origins", type=comma_list, default=[],
+                        help="comma-separated web origins (https://app.example.com) whose pages may call the API "
+                             "(CORS); requests from other pages are refused with 403 (default: none)")
+    parser.add_argument("--header-timeout", type=float, default=connections.header_timeout_s,
+                        help="seconds a client has to send a complete request head; then the connection closes")
+    parser.add_argument("--body-timeout", type=float, default=connections.body_timeout_s,
+                        help="seconds a client has to send a whole request body; then 408")
+    parser.add_argument("--timeout-keep-alive", type=int, default=connections.keep_alive_s,
+                        help="seconds an idle keep-alive connection stays open")
+    parser.add_argument("--limit-concurrency", type=int, default=connections.max_connections,
+                        help="connections and requests served at once; more requests get 503")
     parser.add_argument("--log-level", dest="server_log_level", default=None, choices=LOG_LEVELS)
     add_engine_arguments(parser)
     parser.set_defaults(func=run_serve)
+
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def served_model_name(args: argparse.Namespace) -> str:
@@ -58,19 +84,31 @@ def engine_config(args: argparse.Namespace) -> Any:
     from ditserve.config import OmniDiffusionConfig
 
     limits = {"max_steps": args.max_steps, "max_image_size": args.max_image_size, "max_n": args.max_n,
-              "max_frames": args.max_frames}
+              "max_frames": args.max_frames, "max_prompt_chars": args.max_prompt_chars,
+              "max_negative_prompt_chars": args.max_negative_prompt_chars}
     return OmniDiffusionConfig.from_kwargs({**engine_kwargs(args), "max_batch_size": args.max_batch_size,
                                             "max_queue_size": args.max_queue, "limits": limits})
 
 
 def server_settings(args: argparse.Namespace) -> Any:
     from ditserve.entrypoints.server.app import DEFAULT_OUTPUT_DIR, ServerSettings
+    from ditserve.entrypoints.server.connections import ConnectionLimits
     from ditserve.errors import InvalidParameterError
 
     if args.max_body_mb <= 0:
         raise InvalidParameterError(f"--max-body-mb={args.max_body_mb} must be > 0", param="max_body_mb")
+    if args.video_ttl < 0:
+        raise InvalidParameterError(f"--video-ttl={args.video_ttl} must be >= 0 (hours; 0 keeps videos)",
+                                    param="video_ttl")
+    for flag in ("header_timeout", "body_timeout", "timeout_keep_alive", "limit_concurrency"):
+        if getattr(args, flag) <= 0:
+            raise InvalidParameterError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be > 0", param=flag)
+    connections = ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                                   keep_alive_s=args.timeout_keep_alive, max_connections=args.limit_concurrency)
     return ServerSettings(served_model_name=served_model_name(args), api_key=args.api_key or None,
-                          output_dir=args.output_dir or DEFAULT_OUTPUT_DIR, max_body_mb=args.max_body_mb)
+                          output_dir=args.output_dir or DEFAULT_OUTPUT_DIR, max_body_mb=args.max_body_mb,
+                          host=args.host, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
+                          connections=connections, video_ttl_s=args.video_ttl * 3600 or None)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -78,14 +116,24 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from ditserve.engine.engine import DiffusionEngine
     from ditserve.entrypoints.server.app import create_app
+    from ditserve.entrypoints.server.connections import uvicorn_options
+    from ditserve.entrypoints.server.videos import VideoStore
 
     if args.server_log_level:
         logging.getLogger().setLevel(args.server_log_level.upper())
     settings = server_settings(args)
-    engine = DiffusionEngine(engine_config(args))
+    # a folder given on the command line is checked (and locked) before the model loads, which takes minutes
+    store = VideoStore(args.output_dir) if args.output_dir is not None else None
     try:
-        app = create_app(engine, settings)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.server_log_level or "info")
+        engine = DiffusionEngine(engine_config(args))
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    try:
+        app = create_app(engine, settings, store)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.server_log_level or "info",
+                    **uvicorn_options(settings.connections))
     finally:
         engine.close()
     return 0

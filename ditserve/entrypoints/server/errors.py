@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 #: OpenAI's error ``type`` for each status we answer with
 ERROR_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-    405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    405: "invalid_request_error", 408: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
     415: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 500: "server_error",
 }
 

@@ -14,12 +14,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ditserve.engine.engine import StepReport
 
+#: HTTP methods counted by name; any other (the client chooses it freely) is counted as ``OTHER``
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: the label of every method, and every path, that is not one of ours: labels must stay a bounded set
+OTHER = "other"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
 class ServerMetrics:
     def __init__(self, queue_depth: Any) -> None:
+        #: the app's route templates (set once its routes exist); anything else is labelled ``OTHER``
+        self.known_routes: frozenset[str] = frozenset()
         self.registry = CollectorRegistry()
         self.requests = Counter("ditserve_http_requests", "HTTP requests by route, method and status",
                                 ["route", "method", "status"], registry=self.registry)
@@ -87,8 +93,10 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = scope.get("route")
-            # the route template, never the raw path: ids in paths would make one series per job
-            label = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(label, scope["method"], str(status["code"])).inc()
-            self.metrics.request_latency.labels(label).observe(time.perf_counter() - start)
+            # the route template, never the raw path (ids in paths would make one series per job), and only
+            # labels from a fixed set: unauthenticated clients choose paths and methods freely
+            template = getattr(scope.get("route"), "path", None)
+            route = template if template in self.metrics.known_routes else OTHER
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER
+            self.metrics.requests.labels(route, method, str(status["code"])).inc()
+            self.metrics.request_latency.labels(route).observe(time.perf_counter() - start)

@@ -1,7 +1,8 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic), with ditserve's extra fields.
 
 Requests forbid unknown fields (an option we would ignore is an error, never silently dropped) and reject
-NaN/infinity. JSON bodies are strict (``"n": "2"`` is a type error); multipart forms carry only strings, so
+NaN/infinity. Text fields have a hard ceiling here (pydantic refuses longer ones before anything else runs);
+the engine's configurable limits (``Limits``) are checked next, in ``make_request``. JSON bodies are strict (``"n": "2"`` is a type error); multipart forms carry only strings, so
 they are validated with ``strict=False`` against the same models.
 """
 
@@ -13,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ditserve.config import MAX_TEXT_CHARS
 from ditserve.entrypoints.server.errors import APIError
 
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
@@ -35,11 +37,11 @@ class GenerationOptions(StrictRequest):
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, le=100)
     true_cfg_scale: float | None = Field(None, ge=0, le=100)
-    negative_prompt: str | None = None
+    negative_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
 
 
 class ImageGenerationRequest(GenerationOptions):
-    prompt: str
+    prompt: str = Field(max_length=MAX_TEXT_CHARS)
     n: int = Field(1, ge=1)
     size: str | None = Field(None, pattern=SIZE_PATTERN, description='"WxH" or "auto" (the model default)')
     response_format: Literal["b64_json"] | None = Field(
@@ -52,7 +54,7 @@ class ImageEditFields(ImageGenerationRequest):
 
 
 class VideoCreateFields(GenerationOptions):
-    prompt: str
+    prompt: str = Field(max_length=MAX_TEXT_CHARS)
     size: str | None = Field(None, pattern=SIZE_PATTERN, description='"WxH" or "auto" (the model default)')
     seconds: Annotated[int, Field(ge=1, le=600)] | Annotated[str, Field(pattern=r"^[1-9][0-9]{0,2}$")] | None = (
         Field(None, description="clip length; becomes seconds * fps + 1 frames unless num_frames is given"))

@@ -13,6 +13,8 @@ from typing import Any
 
 import uvicorn
 
+from ditserve.entrypoints.server.connections import ConnectionLimits, uvicorn_options
+
 
 class ServerThread:
     """One uvicorn server on ``host`` and a free port; ``stop()`` runs the app's shutdown as Ctrl-C would."""
@@ -24,7 +26,9 @@ class ServerThread:
         sock.bind((host, 0))
         self.port: int = sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        limits = app.state.server.settings.connections if hasattr(app.state, "server") else ConnectionLimits()
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
+                                                    **uvicorn_options(limits)))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                         name=f"ditserve-http-{self.port}", daemon=True)
         self._thread.start()

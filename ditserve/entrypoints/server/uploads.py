@@ -1,8 +1,11 @@
-"""Reading multipart forms and uploaded images safely: bounded sizes, known formats, no decompression bombs."""
+"""Reading multipart forms and uploaded images safely: bounded sizes, known formats, no decompression bombs,
+counted before anything is decoded, and decoded a few at a time (a semaphore sized from the size limit)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -18,6 +21,12 @@ from ditserve.entrypoints.server.errors import APIError
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_FORM_FILES = 16
 MAX_FORM_FIELDS = 64
+#: the most input images one request may carry, whatever the model takes (the OpenAPI schema says the same)
+MAX_INPUT_IMAGES = 8
+#: memory the uploads being decoded at one time may take together
+DECODE_MEMORY_BYTES = 256 * 1024 * 1024
+#: bytes per pixel one decode may hold at its peak: the decoded image (up to RGBA) and its RGB copy
+DECODE_BYTES_PER_PIXEL = 4 + 3
 
 
 class Form:
@@ -79,10 +88,33 @@ def decode_image(data: bytes, field: str, max_side: int) -> Image.Image:
                        param=field, code="invalid_image") from None
 
 
-async def read_images(uploads: list[UploadFile], field: str, max_side: int) -> list[Image.Image]:
+def decode_permits(max_side: int) -> int:
+    """How many uploads may be decoded at once: as many worst-case images (``max_side`` squared) as fit in
+    ``DECODE_MEMORY_BYTES``, at least one, and no more than there are cores to decode them."""
+    per_image = max_side * max_side * DECODE_BYTES_PER_PIXEL
+    return max(1, min(os.cpu_count() or 1, DECODE_MEMORY_BYTES // per_image))
+
+
+def check_upload_count(uploads: list[UploadFile], field: str, accepted: int, model_name: str, kind: str) -> None:
+    """Refuse more uploads than the model takes before any of them is read or decoded."""
+    if len(uploads) <= accepted:
+        return
+    if accepted == 0:
+        message = f"{field}: {model_name!r} takes no input image (it is {'an' if kind[0] in 'aeiou' else 'a'} " \
+                  f"{kind} model); send the prompt alone"
+    else:
+        message = f"{field}: {model_name!r} takes at most {accepted} input image(s), got {len(uploads)}"
+    raise APIError(400, message, param=field, code="invalid_parameter")
+
+
+async def read_images(uploads: list[UploadFile], field: str, max_side: int,
+                      decoding: asyncio.Semaphore) -> list[Image.Image]:
+    """Decode uploads (counted by the caller) while holding ``decoding``: its permits bound the memory that
+    concurrent requests' uploads take while they are being decoded."""
     images = []
     for upload in uploads:
-        data: Any = await upload.read()
-        # decoding is CPU work: keep it off the event loop
-        images.append(await run_in_threadpool(decode_image, data, field, max_side))
+        async with decoding:
+            data: Any = await upload.read()
+            # decoding is CPU work: keep it off the event loop
+            images.append(await run_in_threadpool(decode_image, data, field, max_side))
     return images

@@ -4,11 +4,23 @@ A job is a row from the moment it is accepted. After a restart, finished jobs ar
 downloadable, and jobs that were queued or running are marked failed with the reason (the engine's work died
 with the old process). Ids are ours (128 random bits) and validated before use: no path is ever built from
 what a client sent.
+
+One server per folder: the store holds an exclusive lock on ``<folder>/server.lock`` while it is open, and a
+second server on the same folder refuses to start. Why a lock rather than a server id on each row: a
+restarted server must fail the jobs its dead predecessor left running, and with ids it could not tell a dead
+predecessor's rows from a live neighbour's without a liveness check of its own; the kernel releases a lock
+when its process dies (kill -9 included), so holding the lock means every unfinished row is an orphan.
+
+A job's status only moves forward (queued -> in_progress -> completed or failed); a write that fails (disk
+full) ends the job failed with the error, removes its partial file, and marks the store degraded (``/health``)
+until a write succeeds again. Finished jobs older than the retention period are removed with their files.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -28,14 +40,28 @@ from ditserve.engine.engine import DiffusionEngine
 from ditserve.entrypoints.media import video_bytes
 from ditserve.entrypoints.server.errors import APIError, api_error_from_engine
 from ditserve.entrypoints.server.protocol import VIDEO_ID_PATTERN, VideoObject, json_safe
-from ditserve.errors import DitServeError, RequestAbortedError
+from ditserve.errors import DitServeError, InvalidParameterError, RequestAbortedError
 from ditserve.request import Request, RequestOutput
 
 logger = logging.getLogger(__name__)
 
 DATABASE_NAME = "videos.sqlite3"
 VIDEO_FOLDER = "videos"
+LOCK_NAME = "server.lock"
+PARTIAL_SUFFIX = ".mp4.partial"
 ACTIVE_STATUSES = ("queued", "in_progress")
+FINISHED_STATUSES = ("completed", "failed")
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """The one place video bytes reach the disk (tests replace it to simulate a full disk)."""
+    path.write_bytes(data)
+
+
+def describe_os_error(error: OSError) -> str:
+    if error.errno == errno.ENOSPC:
+        return "the disk of the output directory is full"
+    return f"the output directory could not be written: {error.strerror or error}"
 
 
 def new_video_id() -> str:
@@ -86,19 +112,51 @@ class VideoStore:
     while the event loop reads) and their files in ``<directory>/videos/<id>.mp4``."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
+        """Open (creating it) and lock the folder; an unusable or already used folder is an
+        ``InvalidParameterError`` naming ``output_dir``, raised before anything else is done with it."""
         self.directory = Path(directory)
         self.files = self.directory / VIDEO_FOLDER
-        self.files.mkdir(parents=True, exist_ok=True)
+        #: why writes fail, while they do (reported by /health); None when the last write succeeded
+        self.degraded: str | None = None
+        try:
+            self.files.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.directory / LOCK_NAME, "a+")  # noqa: SIM115 - held open while the store is
+        except OSError as error:
+            raise InvalidParameterError(f"output_dir {str(self.directory)!r} is not usable: "
+                                        f"{error.strerror or error}", param="output_dir") from None
+        self._take_lock()
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.directory / DATABASE_NAME, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
+        try:
+            self._db = sqlite3.connect(self.directory / DATABASE_NAME, check_same_thread=False,
+                                       isolation_level=None)
+            self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS videos (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, "
                 "created_at INTEGER, status TEXT, model TEXT, prompt TEXT, size TEXT, seconds TEXT, "
                 "num_frames INTEGER, fps INTEGER, progress INTEGER, completed_at INTEGER, inference_time_s REAL, "
                 "seed INTEGER, error_code TEXT, error_message TEXT, timings TEXT, cache_stats TEXT)")
+        except sqlite3.Error as error:
+            self._lock_file.close()
+            raise InvalidParameterError(f"output_dir {str(self.directory)!r}: its job database is not usable "
+                                        f"({error})", param="output_dir") from None
+        for partial in self.files.glob(f"*{PARTIAL_SUFFIX}"):
+            partial.unlink(missing_ok=True)  # left by a crash mid-write: the folder is ours alone
+
+    def _take_lock(self) -> None:
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.seek(0)
+            owner = self._lock_file.read().strip() or "unknown"
+            self._lock_file.close()
+            raise InvalidParameterError(
+                f"output_dir {str(self.directory)!r} is in use by another ditserve server (pid {owner}); give each "
+                "server its own --output-dir", param="output_dir") from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
 
     def video_path(self, video_id: str) -> Path:
         return self.files / f"{check_video_id(video_id)}.mp4"
@@ -117,16 +175,29 @@ class VideoStore:
             self._db.execute(f"INSERT INTO videos ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                              [row[c] for c in _COLUMNS])
 
-    def update(self, video_id: str, **values: Any) -> bool:
-        """Change some columns of a job; False when the job no longer exists (deleted meanwhile)."""
+    def finish(self, video_id: str, status: str, **values: Any) -> bool:
+        """End a queued or running job as ``completed`` or ``failed`` with some more columns; False when it is
+        gone (deleted meanwhile) or already ended: a status never moves back, nor from failed to completed."""
+        if status not in FINISHED_STATUSES:
+            raise ValueError(f"finish() takes a final status {FINISHED_STATUSES}, not {status!r}")
         unknown = set(values) - set(_COLUMNS)
         if unknown:
             raise KeyError(f"unknown video job columns {sorted(unknown)}")
-        row = self._encode(values)
+        row = self._encode({**values, "status": status})
         assignments = ", ".join(f"{name}=?" for name in row)
         with self._lock:
-            cursor = self._db.execute(f"UPDATE videos SET {assignments} WHERE id=?", [*row.values(), video_id])
+            cursor = self._db.execute(f"UPDATE videos SET {assignments} WHERE id=? AND status IN (?, ?)",
+                                      [*row.values(), video_id, *ACTIVE_STATUSES])
             return cursor.rowcount > 0
+
+    def expire(self, finished_before: float) -> int:
+        """Remove the finished jobs (rows and files) that ended before ``finished_before``; returns how many."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM videos WHERE status IN (?, ?) AND completed_at < ?",
+                                    (*FINISHED_STATUSES, finished_before)).fetchall()
+        for row in rows:
+            self.delete(row["id"])
+        return len(rows)
 
     def update_progress(self, video_id: str, percent: int) -> None:
         """Progress of a job that is still queued or running (never revives one marked failed meanwhile)."""
@@ -163,16 +234,24 @@ class VideoStore:
         return cursor.rowcount > 0
 
     def write_video(self, video_id: str, data: bytes) -> Path:
-        """Write atomically: a crash mid-write never leaves a truncated MP4 behind a completed job."""
+        """Write atomically: a crash mid-write never leaves a truncated MP4 behind a completed job, and a failed
+        write leaves no partial file (the error is raised; the store is marked degraded)."""
         target = self.video_path(video_id)
-        partial = target.with_suffix(".mp4.partial")
-        partial.write_bytes(data)
-        os.replace(partial, target)
+        partial = target.with_name(target.stem + PARTIAL_SUFFIX)
+        try:
+            write_file(partial, data)
+            os.replace(partial, target)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            self.degraded = describe_os_error(error)
+            raise
+        self.degraded = None
         return target
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._lock_file.close()  # releases the folder's lock
 
     @staticmethod
     def _encode(values: dict[str, Any]) -> dict[str, Any]:
@@ -216,7 +295,13 @@ class VideoJobRunner:
 
     def start(self, job: VideoJob, request: Request) -> None:
         """Record the job and submit it; a refused submission (full queue) leaves no row behind."""
-        self.store.insert(job)
+        try:
+            self.store.insert(job)
+        except sqlite3.Error as error:
+            self.store.degraded = f"the job database could not be written: {error}"
+            logger.error("video job %s not recorded: %s", job.id, error)
+            raise APIError(503, f"video jobs cannot be recorded now ({self.store.degraded}); try again later",
+                           code="storage_unavailable") from None
         try:
             future = self.engine.submit(request)
         except DitServeError:
@@ -229,28 +314,51 @@ class VideoJobRunner:
     async def _finish(self, video_id: str, future: Any) -> None:
         try:
             output: RequestOutput = await asyncio.wrap_future(future)
-            await self._store_output(video_id, output)
         except RequestAbortedError as error:
-            self.store.update(video_id, status="failed", error_code="aborted", error_message=str(error),
-                              completed_at=int(time.time()))
+            self._fail(video_id, "aborted", str(error))
         except DitServeError as error:
             api_error = api_error_from_engine(error)
-            self.store.update(video_id, status="failed", error_code=api_error.code or "invalid_request",
-                              error_message=api_error.message, completed_at=int(time.time()))
+            self._fail(video_id, api_error.code or "invalid_request", api_error.message)
         except Exception:  # noqa: BLE001 - a job must end failed, never stay "in_progress" forever
             logger.exception("video job %s failed", video_id)
-            self.store.update(video_id, status="failed", error_code="internal_error",
-                              error_message="generation failed on the server", completed_at=int(time.time()))
+            self._fail(video_id, "internal_error", "generation failed on the server")
+        else:
+            await self._store_output(video_id, output)
+
+    def _fail(self, video_id: str, code: str, message: str) -> None:
+        try:
+            self.store.finish(video_id, "failed", error_code=code, error_message=message,
+                              completed_at=int(time.time()))
+        except sqlite3.Error as error:
+            # the database cannot be written either (a full disk): the next start fails the job
+            self.store.degraded = f"the job database could not be written: {error}"
+            logger.error("video job %s could not be marked failed (%s): %s", video_id, code, error)
 
     async def _store_output(self, video_id: str, output: RequestOutput) -> None:
-        data = await run_in_threadpool(video_bytes, output.videos[0], output.fps or 16)
-        path = await run_in_threadpool(self.store.write_video, video_id, data)
-        finished = self.store.update(
-            video_id, status="completed", progress=100, completed_at=int(time.time()), seed=output.seed,
-            inference_time_s=round(output.timings.get("total_s", 0.0), 4), timings=output.timings,
-            cache_stats=output.cache_stats)
+        try:
+            data = await run_in_threadpool(video_bytes, output.videos[0], output.fps or 16)
+        except Exception:  # noqa: BLE001 - an encoder failure ends the job like any other
+            logger.exception("video job %s could not be encoded", video_id)
+            self._fail(video_id, "internal_error", "the generated frames could not be encoded as MP4")
+            return
+        try:
+            path = await run_in_threadpool(self.store.write_video, video_id, data)
+        except OSError as error:
+            logger.error("video job %s could not be written: %s", video_id, error)
+            self._fail(video_id, "storage_error", f"generation finished but the video could not be saved: "
+                                                  f"{describe_os_error(error)}")
+            return
+        try:
+            finished = self.store.finish(
+                video_id, "completed", progress=100, completed_at=int(time.time()), seed=output.seed,
+                inference_time_s=round(output.timings.get("total_s", 0.0), 4), timings=output.timings,
+                cache_stats=output.cache_stats)
+        except sqlite3.Error as error:
+            self.store.degraded = f"the job database could not be written: {error}"
+            logger.error("video job %s finished but could not be recorded: %s", video_id, error)
+            finished = False
         if not finished:
-            path.unlink(missing_ok=True)  # deleted while it ran
+            path.unlink(missing_ok=True)  # deleted or ended (failed) while it ran: its file is nobody's
 
     def cancel(self, video_id: str) -> None:
         """Stop a queued or running job (its row is deleted by the caller)."""

@@ -57,7 +57,7 @@ def test_serve_runs_uvicorn_over_the_app_and_closes_the_engine(
 
     def fake_run(app: Any, **kwargs: Any) -> None:
         seen.update(kwargs)
-        with TestClient(app) as http:
+        with TestClient(app, base_url="http://localhost") as http:  # the Host a local client sends
             seen["models"] = http.get("/v1/models").json()
         seen["engine"] = app.state.server.engine
 
@@ -65,6 +65,19 @@ def test_serve_runs_uvicorn_over_the_app_and_closes_the_engine(
     args = parse(tiny_flux_dir, "--port", "8123", "--output-dir", str(tmp_path))
     assert serve_cli.run_serve(args) == 0
     assert seen["port"] == 8123 and seen["host"] == "127.0.0.1"
+    # the connection limits reach uvicorn, with their stated defaults
+    assert (seen["limit_concurrency"], seen["timeout_keep_alive"], seen["h11_max_incomplete_event_size"]) == (
+        256, 5, 16384)
+    assert seen["http"].header_timeout_s == 15.0
     assert seen["models"]["data"][0]["id"] == "flux"
     with pytest.raises(Exception, match="closed"):
         seen["engine"].submit(seen["engine"].make_request("x"))
+
+
+def test_text_limits_and_video_retention_flags(tmp_path: Any) -> None:
+    args = parse("--max-prompt-chars", "100", "--max-negative-prompt-chars", "50", "--video-ttl", "0.5")
+    config = serve_cli.engine_config(args)
+    assert (config.limits.max_prompt_chars, config.limits.max_negative_prompt_chars) == (100, 50)
+    assert serve_cli.server_settings(args).video_ttl_s == 1800
+    assert serve_cli.server_settings(parse("--video-ttl", "0")).video_ttl_s is None  # 0 keeps them
+    assert serve_cli.server_settings(parse()).video_ttl_s == 24 * 3600

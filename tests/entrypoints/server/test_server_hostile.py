@@ -80,7 +80,7 @@ def test_oversized_body_is_refused_before_it_is_read(image_server: ServerThread)
     declared = 50 * 1024 * 1024
     with socket.create_connection(("127.0.0.1", image_server.port), timeout=10) as sock:
         # announce 50 MB but send none of it: the answer must come without the server waiting for the body
-        sock.sendall(f"POST {GENERATIONS} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"POST {GENERATIONS} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {declared}\r\n\r\n".encode())
         head = sock.recv(4096).decode("latin-1")
     assert head.startswith("HTTP/1.1 413")
@@ -150,3 +150,15 @@ def test_server_still_answers_after_abuse(image_server: ServerThread) -> None:
     assert response.status_code == 200 and response.json()["data"][0]["b64_json"]
     metrics = httpx.get(image_server.url + "/metrics").text
     assert 'status="500"' not in metrics
+
+
+def test_made_up_methods_and_paths_do_not_grow_the_metric_labels(image_server: ServerThread) -> None:
+    for index in range(40):
+        httpx.request(f"MADEUP{index}", image_server.url + "/v1/models")
+        httpx.get(f"{image_server.url}/no/such/path/{index}")
+    metrics = httpx.get(image_server.url + "/metrics").text
+    assert "MADEUP" not in metrics and "/no/such/path" not in metrics
+    assert 'method="other",route="/v1/models"' in metrics
+    assert 'method="GET",route="other",status="404"' in metrics
+    series = [line for line in metrics.splitlines() if line.startswith("ditserve_http_requests_total{")]
+    assert len(series) < 40
