@@ -72,7 +72,7 @@ class RequestState:
         return self.step_index >= self.num_steps
 
     def owner(self) -> RowOwner:
-        return RowOwner(self.request_id, self.step_index, self.num_steps, self.num_rows)
+        return RowOwner(self.request_id, self.step_index, self.num_steps, self.num_rows, request=self.request)
 
 
 class TransformerCall(Protocol):
