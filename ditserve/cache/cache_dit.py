@@ -15,8 +15,8 @@ right only for a cohort whose requests run both passes at every step; without it
 which mixes two predictions and fails outright when the two prompts' text lengths differ (Qwen-Image's true
 CFG with a negative prompt). The setting therefore follows each cohort: the requests of a cohort have equal
 params but prompt and seed, so they all guide or none does, and the adapter says which from the first call's
-forward context. Pipelines run through their own ``__call__`` (the generic path) keep the setting chosen at
-start-up from the model's default params.
+forward context. Pipelines run through their own ``__call__`` (the generic path) decide their guidance passes
+out of our sight, so cache-dit is refused there.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ditserve.cache.residual_backend import denoising_transformers
 from ditserve.cache.spec import CacheSpec, cache_spec_for
 from ditserve.errors import CacheConfigError
 from ditserve.forward_context import current_forward_context
+from ditserve.models.base import LoopAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,13 @@ class CacheDiTBackend(CacheBackend):
 
     # ------------------------------------------------------------------ lifecycle
     def enable(self, pipeline: Any, adapter: Any) -> None:
+        if not isinstance(adapter, LoopAdapter):
+            # the library must be told whether each batch runs an unconditional pass; a pipeline running its own
+            # loop decides that inside its __call__, out of our sight
+            raise CacheConfigError(
+                f"cache_backend='cache_dit' cannot serve {adapter.pipeline_class_name} on the generic path (its "
+                "own __call__ decides its guidance passes, which cache-dit must know); use 'tea_cache' or "
+                "'mag_cache' where its transformer has a cache spec", param="cache_backend")
         transformers = denoising_transformers(pipeline, adapter)
         spec = cache_spec_for(transformers[0][1], self.name)
         from ditserve.cache.calibration import model_path_of
@@ -97,14 +105,13 @@ class CacheDiTBackend(CacheBackend):
         defaults = adapter.resolve_params(OmniDiffusionSamplingParams())
         return bool(adapter.uses_guidance(Request(prompt="", params=defaults)))
 
-    def _cohort_runs_guidance(self) -> bool | None:
-        """Whether the requests of the call running now run an unconditional pass; None when the call names no
-        requests (a pipeline running its own loop)."""
+    def _cohort_runs_guidance(self) -> bool:
+        """Whether the requests of the call running now run an unconditional pass."""
         ctx = current_forward_context()
-        requests = [owner.request for owner in ctx.owners] if ctx is not None else []
-        if not requests or any(request is None for request in requests):
-            return None
-        guided = {bool(self._adapter.uses_guidance(request)) for request in requests}
+        if ctx is None:
+            raise RuntimeError("cache_dit: the transformer was called outside ditserve's denoising loop; the cache "
+                               "needs the forward context to know the batch's guidance")
+        guided = {bool(self._adapter.uses_guidance(owner.request)) for owner in ctx.owners}
         if len(guided) > 1:
             raise RuntimeError("cache_dit: a cohort mixes requests with and without guidance; the scheduler "
                                "must batch only requests of equal params under cache-dit")
@@ -122,15 +129,14 @@ class CacheDiTBackend(CacheBackend):
         import cache_dit
 
         guided = self._cohort_runs_guidance()
-        if guided is not None:
-            fixed = self.user_options.get("enable_separate_cfg")
-            if fixed is not None and fixed != guided:
-                raise CacheConfigError(
-                    f"cache_config enable_separate_cfg={fixed}, but these requests "
-                    f"{'run' if guided else 'do not run'} an unconditional pass: cache-dit would "
-                    f"{'share one state between the two passes' if guided else 'count every other step as one'}; "
-                    "leave enable_separate_cfg unset to follow each batch's guidance", param="enable_separate_cfg")
-            self.config["enable_separate_cfg"] = guided
+        fixed = self.user_options.get("enable_separate_cfg")
+        if fixed is not None and fixed != guided:
+            raise CacheConfigError(
+                f"cache_config enable_separate_cfg={fixed}, but these requests "
+                f"{'run' if guided else 'do not run'} an unconditional pass: cache-dit would "
+                f"{'share one state between the two passes' if guided else 'count every other step as one'}; "
+                "leave enable_separate_cfg unset to follow each batch's guidance", param="enable_separate_cfg")
+        self.config["enable_separate_cfg"] = guided
         cache_config, calibrator = self._library_configs(self._num_steps)
         refresh = {"cache_config": cache_config}
         if calibrator is not None:

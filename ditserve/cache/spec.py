@@ -112,6 +112,7 @@ SPEC_MODULES: dict[str, str] = {
     "ZImageTransformer2DModel": "ditserve.models.z_image.cache_spec",
     "WanTransformer3DModel": "ditserve.models.wan.cache_spec",
     "SD3Transformer2DModel": "ditserve.models.sd3.cache_spec",
+    "OvisImageTransformer2DModel": "ditserve.models.ovis_image.cache_spec",
 }
 
 _SPECS: dict[str, CacheSpec] = {}

@@ -9,6 +9,7 @@ import torch
 
 from ditserve import Omni
 from ditserve.cache.spec import cache_spec_for
+from ditserve.errors import CacheConfigError
 from ditserve.testing import tiny_pipeline_dir
 from tests.cache.helpers import WorkCounter, count_block_work, media
 
@@ -94,3 +95,31 @@ def test_sd3_skips_for_real_and_batched_equals_solo(backend: str) -> None:
         assert np.abs(media(alone).astype(int) - media(batched).astype(int)).max() <= 1
     # skipping changed the output: the equalities above are not those of an idle cache
     assert np.abs(media(solo[0]).astype(int) - media(reference).astype(int)).max() > 3
+
+
+@pytest.mark.parametrize("backend", ["tea_cache", "mag_cache"])
+def test_ovis_image_on_the_generic_path_skips_for_real(backend: str) -> None:
+    """Ovis-Image runs its own __call__, which makes its two guidance passes as two calls a step: each keeps its
+    own state (labels "cond" and "cond/call1"), and the counted block work follows the statistics."""
+    model = tiny_pipeline_dir("ovis_image")
+    params = {"height": 64, "width": 64, "max_sequence_length": 128, "num_inference_steps": 5, "seed": 2}
+    config = {"tea_cache": {"rel_l1_thresh": 10.0}, **SKIPPING}[backend]
+    with Omni(model) as omni:
+        transformer = omni.engine.runner.model.pipeline.transformer
+        with count_block_work(transformer) as one_step:
+            omni.generate("a red cat", {**params, "num_inference_steps": 1})
+        reference = omni.generate("a red cat", params)[0]
+    with Omni(model, cache_backend=backend, cache_config=config) as omni:
+        transformer = omni.engine.runner.model.pipeline.transformer
+        with count_block_work(transformer, backend) as counter:
+            skipping = omni.generate("a red cat", params)[0]
+    stats = skipping.cache_stats
+    assert set(stats["branches"]) == {"cond", "cond/call1"}
+    assert stats["skipped_steps"] > 0
+    assert counter.calls == stats["computed_steps"] * one_step.calls // len(stats["branches"])
+    assert np.abs(media(skipping).astype(int) - media(reference).astype(int)).max() > 3
+
+
+def test_cache_dit_is_refused_on_the_generic_path() -> None:
+    with pytest.raises(CacheConfigError, match="OvisImagePipeline on the generic path"):
+        Omni(tiny_pipeline_dir("ovis_image"), cache_backend="cache_dit")
