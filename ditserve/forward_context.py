@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class RowOwner:
     step_index: int
     num_steps: int
     num_rows: int = 1
+    #: the ``Request`` itself, where the caller has it: a cache that decides for a whole batch (cache-dit)
+    #: asks the adapter whether the batch runs guidance
+    request: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,18 @@ transformer and never the pipeline's ``__call__``. cache-dit decides per transfo
 and keeps one step counter, so requests under it share a running batch only as a cohort: they start together
 into an empty running set, with the same step count, and none joins until all have left (the scheduler does
 this for backends with ``decides_per_request = False``). Every request of a cohort therefore shares its
-decisions, unlike tea_cache / mag_cache, which decide per request. When a cohort starts, the library's context
-is rebuilt for its step count (and its step-computation mask when SCM is on); after a failed step the hooks are
-removed and put back, so no half-updated context survives.
+decisions, unlike tea_cache / mag_cache, which decide per request. At a cohort's first transformer call, the
+library's context is rebuilt for its step count (and its step-computation mask when SCM is on) and for its
+guidance; after a failed step the hooks are removed and put back, so no half-updated context survives.
+
+Guidance: with ``enable_separate_cfg`` the library keeps the unconditional pass's state apart from the
+conditional one's, telling them apart by the parity of its call counter (cond, uncond, cond, ...). That is
+right only for a cohort whose requests run both passes at every step; without it both passes share one state,
+which mixes two predictions and fails outright when the two prompts' text lengths differ (Qwen-Image's true
+CFG with a negative prompt). The setting therefore follows each cohort: the requests of a cohort have equal
+params but prompt and seed, so they all guide or none does, and the adapter says which from the first call's
+forward context. Pipelines run through their own ``__call__`` (the generic path) decide their guidance passes
+out of our sight, so cache-dit is refused there.
 """
 
 from __future__ import annotations
@@ -20,8 +29,10 @@ import torch
 
 from ditserve.cache.base import CacheBackend, boolean, integer_in, number_in, one_of
 from ditserve.cache.residual_backend import denoising_transformers
-from ditserve.cache.spec import cache_spec_for
+from ditserve.cache.spec import CacheSpec, cache_spec_for
 from ditserve.errors import CacheConfigError
+from ditserve.forward_context import current_forward_context
+from ditserve.models.base import LoopAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -49,36 +60,88 @@ class CacheDiTBackend(CacheBackend):
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
         self._transformers: list[tuple[str, torch.nn.Module]] = []
+        self._spec: CacheSpec | None = None
         self._num_blocks = 0
         self._num_steps = 0
         self._request_ids: tuple[str, ...] = ()
+        self._adapter: Any = None
+        #: transformers whose library context still has to be rebuilt for the cohort that started
+        self._pending: set[str] = set()
+        self._hooks: list[Any] = []
 
     # ------------------------------------------------------------------ lifecycle
     def enable(self, pipeline: Any, adapter: Any) -> None:
+        if not isinstance(adapter, LoopAdapter):
+            # the library must be told whether each batch runs an unconditional pass; a pipeline running its own
+            # loop decides that inside its __call__, out of our sight
+            raise CacheConfigError(
+                f"cache_backend='cache_dit' cannot serve {adapter.pipeline_class_name} on the generic path (its "
+                "own __call__ decides its guidance passes, which cache-dit must know); use 'tea_cache' or "
+                "'mag_cache' where its transformer has a cache spec", param="cache_backend")
         transformers = denoising_transformers(pipeline, adapter)
         spec = cache_spec_for(transformers[0][1], self.name)
         from ditserve.cache.calibration import model_path_of
 
         self.resolve_quality_target(model_path_of(pipeline))
+        self._spec = spec
+        self._adapter = adapter
         self._num_blocks = len(spec.blocks(transformers[0][1]))
         if self.config["enable_separate_cfg"] is None:
-            self.config["enable_separate_cfg"] = self._default_runs_guidance(adapter, spec)
+            self.config["enable_separate_cfg"] = self._default_runs_guidance(adapter)
         self._check_block_counts()
         self._transformers = transformers
         self._attach(num_inference_steps=None)
+        for name, module in transformers:
+            self._hooks.append(module.register_forward_pre_hook(self._before_call_hook(name)))
         self.enabled = True
 
     @staticmethod
-    def _default_runs_guidance(adapter: Any, spec: Any) -> bool:
-        """Whether a request with the model's default params runs an unconditional pass: cache-dit must then
-        keep separate state for it (the demo model runs true CFG by default, FLUX.1-dev does not)."""
-        if adapter is None or not hasattr(adapter, "uses_guidance"):
-            return bool(spec.cache_dit_defaults.get("enable_separate_cfg", False))
+    def _default_runs_guidance(adapter: Any) -> bool:
+        """Whether a request with the model's default params runs an unconditional pass (the demo model runs
+        true CFG by default, FLUX.1-dev does not): the setting until a cohort says otherwise."""
         from ditserve.config import OmniDiffusionSamplingParams
         from ditserve.request import Request
 
         defaults = adapter.resolve_params(OmniDiffusionSamplingParams())
         return bool(adapter.uses_guidance(Request(prompt="", params=defaults)))
+
+    def _cohort_runs_guidance(self) -> bool:
+        """Whether the requests of the call running now run an unconditional pass."""
+        ctx = current_forward_context()
+        if ctx is None:
+            raise RuntimeError("cache_dit: the transformer was called outside ditserve's denoising loop; the cache "
+                               "needs the forward context to know the batch's guidance")
+        guided = {bool(self._adapter.uses_guidance(owner.request)) for owner in ctx.owners}
+        if len(guided) > 1:
+            raise RuntimeError("cache_dit: a cohort mixes requests with and without guidance; the scheduler "
+                               "must batch only requests of equal params under cache-dit")
+        return guided.pop()
+
+    def _before_call_hook(self, name: str) -> Any:
+        def before_call(module: torch.nn.Module, _args: Any) -> None:
+            if name in self._pending:
+                self._pending.discard(name)
+                self._refresh_for_cohort(module)
+
+        return before_call
+
+    def _refresh_for_cohort(self, module: torch.nn.Module) -> None:
+        import cache_dit
+
+        guided = self._cohort_runs_guidance()
+        fixed = self.user_options.get("enable_separate_cfg")
+        if fixed is not None and fixed != guided:
+            raise CacheConfigError(
+                f"cache_config enable_separate_cfg={fixed}, but these requests "
+                f"{'run' if guided else 'do not run'} an unconditional pass: cache-dit would "
+                f"{'share one state between the two passes' if guided else 'count every other step as one'}; "
+                "leave enable_separate_cfg unset to follow each batch's guidance", param="enable_separate_cfg")
+        self.config["enable_separate_cfg"] = guided
+        cache_config, calibrator = self._library_configs(self._num_steps)
+        refresh = {"cache_config": cache_config}
+        if calibrator is not None:
+            refresh["calibrator_config"] = calibrator
+        cache_dit.refresh_context(module, **refresh)
 
     def _check_block_counts(self) -> None:
         fn, bn = self.config["Fn_compute_blocks"], self.config["Bn_compute_blocks"]
@@ -108,20 +171,29 @@ class CacheDiTBackend(CacheBackend):
 
         cache_config, calibrator = self._library_configs(num_inference_steps)
         for _, module in self._transformers:
-            cache_dit.enable_cache(module, cache_config=cache_config, calibrator_config=calibrator)
+            cache_dit.enable_cache(self._library_target(module), cache_config=cache_config,
+                                   calibrator_config=calibrator)
 
-    def start(self, pipeline: Any, request_ids: Sequence[str], num_inference_steps: int) -> None:
-        """Rebuild the library's context for a new cohort (the running set is empty when one starts)."""
+    def _library_target(self, module: torch.nn.Module) -> Any:
+        """The transformer itself where cache-dit knows its class; else a ``BlockAdapter`` describing its blocks
+        from the family's cache spec."""
         import cache_dit
 
+        pattern = self._spec.cache_dit_forward_pattern
+        if pattern is None:
+            return module
+        names = [name for name, _ in self._spec.block_lists]
+        return cache_dit.BlockAdapter(
+            transformer=module, blocks=[getattr(module, name) for name in names], blocks_name=names,
+            forward_pattern=[cache_dit.ForwardPattern[pattern]] * len(names),
+            has_separate_cfg=self.config["enable_separate_cfg"])
+
+    def start(self, pipeline: Any, request_ids: Sequence[str], num_inference_steps: int) -> None:
+        """A new cohort (the running set is empty when one starts): each transformer's library context is rebuilt
+        at its first call, when the forward context names the cohort's requests and so their guidance."""
         self._num_steps = num_inference_steps
         self._request_ids = tuple(request_ids)
-        cache_config, calibrator = self._library_configs(num_inference_steps)
-        refresh = {"cache_config": cache_config}
-        if calibrator is not None:
-            refresh["calibrator_config"] = calibrator
-        for _, module in self._transformers:
-            cache_dit.refresh_context(module, **refresh)
+        self._pending = {name for name, _ in self._transformers}
 
     def recover(self, pipeline: Any) -> None:
         """After a failed run: take the library's hooks off and put fresh ones on."""
@@ -135,6 +207,9 @@ class CacheDiTBackend(CacheBackend):
             cache_dit.disable_cache(module)
 
     def disable(self, pipeline: Any) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         self._detach()
         self._transformers = []
         self.enabled = False

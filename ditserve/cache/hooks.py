@@ -256,6 +256,9 @@ class LoopBlockHook(ModelHook):
             return output
         items = []
         for full, part in zip(passed, computed, strict=True):
+            if part is None:  # a stream the block no longer returns (SD3's last block: no text stream)
+                items.append(None)
+                continue
             full = full.clone()
             full[index] = part
             items.append(full)

@@ -45,6 +45,10 @@ class ResidualCacheBackend(CacheBackend):
         """The skip policy built from the resolved config."""
 
     def enable(self, pipeline: Any, adapter: Any) -> None:
+        if not adapter.reports_steps:
+            raise CacheConfigError(
+                f"cache_backend={self.name!r} needs each denoising step's index, and {adapter.pipeline_class_name} "
+                "runs its own loop without a step callback (callback_on_step_end)", param="cache_backend")
         transformers = denoising_transformers(pipeline, adapter)
         specs = [cache_spec_for(module, self.name) for _, module in transformers]
         model_path = model_path_of(pipeline)

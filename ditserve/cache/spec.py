@@ -10,8 +10,8 @@ compares (the modulated input of the first block), and the default coefficients 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -84,8 +84,10 @@ class CacheSpec:
     #: MagCache magnitude ratios per step (first entry 1.0) and where they come from
     mag_ratios: tuple[float, ...] | None = None
     mag_ratios_source: str = ""
-    #: cache-dit options that suit this family (e.g. ``enable_separate_cfg``)
-    cache_dit_defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: the name of cache-dit's ``ForwardPattern`` of the blocks, for a transformer whose class cache-dit has no
+    #: adapter registered under (it knows SD3 by its pipeline's name only): we then describe the blocks to it
+    #: (a ``BlockAdapter``); None where cache-dit finds the transformer by its class name
+    cache_dit_forward_pattern: str | None = None
 
     def blocks(self, transformer: torch.nn.Module) -> list[tuple[torch.nn.Module, BlockIO]]:
         """Every block of the loop, in call order, with its IO."""
@@ -109,6 +111,8 @@ SPEC_MODULES: dict[str, str] = {
     "QwenImageTransformer2DModel": "ditserve.models.qwen_image.cache_spec",
     "ZImageTransformer2DModel": "ditserve.models.z_image.cache_spec",
     "WanTransformer3DModel": "ditserve.models.wan.cache_spec",
+    "SD3Transformer2DModel": "ditserve.models.sd3.cache_spec",
+    "OvisImageTransformer2DModel": "ditserve.models.ovis_image.cache_spec",
 }
 
 _SPECS: dict[str, CacheSpec] = {}

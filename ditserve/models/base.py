@@ -72,7 +72,7 @@ class RequestState:
         return self.step_index >= self.num_steps
 
     def owner(self) -> RowOwner:
-        return RowOwner(self.request_id, self.step_index, self.num_steps, self.num_rows)
+        return RowOwner(self.request_id, self.step_index, self.num_steps, self.num_rows, request=self.request)
 
 
 class TransformerCall(Protocol):
@@ -139,6 +139,9 @@ class ModelAdapter(ABC):
     unsupported_params: ClassVar[tuple[str, ...]] = ()
     #: how this family is guided, said in the error for an unsupported param
     guidance_note: ClassVar[str] = ""
+    #: whether the engine sees each denoising step of a request (progress, abort between steps, the step index
+    #: step caches key on); only a pipeline run through its own ``__call__`` without a step callback does not
+    reports_steps: bool = True
 
     def __init__(self, pipeline: Any, model_defaults: Mapping[str, Any] | None = None) -> None:
         self.pipeline = pipeline

@@ -51,7 +51,8 @@ def check_model(adapter: Any, config: DiffusionParallelConfig) -> FamilyPlan:
     for transformer in adapter.transformers():
         if config.tensor_parallel_size > 1:
             check_tensor_parallel(plan, transformer, config, name)
-        check_ulysses_heads(plan.attention_heads(transformer), config, name)
+        if config.sequence_parallel_size > 1:
+            check_ulysses_heads(plan.attention_heads(transformer), config, name)
     return plan
 
 

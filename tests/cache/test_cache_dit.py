@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from ditserve import Omni
+from ditserve.errors import CacheConfigError
+from ditserve.testing import tiny_pipeline_dir
 from tests.cache.helpers import count_block_work, media
 
 PARAMS = {"num_inference_steps": 6, "height": 64, "width": 64, "max_sequence_length": 64, "seed": 1}
@@ -84,3 +86,35 @@ def test_separate_cfg_state_follows_the_models_default_guidance(tiny_flux_dir: s
         {"sampling_defaults": {"true_cfg_scale": 3.0, "negative_prompt": ""}}))
     with Omni(str(guided), cache_backend="cache_dit") as omni:
         assert omni.engine.runner.cache.config["enable_separate_cfg"] is True
+
+
+@pytest.mark.parametrize(("family", "guided", "unguided"), [
+    # Qwen-Image's headline setting: true CFG with a negative prompt, whose text is shorter than the prompt's
+    ("qwen_image", {"true_cfg_scale": 4.0, "negative_prompt": "blue"}, {}),
+    ("sd3", {"negative_prompt": "blue"}, {"guidance_scale": 1.0}),
+], ids=["qwen_image", "sd3"])
+def test_separate_cfg_state_follows_each_batch(family: str, guided: dict, unguided: dict) -> None:
+    """The library tells the two guidance passes apart by call parity: a batch that guides needs it on, one that
+    does not needs it off, whatever the model's default params say; both kinds run on one engine in turn."""
+    params = {**PARAMS, "max_sequence_length": 32, "seed": 4}
+    with Omni(tiny_pipeline_dir(family), cache_backend="cache_dit", cache_config=SKIPPING) as omni:
+        with_cfg = omni.generate(["a small red circle at the top left", "a cat"], {**params, **guided})
+        without_cfg = omni.generate("a small red circle at the top left", {**params, **unguided})[0]
+        solo = omni.generate("a small red circle at the top left", {**params, **guided})[0]
+    assert [o.timings["batch_size"] for o in with_cfg] == [2, 2]
+    stats = with_cfg[0].cache_stats
+    assert set(stats["branches"]) == {"cond", "uncond"}
+    for branch in stats["branches"].values():
+        assert branch["skipped"] > 0 and branch["computed"] + branch["skipped"] == PARAMS["num_inference_steps"]
+    assert set(without_cfg.cache_stats["branches"]) == {"cond"}
+    cond = without_cfg.cache_stats["branches"]["cond"]
+    assert cond["skipped"] > 0 and cond["computed"] + cond["skipped"] == PARAMS["num_inference_steps"]
+    assert np.abs(media(solo).astype(int) - media(with_cfg[0]).astype(int)).max() <= 1
+
+
+def test_an_explicit_separate_cfg_that_contradicts_the_batch_is_refused(tiny_flux_dir: str) -> None:
+    with Omni(tiny_flux_dir, cache_backend="cache_dit", cache_config={**SKIPPING, "enable_separate_cfg": False}) as omni:
+        with pytest.raises(CacheConfigError, match="enable_separate_cfg=False, but these requests run"):
+            omni.generate("a red cat", {**PARAMS, "true_cfg_scale": 3.0, "negative_prompt": "blue"})
+        # the failed batch left nothing behind: an unguided one runs
+        assert omni.generate("a red cat", PARAMS)[0].cache_stats["skipped_steps"] > 0

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ditserve import Omni
 from ditserve.cache.calibrate import calibrate
 from ditserve.cache.calibration import CALIBRATION_FILE, load_calibration
 from ditserve.cache.selector import build_cache_backend
+from ditserve.cache.spec import cache_spec_for
 from ditserve.errors import CacheConfigError, UnknownKeyError
 from ditserve.testing import tiny_pipeline_dir
 
@@ -38,9 +41,10 @@ def test_bad_values_name_their_field(config: dict, field: str) -> None:
         build_cache_backend("tea_cache", config)
 
 
-def test_backend_on_an_unsupported_model_fails_at_start_up() -> None:
-    with pytest.raises(CacheConfigError, match="SD3Transformer2DModel") as error:
-        Omni(tiny_pipeline_dir("sd3"), cache_backend="tea_cache")
+def test_a_transformer_without_a_cache_spec_is_refused_naming_the_supported_ones() -> None:
+    # every tiny pipeline here has a spec now; the lookup that enable() (at Omni(...)) makes is the same
+    with pytest.raises(CacheConfigError, match="cannot serve Linear") as error:
+        cache_spec_for(torch.nn.Linear(2, 2), "tea_cache")
     assert "FluxTransformer2DModel" in str(error.value)
 
 
@@ -99,3 +103,21 @@ def test_calibration_fits_writes_and_is_picked_up(private_flux_dir: str) -> None
         stats = omni.generate("a red cat", {**PARAMS, "seed": 0})[0].cache_stats
     assert stats["config"]["rel_l1_thresh"] == 0.0
     assert stats["config"]["coefficients_source"].startswith("calibration file")
+
+
+def test_calibration_serves_sd3(tmp_path: Path) -> None:
+    """SD3 has no published coefficients: calibration fits them per guidance branch, and MagCache, which needs
+    ratios, starts from them."""
+    model_dir = tmp_path / "sd3"
+    shutil.copytree(tiny_pipeline_dir("sd3"), model_dir)
+    params = {**PARAMS, "num_inference_steps": 4, "max_sequence_length": 32, "seed": 0}
+    with pytest.raises(CacheConfigError, match="ditserve calibrate"):
+        Omni(str(model_dir), cache_backend="mag_cache")
+    with Omni(str(model_dir)) as omni:
+        data, _ = calibrate(omni, ["a red cat", "a blue dog"], params, {"cache_dit": (0.0,)})
+    assert data["transformer_class"] == "SD3Transformer2DModel"
+    assert set(data["mag_cache"]["mag_ratios"]) == {"cond", "uncond"}
+    assert data["quality_table"]["cache_dit"]["rows"][0]["psnr_min"] == 100.0
+    with Omni(str(model_dir), cache_backend="mag_cache") as omni:
+        stats = omni.generate("a red cat", params)[0].cache_stats
+    assert stats["config"]["mag_ratios_source"].startswith("calibration file")

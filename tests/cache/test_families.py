@@ -1,16 +1,21 @@
-"""TeaCache on every supported family: exact when it may not skip, and its counted work matches its stats."""
+"""TeaCache on every supported family: exact when it may not skip, and its counted work matches its stats; MagCache
+and Cache-DiT on the families with nothing else testing them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ditserve import Omni
+from ditserve.cache.spec import cache_spec_for
+from ditserve.errors import CacheConfigError
 from ditserve.testing import tiny_pipeline_dir
-from tests.cache.helpers import count_block_work, media
+from tests.cache.helpers import WorkCounter, count_block_work, media
 
 FAMILY_PARAMS = {
     "qwen_image": {"height": 64, "width": 64},
+    "sd3": {"height": 64, "width": 64, "max_sequence_length": 32},
     "z_image": {"height": 64, "width": 64},
     "wan": {"height": 32, "width": 32, "num_frames": 5},
 }
@@ -47,3 +52,74 @@ def test_teacache_on_family(family: str) -> None:
     assert pair_work.rows == solo_work.rows
     for alone, together in zip(solo, pair, strict=True):
         assert np.abs(media(alone).astype(int) - media(together).astype(int)).max() <= 1
+
+
+#: configs under which each backend skips every step it may (MagCache with flat ratios: no drift at all)
+SKIPPING = {
+    "mag_cache": {"mag_ratios": [1.0, 1.0], "magcache_thresh": 1.0, "retention_ratio": 0.0},
+    "cache_dit": {"residual_diff_threshold": 10.0, "max_warmup_steps": 1, "max_continuous_cached_steps": -1},
+}
+
+
+@pytest.mark.parametrize("backend", sorted(SKIPPING))
+def test_sd3_skips_for_real_and_batched_equals_solo(backend: str) -> None:
+    model = tiny_pipeline_dir("sd3")
+    params = {**FAMILY_PARAMS["sd3"], "num_inference_steps": 5, "seed": 2}
+    # both with a negative prompt: cache-dit batches only requests of equal params but prompt and seed
+    pair = [("a red cat", {**params, "negative_prompt": "blue"}), ("a blue dog", {**params, "seed": 3,
+                                                                                "negative_prompt": "red"})]
+    with Omni(model) as omni:
+        reference = omni.generate(*pair[0])[0]
+    with Omni(model, cache_backend=backend, cache_config=SKIPPING[backend]) as omni:
+        transformer = omni.engine.runner.model.pipeline.transformer
+        # the last block: cache-dit (Fn=1, Bn=0) always runs the first one, so count the one it may skip
+        last_block = cache_spec_for(transformer, backend).blocks(transformer)[-1][0]
+        counter = WorkCounter()
+        handles = [m.register_forward_pre_hook(counter) for m in last_block.modules()
+                   if isinstance(m, torch.nn.Linear)]
+        try:
+            solo = [omni.generate(prompt, p)[0] for prompt, p in pair]
+            solo_calls, counter.calls = counter.calls, 0
+            together = omni.generate([prompt for prompt, _ in pair], [p for _, p in pair])
+        finally:
+            for handle in handles:
+                handle.remove()
+    linears = sum(isinstance(m, torch.nn.Linear) for m in last_block.modules())
+    stats = solo[0].cache_stats
+    assert set(stats["branches"]) == {"cond", "uncond"}  # SD3 guides by default: two calls a step
+    assert stats["skipped_steps"] > 0
+    assert solo_calls == linears * sum(o.cache_stats["computed_steps"] for o in solo)
+    assert counter.calls == linears * together[0].cache_stats["computed_steps"]  # one batch: its rows run together
+    assert [o.timings["batch_size"] for o in together] == [2, 2]
+    for alone, batched in zip(solo, together, strict=True):
+        assert np.abs(media(alone).astype(int) - media(batched).astype(int)).max() <= 1
+    # skipping changed the output: the equalities above are not those of an idle cache
+    assert np.abs(media(solo[0]).astype(int) - media(reference).astype(int)).max() > 3
+
+
+@pytest.mark.parametrize("backend", ["tea_cache", "mag_cache"])
+def test_ovis_image_on_the_generic_path_skips_for_real(backend: str) -> None:
+    """Ovis-Image runs its own __call__, which makes its two guidance passes as two calls a step: each keeps its
+    own state (labels "cond" and "cond/call1"), and the counted block work follows the statistics."""
+    model = tiny_pipeline_dir("ovis_image")
+    params = {"height": 64, "width": 64, "max_sequence_length": 128, "num_inference_steps": 5, "seed": 2}
+    config = {"tea_cache": {"rel_l1_thresh": 10.0}, **SKIPPING}[backend]
+    with Omni(model) as omni:
+        transformer = omni.engine.runner.model.pipeline.transformer
+        with count_block_work(transformer) as one_step:
+            omni.generate("a red cat", {**params, "num_inference_steps": 1})
+        reference = omni.generate("a red cat", params)[0]
+    with Omni(model, cache_backend=backend, cache_config=config) as omni:
+        transformer = omni.engine.runner.model.pipeline.transformer
+        with count_block_work(transformer, backend) as counter:
+            skipping = omni.generate("a red cat", params)[0]
+    stats = skipping.cache_stats
+    assert set(stats["branches"]) == {"cond", "cond/call1"}
+    assert stats["skipped_steps"] > 0
+    assert counter.calls == stats["computed_steps"] * one_step.calls // len(stats["branches"])
+    assert np.abs(media(skipping).astype(int) - media(reference).astype(int)).max() > 3
+
+
+def test_cache_dit_is_refused_on_the_generic_path() -> None:
+    with pytest.raises(CacheConfigError, match="OvisImagePipeline on the generic path"):
+        Omni(tiny_pipeline_dir("ovis_image"), cache_backend="cache_dit")

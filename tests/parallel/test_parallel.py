@@ -87,9 +87,18 @@ def test_start_up_checks_heads_and_family() -> None:
     with pytest.raises(ParallelConfigError, match=r"ulysses_degree=8 must divide the 4 attention heads"):
         check_model(flux.adapter, DiffusionParallelConfig(ulysses_degree=8))
     assert check_model(flux.adapter, DiffusionParallelConfig(ulysses_degree=4)) is not None
+    z_image = ModelRunner(OmniDiffusionConfig(model=tiny_pipeline_dir("z_image"), device="cpu"))
+    with pytest.raises(ParallelConfigError, match="not available for ZImagePipeline"):
+        check_model(z_image.adapter, DiffusionParallelConfig(cfg_parallel_size=2))
+    # SD3 has a CFG-parallel plan and nothing more: the other methods are refused at start-up, by name
     sd3 = ModelRunner(OmniDiffusionConfig(model=tiny_pipeline_dir("sd3"), device="cpu"))
-    with pytest.raises(ParallelConfigError, match="not available for StableDiffusion3Pipeline"):
-        check_model(sd3.adapter, DiffusionParallelConfig(cfg_parallel_size=2))
+    assert check_model(sd3.adapter, DiffusionParallelConfig(cfg_parallel_size=2)) is not None
+    for method in ("ulysses", "ring"):
+        with pytest.raises(ParallelConfigError, match=r"sequence parallelism \(Ulysses, ring\) has no plan for "
+                                                      "SD3Transformer2DModel"):
+            check_model(sd3.adapter, DiffusionParallelConfig(**METHODS[method]))
+    with pytest.raises(ParallelConfigError, match="tensor parallelism has no plan for SD3Transformer2DModel"):
+        check_model(sd3.adapter, DiffusionParallelConfig(**METHODS["tp"]))
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +167,10 @@ CASES = [Case(f"{family}-{method}", tiny_pipeline_dir(family), degrees, PROMPT, 
 # CFG-parallel on a request without guidance: the uncond rank must receive the cond output
 UNGUIDED_FLUX = Case("flux-cfg-unguided", tiny_pipeline_dir("flux"), METHODS["cfg"], PROMPT,
                      {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 1})
+# SD3: classic CFG (guidance_scale > 1) with a negative prompt, its branches on two ranks
+SD3_CFG = Case("sd3-cfg", tiny_pipeline_dir("sd3"), METHODS["cfg"], PROMPT,
+               {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 1, "max_sequence_length": 32,
+                "negative_prompt": "blue"})
 # TeaCache with a threshold so high that every middle step skips: both ranks must follow the same decisions
 CACHED = {(family, method): Case(f"{family}-{method}-tea_cache", tiny_pipeline_dir(family), METHODS[method], PROMPT,
                                  {**PARAMS[family], "num_inference_steps": 4},
@@ -167,7 +180,7 @@ CACHED = {(family, method): Case(f"{family}-{method}-tea_cache", tiny_pipeline_d
 
 @pytest.fixture(scope="module")
 def parity_results() -> tuple[dict[str, CaseResult], int | None]:
-    return run_parity_group([*CASES, UNGUIDED_FLUX, *CACHED.values()])
+    return run_parity_group([*CASES, UNGUIDED_FLUX, SD3_CFG, *CACHED.values()])
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +188,9 @@ def references() -> dict[str, CaseResult]:
     refs = {family: single_process_run(Case(family, tiny_pipeline_dir(family), {}, PROMPT, PARAMS[family]))
             for family in PARAMS}
     refs["flux-unguided"] = single_process_run(UNGUIDED_FLUX)
+    refs["sd3"] = single_process_run(Case("sd3", SD3_CFG.model_dir, {}, PROMPT, SD3_CFG.params))
+    refs["sd3-unguided"] = single_process_run(Case("sd3", SD3_CFG.model_dir, {}, PROMPT,
+                                                   {**SD3_CFG.params, "negative_prompt": None, "guidance_scale": 1.0}))
     # the single-process cached run depends on the family only
     refs |= {f"{family}-tea_cache": single_process_run(case) for (family, method), case in CACHED.items()
              if method == "ulysses"}
@@ -205,6 +221,13 @@ def test_cfg_parallel_without_guidance_still_equals_one_process(parity_results, 
     assert _relative_error(results[UNGUIDED_FLUX.name].latents, references["flux-unguided"].latents) < 1e-4
     # the guided and unguided runs differ, so the check above can fail
     assert _relative_error(references["flux"].latents, references["flux-unguided"].latents) > 1e-2
+
+
+def test_sd3_cfg_parallel_equals_one_process(parity_results, references) -> None:
+    results, _ = parity_results
+    assert _relative_error(results[SD3_CFG.name].latents, references["sd3"].latents) < 1e-4
+    # guidance changes the result, so the branch each rank computed mattered
+    assert _relative_error(references["sd3"].latents, references["sd3-unguided"].latents) > 1e-2
 
 
 @pytest.mark.parametrize(("family", "method"), sorted(CACHED))

@@ -29,6 +29,4 @@ FLUX_SPEC = register_cache_spec(CacheSpec(
     tea_coefficients_source="TeaCache4FLUX (ali-vilab/TeaCache), fitted on FLUX.1-dev",
     mag_ratios=tuple(float(r) for r in FLUX_MAG_RATIOS),
     mag_ratios_source="MagCache (Zehong-Ma/MagCache), FLUX.1-dev 28 steps, as shipped in diffusers.hooks.mag_cache",
-    # FLUX.1 embeds guidance: one transformer call per step unless true CFG is asked for
-    cache_dit_defaults={"enable_separate_cfg": False},
 ))

@@ -3,12 +3,25 @@
 What this path can do: every sampling param the pipeline's ``__call__`` accepts, per-request seeds, progress,
 abort between steps (from ``callback_on_step_end``), stage timings, and caches that hook the transformer.
 What it cannot do is an error, never silently skipped: a param the pipeline does not take, and batching
-(each request runs alone, so that its output equals diffusers' own exactly).
+(each request runs alone, so that its output equals diffusers' own exactly). Only arguments the ``__call__``
+declares are passed.
+
+A pipeline whose ``__call__`` takes no ``prompt`` or no ``generator`` (per-request seeds) cannot be served:
+refused when it is loaded, at ``Omni(...)``. One that takes no ``callback_on_step_end`` (LongCat-Image) runs, but
+ditserve never sees its steps (``reports_steps`` is False, and a warning says so when it is loaded): progress is
+reported once, when the request finishes; an abort stops a request that has not started, while a running one
+answers its caller at once and runs to its end with its output dropped; residual caches, which need the step
+index, are refused at start-up.
+
+Outputs: images, or for video pipelines frames. A pipeline that returns several images per output (Qwen-Image-
+Layered: a list of layers for each image) is flattened image-major: every layer of the first image in the
+pipeline's order, then every layer of the next.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import fields
@@ -18,11 +31,17 @@ import numpy as np
 import torch
 
 from ditserve.config import OmniDiffusionSamplingParams
-from ditserve.errors import InvalidParameterError
+from ditserve.errors import InvalidParameterError, UnsupportedModelError
 from ditserve.forward_context import ForwardContext, RowOwner, forward_context, move_current
 from ditserve.models.base import ModelAdapter, RequestMedia, StageTimings, request_generator
 from ditserve.request import Request
 
+logger = logging.getLogger(__name__)
+
+#: what a pipeline's ``__call__`` must take to be served: the prompt, and a generator for the request's own seed
+REQUIRED_CALL_PARAMS = ("prompt", "generator")
+#: the ``__call__`` argument through which ditserve sees each denoising step
+STEP_CALLBACK = "callback_on_step_end"
 # our param name -> diffusers' name where they differ
 _RENAMED = {"num_outputs_per_prompt": "num_images_per_prompt"}
 #: ours alone: the seed becomes the generator, fps only matters when we encode a video
@@ -39,7 +58,17 @@ class GenericAdapter(ModelAdapter):
     def __init__(self, pipeline: Any, model_defaults: dict[str, Any] | None = None) -> None:
         super().__init__(pipeline, model_defaults)
         self._call_params = inspect.signature(type(pipeline).__call__).parameters
+        missing = [name for name in REQUIRED_CALL_PARAMS if name not in self._call_params]
+        if missing:
+            raise UnsupportedModelError(
+                f"{self.pipeline_class_name}.__call__ takes no {', '.join(missing)}: the generic path needs "
+                f"{' and '.join(REQUIRED_CALL_PARAMS)} (each request's own seed)", param="model")
         self.kind = self._infer_kind()
+        self.reports_steps = STEP_CALLBACK in self._call_params
+        if not self.reports_steps:
+            logger.warning("%s.__call__ takes no %s: progress is reported only when a request finishes, an abort "
+                           "stops only a request that has not started, and step caches are unavailable",
+                           self.pipeline_class_name, STEP_CALLBACK)
 
     def _infer_kind(self) -> str:
         if "num_frames" in self._call_params:
@@ -89,7 +118,7 @@ class GenericAdapter(ModelAdapter):
                 kwargs[name] = value
         if request.images:
             kwargs["image"] = request.images[0] if len(request.images) == 1 else request.images
-        if self.kind == "video":
+        if self.kind == "video" and "output_type" in self._call_params:
             kwargs["output_type"] = "np"
         return kwargs
 
@@ -110,16 +139,21 @@ class GenericAdapter(ModelAdapter):
                 before_step(step_index + 1, steps)
             return tensors
 
+        call_kwargs = self._call_kwargs(request)
+        if self.reports_steps:
+            call_kwargs[STEP_CALLBACK] = on_step_end
         handles = [m.register_forward_pre_hook(on_transformer_call) for m in self.transformers()]
         start = time.perf_counter()
         try:
             before_step(0, steps)
             with torch.inference_mode(), forward_context(ForwardContext((RowOwner(request.request_id, 0, steps),))):
-                result = self.pipeline(**self._call_kwargs(request), callback_on_step_end=on_step_end)
+                result = self.pipeline(**call_kwargs)
         finally:
             for handle in handles:
                 handle.remove()
         end = time.perf_counter()
+        if not self.reports_steps:
+            after_step(steps - 1, steps)  # the only progress report there is: the whole run is done
         denoise_start = marks.get("denoise_start", start)
         denoise_end = marks.get("denoise_end", end)
         timings = StageTimings(encode_s=denoise_start - start, denoise_s=denoise_end - denoise_start,
@@ -130,4 +164,6 @@ class GenericAdapter(ModelAdapter):
         if self.kind == "video":
             frames = result.frames
             return [(np.clip(np.asarray(v), 0, 1) * 255).round().astype(np.uint8) for v in frames]
-        return list(result.images)
+        # several images per output (layers): image-major, each output's images in the pipeline's order
+        return [image for output in result.images
+                for image in (output if isinstance(output, (list, tuple)) else [output])]

@@ -29,6 +29,4 @@ QWEN_IMAGE_SPEC = register_cache_spec(CacheSpec(
     modulated_input=qwen_image_modulated_input,
     # no published fit for Qwen-Image that we could verify: TeaCache uses the raw change until
     # 'ditserve calibrate' fits one; MagCache needs calibrated ratios
-    # the adapter runs the negative prompt as a separate transformer call (true CFG)
-    cache_dit_defaults={"enable_separate_cfg": True},
 ))

@@ -32,5 +32,4 @@ WAN_SPEC = register_cache_spec(CacheSpec(
     block_lists=(("blocks", VIDEO_STREAM_IO),),
     modulated_input=wan_modulated_input,
     # the published TeaCache/MagCache values are for Wan2.1 checkpoints, not Wan2.2: calibrate instead
-    cache_dit_defaults={"enable_separate_cfg": True},
 ))

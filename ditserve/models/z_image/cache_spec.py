@@ -35,5 +35,4 @@ Z_IMAGE_SPEC = register_cache_spec(CacheSpec(
     block_lists=(("layers", UNIFIED_STREAM_IO),),
     modulated_input=z_image_modulated_input,
     # no verified published fit: TeaCache uses the raw change until 'ditserve calibrate' fits one
-    cache_dit_defaults={"enable_separate_cfg": True},
 ))

@@ -11,6 +11,7 @@ PLANS: dict[str, str] = {
     "QwenImageEditPipeline": "ditserve.parallel.families.qwen_image:QwenImagePlan",
     "QwenImageEditPlusPipeline": "ditserve.parallel.families.qwen_image:QwenImagePlan",
     "WanPipeline": "ditserve.parallel.families.wan:WanPlan",
+    "StableDiffusion3Pipeline": "ditserve.parallel.families.sd3:StableDiffusion3Plan",
 }
 
 

@@ -1,6 +1,7 @@
 """What a family tells the parallel runner: the shape its transformer returns (CFG-parallel fills a placeholder
 of it), how many attention heads and sharded tokens it has, how to install sequence parallelism, and which
-linears tensor parallelism splits how."""
+linears tensor parallelism splits how. Only the output shape is required: a family with nothing more offers
+CFG-parallel alone, and refuses the other methods at start-up."""
 
 from __future__ import annotations
 
@@ -23,17 +24,18 @@ class FamilyPlan(ABC):
     def output_shape(self, transformer: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[int, ...]:
         """The shape of ``transformer(**kwargs)``'s output, known before running it."""
 
-    @abstractmethod
     def attention_heads(self, transformer: torch.nn.Module) -> int:
-        """Heads of the transformer's sharded attention (Ulysses splits them)."""
+        """Heads of the transformer's sharded attention (Ulysses splits them). A family without a sequence plan
+        (CFG-parallel only) refuses Ulysses and ring."""
+        raise _no_sequence_plan(transformer)
 
-    @abstractmethod
     def sharded_tokens(self, adapter: Any, params: OmniDiffusionSamplingParams) -> int:
         """How many tokens of a request are split over the sequence-parallel ranks."""
+        raise _no_sequence_plan(adapter.transformers()[0])
 
-    @abstractmethod
     def install(self, transformer: torch.nn.Module, topology: ParallelTopology) -> None:
         """Shard the inputs, replace the attention processors, gather the output."""
+        raise _no_sequence_plan(transformer)
 
     def split_tensor_parallel(self, transformer: torch.nn.Module, split: TensorSplit) -> None:
         """Describe the transformer's tensor-parallel split to ``split`` (see ``ditserve.parallel.tensor``).
@@ -41,6 +43,12 @@ class FamilyPlan(ABC):
         raise ParallelConfigError(
             f"tensor parallelism has no plan for {type(transformer).__name__}; use tensor_parallel_size=1",
             param="tensor_parallel_size")
+
+
+def _no_sequence_plan(transformer: torch.nn.Module) -> ParallelConfigError:
+    return ParallelConfigError(
+        f"sequence parallelism (Ulysses, ring) has no plan for {type(transformer).__name__}; use ulysses_degree=1 "
+        "and ring_degree=1 (cfg_parallel_size=2 is available)", param="ulysses_degree")
 
 
 def token_output_shape(transformer: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[int, ...]:
