@@ -13,7 +13,8 @@ import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+
+from ditserve.request import Request
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class RowOwner:
     num_rows: int = 1
     #: the ``Request`` itself, where the caller has it: a cache that decides for a whole batch (cache-dit)
     #: asks the adapter whether the batch runs guidance
-    request: Any = field(default=None, compare=False, repr=False)
+    request: Request | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

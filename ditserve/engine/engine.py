@@ -234,6 +234,8 @@ class DiffusionEngine:
                 self._resolve(request, output)
                 report.finished.append((request, output))
             self.scheduler.finish([request.request_id])
+            with self._lock:
+                self._dropped.pop(request.request_id, None)  # a whole run reports its own abort (above)
             report.seconds = time.perf_counter() - start
             self._notify(report)
 
