@@ -210,7 +210,12 @@ class ModelRunner:
             if entry.state.finished and entry.abandoned:
                 self._leave(entry.state.request_id)
             elif entry.state.finished:
-                outcome.finished.append(self._finish(entry))
+                try:
+                    outcome.finished.append(self._finish(entry))
+                except Exception as error:  # noqa: BLE001 - a request's own decode failed: it fails alone
+                    logger.warning("request %s failed while decoding: %s", entry.state.request_id, error)
+                    outcome.failed[entry.state.request_id] = error
+                    self._leave(entry.state.request_id)
 
     def _finish(self, entry: _Resident) -> RequestOutput:
         state = entry.state

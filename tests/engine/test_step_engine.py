@@ -164,3 +164,24 @@ def test_a_short_request_preempts_a_long_one_which_resumes_unchanged(tiny_flux_d
         assert max_abs_diff(solo.images[0], preempted.images[0]) == 0
         if cache:
             assert solo.cache_stats["branches"] == preempted.cache_stats["branches"]
+
+
+def test_a_request_whose_decode_fails_fails_alone(flux_omni: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter = flux_omni.engine.adapter
+    decode = adapter.decode
+
+    def failing_decode(state: Any) -> Any:
+        if state.request.prompt == "undecodable":
+            raise RuntimeError("out of memory in the VAE")
+        return decode(state)
+
+    monkeypatch.setattr(adapter, "decode", failing_decode)
+    futures: dict[str, Future] = {}
+
+    def join() -> None:
+        futures["bad"] = flux_omni.engine.submit(flux_omni.engine.make_request("undecodable", SHORT_GUIDED))
+
+    long_future, long_steps = submit_at_step(flux_omni, 1, join)
+    with pytest.raises(RuntimeError, match="out of memory in the VAE"):
+        futures["bad"].result(timeout=120)
+    assert long_future.result(timeout=120).images and long_steps[-1] == LONG.num_inference_steps
