@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
 import statistics
 import tempfile
@@ -160,7 +161,7 @@ def simulate_ideal(trace: Sequence[Arrival], mode: Mode, costs: Costs) -> list[f
     remaining: dict[str, int] = {}
     latencies: list[float | None] = [None] * len(trace)
     pending = list(enumerate(trace))
-    while pending or remaining:
+    while pending or remaining or len(scheduler):
         while pending and pending[0][1].at_s <= clock[0]:
             index, arrival = pending.pop(0)
             request = Request(prompt=arrival.prompt, params=OmniDiffusionSamplingParams(**arrival.shape.fields()),
@@ -174,7 +175,7 @@ def simulate_ideal(trace: Sequence[Arrival], mode: Mode, costs: Costs) -> list[f
         for request in plan.admit:
             remaining[request.request_id] = request.params.num_inference_steps
             clock[0] += costs.encode_s
-        running = list(remaining)
+        running = [rid for rid in (plan.run if plan.run is not None else remaining) if rid in remaining]
         guided = sum(by_id[rid][1].params.true_cfg_scale > 1 for rid in running)
         clock[0] += costs.step_s[(len(running), guided)]
         finished = []
@@ -185,7 +186,10 @@ def simulate_ideal(trace: Sequence[Arrival], mode: Mode, costs: Costs) -> list[f
                 index, request = by_id[rid]
                 latencies[index] = clock[0] - request.arrival_time
                 finished.append(rid)
-                del remaining[rid]
+        scheduler.advance({rid: (by_id[rid][1].params.num_inference_steps - remaining[rid],
+                                 by_id[rid][1].params.num_inference_steps) for rid in running})
+        for rid in finished:
+            del remaining[rid]
         scheduler.finish(finished)
     return [latency for latency in latencies if latency is not None]
 
@@ -266,6 +270,8 @@ def run_serve_bench(options: ServeBenchOptions) -> dict[str, Any]:
                         latencies = [latency for _, latency, _ in done]
                         record = {"mode": mode.name, "rate_fraction": fraction,
                                   "rate_rps": fraction * capacity_rps,
+                                  # other work on the machine skews latencies: say how busy it was
+                                  "load_average_1m": os.getloadavg()[0],
                                   **summarize(latencies, [a.shape for a, _, _ in done], costs, duration,
                                               [ok for _, _, ok in done])}
                         ideal = simulate_ideal(trace, mode, costs)
@@ -320,13 +326,13 @@ def markdown(results: dict[str, Any]) -> str:
              f"One-at-a-time capacity: {results['capacity_one_at_a_time_rps']:.3f} req/s (mean solo latency of "
              f"the mix: {', '.join(results['shapes'])}). SLO: latency <= {results['slo_factor']:.0f}x the "
              "shape's solo latency. The ideal is the same scheduler simulated with the measured step costs.", "",
-             "| mode | rate | req/s | p50 s | p90 s | p99 s | ideal p90 s | p90 / ideal | SLO met | p90 by shape |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| mode | rate | req/s | p50 s | p90 s | p99 s | ideal p90 s | p90 / ideal | SLO met | load | p90 by shape |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         shapes = "; ".join(f"{k}: {v:.1f}" for k, v in r["p90_by_shape_s"].items())
         lines.append(f"| {r['mode']} | {r['rate_fraction']:.2f}x | {r['throughput_rps']:.3f} | {r['p50_s']:.1f} | "
                      f"{r['p90_s']:.1f} | {r['p99_s']:.1f} | {r['ideal_p90_s']:.1f} | {r['p90_vs_ideal']:.2f} | "
-                     f"{r['slo_attainment']:.0%} | {shapes} |")
+                     f"{r['slo_attainment']:.0%} | {r['load_average_1m']:.1f} | {shapes} |")
     lines += ["", "| rate | short p90, step / request | overall p90, step / request | throughput, step / request "
               "| step p90 / ideal |", "|---|---|---|---|---|"]
     for c in results["comparison"]:
