@@ -76,7 +76,7 @@ class ResidualCacheBackend(CacheBackend):
             controller.forget(request_id)
 
     def recover(self, pipeline: Any) -> None:
-        self._num_steps.clear()
+        # step counts stay: requests that go on after a retried step keep reporting theirs
         for _, controller in self._controllers:
             controller.reset()
 

@@ -191,7 +191,11 @@ class ModelRunner:
             self._memo = {"members": members}
         batch = StepBatch([entry.state for entry in running], self.call_transformer, self._memo)
         start = time.perf_counter()
-        output = self.predictor(batch)
+        try:
+            output = self.predictor(batch)
+        except Exception as error:  # noqa: BLE001 - find who caused it, if anyone alone did
+            running, output = self._retry_alone(running, error, outcome)
+            members = tuple(entry.state.request_id for entry in running)
         for entry, rows in zip(running, output.split([e.state.num_rows for e in running]), strict=True):
             state = entry.state
             state.latents = self.adapter.scheduler_step(state, rows)
@@ -216,6 +220,30 @@ class ModelRunner:
                     logger.warning("request %s failed while decoding: %s", entry.state.request_id, error)
                     outcome.failed[entry.state.request_id] = error
                     self._leave(entry.state.request_id)
+
+    def _retry_alone(self, running: list[_Resident], error: Exception,
+                     outcome: StepOutcome) -> tuple[list[_Resident], torch.Tensor]:
+        """The step failed for the batch: run each request's step alone, so that the requests that fail alone
+        fail (with their own error) and the others go on. No request's state has moved yet (the schedulers step
+        after ``predict``). Where that cannot help, the error is the whole batch's: a single request, a cache
+        that keeps state for the whole cohort, or every request failing alone."""
+        if len(running) == 1 or (self.cache is not None and not self.cache.decides_per_request):
+            raise error
+        logger.warning("a step of %d requests failed (%s); running each alone", len(running), error)
+        if self.cache is not None:
+            self.cache.recover(self.model.pipeline)  # the failed call may have half-updated its state
+        survivors, outputs = [], []
+        for entry in running:
+            try:
+                outputs.append(self.predictor(StepBatch([entry.state], self.call_transformer)))
+            except Exception as own_error:  # noqa: BLE001 - this request fails alone
+                outcome.failed[entry.state.request_id] = own_error
+                self._leave(entry.state.request_id)
+            else:
+                survivors.append(entry)
+        if not survivors:
+            raise error
+        return survivors, torch.cat(outputs)
 
     def _finish(self, entry: _Resident) -> RequestOutput:
         state = entry.state
@@ -258,14 +286,14 @@ class ModelRunner:
             self.cache.start(self.model.pipeline, [request.request_id], request.params.num_inference_steps or 0)
         try:
             media, timings = self.adapter.run(request, (check_abort, report))
+            return self._output(request, media, timings, time.perf_counter() - start, 1)
         except BaseException:
             if self.cache is not None:
                 self.cache.recover(self.model.pipeline)
             raise
-        output = self._output(request, media, timings, time.perf_counter() - start, 1)
-        if self.cache is not None:
-            self.cache.finish(request.request_id)
-        return output
+        finally:
+            if self.cache is not None:
+                self.cache.finish(request.request_id)
 
     def _output(self, request: Request, media: RequestMedia, timings: StageTimings, total_s: float,
                 batch_size: int) -> RequestOutput:

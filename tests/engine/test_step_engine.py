@@ -186,3 +186,31 @@ def test_a_request_whose_decode_fails_fails_alone(flux_omni: Omni, monkeypatch: 
     with pytest.raises(RuntimeError, match="out of memory in the VAE"):
         futures["bad"].result(timeout=120)
     assert long_out.images and long_steps[-1] == LONG.num_inference_steps
+
+
+def test_a_step_that_fails_because_of_one_request_fails_only_that_request(
+        flux_omni: Omni, monkeypatch: pytest.MonkeyPatch) -> None:
+    solo = flux_omni.generate("a red circle in the middle", LONG)[0]
+    runner = flux_omni.engine.runner
+    predict = runner.predictor
+    batch_sizes: list[int] = []
+
+    def predict_failing_on_poison(batch: Any) -> Any:
+        batch_sizes.append(len(batch.states))
+        if any(state.request.prompt == "poison" for state in batch.states):
+            raise RuntimeError("a shape this request's input made impossible")
+        return predict(batch)
+
+    monkeypatch.setattr(runner, "predictor", predict_failing_on_poison)
+    futures: dict[str, Future] = {}
+
+    def join() -> None:
+        futures["poison"] = flux_omni.engine.submit(flux_omni.engine.make_request("poison", SHORT_GUIDED))
+
+    long_future, long_steps = submit_at_step(flux_omni, 2, join)
+    out = long_future.result(timeout=120)
+    with pytest.raises(RuntimeError, match="impossible"):
+        futures["poison"].result(timeout=60)
+    assert batch_sizes[:4] == [1, 1, 2, 1]  # the failed batch of two, then each alone...
+    assert long_steps == list(range(1, 9))  # ...and the long request lost no step
+    assert max_abs_diff(out.images[0], solo.images[0]) <= 1
