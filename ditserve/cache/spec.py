@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ditserve.errors import CacheConfigError
+from ditserve.models.registry import cache_spec_modules
 
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
@@ -105,16 +106,6 @@ class CacheSpec:
         return found
 
 
-#: transformer class name -> module whose import registers its spec (importing lazily keeps start-up light)
-SPEC_MODULES: dict[str, str] = {
-    "FluxTransformer2DModel": "ditserve.models.flux.cache_spec",
-    "QwenImageTransformer2DModel": "ditserve.models.qwen_image.cache_spec",
-    "ZImageTransformer2DModel": "ditserve.models.z_image.cache_spec",
-    "WanTransformer3DModel": "ditserve.models.wan.cache_spec",
-    "SD3Transformer2DModel": "ditserve.models.sd3.cache_spec",
-    "OvisImageTransformer2DModel": "ditserve.models.ovis_image.cache_spec",
-}
-
 _SPECS: dict[str, CacheSpec] = {}
 
 
@@ -124,14 +115,16 @@ def register_cache_spec(spec: CacheSpec) -> CacheSpec:
 
 
 def supported_transformers() -> list[str]:
-    return sorted(SPEC_MODULES)
+    return sorted(cache_spec_modules())
 
 
 def cache_spec_for(transformer: torch.nn.Module, backend_name: str) -> CacheSpec:
     """The spec of a transformer's class, or a CacheConfigError naming the class and the supported ones."""
     class_name = type(transformer).__name__
-    if class_name not in _SPECS and class_name in SPEC_MODULES:
-        importlib.import_module(SPEC_MODULES[class_name])
+    modules = cache_spec_modules()
+    if class_name not in _SPECS and class_name in modules:
+        # importing the family's spec module registers its spec (lazily: start-up stays light)
+        importlib.import_module(modules[class_name])
     spec = _SPECS.get(class_name)
     if spec is None:
         raise CacheConfigError(

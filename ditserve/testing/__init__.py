@@ -1,7 +1,7 @@
 """Tiny random-weight pipelines of every family, built locally (no download) for tests, benchmarks and docs.
 
 ``tiny_pipeline_dir(family)`` builds the family's folder once per process (in a temp dir) and returns it.
-Adding a family is one line in ``BUILDERS``.
+Each model family declares its tiny pipelines in its ``family.py`` (``ditserve.models.registry.tiny_pipelines``).
 """
 
 from __future__ import annotations
@@ -13,21 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ditserve.lazy import load_object
-
-#: family name -> "module:function(path) -> path"
-BUILDERS: dict[str, str] = {
-    "sd3": "ditserve.testing.sd3:build_tiny_sd3",
-    "z_image": "ditserve.testing.z_image:build_tiny_z_image",
-    "wan": "ditserve.testing.wan:build_tiny_wan",
-    "wan_a14b": "ditserve.testing.wan:build_tiny_wan_a14b",
-    "wan_ti2v": "ditserve.testing.wan:build_tiny_wan_ti2v",
-    "ovis_image": "ditserve.testing.generic:build_tiny_ovis_image",
-    "flux": "ditserve.testing.flux:build_tiny_flux",
-    "flux_dev": "ditserve.testing.flux:build_tiny_flux_dev",
-    "qwen_image": "ditserve.testing.qwen_image:build_tiny_qwen_image",
-    "qwen_image_edit": "ditserve.testing.qwen_image:build_tiny_qwen_image_edit",
-    "qwen_image_edit_plus": "ditserve.testing.qwen_image:build_tiny_qwen_image_edit_plus",
-}
+from ditserve.models.registry import tiny_pipelines
 
 _ROOT: Path | None = None
 
@@ -41,12 +27,13 @@ def _root() -> Path:
 
 
 def families() -> list[str]:
-    return sorted(BUILDERS)
+    return sorted(tiny_pipelines())
 
 
 @functools.cache
 def tiny_pipeline_dir(family: str) -> str:
-    if family not in BUILDERS:
+    builders = tiny_pipelines()
+    if family not in builders:
         raise KeyError(f"no tiny builder for {family!r}; known: {families()}")
-    build = load_object(BUILDERS[family])
+    build = load_object(builders[family])
     return str(build(_root() / family))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from ditserve import Omni
 from ditserve.errors import InvalidParameterError
-from ditserve.models.qwen_image import QwenImageEditAdapter
+from ditserve.models.qwen_image.edit import QwenImageEditAdapter
 from ditserve.testing import tiny_pipeline_dir
 from ditserve.testing.compare import max_abs_diff
 

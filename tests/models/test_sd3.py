@@ -9,7 +9,7 @@ from diffusers import StableDiffusion3Pipeline
 from ditserve import Omni
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError
-from ditserve.models.sd3 import StableDiffusion3Adapter
+from ditserve.models.sd3.adapter import StableDiffusion3Adapter
 from ditserve.testing import tiny_pipeline_dir
 from ditserve.testing.compare import max_abs_diff
 

@@ -13,8 +13,7 @@ from diffusers import WanPipeline
 from ditserve import Omni
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError
-from ditserve.models.wan import WanAdapter
-from ditserve.models.wan.adapter import to_uint8_video
+from ditserve.models.wan.adapter import WanAdapter, to_uint8_video
 from ditserve.testing import tiny_pipeline_dir
 from ditserve.testing.compare import max_abs_diff
 

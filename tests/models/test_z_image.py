@@ -14,7 +14,7 @@ from ditserve import Omni
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError, InvalidTypeError
 from ditserve.models.loader import DEFAULTS_FILE
-from ditserve.models.z_image import ZImageAdapter
+from ditserve.models.z_image.adapter import ZImageAdapter
 from ditserve.testing import tiny_pipeline_dir
 from ditserve.testing.compare import max_abs_diff
 

@@ -1,3 +1,1 @@
-from ditserve.models.flux.adapter import FluxAdapter
-
-__all__ = ["FluxAdapter"]
+"""FLUX.1 and the bundled demo model (FluxPipeline). Its parts are declared in ``family.py``."""

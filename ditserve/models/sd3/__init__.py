@@ -1,3 +1,1 @@
-from ditserve.models.sd3.adapter import StableDiffusion3Adapter
-
-__all__ = ["StableDiffusion3Adapter"]
+"""Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline). Its parts are declared in ``family.py``."""

@@ -1,3 +1,1 @@
-from ditserve.models.wan.adapter import WanAdapter
-
-__all__ = ["WanAdapter"]
+"""Wan2.1 / Wan2.2 text-to-video (WanPipeline). Its parts are declared in ``family.py``."""

@@ -1,3 +1,1 @@
-from ditserve.models.z_image.adapter import ZImageAdapter
-
-__all__ = ["ZImageAdapter"]
+"""Z-Image (ZImagePipeline). Its parts are declared in ``family.py``."""

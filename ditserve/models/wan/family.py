@@ -1,0 +1,21 @@
+"""Wan2.1 / Wan2.2 text-to-video (A14B two experts, TI2V-5B): what this family declares (see ``ditserve.models.family``)."""
+
+from ditserve.models.family import ModelFamily
+
+FAMILY = ModelFamily(
+    name="wan",
+    adapters={
+        "WanPipeline": "ditserve.models.wan.adapter:WanAdapter",
+    },
+    cache_specs={
+        "WanTransformer3DModel": "ditserve.models.wan.cache_spec",
+    },
+    parallel_plans={
+        "WanPipeline": "ditserve.parallel.families.wan:WanPlan",
+    },
+    tiny_pipelines={
+        "wan": "ditserve.testing.wan:build_tiny_wan",
+        "wan_a14b": "ditserve.testing.wan:build_tiny_wan_a14b",
+        "wan_ti2v": "ditserve.testing.wan:build_tiny_wan_ti2v",
+    },
+)
