@@ -20,6 +20,7 @@ from ditserve.errors import (
     check_choice,
     check_keys,
 )
+from ditserve.lora.request import DEFAULT_MAX_LORA_BYTES, LoRABackend
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
@@ -216,6 +217,20 @@ class OmniDiffusionConfig:
     limits: Limits = field(default_factory=Limits)
     #: tqdm progress bar over denoising steps
     show_progress: bool = False
+    #: LoRA adapters given at start: a path or a list (each named after its file or folder); with the "peft"
+    #: backend they are loaded for requests that name them, with "distill" they are fused into the weights
+    lora_path: str | list[str] | None = None
+    #: named adapters given at start (``--lora NAME=PATH``), "peft" backend only
+    loras: dict[str, str] | None = None
+    #: "peft": adapters chosen per request and applied per row of a step batch; "distill": fused at start
+    lora_backend: str = "peft"
+    #: adapters kept loaded at once (least recently used evicted, never one a waiting or running request uses)
+    max_loras: int = 8
+    #: folders a request or a hot load may take LoRA paths from (symlinks resolved first). ``None``: any path
+    #: (an offline caller is trusted); ``[]``: none. ``ditserve serve`` always passes a list.
+    lora_dir: str | list[str] | None = None
+    #: largest adapter weights file read, in bytes
+    max_lora_bytes: int = DEFAULT_MAX_LORA_BYTES
 
     def __post_init__(self) -> None:
         _check_optional_str("model", self.model)
@@ -250,9 +265,30 @@ class OmniDiffusionConfig:
                 "enable_cpu_offload and enable_layerwise_offload are mutually exclusive; choose one",
                 param="enable_layerwise_offload")
         self.parallel_config = DiffusionParallelConfig.from_any(self.parallel_config)
+        self._validate_lora()
         if isinstance(self.limits, Mapping):
             check_keys("limits", self.limits.keys(), [f.name for f in fields(Limits)])
             self.limits = Limits(**dict(self.limits))
+
+    def _validate_lora(self) -> None:
+        for name in ("lora_path", "lora_dir"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+                raise InvalidTypeError(f"{name} must be a path or a list of paths", param=name)
+        if self.loras is not None and (not isinstance(self.loras, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.loras.items())):
+            raise InvalidTypeError("loras must map adapter names to paths", param="loras")
+        check_choice("lora_backend", self.lora_backend, [b.value for b in LoRABackend])
+        _check_int("max_loras", self.max_loras, 1, 1024)
+        _check_int("max_lora_bytes", self.max_lora_bytes, 1)
+        if self.lora_backend == LoRABackend.DISTILL.value and self.loras:
+            raise InvalidParameterError("loras (named adapters) are for lora_backend='peft'; the distill backend "
+                                        "fuses lora_path at start", param="loras")
+        if (self.lora_path or self.loras) and self.parallel_config.world_size > 1:
+            raise ParallelConfigError("LoRA adapters are not supported with multi-device parallelism yet",
+                                      param="lora_path")
 
     @classmethod
     def field_names(cls) -> list[str]:

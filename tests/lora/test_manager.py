@@ -1,0 +1,129 @@
+"""The LoRA manager: the allow-list, the size limit, validation against the model, the LRU and its pins."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+from ditserve import LoRARequest
+from ditserve.errors import LoRACapacityError, LoRAError, LoRAInUseError, LoRAPathError
+from ditserve.lora.manager import LoRAManager
+from ditserve.testing.lora import lora_state_dict, write_peft_folder
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_flux_dir: str) -> FluxPipeline:
+    return FluxPipeline.from_pretrained(tiny_flux_dir)
+
+
+@pytest.fixture()
+def allowed(tmp_path: Path, peft_lora, file_lora) -> Path:
+    folder = tmp_path / "allowed"
+    folder.mkdir()
+    shutil.copytree(peft_lora.path, folder / "a")
+    shutil.copytree(peft_lora.path, folder / "b")
+    shutil.copy(file_lora.path, folder / "c.safetensors")
+    return folder
+
+
+def manager_for(pipe: FluxPipeline, allowed: Path, **options) -> LoRAManager:
+    return LoRAManager(pipe, {"transformer": pipe.transformer}, lora_dirs=[str(allowed)], **options)
+
+
+def hooked_linears(pipe: FluxPipeline) -> int:
+    return sum(1 for m in pipe.transformer.modules() if isinstance(m, torch.nn.Linear) and m._forward_hooks)
+
+
+def test_paths_outside_the_allowed_folders_are_refused(pipe: FluxPipeline, allowed: Path, tmp_path: Path,
+                                                       peft_lora) -> None:
+    manager = manager_for(pipe, allowed)
+    outside = tmp_path / "outside"
+    shutil.copytree(peft_lora.path, outside)
+    os.symlink(outside, allowed / "link")
+    for path in (str(outside), "../outside", str(allowed / ".." / "outside"), "link", str(allowed / "link")):
+        with pytest.raises(LoRAPathError, match="outside the allowed"):
+            manager.acquire(LoRARequest("x", None, path))
+    with pytest.raises(LoRAError, match="does not exist"):
+        manager.acquire(LoRARequest("x", None, "missing"))
+    assert manager.loaded() == [] and hooked_linears(pipe) == 0
+    # a symlink that stays inside the folder is followed
+    os.symlink(allowed / "a", allowed / "inside_link")
+    assert manager.acquire(LoRARequest("inside", None, "inside_link")) == "inside"
+    manager.close()
+
+
+def test_no_lora_dir_means_no_path(pipe: FluxPipeline, allowed: Path) -> None:
+    manager = LoRAManager(pipe, {"transformer": pipe.transformer}, lora_dirs=[])
+    with pytest.raises(LoRAPathError, match="no lora_dir"):
+        manager.acquire(LoRARequest("a", None, str(allowed / "a")))
+
+
+def test_size_limit_and_pickles(pipe: FluxPipeline, allowed: Path) -> None:
+    manager = manager_for(pipe, allowed, max_bytes=1000)
+    with pytest.raises(LoRAError, match="the limit is 1000"):
+        manager.acquire(LoRARequest("a", None, "a"))
+    (allowed / "evil.bin").write_bytes(b"\x80\x04not a tensor")
+    with pytest.raises(LoRAError, match="pickle"):
+        manager_for(pipe, allowed).acquire(LoRARequest("evil", None, "evil.bin"))
+
+
+def test_a_lora_that_does_not_fit_is_refused_whole(pipe: FluxPipeline, allowed: Path, tiny_flux_dir: str) -> None:
+    state_dict, fields = lora_state_dict(f"{tiny_flux_dir}/transformer", seed=1)
+    wrong_shape = dict(state_dict)
+    key = next(k for k in wrong_shape if k.endswith("to_q.lora_A.weight"))
+    wrong_shape[key] = torch.zeros(4, 7)
+    write_peft_folder(allowed / "wrong_shape", wrong_shape, fields)
+    missing = {k.replace("transformer_blocks.1.", "transformer_blocks.9."): v for k, v in state_dict.items()}
+    write_peft_folder(allowed / "missing", missing, fields)
+    manager = manager_for(pipe, allowed)
+    with pytest.raises(LoRAError, match=r"'wrong_shape' does not fit this model: .*to_q: the LoRA maps 7"):
+        manager.acquire(LoRARequest("wrong_shape", None, "wrong_shape"))
+    with pytest.raises(LoRAError, match=r"'missing' does not fit .*transformer_blocks.9.attn.add_k_proj: no such module"):
+        manager.acquire(LoRARequest("missing", None, "missing"))
+    assert manager.loaded() == [] and hooked_linears(pipe) == 0  # nothing was half-applied
+
+
+def test_lru_never_evicts_an_adapter_in_use(pipe: FluxPipeline, allowed: Path) -> None:
+    manager = manager_for(pipe, allowed, max_loras=2)
+    assert manager.acquire(LoRARequest("a", 1, "a")) == "a"  # pinned
+    manager.register("b", str(allowed / "b"), trusted=False)  # resident, unpinned
+    manager.acquire(LoRARequest("c", 3, "c.safetensors"))  # needs a slot: b goes, a stays
+    assert [entry.name for entry in manager.loaded()] == ["a", "c"]
+    with pytest.raises(LoRACapacityError, match="all 2 LoRA slots"):
+        manager.acquire(LoRARequest("b"))  # a and c are both in use
+    manager.release("a")
+    assert manager.acquire(LoRARequest("b")) == "b"  # evicted adapters reload by name alone
+    assert [entry.name for entry in manager.loaded()] == ["c", "b"]
+    manager.release("b")
+    manager.release("c")
+    manager.close()
+    assert hooked_linears(pipe) == 0
+
+
+def test_hot_unload(pipe: FluxPipeline, allowed: Path) -> None:
+    manager = manager_for(pipe, allowed)
+    manager.acquire(LoRARequest("a", None, "a"))
+    assert hooked_linears(pipe) > 0
+    with pytest.raises(LoRAInUseError, match="used by 1"):
+        manager.unload("a")
+    manager.release("a")
+    manager.unload("a")
+    assert manager.loaded() == [] and hooked_linears(pipe) == 0
+    with pytest.raises(LoRAError, match="not loaded; give its path"):
+        manager.acquire(LoRARequest("a"))  # unloaded means forgotten
+    with pytest.raises(LoRAError, match="not loaded"):
+        manager.unload("a")
+
+
+def test_a_name_keeps_its_path(pipe: FluxPipeline, allowed: Path) -> None:
+    manager = manager_for(pipe, allowed)
+    manager.acquire(LoRARequest("a", None, "a"))
+    with pytest.raises(LoRAError, match="another path"):
+        manager.acquire(LoRARequest("a", None, "b"))
+    manager.release("a")
+    manager.close()
