@@ -109,7 +109,7 @@ class Omni:
         params_list = _per_prompt("sampling_params", sampling_params, len(items))
         loras = _per_prompt("lora_request", lora_request, len(items))
         scales = _per_prompt("lora_scale", lora_scale, len(items))
-        if not isinstance(lora_scale, list):
+        if isinstance(lora_request, list) and not isinstance(lora_scale, list):
             # a shared scale is for the prompts that have a LoRA
             scales = [scale if lora is not None else None for scale, lora in zip(scales, loras, strict=True)]
         requests: list[Request] = []

@@ -8,6 +8,7 @@ import torch
 from diffusers import FluxPipeline
 
 from ditserve import LoRARequest, Omni, OmniDiffusionSamplingParams
+from ditserve.errors import InvalidParameterError, InvalidTypeError
 from ditserve.testing.compare import max_abs_diff
 
 PROMPT = "a small red circle at the top left"
@@ -71,6 +72,57 @@ def test_single_file_matches_diffusers(omni: Omni, pipe_with_file_lora: FluxPipe
     pipe_with_file_lora.set_adapters("file_style", scale)
     assert max_abs_diff(ours, diffusers_reference(pipe_with_file_lora, seed=6)) <= 3
     assert max_abs_diff(ours, diffusers_reference(base_pipe, seed=6)) > 15
+
+
+@pytest.fixture(scope="module")
+def kohya_file(lora_root):
+    """A kohya/sd-scripts FLUX file (``lora_unet_double_blocks_*`` keys, fused qkv, ``.alpha``): diffusers' converter
+    splits it into per-projection LoRAs with the alpha folded into the weights."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(31)
+    inner, rank = 64, 4
+    tensors = {}
+    for block in range(2):
+        for stream in ("img", "txt"):
+            for part, out_features in (("attn_qkv", 3 * inner), ("attn_proj", inner)):
+                key = f"lora_unet_double_blocks_{block}_{stream}_{part}"
+                tensors[f"{key}.lora_down.weight"] = torch.randn(rank, inner, generator=generator) * 0.3
+                tensors[f"{key}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.3
+                tensors[f"{key}.alpha"] = torch.tensor(8.0)
+    path = lora_root / "kohya_style.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def test_kohya_file_matches_diffusers(omni: Omni, tiny_flux_dir: str, base_pipe: FluxPipeline, kohya_file) -> None:
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(kohya_file.parent), weight_name=kohya_file.name, adapter_name="kohya_style")
+    pipe.set_adapters("kohya_style", 0.5)
+    ours = omni.generate(PROMPT, lora_request=LoRARequest("kohya_style", 3, kohya_file.name), lora_scale=0.5, seed=8,
+                         **BASE)[0].images[0]
+    assert max_abs_diff(ours, diffusers_reference(pipe, seed=8)) <= 3
+    assert max_abs_diff(ours, diffusers_reference(base_pipe, seed=8)) > 15
+    listed = {entry.name: entry for entry in omni.engine.runner.loras.loaded()}
+    assert listed["kohya_style"].num_modules == 16  # 2 blocks x 2 streams x (q, k, v, out)
+
+
+def test_bad_lora_arguments_name_the_field(omni: Omni, peft_lora) -> None:
+    lora = LoRARequest("peft_style", 1, str(peft_lora.path))
+    with pytest.raises(InvalidParameterError) as no_lora:
+        omni.generate(PROMPT, lora_scale=0.5, **BASE)
+    assert no_lora.value.param == "lora_scale"
+    with pytest.raises(InvalidTypeError) as not_a_request:
+        omni.generate(PROMPT, lora_request="peft_style", **BASE)
+    assert not_a_request.value.param == "lora_request"
+    with pytest.raises(InvalidParameterError, match="lora_scale=inf"):
+        omni.generate(PROMPT, lora_request=lora, lora_scale=float("inf"), **BASE)
+    with pytest.raises(InvalidParameterError, match="got 2 lora_request for 1 prompts"):
+        omni.generate(PROMPT, lora_request=[lora, None], **BASE)
+    with pytest.raises(InvalidParameterError, match="lora_name"):
+        LoRARequest("../etc", 1, "x")
+    assert all(entry.pins == 0 for entry in omni.engine.runner.loras.loaded())  # nothing left pinned
 
 
 def test_scale_changes_the_output(omni: Omni, peft_lora) -> None:

@@ -127,3 +127,25 @@ def test_a_name_keeps_its_path(pipe: FluxPipeline, allowed: Path) -> None:
         manager.acquire(LoRARequest("a", None, "b"))
     manager.release("a")
     manager.close()
+
+
+def test_formats_ditserve_cannot_apply_are_named(pipe: FluxPipeline, allowed: Path, file_lora) -> None:
+    from safetensors.torch import load_file, save_file
+
+    loha = allowed / "loha"
+    loha.mkdir()
+    (loha / "adapter_config.json").write_text('{"peft_type": "LOHA", "r": 4}')
+    (loha / "adapter_model.safetensors").write_bytes((allowed / "a" / "adapter_model.safetensors").read_bytes())
+    with_text_encoder = load_file(str(file_lora.path))
+    with_text_encoder["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
+    with_text_encoder["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(32, 4)
+    save_file(with_text_encoder, str(allowed / "te.safetensors"))
+    manager = manager_for(pipe, allowed)
+    with pytest.raises(LoRAError, match="'loha': a LOHA adapter"):
+        manager.acquire(LoRARequest("loha", None, "loha"))
+    with pytest.raises(LoRAError, match=r"'te' also adapts \['text_encoder'\]"):
+        manager.acquire(LoRARequest("te", None, "te.safetensors"))
+    (allowed / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(LoRAError, match="'garbage': garbage.safetensors is not a readable safetensors file"):
+        manager.acquire(LoRARequest("garbage", None, "garbage.safetensors"))
+    assert manager.loaded() == [] and hooked_linears(pipe) == 0
