@@ -250,28 +250,45 @@ def adapter_name_for(path: str) -> str:
     return given.stem if given.suffix.lower() == ".safetensors" else given.name
 
 
-def setup_loras(config: Any, model: Any) -> LoRAManager | None:
-    """The engine's LoRAs from its config: the "peft" backend's manager with the start-up adapters loaded, or
-    (the "distill" backend) the adapters fused into the weights and no manager."""
-    transformers = {name: module for name, module in
-                    ((n, getattr(model.pipeline, n, None)) for n in model.adapter.transformer_names)
-                    if module is not None}
+def _transformers(model: Any) -> dict[str, torch.nn.Module]:
+    return {name: module for name, module in ((n, getattr(model.pipeline, n, None)) for n in model.adapter.transformer_names)
+            if module is not None}
+
+
+def _startup_loras(config: Any) -> dict[str, str]:
+    """Name -> path of the adapters the config gives at start (``loras``, then ``lora_path`` named by stem)."""
     named = dict(config.loras or {})
     for path in config.lora_path or []:
         name = adapter_name_for(path)
         if name in named:
             raise InvalidParameterError(f"two start-up LoRAs are named {name!r}; rename one", param="lora_path")
         named[name] = path
-    if LoRABackend(config.lora_backend) is LoRABackend.DISTILL:
-        adapters = [read_adapter(name, resolve_lora_path(name, path, None), model.pipeline, config.max_lora_bytes)
-                    for name, path in named.items()]
-        fuse_adapters(adapters, transformers)
+    return named
+
+
+def fuse_startup_loras(config: Any, model: Any) -> None:
+    """The "distill" backend: the start-up adapters fused into the weights. Runs before the levers, so a
+    quantizer converts the fused weights."""
+    if LoRABackend(config.lora_backend) is not LoRABackend.DISTILL:
+        return
+    adapters = [read_adapter(name, resolve_lora_path(name, path, None), model.pipeline, config.max_lora_bytes)
+                for name, path in _startup_loras(config).items()]
+    fuse_adapters(adapters, _transformers(model))
+
+
+def build_lora_manager(config: Any, model: Any) -> LoRAManager | None:
+    """The "peft" backend's manager with the start-up adapters loaded (None for "distill"). Runs after the
+    levers: a lever that replaces Linear layers (fp8) would drop hooks put on them before; its layers are then
+    refused by name instead."""
+    if LoRABackend(config.lora_backend) is not LoRABackend.PEFT:
         return None
-    manager = LoRAManager(model.pipeline, transformers, lora_dirs=config.lora_dir, max_loras=config.max_loras,
-                          max_bytes=config.max_lora_bytes, device=model.device, dtype=model.dtype)
+    named = _startup_loras(config)
     if len(named) > config.max_loras:
         raise InvalidParameterError(f"{len(named)} start-up LoRAs do not fit max_loras={config.max_loras}",
                                     param="max_loras")
+    manager = LoRAManager(model.pipeline, _transformers(model), lora_dirs=config.lora_dir,
+                          max_loras=config.max_loras, max_bytes=config.max_lora_bytes, device=model.device,
+                          dtype=model.dtype)
     for name, path in named.items():
         manager.register(name, path)
     return manager
