@@ -43,6 +43,15 @@ def _check_optional_str(name: str, value: Any) -> None:
         raise InvalidTypeError(f"{name} must be a string or None, got {type(value).__name__}", param=name)
 
 
+def _path_list(name: str, value: Any) -> list[str]:
+    """A path or a list of paths, as a list."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidTypeError(f"{name} must be a path or a list of paths", param=name)
+    return list(value)
+
+
 @dataclass
 class OmniDiffusionSamplingParams:
     """How to sample one request. ``None`` means "the model family's default" (the same default diffusers'
@@ -218,8 +227,10 @@ class OmniDiffusionConfig:
     #: tqdm progress bar over denoising steps
     show_progress: bool = False
     #: LoRA adapters given at start: a path or a list (each named after its file or folder); with the "peft"
-    #: backend they are loaded for requests that name them, with "distill" they are fused into the weights
-    lora_path: str | list[str] | None = None
+    #: backend they are loaded for requests that name them, with "distill" they are fused into the weights.
+    #: "distill" also takes a dict from transformer to paths, for models with two experts (Wan2.2 A14B:
+    #: ``{"transformer": high_noise, "transformer_2": low_noise}``)
+    lora_path: str | list[str] | dict[str, str | list[str]] | None = None
     #: named adapters given at start (``--lora NAME=PATH``), "peft" backend only
     loras: dict[str, str] | None = None
     #: "peft": adapters chosen per request and applied per row of a step batch; "distill": fused at start
@@ -271,16 +282,19 @@ class OmniDiffusionConfig:
             self.limits = Limits(**dict(self.limits))
 
     def _validate_lora(self) -> None:
-        for name in ("lora_path", "lora_dir"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                setattr(self, name, [value])
-            elif value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
-                raise InvalidTypeError(f"{name} must be a path or a list of paths", param=name)
+        check_choice("lora_backend", self.lora_backend, [b.value for b in LoRABackend])
+        if isinstance(self.lora_path, Mapping):
+            if self.lora_backend != LoRABackend.DISTILL.value:
+                raise InvalidParameterError("lora_path as a dict (adapters per transformer) is for "
+                                            "lora_backend='distill'", param="lora_path")
+            self.lora_path = {key: _path_list(f"lora_path[{key!r}]", value) for key, value in self.lora_path.items()}
+        elif self.lora_path is not None:
+            self.lora_path = _path_list("lora_path", self.lora_path)
+        if self.lora_dir is not None:
+            self.lora_dir = _path_list("lora_dir", self.lora_dir)
         if self.loras is not None and (not isinstance(self.loras, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.loras.items())):
             raise InvalidTypeError("loras must map adapter names to paths", param="loras")
-        check_choice("lora_backend", self.lora_backend, [b.value for b in LoRABackend])
         _check_int("max_loras", self.max_loras, 1, 1024)
         _check_int("max_lora_bytes", self.max_lora_bytes, 1)
         if self.lora_backend == LoRABackend.DISTILL.value and self.loras:

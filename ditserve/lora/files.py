@@ -14,6 +14,7 @@ model and the shapes fit is checked by the manager before anything is applied.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import inspect
 import json
@@ -81,6 +82,12 @@ class AdapterWeights:
     @property
     def rank(self) -> int:
         return max((m.rank for per in self.modules.values() for m in per.values()), default=0)
+
+    def for_transformer(self, transformer_name: str) -> AdapterWeights:
+        """The same adapter aimed at another transformer of the pipeline (Wan2.2 A14B's low-noise expert); the
+        files name no transformer beyond diffusers' ``transformer.`` prefix."""
+        modules = {transformer_name: {k: v for per in self.modules.values() for k, v in per.items()}}
+        return dataclasses.replace(self, modules=modules)
 
     @property
     def num_modules(self) -> int:

@@ -256,7 +256,8 @@ def _transformers(model: Any) -> dict[str, torch.nn.Module]:
 
 
 def _startup_loras(config: Any) -> dict[str, str]:
-    """Name -> path of the adapters the config gives at start (``loras``, then ``lora_path`` named by stem)."""
+    """Name -> path of the per-request adapters the config gives at start (``loras``, then ``lora_path`` named
+    by stem)."""
     named = dict(config.loras or {})
     for path in config.lora_path or []:
         name = adapter_name_for(path)
@@ -267,13 +268,23 @@ def _startup_loras(config: Any) -> dict[str, str]:
 
 
 def fuse_startup_loras(config: Any, model: Any) -> None:
-    """The "distill" backend: the start-up adapters fused into the weights. Runs before the levers, so a
-    quantizer converts the fused weights."""
+    """The "distill" backend: the start-up adapters fused into the weights, each into the transformer its
+    ``lora_path`` entry names (a plain list: ``transformer``, as diffusers' ``load_lora_weights`` does). Runs
+    before the levers, so a quantizer converts the fused weights."""
     if LoRABackend(config.lora_backend) is not LoRABackend.DISTILL:
         return
-    adapters = [read_adapter(name, resolve_lora_path(name, path, None), model.pipeline, config.max_lora_bytes)
-                for name, path in _startup_loras(config).items()]
-    fuse_adapters(adapters, _transformers(model))
+    transformers = _transformers(model)
+    by_transformer = config.lora_path if isinstance(config.lora_path, dict) else {"transformer": config.lora_path or []}
+    adapters = []
+    for transformer_name, paths in by_transformer.items():
+        if transformer_name not in transformers:
+            raise InvalidParameterError(f"lora_path names {transformer_name!r}; this model's transformers are "
+                                        f"{sorted(transformers)}", param="lora_path")
+        for path in paths:
+            name = adapter_name_for(path)
+            adapter = read_adapter(name, resolve_lora_path(name, path, None), model.pipeline, config.max_lora_bytes)
+            adapters.append(adapter.for_transformer(transformer_name))
+    fuse_adapters(adapters, transformers)
 
 
 def build_lora_manager(config: Any, model: Any) -> LoRAManager | None:

@@ -95,3 +95,28 @@ def test_mixed_batch_equals_alone(family: Family, setup) -> None:
     for lora, out in zip(loras, batched, strict=True):
         alone = omni.generate(PROMPT, lora_request=lora, seed=4, **family.base)[0]
         assert max_abs_diff(family.media(out), family.media(alone)) <= 1
+
+
+def test_distill_fuses_each_expert_of_wan_a14b(tmp_path: Path) -> None:
+    """Wan2.2 A14B: the high-noise file fused into ``transformer``, the low-noise one into ``transformer_2``,
+    equal to diffusers with ``load_lora_weights(..., load_into_transformer_2=True)``."""
+    folder = tiny_pipeline_dir("wan_a14b")
+    wan = FAMILIES[1]
+    files = {}
+    for seed, expert in ((41, "transformer"), (42, "transformer_2")):
+        state_dict, _ = lora_state_dict(f"{folder}/{expert}", seed=seed, targets=wan.targets,
+                                        model_class=wan.transformer_class)
+        files[expert] = write_diffusers_file(tmp_path / f"{expert}.safetensors", state_dict,
+                                             pipeline_class=wan.pipeline_class)
+    pipe = diffusers.WanPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(tmp_path), weight_name=files["transformer"].name, adapter_name="high")
+    pipe.load_lora_weights(str(tmp_path), weight_name=files["transformer_2"].name, adapter_name="low",
+                           load_into_transformer_2=True)
+    reference = wan.reference(pipe, seed=6)
+    paths = {expert: str(path) for expert, path in files.items()}
+    with Omni(model=folder, lora_backend="distill", lora_path=paths) as fused:
+        ours = fused.generate(PROMPT, seed=6, **wan.base)[0].videos[0]
+    assert max_abs_diff(ours, reference) <= 3
+    with Omni(model=folder, lora_backend="distill", lora_path=paths["transformer"]) as high_only:
+        assert max_abs_diff(high_only.generate(PROMPT, seed=6, **wan.base)[0].videos[0], reference) > 15

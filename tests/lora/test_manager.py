@@ -11,7 +11,7 @@ import torch
 from diffusers import FluxPipeline
 
 from ditserve import LoRARequest
-from ditserve.errors import LoRACapacityError, LoRAError, LoRAInUseError, LoRAPathError
+from ditserve.errors import InvalidParameterError, LoRACapacityError, LoRAError, LoRAInUseError, LoRAPathError
 from ditserve.lora.manager import LoRAManager
 from ditserve.testing.lora import lora_state_dict, write_peft_folder
 
@@ -149,3 +149,22 @@ def test_formats_ditserve_cannot_apply_are_named(pipe: FluxPipeline, allowed: Pa
     with pytest.raises(LoRAError, match="'garbage': garbage.safetensors is not a readable safetensors file"):
         manager.acquire(LoRARequest("garbage", None, "garbage.safetensors"))
     assert manager.loaded() == [] and hooked_linears(pipe) == 0
+
+
+def test_config_checks_lora_options() -> None:
+    from ditserve.config import OmniDiffusionConfig
+    from ditserve.errors import InvalidTypeError, ParallelConfigError
+
+    assert OmniDiffusionConfig(lora_path="a.safetensors", lora_dir="/srv").lora_dir == ["/srv"]
+    fused = OmniDiffusionConfig(lora_backend="distill", lora_path={"transformer": "h", "transformer_2": ["l"]})
+    assert fused.lora_path == {"transformer": ["h"], "transformer_2": ["l"]}
+    cases = [({"lora_path": {"transformer": "x"}}, InvalidParameterError, "lora_path"),
+             ({"lora_backend": "fused"}, InvalidParameterError, "lora_backend"),
+             ({"lora_dir": 3}, InvalidTypeError, "lora_dir"),
+             ({"lora_backend": "distill", "loras": {"a": "b"}}, InvalidParameterError, "loras"),
+             ({"max_loras": 0}, InvalidParameterError, "max_loras"),
+             ({"lora_path": "a", "parallel_config": {"cfg_parallel_size": 2}}, ParallelConfigError, "lora_path")]
+    for options, error, param in cases:
+        with pytest.raises(error) as raised:
+            OmniDiffusionConfig(**options)
+        assert raised.value.param == param
