@@ -97,8 +97,9 @@ class LoRAManager:
         self._lock = threading.RLock()
         #: resident adapters, least recently used first
         self._loaded: OrderedDict[str, LoadedLoRA] = OrderedDict()
-        #: name -> real path of every adapter loaded or configured, so an evicted one reloads by name alone
-        self._known: dict[str, str] = {}
+        #: name -> (real path, trusted) of every adapter loaded or configured, so an evicted one reloads by name
+        #: alone (an untrusted path is checked against the allow-list again: the folder may have changed since)
+        self._known: dict[str, tuple[str, bool]] = {}
         self._layers: dict[tuple[str, str], RowLoRA] = {}
 
     # ------------------------------------------------------------------ loading
@@ -112,7 +113,8 @@ class LoRAManager:
 
     def acquire(self, request: LoRARequest) -> str:
         """The loaded adapter for ``request``, pinned until ``release``; loads (and maybe evicts) if needed."""
-        return self._acquire(request.lora_name, request.lora_path, request.lora_int_id, trusted=False).name
+        with self._lock:
+            return self._acquire_locked(request.lora_name, request.lora_path, request.lora_int_id, trusted=False).name
 
     def release(self, name: str) -> None:
         with self._lock:
@@ -137,10 +139,6 @@ class LoRAManager:
         with self._lock:
             return list(self._loaded.values())
 
-    def _acquire(self, name: str, path: str | None, int_id: int | None, *, trusted: bool) -> LoadedLoRA:
-        with self._lock:
-            return self._acquire_locked(name, path, int_id, trusted=trusted)
-
     def _acquire_locked(self, name: str, path: str | None, int_id: int | None, *, trusted: bool) -> LoadedLoRA:
         real = None
         if path is not None:
@@ -159,15 +157,17 @@ class LoRAManager:
         known = self._known.get(name)
         if real is None and known is None:
             raise LoRAError(f"LoRA {name!r} is not loaded; give its path", param="lora.path")
-        if real is not None and known is not None and real != known:
+        if real is not None and known is not None and real != known[0]:
             raise LoRAError(f"LoRA {name!r} was loaded from another path; unload it first or use another name",
                             param="lora.name")
-        source = real or known
-        assert source is not None
-        adapter = read_adapter(name, Path(source), self.pipeline, self.max_bytes)
+        if real is None:
+            assert known is not None
+            trusted = known[1]
+            real = str(resolve_lora_path(name, known[0], None if trusted else self.lora_dirs))
+        adapter = read_adapter(name, Path(real), self.pipeline, self.max_bytes)
         validate_adapter(adapter, self.transformers)
         self._make_room()
-        entry = self._install(adapter, source, int_id)
+        entry = self._install(adapter, real, int_id, trusted)
         entry.pins += 1
         return entry
 
@@ -180,7 +180,7 @@ class LoRAManager:
             logger.info("evicting LoRA %s (least recently used)", victim)
             self._evict(victim)
 
-    def _install(self, adapter: AdapterWeights, real_path: str, int_id: int | None) -> LoadedLoRA:
+    def _install(self, adapter: AdapterWeights, real_path: str, int_id: int | None, trusted: bool) -> LoadedLoRA:
         for transformer_name, modules in adapter.modules.items():
             transformer = self.transformers[transformer_name]
             for module_name, weights in modules.items():
@@ -193,7 +193,7 @@ class LoRAManager:
         entry = LoadedLoRA(adapter.name, real_path, adapter.format.value, adapter.rank, adapter.num_modules,
                            adapter.num_bytes, int_id)
         self._loaded[adapter.name] = entry
-        self._known[adapter.name] = real_path
+        self._known[adapter.name] = (real_path, trusted)
         logger.info("loaded LoRA %s (%s, rank %d, %d modules) from %s", adapter.name, adapter.format.value,
                     adapter.rank, adapter.num_modules, real_path)
         return entry

@@ -168,3 +168,16 @@ def test_config_checks_lora_options() -> None:
         with pytest.raises(error) as raised:
             OmniDiffusionConfig(**options)
         assert raised.value.param == param
+
+
+def test_a_reload_by_name_checks_the_folder_again(pipe: FluxPipeline, allowed: Path, tmp_path: Path) -> None:
+    manager = manager_for(pipe, allowed, max_loras=1)
+    manager.acquire(LoRARequest("a", None, "a"))
+    manager.release("a")
+    manager.acquire(LoRARequest("c", None, "c.safetensors"))  # evicts a
+    manager.release("c")
+    shutil.move(allowed / "a", tmp_path / "moved_out")
+    os.symlink(tmp_path / "moved_out", allowed / "a")  # the name's folder now leads outside
+    with pytest.raises(LoRAPathError, match="outside the allowed"):
+        manager.acquire(LoRARequest("a"))
+    manager.close()
