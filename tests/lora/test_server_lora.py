@@ -152,3 +152,17 @@ def test_multipart_forms_carry_the_lora_as_json() -> None:
         validate_fields(ImageEditFields, decode_form_json({**form, "lora": '{"name": "a", "x": 1}'}, ("lora",)),
                         strict=False)
     assert refused.value.param == "lora.x"
+
+
+def test_an_engine_without_lora_dir_takes_no_path_over_http(tiny_flux_dir: str, tmp_path: Path, peft_lora) -> None:
+    engine = DiffusionEngine(OmniDiffusionConfig(model=tiny_flux_dir))  # offline default: lora_dir=None
+    try:
+        app = create_app(engine, ServerSettings(served_model_name="tiny", output_dir=tmp_path))
+        with ServerThread(app) as server:
+            for route, body in (("/v1/loras/load", {"name": "x", "path": str(peft_lora.path)}),
+                                ("/v1/images/generations", {**BODY, "lora": {"name": "x", "path": str(peft_lora.path)}})):
+                response = post(server, route, body, headers={})
+                assert response.status_code == 403 and response.json()["error"]["param"] == "lora.path"
+            assert httpx.get(f"{server.url}/v1/loras").json()["data"] == []
+    finally:
+        engine.close()

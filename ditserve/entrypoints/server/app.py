@@ -247,9 +247,18 @@ async def make_request(engine: DiffusionEngine, fields: GenerationOptions, promp
     """``engine.make_request`` with the request's LoRA; one that may read adapter files runs off the event loop."""
     if fields.lora is None:
         return engine.make_request(prompt, params, images, **options)
+    check_client_lora_path(engine, fields.lora.path)
     lora = LoRARequest(fields.lora.name, fields.lora.int_id, fields.lora.path)
     return await run_in_threadpool(engine.make_request, prompt, params, images, lora=lora,
                                    lora_scale=fields.lora.scale, **options)
+
+
+def check_client_lora_path(engine: DiffusionEngine, path: str | None) -> None:
+    """A path from a client needs an allow-list: an engine built without ``lora_dir`` (offline ``Omni``'s default
+    trusts its caller) takes none over HTTP."""
+    if path is not None and engine.config.lora_dir is None:
+        raise APIError(403, "this server loads no LoRA by path (it was started without a LoRA folder)",
+                       param="lora.path", code="lora_path_not_allowed")
 
 
 def lora_manager(state: ServerState) -> LoRAManager:
@@ -348,6 +357,7 @@ def add_routes(app: FastAPI) -> None:
     @app.post("/v1/loras/load", response_model=LoRACard)
     async def load_lora(body: LoRALoadRequest, state: State) -> LoRACard:
         manager = lora_manager(state)
+        check_client_lora_path(state.engine, body.path)
         # a path from a client: the allow-list applies (trusted=False)
         entry = await run_in_threadpool(manager.register, body.name, body.path, trusted=False, int_id=body.int_id)
         return lora_card(entry)
