@@ -3,6 +3,7 @@
 from ditserve.config import DiffusionParallelConfig, Limits, OmniDiffusionConfig, OmniDiffusionSamplingParams
 from ditserve.entrypoints.omni import Omni
 from ditserve.errors import DitServeError, InvalidParameterError, InvalidTypeError
+from ditserve.lora import LoRARequest
 from ditserve.request import RequestOutput
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "InvalidParameterError",
     "InvalidTypeError",
     "Limits",
+    "LoRARequest",
     "Omni",
     "OmniDiffusionConfig",
     "OmniDiffusionSamplingParams",

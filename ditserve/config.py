@@ -20,6 +20,7 @@ from ditserve.errors import (
     check_choice,
     check_keys,
 )
+from ditserve.lora.request import DEFAULT_MAX_LORA_BYTES, LoRABackend
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
@@ -40,6 +41,15 @@ def _check_float(name: str, value: Any, minimum: float, maximum: float) -> None:
 def _check_optional_str(name: str, value: Any) -> None:
     if value is not None and not isinstance(value, str):
         raise InvalidTypeError(f"{name} must be a string or None, got {type(value).__name__}", param=name)
+
+
+def _path_list(name: str, value: Any) -> list[str]:
+    """A path or a list of paths, as a list."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidTypeError(f"{name} must be a path or a list of paths", param=name)
+    return list(value)
 
 
 @dataclass
@@ -216,6 +226,22 @@ class OmniDiffusionConfig:
     limits: Limits = field(default_factory=Limits)
     #: tqdm progress bar over denoising steps
     show_progress: bool = False
+    #: LoRA adapters given at start: a path or a list (each named after its file or folder); with the "peft"
+    #: backend they are loaded for requests that name them, with "distill" they are fused into the weights.
+    #: "distill" also takes a dict from transformer to paths, for models with two experts (Wan2.2 A14B:
+    #: ``{"transformer": high_noise, "transformer_2": low_noise}``)
+    lora_path: str | list[str] | dict[str, str | list[str]] | None = None
+    #: named adapters given at start (``--lora NAME=PATH``), "peft" backend only
+    loras: dict[str, str] | None = None
+    #: "peft": adapters chosen per request and applied per row of a step batch; "distill": fused at start
+    lora_backend: str = "peft"
+    #: adapters kept loaded at once (least recently used evicted, never one a waiting or running request uses)
+    max_loras: int = 8
+    #: folders a request or a hot load may take LoRA paths from (symlinks resolved first). ``None``: any path
+    #: (an offline caller is trusted); ``[]``: none. ``ditserve serve`` always passes a list.
+    lora_dir: str | list[str] | None = None
+    #: largest adapter weights file read, in bytes
+    max_lora_bytes: int = DEFAULT_MAX_LORA_BYTES
 
     def __post_init__(self) -> None:
         _check_optional_str("model", self.model)
@@ -250,9 +276,33 @@ class OmniDiffusionConfig:
                 "enable_cpu_offload and enable_layerwise_offload are mutually exclusive; choose one",
                 param="enable_layerwise_offload")
         self.parallel_config = DiffusionParallelConfig.from_any(self.parallel_config)
+        self._validate_lora()
         if isinstance(self.limits, Mapping):
             check_keys("limits", self.limits.keys(), [f.name for f in fields(Limits)])
             self.limits = Limits(**dict(self.limits))
+
+    def _validate_lora(self) -> None:
+        check_choice("lora_backend", self.lora_backend, [b.value for b in LoRABackend])
+        if isinstance(self.lora_path, Mapping):
+            if self.lora_backend != LoRABackend.DISTILL.value:
+                raise InvalidParameterError("lora_path as a dict (adapters per transformer) is for "
+                                            "lora_backend='distill'", param="lora_path")
+            self.lora_path = {key: _path_list(f"lora_path[{key!r}]", value) for key, value in self.lora_path.items()}
+        elif self.lora_path is not None:
+            self.lora_path = _path_list("lora_path", self.lora_path)
+        if self.lora_dir is not None:
+            self.lora_dir = _path_list("lora_dir", self.lora_dir)
+        if self.loras is not None and (not isinstance(self.loras, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.loras.items())):
+            raise InvalidTypeError("loras must map adapter names to paths", param="loras")
+        _check_int("max_loras", self.max_loras, 1, 1024)
+        _check_int("max_lora_bytes", self.max_lora_bytes, 1)
+        if self.lora_backend == LoRABackend.DISTILL.value and self.loras:
+            raise InvalidParameterError("loras (named adapters) are for lora_backend='peft'; the distill backend "
+                                        "fuses lora_path at start", param="loras")
+        if (self.lora_path or self.loras) and self.parallel_config.world_size > 1:
+            raise ParallelConfigError("LoRA adapters are not supported with multi-device parallelism yet",
+                                      param="lora_path")
 
     @classmethod
     def field_names(cls) -> list[str]:

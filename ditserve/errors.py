@@ -57,6 +57,21 @@ class ParallelConfigError(InvalidParameterError):
     """An invalid multi-device configuration."""
 
 
+class LoRAError(InvalidParameterError):
+    """A LoRA that cannot be used: unknown name, unreadable or unsupported file, or targets and shapes that do
+    not fit the model. The message names the LoRA; nothing of it was applied."""
+
+    param = "lora"
+
+
+class LoRAPathError(LoRAError):
+    """A LoRA path outside the allowed folders (``lora_dir``); the server answers 403."""
+
+
+class LoRAInUseError(LoRAError):
+    """The LoRA cannot be unloaded: requests that use it are waiting or running; the server answers 409."""
+
+
 class RequestAbortedError(DitServeError):
     """The request was aborted (by the caller or a disconnecting client) before it finished."""
 
@@ -67,6 +82,12 @@ class EngineClosedError(DitServeError):
 
 class QueueFullError(DitServeError):
     """The engine's queue is at its limit; the server answers 429."""
+
+
+class LoRACapacityError(QueueFullError):
+    """Every LoRA slot (``max_loras``) holds an adapter that waiting or running requests use; retry later (429)."""
+
+    param = "lora"
 
 
 def check_choice(field: str, value: object, allowed: Iterable[object]) -> None:

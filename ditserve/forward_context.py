@@ -10,9 +10,11 @@ keeps concurrent engines in different threads apart.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 from ditserve.request import Request
 
@@ -38,11 +40,28 @@ class ForwardContext:
     branch: str = "cond"
     #: name of the transformer being called (Wan2.2 A14B has "transformer" and "transformer_2")
     transformer_name: str = "transformer"
+    #: set while a cache runs a block on some rows of the call only (the others reuse their residual): the rows
+    #: of the whole call that the running sub-batch holds, in order; per-row LoRA layers select by it
+    rows: tuple[int, ...] | None = None
+    #: values derived from this context alone, computed once per call by whoever needs them (the LoRA row
+    #: groups): a new call has a new context, so nothing here outlives its call
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def row_request_ids(self) -> tuple[str, ...]:
         """The request id of each row."""
         return tuple(owner.request_id for owner in self.owners for _ in range(owner.num_rows))
+
+    @property
+    def row_owners(self) -> tuple[RowOwner, ...]:
+        """The owner of each row (one copy of the rows: a call that stacks copies repeats this pattern)."""
+        return tuple(owner for owner in self.owners for _ in range(owner.num_rows))
+
+    def narrowed(self, rows: list[int]) -> ForwardContext:
+        """This context for a sub-batch holding ``rows`` of the call (rows of the sub-batch it narrows, if any)."""
+        outer = self.rows
+        selected = tuple(rows) if outer is None else tuple(outer[row] for row in rows)
+        return dataclasses.replace(self, rows=selected, memo={})
 
 
 _current: ContextVar[ForwardContext | None] = ContextVar("ditserve_forward_context", default=None)

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ditserve.config import OmniDiffusionSamplingParams
+from ditserve.lora.request import AppliedLoRA
 
 
 def new_request_id() -> str:
@@ -36,6 +37,8 @@ class Request:
     future: Future = field(default_factory=Future)
     #: called with (steps_done, steps_total) after every denoising step (video jobs report progress)
     progress_callback: Any = None
+    #: the request's LoRA adapter and scale (pinned in the LoRA manager until the future is done), or None
+    lora: AppliedLoRA | None = None
 
     @property
     def seed(self) -> int:

@@ -25,7 +25,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ditserve.cache.spec import BlockIO, CacheSpec
-from ditserve.forward_context import ForwardContext, RowOwner, current_forward_context
+from ditserve.forward_context import ForwardContext, RowOwner, current_forward_context, forward_context
 
 HOOK_NAME = "ditserve_residual_cache"
 
@@ -245,10 +245,15 @@ class LoopBlockHook(ModelHook):
         """Run the block on the computing rows only; the skipping rows pass their inputs through (their stored
         residual is added after the last block). A skip is thus never paid for by a batch mate's compute."""
         batch = call.blocks_in.shape[0]
-        index = _row_index(call.computed_rows(), call.blocks_in.device)
+        computed_rows = call.computed_rows()
+        index = _row_index(computed_rows, call.blocks_in.device)
         sub_args = tuple(_take_rows(a, index, batch) for a in args)
         sub_kwargs = {k: v if k in self.io.shared_names else _take_rows(v, index, batch) for k, v in kwargs.items()}
-        computed = self.fn_ref.original_forward(*sub_args, **sub_kwargs)
+        ctx = current_forward_context()
+        assert ctx is not None, "begin_call checked the forward context"
+        # layers that select per row (LoRA) must know which rows of the call the sub-batch holds
+        with forward_context(ctx.narrowed(computed_rows)):
+            computed = self.fn_ref.original_forward(*sub_args, **sub_kwargs)
         passed = self.io.passthrough(args, kwargs)
         if self.io.output_index is None:
             output = passed.clone()

@@ -26,9 +26,11 @@ from ditserve.errors import (
     EngineClosedError,
     InvalidParameterError,
     InvalidTypeError,
+    LoRAError,
     RequestAbortedError,
     check_text,
 )
+from ditserve.lora.request import AppliedLoRA, LoRARequest, check_lora_scale
 from ditserve.models.base import LoopAdapter
 from ditserve.request import Request, RequestOutput, new_request_id
 
@@ -51,6 +53,14 @@ class StepReport:
 StepObserver = Callable[[StepReport], None]
 
 
+def _with_lora(step_key: Callable[[Request], tuple[Any, ...]]) -> Callable[[Request], tuple[Any, ...]]:
+    """A step key that also keeps requests of different LoRAs (or scales) apart."""
+    def key(request: Request) -> tuple[Any, ...]:
+        return (*step_key(request), ("lora", request.lora))
+
+    return key
+
+
 def make_runner(config: OmniDiffusionConfig) -> Any:
     if config.parallel_config.world_size > 1:
         from ditserve.parallel.runner import MultiProcessRunner
@@ -67,6 +77,8 @@ class DiffusionEngine:
         self.runner = runner if runner is not None else make_runner(config)
         self.adapter = self.runner.adapter
         step_key = self.adapter.step_key if isinstance(self.adapter, LoopAdapter) else self.adapter.batch_key
+        if not self.adapter.lora_per_row:
+            step_key = _with_lora(step_key)
         self.scheduler = StepScheduler(step_key, self.adapter.batch_key, config.max_batch_size, config.max_queue_size,
                                        mode=self._scheduling_mode())
         self.observers: list[StepObserver] = []
@@ -80,8 +92,11 @@ class DiffusionEngine:
     # ------------------------------------------------------------------ requests
     def make_request(self, prompt: Any, params: OmniDiffusionSamplingParams | None = None,
                      images: Sequence[Image.Image] = (), request_id: str | None = None,
-                     progress_callback: Callable[[int, int], None] | None = None) -> Request:
-        """Validate and resolve one request; raises our ValueError/TypeError subclasses on bad input."""
+                     progress_callback: Callable[[int, int], None] | None = None,
+                     lora: LoRARequest | None = None, lora_scale: float | None = None) -> Request:
+        """Validate and resolve one request; raises our ValueError/TypeError subclasses on bad input. With
+        ``lora``, the adapter is loaded if needed and pinned until the request's future is done (submit the
+        request, or cancel its future)."""
         if not isinstance(prompt, str):
             raise InvalidTypeError(f"prompt must be a string, got {type(prompt).__name__}", param="prompt")
         limits = self.config.limits
@@ -107,7 +122,29 @@ class DiffusionEngine:
         request.params = self.adapter.complete_params(request)
         self._check_limits(request.params)
         self.runner.validate_request(request)
+        # last: a request that fails any other check never pins an adapter
+        self._attach_lora(request, lora, lora_scale)
         return request
+
+    def _attach_lora(self, request: Request, lora: LoRARequest | None, lora_scale: float | None) -> None:
+        if lora is None:
+            if lora_scale is not None:
+                raise InvalidParameterError("lora_scale was given without a LoRA", param="lora_scale")
+            return
+        if not isinstance(lora, LoRARequest):
+            raise InvalidTypeError(f"lora_request must be a LoRARequest, got {type(lora).__name__}",
+                                   param="lora_request")
+        scale = check_lora_scale(1.0 if lora_scale is None else lora_scale)
+        manager = self.runner.loras
+        if manager is None:
+            raise LoRAError("this engine takes no per-request LoRA: it runs with lora_backend='distill' (adapters "
+                            "fused at start) or on several devices")
+        if not self.runner.steps_in_loop:
+            raise LoRAError(f"{self.adapter.pipeline_class_name} runs through diffusers' own pipeline call; "
+                            "per-request LoRAs need a family that runs in ditserve's step loop")
+        name = manager.acquire(lora)
+        request.lora = AppliedLoRA(name, scale)
+        request.future.add_done_callback(lambda _future: manager.release(name))
 
     def _check_limits(self, params: OmniDiffusionSamplingParams) -> None:
         limits = self.config.limits
@@ -151,7 +188,14 @@ class DiffusionEngine:
 
     def generate(self, requests: Sequence[Request]) -> list[RequestOutput]:
         """Submit and wait: outputs in the order of ``requests``."""
-        futures = [self.submit(r) for r in requests]
+        futures: list[Future] = []
+        try:
+            for request in requests:
+                futures.append(self.submit(request))
+        except BaseException:
+            for request in requests[len(futures):]:
+                request.future.cancel()  # never submitted: releases what it holds (its LoRA)
+            raise
         return [f.result() for f in futures]
 
     def queue_depth(self) -> int:

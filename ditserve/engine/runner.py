@@ -29,6 +29,7 @@ from ditserve.engine.scheduler import StepPlan
 from ditserve.errors import RequestAbortedError
 from ditserve.forward_context import ForwardContext, forward_context
 from ditserve.levers import apply_levers, load_options
+from ditserve.lora.manager import LoRAManager, build_lora_manager, fuse_startup_loras
 from ditserve.models.base import LoopAdapter, RequestMedia, RequestState, StageTimings, StepBatch
 from ditserve.models.loader import LoadedModel, load_model
 from ditserve.request import Request, RequestOutput
@@ -81,8 +82,13 @@ class ModelRunner:
         self.config = config
         if model is None:
             model = load_model(config.model, device=config.device, dtype=config.dtype, **self._load_options())
+            # fused LoRAs before the levers: a quantizer then converts the fused weights
+            fuse_startup_loras(config, model)
             apply_levers(model, config)
+        else:
+            fuse_startup_loras(config, model)
         self.model: LoadedModel = model
+        self.loras: LoRAManager | None = build_lora_manager(config, model)
         self.adapter = self.model.adapter
         enabled, size = resolve_prompt_embed_cache_config(config.enable_prompt_embed_cache,
                                                           config.prompt_embed_cache_size)
@@ -315,6 +321,8 @@ class ModelRunner:
     def close(self) -> None:
         if self.cache is not None:
             self.cache.disable(self.model.pipeline)
+        if self.loras is not None:
+            self.loras.close()
         self.prompt_cache.clear()
         self.model = None  # type: ignore[assignment]
         self.adapter = None  # type: ignore[assignment]

@@ -4,6 +4,11 @@
     with Omni(model="path/or/hub-id", cache_backend="tea_cache") as omni:
         outputs = omni.generate("a cat", OmniDiffusionSamplingParams(num_inference_steps=50, seed=0))
         outputs[0].images[0].save("cat.png")
+
+LoRAs are chosen per request and batched together; ``lora_dir`` limits where their paths may point:
+
+    with Omni(model=..., lora_dir="/loras", max_loras=8) as omni:
+        omni.generate(["a cat", "a dog"], lora_request=[LoRARequest("ink", 1, "/loras/ink"), None], lora_scale=0.8)
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from tqdm.auto import tqdm
 from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
 from ditserve.engine.engine import DiffusionEngine
 from ditserve.errors import InvalidParameterError, InvalidTypeError, check_keys
+from ditserve.lora.request import LoRARequest
 from ditserve.request import Request, RequestOutput
 
 PROMPT_KEYS = ("prompt", "negative_prompt", "multi_modal_data")
@@ -53,6 +59,14 @@ def as_sampling_params(value: Any) -> OmniDiffusionSamplingParams:
         param="sampling_params")
 
 
+def _per_prompt(name: str, value: Any, count: int) -> list[Any]:
+    """``value`` for each of ``count`` prompts: a list is one per prompt, anything else is shared."""
+    values = value if isinstance(value, list) else [value] * count
+    if len(values) != count:
+        raise InvalidParameterError(f"got {len(values)} {name} for {count} prompts", param=name)
+    return values
+
+
 def _bar_updater(bar: tqdm) -> Callable[[int, int], None]:
     """A request's progress callback that moves ``bar`` by the steps it did since its last report."""
     last = [0]
@@ -81,19 +95,31 @@ class Omni:
         return self.engine.adapter.kind
 
     def generate(self, prompts: Any, sampling_params: Any = None, *, use_tqdm: bool | None = None,
-                 **overrides: Any) -> list[RequestOutput]:
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+                 lora_scale: float | list[float | None] | None = None, **overrides: Any) -> list[RequestOutput]:
         """One RequestOutput per prompt. ``prompts``: a string, a dict with ``prompt`` / ``negative_prompt`` /
         ``multi_modal_data``, or a list of those. ``sampling_params``: one for all, or a list (one per prompt).
-        Keyword overrides (``num_inference_steps=20``...) apply to every prompt. ``use_tqdm`` shows one progress
-        bar over the denoising steps of all the prompts (default: the engine's ``show_progress``)."""
+        ``lora_request`` / ``lora_scale`` (default 1.0): one for all, or a list (one per prompt, None for no
+        LoRA); prompts with different LoRAs run in one batch. Keyword overrides (``num_inference_steps=20``...)
+        apply to every prompt. ``use_tqdm`` shows one progress bar over the denoising steps of all the prompts
+        (default: the engine's ``show_progress``)."""
         items = prompts if isinstance(prompts, list) else [prompts]
         if not items:
             raise InvalidParameterError("prompts is empty", param="prompt")
-        params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
-        if len(params_list) != len(items):
-            raise InvalidParameterError(
-                f"got {len(params_list)} sampling params for {len(items)} prompts", param="sampling_params")
-        requests = [self._request(item, as_sampling_params(p), overrides) for item, p in zip(items, params_list, strict=True)]
+        params_list = _per_prompt("sampling_params", sampling_params, len(items))
+        loras = _per_prompt("lora_request", lora_request, len(items))
+        scales = _per_prompt("lora_scale", lora_scale, len(items))
+        if isinstance(lora_request, list) and not isinstance(lora_scale, list):
+            # a shared scale is for the prompts that have a LoRA
+            scales = [scale if lora is not None else None for scale, lora in zip(scales, loras, strict=True)]
+        requests: list[Request] = []
+        try:
+            for item, params, lora, scale in zip(items, params_list, loras, scales, strict=True):
+                requests.append(self._request(item, as_sampling_params(params), overrides, lora, scale))
+        except BaseException:
+            for request in requests:
+                request.future.cancel()  # releases the LoRAs the requests made so far pinned
+            raise
         if not (self.config.show_progress if use_tqdm is None else use_tqdm):
             return self.engine.generate(requests)
         total = sum(r.params.num_inference_steps or 0 for r in requests)
@@ -102,7 +128,8 @@ class Omni:
                 request.progress_callback = _bar_updater(bar)
             return self.engine.generate(requests)
 
-    def _request(self, item: Any, params: OmniDiffusionSamplingParams, overrides: Mapping[str, Any]) -> Request:
+    def _request(self, item: Any, params: OmniDiffusionSamplingParams, overrides: Mapping[str, Any],
+                 lora: LoRARequest | None, lora_scale: float | None) -> Request:
         if overrides:
             params = params.replace(**overrides)
         images: list[Image.Image] = []
@@ -121,7 +148,7 @@ class Omni:
             prompt = item["prompt"]
         else:
             prompt = item
-        return self.engine.make_request(prompt, params, images)
+        return self.engine.make_request(prompt, params, images, lora=lora, lora_scale=lora_scale)
 
     def close(self) -> None:
         self.engine.close()

@@ -139,6 +139,9 @@ class ModelAdapter(ABC):
     unsupported_params: ClassVar[tuple[str, ...]] = ()
     #: how this family is guided, said in the error for an unsupported param
     guidance_note: ClassVar[str] = ""
+    #: whether every Linear of the transformer sees the batch's rows along its first dimension, so a LoRA can be
+    #: chosen per row; a family where that is not known to hold batches only requests of the same LoRA and scale
+    lora_per_row: ClassVar[bool] = True
     #: whether the engine sees each denoising step of a request (progress, abort between steps, the step index
     #: step caches key on); only a pipeline run through its own ``__call__`` without a step callback does not
     reports_steps: bool = True

@@ -108,6 +108,8 @@ class MultiProcessRunner:
                 raise
             raise EngineClosedError(f"parallel start-up failed: {reason}") from error
         self.adapter = self.local.adapter
+        #: per-request LoRAs would need every rank to load the same adapters; the config refuses them
+        self.loras = None
         self.channel = ControlChannel(self._store, self._secret)
         logger.info("parallel runner ready: %d ranks (%s)", self.world_size, parallel)
 

@@ -42,12 +42,17 @@ from ditserve.entrypoints.server.protocol import (
     ImageEditFields,
     ImageGenerationRequest,
     ImagesResponse,
+    LoRACard,
+    LoRAList,
+    LoRALoadRequest,
+    LoRAUnloadRequest,
     ModelCard,
     ModelList,
     VideoCreateFields,
     VideoDeleted,
     VideoList,
     VideoObject,
+    decode_form_json,
     form_schema,
     json_safe,
     parse_size,
@@ -70,6 +75,8 @@ from ditserve.entrypoints.server.uploads import (
 )
 from ditserve.entrypoints.server.videos import VideoJob, VideoJobRunner, VideoStore, new_video_id
 from ditserve.errors import DitServeError, InvalidParameterError, check_text
+from ditserve.lora.manager import LoadedLoRA, LoRAManager
+from ditserve.lora.request import LoRARequest
 from ditserve.request import Request, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -235,10 +242,42 @@ async def images_response(output: RequestOutput, output_format: str) -> ImagesRe
         timings=json_safe(output.timings), cache_stats=json_safe(output.cache_stats))
 
 
+async def make_request(engine: DiffusionEngine, fields: GenerationOptions, prompt: str,
+                       params: OmniDiffusionSamplingParams, images: list[Image.Image], **options: Any) -> Request:
+    """``engine.make_request`` with the request's LoRA; one that may read adapter files runs off the event loop."""
+    if fields.lora is None:
+        return engine.make_request(prompt, params, images, **options)
+    check_client_lora_path(engine, fields.lora.path)
+    lora = LoRARequest(fields.lora.name, fields.lora.int_id, fields.lora.path)
+    return await run_in_threadpool(engine.make_request, prompt, params, images, lora=lora,
+                                   lora_scale=fields.lora.scale, **options)
+
+
+def check_client_lora_path(engine: DiffusionEngine, path: str | None) -> None:
+    """A path from a client needs an allow-list: an engine built without ``lora_dir`` (offline ``Omni``'s default
+    trusts its caller) takes none over HTTP."""
+    if path is not None and engine.config.lora_dir is None:
+        raise APIError(403, "this server loads no LoRA by path (it was started without a LoRA folder)",
+                       param="lora.path", code="lora_path_not_allowed")
+
+
+def lora_manager(state: ServerState) -> LoRAManager:
+    manager = state.engine.runner.loras
+    if manager is None:
+        raise APIError(400, "this server takes no per-request LoRA (it fuses its adapters at start, or runs on "
+                       "several devices)", param="lora", code="lora_unsupported")
+    return manager
+
+
+def lora_card(entry: LoadedLoRA) -> LoRACard:
+    return LoRACard(name=entry.name, int_id=entry.int_id, format=entry.format, rank=entry.rank,
+                    num_modules=entry.num_modules, bytes=entry.num_bytes, in_use=entry.pins)
+
+
 async def generate_images(http_request: HTTPRequest, state: ServerState, fields: ImageGenerationRequest,
                           images: list[Image.Image]) -> ImagesResponse | Response:
     params = sampling_params(fields, fields.size, num_outputs_per_prompt=fields.n)
-    request = state.engine.make_request(fields.prompt, params, images)
+    request = await make_request(state.engine, fields, fields.prompt, params, images)
     try:
         output = await run_until_done(http_request, state.engine, request)
     except ClientDisconnected:
@@ -310,6 +349,25 @@ def add_routes(app: FastAPI) -> None:
     async def list_models(state: State) -> ModelList:
         return ModelList(data=[state.model_card()])
 
+    @app.get("/v1/loras", response_model=LoRAList)
+    async def list_loras(state: State) -> LoRAList:
+        manager = state.engine.runner.loras
+        return LoRAList(data=[lora_card(entry) for entry in (manager.loaded() if manager is not None else [])])
+
+    @app.post("/v1/loras/load", response_model=LoRACard)
+    async def load_lora(body: LoRALoadRequest, state: State) -> LoRACard:
+        manager = lora_manager(state)
+        check_client_lora_path(state.engine, body.path)
+        # a path from a client: the allow-list applies (trusted=False)
+        entry = await run_in_threadpool(manager.register, body.name, body.path, trusted=False, int_id=body.int_id)
+        return lora_card(entry)
+
+    @app.post("/v1/loras/unload", response_model=LoRAList)
+    async def unload_lora(body: LoRAUnloadRequest, state: State) -> LoRAList:
+        manager = lora_manager(state)
+        manager.unload(body.name)
+        return LoRAList(data=[lora_card(entry) for entry in manager.loaded()])
+
     @app.post("/v1/images/generations", response_model=ImagesResponse)
     async def create_images(body: ImageGenerationRequest, http_request: HTTPRequest, state: State) -> Any:
         state.check_model(body.model)
@@ -321,7 +379,7 @@ def add_routes(app: FastAPI) -> None:
         # the kind is the server's, not the request's: a model that edits nothing refuses before reading the body
         state.require_kind("edit", "POST /v1/images/edits")
         form = await read_form(http_request, ("image", "mask"), state.settings.max_body_bytes)
-        fields = validate_fields(ImageEditFields, form.fields, strict=False)
+        fields = validate_fields(ImageEditFields, decode_form_json(form.fields, ("lora",)), strict=False)
         state.check_model(fields.model)
         state.check_texts(fields)
         if "mask" in form.files:
@@ -343,7 +401,7 @@ def add_routes(app: FastAPI) -> None:
             state.check_model(fields.model)
         else:
             form = await read_form(http_request, ("input_reference",), state.settings.max_body_bytes)
-            fields = validate_fields(VideoCreateFields, form.fields, strict=False)
+            fields = validate_fields(VideoCreateFields, decode_form_json(form.fields, ("lora",)), strict=False)
             state.check_model(fields.model)
             state.check_texts(fields)
             if form.files.get("input_reference"):
@@ -355,8 +413,8 @@ def add_routes(app: FastAPI) -> None:
                                  fps=fields.fps)
         video_id = new_video_id()
         try:
-            request = state.engine.make_request(fields.prompt, params, images, request_id=video_id,
-                                                progress_callback=videos.progress_callback(video_id))
+            request = await make_request(state.engine, fields, fields.prompt, params, images, request_id=video_id,
+                                         progress_callback=videos.progress_callback(video_id))
         except DitServeError as error:
             if error.param == "image":  # the engine's name for what this route calls input_reference
                 error.param = "input_reference"

@@ -62,8 +62,23 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--limit-concurrency", type=int, default=connections.max_connections,
                         help="connections and requests served at once; more requests get 503")
     parser.add_argument("--log-level", dest="server_log_level", default=None, choices=LOG_LEVELS)
+    parser.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                        help="a folder requests and /v1/loras/load may take LoRA paths from (repeatable; symlinks "
+                             "are resolved first); without one, only --lora adapters can be used")
+    parser.add_argument("--lora", action="append", default=[], type=name_and_path, metavar="NAME=PATH",
+                        help="a LoRA loaded at start under NAME (repeatable); with --lora-backend distill, fused")
+    parser.add_argument("--max-loras", type=int, default=8, help="LoRA adapters kept loaded at once (LRU)")
+    parser.add_argument("--lora-backend", default="peft", choices=["peft", "distill"],
+                        help="peft: LoRAs chosen per request (default); distill: --lora adapters fused at start")
     add_engine_arguments(parser)
     parser.set_defaults(func=run_serve)
+
+
+def name_and_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PATH")
+    return name, path
 
 
 def comma_list(text: str) -> list[str]:
@@ -86,8 +101,15 @@ def engine_config(args: argparse.Namespace) -> Any:
     limits = {"max_steps": args.max_steps, "max_image_size": args.max_image_size, "max_n": args.max_n,
               "max_frames": args.max_frames, "max_prompt_chars": args.max_prompt_chars,
               "max_negative_prompt_chars": args.max_negative_prompt_chars}
+    named = dict(args.lora)
+    # a served engine takes request paths only from --lora-dir folders: an empty list allows none
+    lora = {"lora_dir": list(args.lora_dir), "max_loras": args.max_loras, "lora_backend": args.lora_backend}
+    if args.lora_backend == "distill":
+        lora["lora_path"] = list(named.values()) or None
+    else:
+        lora["loras"] = named or None
     return OmniDiffusionConfig.from_kwargs({**engine_kwargs(args), "max_batch_size": args.max_batch_size,
-                                            "max_queue_size": args.max_queue, "limits": limits})
+                                            "max_queue_size": args.max_queue, "limits": limits, **lora})
 
 
 def server_settings(args: argparse.Namespace) -> Any:

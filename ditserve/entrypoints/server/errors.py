@@ -17,6 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ditserve.errors import (
     DitServeError,
     EngineClosedError,
+    LoRAInUseError,
+    LoRAPathError,
     QueueFullError,
     RequestAbortedError,
 )
@@ -63,6 +65,10 @@ def api_error_from_engine(error: DitServeError) -> APIError:
         return APIError(503, str(error), code="engine_closed")
     if isinstance(error, RequestAbortedError):
         return APIError(409, str(error), code="request_aborted")
+    if isinstance(error, LoRAPathError):
+        return APIError(403, str(error), param=error.param, code="lora_path_not_allowed")
+    if isinstance(error, LoRAInUseError):
+        return APIError(409, str(error), param=error.param, code="lora_in_use")
     return APIError(400, str(error), param=error.param, code="invalid_parameter")
 
 

@@ -8,6 +8,7 @@ they are validated with ``strict=False`` against the same models.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ditserve.config import MAX_TEXT_CHARS
 from ditserve.entrypoints.server.errors import APIError
+from ditserve.lora.request import MAX_ABS_SCALE, NAME_PATTERN
 
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
 #: our video ids: a fixed prefix and 128 random bits; nothing else ever reaches the store or the disk
@@ -29,6 +31,26 @@ class StrictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+class LoRAField(StrictRequest):
+    """A request's LoRA: a loaded (or start-up) adapter by name, or a new one from a path in an allowed folder."""
+
+    name: str = Field(pattern=NAME_PATTERN.pattern, description="the adapter's name")
+    path: str | None = Field(None, min_length=1, max_length=4096,
+                             description="PEFT folder or .safetensors file inside a --lora-dir folder")
+    scale: float = Field(1.0, ge=-MAX_ABS_SCALE, le=MAX_ABS_SCALE)
+    int_id: int | None = None
+
+
+class LoRALoadRequest(StrictRequest):
+    name: str = Field(pattern=NAME_PATTERN.pattern)
+    path: str = Field(min_length=1, max_length=4096)
+    int_id: int | None = None
+
+
+class LoRAUnloadRequest(StrictRequest):
+    name: str = Field(pattern=NAME_PATTERN.pattern)
+
+
 class GenerationOptions(StrictRequest):
     """Sampling extras every generating route accepts (ditserve fields beyond OpenAI's)."""
 
@@ -38,6 +60,7 @@ class GenerationOptions(StrictRequest):
     guidance_scale: float | None = Field(None, ge=0, le=100)
     true_cfg_scale: float | None = Field(None, ge=0, le=100)
     negative_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    lora: LoRAField | None = Field(None, description="a LoRA adapter for this request (multipart forms: as JSON)")
 
 
 class ImageGenerationRequest(GenerationOptions):
@@ -131,6 +154,23 @@ class ModelCard(BaseModel):
     default_num_frames: int | None = None
 
 
+class LoRACard(BaseModel):
+    name: str
+    object: Literal["lora"] = "lora"
+    int_id: int | None = None
+    format: str
+    rank: int
+    num_modules: int
+    bytes: int
+    #: waiting or running requests that use it (an adapter in use is never evicted or unloaded)
+    in_use: int
+
+
+class LoRAList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoRACard]
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
@@ -146,6 +186,19 @@ def validate_fields(model: type[StrictRequest], values: dict[str, Any], *, stric
         param = ".".join(str(part) for part in first["loc"]) or None
         raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param,
                        code="invalid_parameter") from None
+
+
+def decode_form_json(values: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Multipart forms carry strings only: the object fields ``names`` arrive as JSON text and are decoded here."""
+    decoded = dict(values)
+    for name in names:
+        if isinstance(decoded.get(name), str):
+            try:
+                decoded[name] = json.loads(decoded[name])
+            except ValueError:
+                raise APIError(400, f"{name}: a JSON object is expected", param=name,
+                               code="invalid_parameter") from None
+    return decoded
 
 
 def parse_size(size: str | None) -> tuple[int, int] | None:

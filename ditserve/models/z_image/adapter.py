@@ -42,6 +42,8 @@ def _cfg_options(model_defaults: dict[str, Any]) -> dict[str, float]:
 
 class ZImageAdapter(LoopAdapter):
     pipeline_class_names = ("ZImagePipeline",)
+    # the transformer takes a list of samples and packs them itself: per-row LoRA there is not verified
+    lora_per_row = False
     unsupported_params = ("true_cfg_scale", "guidance_scale_2", "boundary_ratio", "fps")
     guidance_note = "classifier-free guidance when > 0"
 
