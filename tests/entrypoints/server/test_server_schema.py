@@ -69,7 +69,8 @@ def test_schema_fuzzing_finds_no_server_errors(fuzz_server: ServerThread) -> Non
     found = operations(fuzz_server)
     labels = {op.label for op in found}
     assert {"POST /v1/images/generations", "POST /v1/images/edits", "POST /v1/videos",
-            "GET /v1/videos/{video_id}", "DELETE /v1/videos/{video_id}"} <= labels
+            "GET /v1/videos/{video_id}", "DELETE /v1/videos/{video_id}", "POST /v1/chat/completions",
+            "POST /v1/videos/sync"} <= labels
     statuses: Counter[str] = Counter()
     for operation in found:
         fuzz(operation, GenerationMode.POSITIVE, fuzz_server.url, statuses)
@@ -88,4 +89,5 @@ def test_schema_documents_the_errors_we_answer(fuzz_server: ServerThread) -> Non
     generations = paths["/v1/images/generations"]["post"]["responses"]
     assert "422" not in generations and "error" in str(generations["400"])
     assert "404" in paths["/v1/videos/{video_id}"]["get"]["responses"]
-    assert set(paths["/v1/videos"]["post"]["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert set(paths["/v1/videos"]["post"]["requestBody"]["content"]) == {
+        "application/json", "multipart/form-data", "application/x-www-form-urlencoded"}
