@@ -213,7 +213,8 @@ class ChatCompletionRequest(OpenAIImageFields, GenerationOptions):
     the input images (its ``image_url`` parts); generation fields at the top level or in ``extra_body``."""
 
     ignored_when_set = ("user", "quality", "temperature", "top_p", "max_tokens", "max_completion_tokens",
-                        "modalities")
+                        "modalities", "presence_penalty", "frequency_penalty", "stop", "logprobs", "stream_options",
+                        "store", "metadata")
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=64)
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
@@ -227,6 +228,16 @@ class ChatCompletionRequest(OpenAIImageFields, GenerationOptions):
     max_tokens: int | None = Field(None, ge=1, description="accepted and ignored")
     max_completion_tokens: int | None = Field(None, ge=1, description="accepted and ignored")
     modalities: list[Literal["text", "image"]] | None = Field(None, max_length=2, description="accepted and ignored")
+    # OpenAI's text-sampling fields, which SDKs and chat front ends send by default: they mean nothing to a
+    # diffusion model, so they are accepted and named in ignored_fields (tools and the like stay refused)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="accepted and ignored")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="accepted and ignored")
+    stop: Annotated[str, Field(max_length=256)] | Annotated[list[str], Field(max_length=4)] | None = Field(
+        None, description="accepted and ignored")
+    logprobs: bool | None = Field(None, description="accepted and ignored")
+    stream_options: dict[str, Any] | None = Field(None, description="accepted and ignored")
+    store: bool | None = Field(None, description="accepted and ignored")
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="accepted and ignored")
     extra_body: dict[str, Any] | None = Field(
         None, description="generation fields nested as curl users send them; merged into the top level")
 

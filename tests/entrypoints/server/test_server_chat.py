@@ -102,6 +102,19 @@ def test_image_format_and_compression(image_server: ServerThread) -> None:
     assert_400(refused, "image_format")
 
 
+def test_chat_fields_without_meaning_are_accepted_and_named(image_server: ServerThread) -> None:
+    message = [{"role": "user", "content": "x"}]
+    plain = chat(image_server, {"messages": message, **SMALL}).json()
+    sent = {"user": "u", "temperature": 0.7, "top_p": 0.9, "max_tokens": 10, "max_completion_tokens": 10,
+            "modalities": ["image"], "presence_penalty": 0.1, "frequency_penalty": 0.1, "stop": ["\n"],
+            "logprobs": False, "stream_options": {"include_usage": True}, "store": False, "metadata": {"k": "v"}}
+    chatty = chat(image_server, {"messages": message, **SMALL, **sent}).json()
+    assert chatty["ignored_fields"] == list(sent)
+    assert chatty["choices"] == plain["choices"]
+    # neither OpenAI nor the mirrored system defines it: still refused, by name
+    assert_400(chat(image_server, {"messages": message, "guidance_rescale": 0.7}), "guidance_rescale")
+
+
 def test_stream_is_a_clear_400(image_server: ServerThread, connect: Connect) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         connect(image_server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],

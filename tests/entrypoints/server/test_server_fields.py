@@ -72,6 +72,7 @@ def test_refusals_name_the_field(image_server: ServerThread) -> None:
     assert_400(generate(image_server, n=11), "n")  # the API's ceiling, whatever --max-n says
     assert_400(generate(image_server, flow_shift=3.0), "flow_shift", "scheduler")
     assert_400(generate(image_server, layers=4), "layers", "Layered")
+    assert_400(generate(image_server, resolution=640), "resolution", "Layered")
     assert_400(generate(image_server, generator_device="cuda"), "generator_device", "CPU generator")
     assert_400(generate(image_server, extra_params={"eta": 0.5}), "extra_params.eta", "named request fields")
     # a field neither OpenAI nor the mirrored system defines stays refused

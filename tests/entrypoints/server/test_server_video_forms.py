@@ -5,13 +5,16 @@ extra fields."""
 from __future__ import annotations
 
 import io
+import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import av
 import httpx
 
 from ditserve.entrypoints.server.thread import ServerThread
+from ditserve.entrypoints.server.videos import DATABASE_NAME, VideoJob, VideoStore, new_video_id
 
 TINY = {"prompt": "a ball", "width": "32", "height": "32", "num_frames": "5", "fps": "4",
         "num_inference_steps": "1", "seed": "6"}
@@ -90,3 +93,25 @@ def test_limit_zero_is_an_empty_page(video_server: ServerThread) -> None:
     httpx.post(f"{video_server.url}/v1/videos", data=TINY, timeout=60)
     page = httpx.get(f"{video_server.url}/v1/videos", params={"limit": 0}).json()
     assert page["data"] == [] and page["has_more"] is True
+
+
+def test_a_folder_of_an_older_server_gains_the_new_columns(tmp_path: Path) -> None:
+    # the job table as the first release created it, with one finished job
+    with sqlite3.connect(tmp_path / DATABASE_NAME) as old:
+        old.execute("CREATE TABLE videos (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, "
+                    "created_at INTEGER, status TEXT, model TEXT, prompt TEXT, size TEXT, seconds TEXT, "
+                    "num_frames INTEGER, fps INTEGER, progress INTEGER, completed_at INTEGER, inference_time_s REAL, "
+                    "seed INTEGER, error_code TEXT, error_message TEXT, timings TEXT, cache_stats TEXT)")
+        job_id = new_video_id()
+        old.execute("INSERT INTO videos (id, created_at, status, model, prompt, size, seconds, progress, completed_at, "
+                    "timings) VALUES (?, 1, 'completed', 'm', 'p', '8x8', '2.0625', 100, 100, '{\"denoise_s\": 1.5}')",
+                    (job_id,))
+    store = VideoStore(tmp_path)
+    try:
+        record = store.get(job_id).to_api(ttl_s=60)
+        assert record.peak_memory_mb is None and record.expires_at == 160
+        assert record.stage_durations == {"denoise": 1.5} and record.file_name == f"{job_id}.mp4"
+        store.insert(VideoJob(id=new_video_id(), created_at=2, status="queued", model="m", prompt="p", size="8x8",
+                              seconds="1", peak_memory_mb=12.5))
+    finally:
+        store.close()
