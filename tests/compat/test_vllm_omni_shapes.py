@@ -67,6 +67,18 @@ def test_chat_image_to_image_with_a_data_url(edit_server: ServerThread) -> None:
     assert data_url_image(response.json()["choices"][0]["message"]["content"][0]["image_url"]["url"]).size == (64, 64)
 
 
+def test_chat_text_to_video_as_the_serving_benchmark_sends_it(video_server: ServerThread) -> None:
+    """The serving benchmark's default backend (chat completions) for t2v: size, frames, steps, seed and fps in
+    a nested ``extra_body``; success is a 200 whose first content part is an object."""
+    response = httpx.post(f"{video_server.url}/v1/chat/completions", json={
+        "model": "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "messages": [{"role": "user", "content": "A cat on a bench"}],
+        "extra_body": {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2, "seed": 0, "fps": 4}},
+        timeout=60)
+    assert response.status_code == 200, response.text
+    first = response.json()["choices"][0]["message"]["content"][0]
+    assert isinstance(first, dict) and first["video_url"]["url"].startswith("data:video/mp4;base64,")
+
+
 # ---------------------------------------------------------------------------------------------- images
 def test_image_generation_requests_json(t2i_server: ServerThread) -> None:
     """Image Generation API, "Using Python": top-level extension fields, ``n`` images."""

@@ -45,6 +45,8 @@ from ditserve.entrypoints.server.protocol import (
     ChatImageURL,
     ChatMessage,
     ChatResponseMessage,
+    ChatVideoPart,
+    ChatVideoURL,
     GenerationOptions,
     ImageData,
     ImageEditFields,
@@ -229,7 +231,8 @@ class ServerState:
         if self.kind == kind:
             return
         where = {"image": "POST /v1/images/generations or /v1/chat/completions",
-                 "edit": "POST /v1/images/edits or /v1/chat/completions", "video": "POST /v1/videos"}[self.kind]
+                 "edit": "POST /v1/images/edits or /v1/chat/completions",
+                 "video": "POST /v1/videos or /v1/chat/completions"}[self.kind]
         raise APIError(400, f"{route} needs {with_article(kind)} model; {self.settings.served_model_name!r} is "
                             f"{with_article(self.kind)} model: use {where}", param="model",
                        code="unsupported_for_model")
@@ -360,13 +363,15 @@ async def generate(http_request: HTTPRequest, state: ServerState, prompt: str, p
 
 
 async def generate_images(http_request: HTTPRequest, state: ServerState, fields: ImageFields, prompt: str,
-                          images: list[Image.Image], dimensions: dict[str, int]) -> tuple[RequestOutput | None, str]:
-    """Generate for an image route; returns the output (None: the client went away) and the output format."""
+                          images: list[Image.Image], dimensions: dict[str, int],
+                          **extra: Any) -> tuple[RequestOutput | None, str]:
+    """Generate for an image route (``extra``: more sampling params); returns the output (None: the client went
+    away) and the output format."""
     output_format = output_format_of(fields)
     if getattr(fields, "response_format", None) == "file" and fields.n != 1:
         raise APIError(400, f"response_format='file' returns the bytes of one image; n={fields.n} needs "
                             "response_format='b64_json'", param="response_format", code="invalid_parameter")
-    params = sampling_params(fields, dimensions, num_outputs_per_prompt=fields.n)
+    params = sampling_params(fields, dimensions, num_outputs_per_prompt=fields.n, **extra)
     return await generate(http_request, state, prompt, params, images), output_format
 
 
@@ -413,11 +418,20 @@ def last_user_message(messages: list[ChatMessage]) -> tuple[str, list[tuple[str,
     return prompt, urls
 
 
+def _encode_videos(videos: list[Any], fps: int) -> list[str]:
+    return [base64.b64encode(video_bytes(frames, fps)).decode("ascii") for frames in videos]
+
+
 async def chat_answer(state: ServerState, fields: ChatCompletionRequest, output: RequestOutput,
                       output_format: str, request_id: str) -> ChatCompletionResponse:
-    encoded = await run_in_threadpool(_encode_images, output.images, output_format, fields.output_compression)
-    media_type = MEDIA_TYPES[image_format(output_format)]
-    parts = [ChatImagePart(image_url=ChatImageURL(url=f"data:{media_type};base64,{b64}")) for b64 in encoded]
+    parts: list[ChatImagePart | ChatVideoPart]
+    if output.videos:
+        encoded = await run_in_threadpool(_encode_videos, output.videos, output.fps or DEFAULT_FPS)
+        parts = [ChatVideoPart(video_url=ChatVideoURL(url=f"data:video/mp4;base64,{b64}")) for b64 in encoded]
+    else:
+        encoded = await run_in_threadpool(_encode_images, output.images, output_format, fields.output_compression)
+        media_type = MEDIA_TYPES[image_format(output_format)]
+        parts = [ChatImagePart(image_url=ChatImageURL(url=f"data:{media_type};base64,{b64}")) for b64 in encoded]
     return ChatCompletionResponse(
         id=f"chatcmpl-{request_id}", created=int(time.time()), model=fields.model or state.settings.served_model_name,
         choices=[ChatChoice(message=ChatResponseMessage(content=parts))], seed=output.seed,
@@ -567,14 +581,14 @@ def add_routes(app: FastAPI) -> None:
     async def chat_completions(body: ChatCompletionRequest, http_request: HTTPRequest, state: State) -> Any:
         prompt, urls = last_user_message(body.messages)
         check_fields(state, body, prompt)
-        if state.kind == "video":
-            state.require_kind("image", "POST /v1/chat/completions")
         check_upload_count(urls, "messages", state.accepted_uploads(), state.settings.served_model_name, state.kind)
         images = await state.read_image_urls(urls)
         dimensions = requested_dimensions(body.size, body.width, body.height)
         if state.kind == "edit" and not dimensions:
             dimensions = state.auto_size(images) if images else {}
-        output, output_format = await generate_images(http_request, state, body, prompt, images, dimensions)
+        # num_frames and fps go to every model: an image model's own rules refuse what it cannot use
+        output, output_format = await generate_images(http_request, state, body, prompt, images, dimensions,
+                                                      num_frames=body.num_frames, fps=body.fps)
         if output is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return await chat_answer(state, body, output, output_format, request_id_of(http_request.scope))

@@ -210,7 +210,8 @@ class ChatMessage(StrictRequest):
 
 class ChatCompletionRequest(OpenAIImageFields, GenerationOptions):
     """``/v1/chat/completions`` for diffusion models: the last user message is the prompt (its text parts) and
-    the input images (its ``image_url`` parts); generation fields at the top level or in ``extra_body``."""
+    the input images (its ``image_url`` parts); generation fields at the top level or in ``extra_body``. Video
+    models answer with ``video_url`` parts (MP4 data URLs)."""
 
     ignored_when_set = ("user", "quality", "temperature", "top_p", "max_tokens", "max_completion_tokens",
                         "modalities", "presence_penalty", "frequency_penalty", "stop", "logprobs", "stream_options",
@@ -223,6 +224,8 @@ class ChatCompletionRequest(OpenAIImageFields, GenerationOptions):
     height: int | None = Field(None, ge=1, le=65536)
     output_format: OutputFormatField | None = None
     image_format: OutputFormatField | None = Field(None, description="the mirrored system's name for output_format")
+    num_frames: int | None = Field(None, ge=1, description="video models: frames of the clip")
+    fps: int | None = Field(None, ge=1, le=240, description="video models: frames per second of the MP4")
     temperature: float | None = Field(None, ge=0, le=2, description="accepted and ignored")
     top_p: float | None = Field(None, ge=0, le=1, description="accepted and ignored")
     max_tokens: int | None = Field(None, ge=1, description="accepted and ignored")
@@ -335,9 +338,20 @@ class ChatImagePart(BaseModel):
     image_url: ChatImageURL
 
 
+class ChatVideoURL(BaseModel):
+    url: str
+
+
+class ChatVideoPart(BaseModel):
+    """A generated video, as chat APIs that take videos spell a video part."""
+
+    type: Literal["video_url"] = "video_url"
+    video_url: ChatVideoURL
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: list[ChatImagePart]
+    content: list[ChatImagePart | ChatVideoPart]
 
 
 class ChatChoice(BaseModel):

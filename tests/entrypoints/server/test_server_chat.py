@@ -208,5 +208,21 @@ def test_remote_images_with_the_flag_have_limits(remote_edit_server: ServerThrea
     assert_400(edit("http://[::1/a.png"), "messages[0].content[1].image_url", "InvalidURL")
 
 
-def test_chat_on_a_video_model_points_to_the_video_routes(video_server: ServerThread) -> None:
-    assert_400(chat(video_server, {"messages": [{"role": "user", "content": "x"}]}), "model", "/v1/videos")
+def test_chat_on_a_video_model_answers_an_mp4_video_url(video_server: ServerThread) -> None:
+    fields = {"width": 32, "height": 32, "num_frames": 5, "fps": 4, "num_inference_steps": 1, "seed": 8}
+    response = chat(video_server, {"messages": [{"role": "user", "content": "a ball"}], "extra_body": fields})
+    assert response.status_code == 200, response.text
+    (part,) = response.json()["choices"][0]["message"]["content"]
+    assert part["type"] == "video_url" and part["video_url"]["url"].startswith("data:video/mp4;base64,")
+    mp4 = base64.b64decode(part["video_url"]["url"].partition(",")[2])
+    sync = httpx.post(f"{video_server.url}/v1/videos/sync", json={"prompt": "a ball", **fields}, timeout=60)
+    assert sync.status_code == 200 and mp4 == sync.content
+    # input images: this text-to-video model takes none
+    content = [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}]
+    assert_400(chat(video_server, {"messages": [{"role": "user", "content": content}]}), "messages",
+               "takes no input image")
+
+
+def test_video_fields_on_an_image_model_meet_its_rules(image_server: ServerThread) -> None:
+    response = chat(image_server, {"messages": [{"role": "user", "content": "x"}], **SMALL, "num_frames": 5})
+    assert_400(response, "num_frames", "only for video models")
