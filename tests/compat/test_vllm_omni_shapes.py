@@ -171,6 +171,19 @@ def test_video_urlencoded_form(video_server: ServerThread) -> None:
     assert frame_count(response.content) == 5
 
 
+def test_video_job_as_the_serving_benchmark_drives_it(video_server: ServerThread) -> None:
+    """The serving benchmark's ``v1/videos`` backend: every field a string in a form without files (sent
+    urlencoded), then poll the job, download the content, and delete the job."""
+    created = httpx.post(f"{video_server.url}/v1/videos", data=VIDEO_FORM, timeout=60)
+    assert created.status_code == 200, created.text
+    assert created.json()["id"] and created.json()["status"]
+    job = wait_completed(video_server, created.json()["id"])
+    assert "peak_memory_mb" in job
+    assert frame_count(httpx.get(f"{video_server.url}/v1/videos/{job['id']}/content").content) == 5
+    assert httpx.delete(f"{video_server.url}/v1/videos/{job['id']}").json()["deleted"] is True
+    assert httpx.get(f"{video_server.url}/v1/videos/{job['id']}").status_code == 404
+
+
 def test_video_extension_fields_as_form_strings(video_server: ServerThread) -> None:
     """Videos API extension fields: negative_prompt, guidance_scale, an empty extra_params JSON object."""
     form = {**VIDEO_FORM, "negative_prompt": "blurry", "guidance_scale": "3.0", "extra_params": "{}"}
