@@ -79,7 +79,7 @@ from ditserve.entrypoints.server.uploads import (
     URLENCODED,
     Form,
     check_upload_count,
-    decode_blobs,
+    decode_blob,
     decode_permits,
     read_form,
     read_images,
@@ -189,7 +189,7 @@ class ServerState:
         images = []
         for name, url in urls:
             data = await image_url_bytes(url, name, self.settings.remote_images)
-            images += await decode_blobs([data], name, self.engine.config.limits.max_image_size, self.decoding)
+            images.append(await decode_blob(data, name, self.engine.config.limits.max_image_size, self.decoding))
         return images
 
     def auto_size(self, images: list[Image.Image]) -> dict[str, int]:

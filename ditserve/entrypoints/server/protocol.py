@@ -1,7 +1,8 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic), with ditserve's extra fields.
 
-Requests forbid unknown fields (an option we would ignore is an error, never silently dropped) and reject
-NaN/infinity. Text fields have a hard ceiling here (pydantic refuses longer ones before anything else runs);
+Requests forbid unknown fields and reject NaN/infinity. Fields that OpenAI or the mirrored system (vLLM-Omni)
+define are accepted where they apply: honoured, or accepted and named in the response's ``ignored_fields`` (never
+silently dropped), or refused with a 400 that says why (``UNSUPPORTED_FIELDS``). Text fields have a hard ceiling here (pydantic refuses longer ones before anything else runs);
 the engine's configurable limits (``Limits``) are checked next, in ``make_request``. JSON bodies are strict (``"n": "2"`` is a type error); multipart forms carry only strings, so
 they are validated with ``strict=False`` against the same models.
 """

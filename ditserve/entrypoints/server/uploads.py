@@ -135,11 +135,7 @@ async def read_images(uploads: list[UploadFile], field: str, max_side: int,
     return images
 
 
-async def decode_blobs(blobs: Sequence[bytes], field: str, max_side: int,
-                       decoding: asyncio.Semaphore) -> list[Image.Image]:
-    """``read_images`` for images that arrived as bytes (data URLs, fetched URLs)."""
-    images = []
-    for data in blobs:
-        async with decoding:
-            images.append(await run_in_threadpool(decode_image, data, field, max_side))
-    return images
+async def decode_blob(data: bytes, field: str, max_side: int, decoding: asyncio.Semaphore) -> Image.Image:
+    """``read_images`` for one image that arrived as bytes (a data URL, a fetched URL)."""
+    async with decoding:
+        return await run_in_threadpool(decode_image, data, field, max_side)
