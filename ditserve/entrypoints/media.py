@@ -12,15 +12,26 @@ from ditserve.errors import InvalidParameterError
 from ditserve.request import RequestOutput
 
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+#: formats whose encoder takes a quality (0-100); PNG is lossless and has none
+LOSSY_FORMATS = frozenset({"JPEG", "WEBP"})
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 
-def image_bytes(image: Image.Image, output_format: str = "png") -> bytes:
+def image_format(output_format: str) -> str:
+    """Pillow's name of an output format (``"jpg"`` -> ``"JPEG"``), or an error listing the allowed ones."""
     fmt = IMAGE_FORMATS.get(output_format.lower())
     if fmt is None:
         raise InvalidParameterError(f"output_format={output_format!r}; choose one of {sorted(IMAGE_FORMATS)}",
                                     param="output_format")
+    return fmt
+
+
+def image_bytes(image: Image.Image, output_format: str = "png", quality: int | None = None) -> bytes:
+    """The encoded image; ``quality`` (0-100) applies to JPEG and WebP only (None: Pillow's default)."""
+    fmt = image_format(output_format)
+    options = {"quality": quality} if quality is not None and fmt in LOSSY_FORMATS else {}
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 

@@ -132,24 +132,20 @@ def test_serve_flags_become_the_lora_config(tiny_flux_dir: str, tmp_path: Path) 
 
 
 def test_multipart_forms_carry_the_lora_as_json() -> None:
+    from ditserve.entrypoints.server.app import json_form_fields
     from ditserve.entrypoints.server.errors import APIError
-    from ditserve.entrypoints.server.protocol import (
-        ImageEditFields,
-        VideoCreateFields,
-        decode_form_json,
-        validate_fields,
-    )
+    from ditserve.entrypoints.server.protocol import ImageEditFields, VideoCreateFields, validate_fields
 
     form = {"prompt": "p", "n": "1", "lora": '{"name": "ink", "scale": 0.5}'}
-    fields = validate_fields(ImageEditFields, decode_form_json(form, ("lora",)), strict=False)
+    fields = validate_fields(ImageEditFields, json_form_fields(form), strict=False)
     assert (fields.lora.name, fields.lora.scale, fields.lora.path) == ("ink", 0.5, None)
-    video = validate_fields(VideoCreateFields, decode_form_json({"prompt": "p", "lora": '{"name": "a"}'}, ("lora",)),
+    video = validate_fields(VideoCreateFields, json_form_fields({"prompt": "p", "lora": '{"name": "a"}'}),
                             strict=False)
     assert video.lora.name == "a"
-    with pytest.raises(APIError, match="lora: a JSON object"):
-        decode_form_json({"lora": "{not json"}, ("lora",))
+    with pytest.raises(APIError, match="lora must be a JSON object"):
+        json_form_fields({"lora": "{not json"})
     with pytest.raises(APIError) as refused:
-        validate_fields(ImageEditFields, decode_form_json({**form, "lora": '{"name": "a", "x": 1}'}, ("lora",)),
+        validate_fields(ImageEditFields, json_form_fields({**form, "lora": '{"name": "a", "x": 1}'}),
                         strict=False)
     assert refused.value.param == "lora.x"
 

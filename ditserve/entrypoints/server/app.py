@@ -31,12 +31,22 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.engine.engine import DiffusionEngine
-from ditserve.entrypoints.media import image_bytes
+from ditserve.entrypoints.media import LOSSY_FORMATS, MEDIA_TYPES, image_bytes, image_format, video_bytes
 from ditserve.entrypoints.server.connections import BodyTimeoutMiddleware, ConnectionLimits
 from ditserve.entrypoints.server.errors import APIError, install_error_handlers
+from ditserve.entrypoints.server.image_urls import RemoteImagePolicy, image_url_bytes
 from ditserve.entrypoints.server.metrics import MetricsMiddleware, ServerMetrics
 from ditserve.entrypoints.server.protocol import (
     VIDEO_ID_PATTERN,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatImagePart,
+    ChatImageURL,
+    ChatMessage,
+    ChatResponseMessage,
+    ChatVideoPart,
+    ChatVideoURL,
     GenerationOptions,
     ImageData,
     ImageEditFields,
@@ -48,16 +58,17 @@ from ditserve.entrypoints.server.protocol import (
     LoRAUnloadRequest,
     ModelCard,
     ModelList,
+    OpenAIImageFields,
     VideoCreateFields,
     VideoDeleted,
     VideoList,
     VideoObject,
-    decode_form_json,
     form_schema,
     json_safe,
     parse_size,
     validate_fields,
 )
+from ditserve.entrypoints.server.request_ids import RequestIdMiddleware, request_id_of
 from ditserve.entrypoints.server.security import (
     APIKeyMiddleware,
     BodyLimitMiddleware,
@@ -68,7 +79,11 @@ from ditserve.entrypoints.server.security import (
 )
 from ditserve.entrypoints.server.uploads import (
     MAX_INPUT_IMAGES,
+    MULTIPART,
+    URLENCODED,
+    Form,
     check_upload_count,
+    decode_blob,
     decode_permits,
     read_form,
     read_images,
@@ -78,6 +93,8 @@ from ditserve.errors import DitServeError, InvalidParameterError, check_text
 from ditserve.lora.manager import LoadedLoRA, LoRAManager
 from ditserve.lora.request import LoRARequest
 from ditserve.request import Request, RequestOutput
+
+ImageFields = ImageGenerationRequest | ImageEditFields | ChatCompletionRequest
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +107,14 @@ DEFAULT_OUTPUT_DIR = Path.home() / ".cache" / "ditserve" / "server"
 DEFAULT_VIDEO_TTL_S = 24 * 3600.0
 #: the longest pause between two sweeps of expired video jobs
 EXPIRY_SWEEP_S = 600.0
+DEFAULT_OUTPUT_FORMAT = "png"
+#: form fields that carry a JSON object as text (multipart and urlencoded bodies have only strings)
+JSON_FORM_FIELDS = ("extra_params", "lora")
 
 
 @dataclass
 class ServerSettings:
+    #: the model's name in answers; clients may also use any of ``aliases``
     served_model_name: str
     #: clients must send ``Authorization: Bearer <api_key>`` on /v1 routes; None: no authentication
     api_key: str | None = None
@@ -109,6 +130,10 @@ class ServerSettings:
     #: web origins (``https://app.example.com``) whose pages may call the API; other pages are refused
     allowed_origins: list[str] = field(default_factory=list)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    #: other names clients may give the model (a hub id, the folder's name); /v1/models lists them all
+    aliases: list[str] = field(default_factory=list)
+    #: fetch http(s) image URLs (chat image_url parts, edits' url fields); data URLs are always accepted
+    allow_remote_images: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -119,6 +144,14 @@ class ServerSettings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(dict.fromkeys([self.served_model_name, *self.aliases]))
+
+    @property
+    def remote_images(self) -> RemoteImagePolicy:
+        return RemoteImagePolicy(allowed=self.allow_remote_images, max_bytes=self.max_body_bytes)
 
 
 class ServerState:
@@ -140,6 +173,8 @@ class ServerState:
             store.close()
         self.created = int(time.time())
         self.decoding = asyncio.Semaphore(decode_permits(engine.config.limits.max_image_size))
+        #: ids of the requests this server is waiting on: a client's X-Request-Id must name one request at a time
+        self.in_flight: set[str] = set()
 
     def accepted_uploads(self) -> int:
         """How many input images this model takes, known before any upload is decoded. The rule is the
@@ -154,30 +189,56 @@ class ServerState:
         check_upload_count(uploads, field, self.accepted_uploads(), self.settings.served_model_name, self.kind)
         return await read_images(uploads, field, self.engine.config.limits.max_image_size, self.decoding)
 
-    def check_texts(self, fields: ImageEditFields | VideoCreateFields) -> None:
+    async def read_image_urls(self, urls: list[tuple[str, str]]) -> list[Image.Image]:
+        """Images given as (field, URL) pairs, fetched (data URLs decoded) one at a time and then decoded; the
+        caller has counted them (``check_upload_count``)."""
+        images = []
+        for name, url in urls:
+            data = await image_url_bytes(url, name, self.settings.remote_images)
+            images.append(await decode_blob(data, name, self.engine.config.limits.max_image_size, self.decoding))
+        return images
+
+    def auto_size(self, images: list[Image.Image]) -> dict[str, int]:
+        """``size=auto`` for an edit: the size the model picks for these inputs (their aspect ratio at its pixel
+        budget, in its multiple), shrunk to fit ``--max-image-size`` when it is over; {} keeps the model's own
+        choice untouched."""
+        adapter = self.engine.adapter
+        chosen = adapter.complete_params(Request(prompt="", params=self.defaults, images=images))
+        width, height, limit = chosen.width, chosen.height, self.engine.config.limits.max_image_size
+        if not width or not height or max(width, height) <= limit:
+            return {}
+        scale, multiple = limit / max(width, height), adapter.size_multiple
+        return {"width": max(multiple, int(width * scale) // multiple * multiple),
+                "height": max(multiple, int(height * scale) // multiple * multiple)}
+
+    def check_texts(self, prompt: str, fields: GenerationOptions) -> None:
         """The engine's text limits, checked before uploads are decoded (``make_request`` checks them again)."""
         limits = self.engine.config.limits
-        check_text("prompt", fields.prompt, limits.max_prompt_chars)
+        check_text("prompt", prompt, limits.max_prompt_chars)
         if fields.negative_prompt is not None:
             check_text("negative_prompt", fields.negative_prompt, limits.max_negative_prompt_chars)
 
-    def model_card(self) -> ModelCard:
+    def model_cards(self) -> list[ModelCard]:
         d = self.defaults
         size = f"{d.width}x{d.height}" if d.width and d.height else "auto"
-        return ModelCard(id=self.settings.served_model_name, created=self.created, kind=self.kind,  # type: ignore[arg-type]
-                         default_size=size, default_num_inference_steps=d.num_inference_steps,
-                         default_num_frames=d.num_frames if self.kind == "video" else None)
+        return [ModelCard(id=name, created=self.created, kind=self.kind,  # type: ignore[arg-type]
+                          default_size=size, default_num_inference_steps=d.num_inference_steps,
+                          default_num_frames=d.num_frames if self.kind == "video" else None)
+                for name in self.settings.model_names]
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.settings.served_model_name:
-            raise APIError(404, f"model {model!r} is not served here; this server serves "
-                                f"{self.settings.served_model_name!r}", param="model", code="model_not_found")
+        names = self.settings.model_names
+        if model is not None and model not in names:
+            raise APIError(404, f"model {model!r} is not served here; this server serves {names[0]!r}"
+                                + (f" (also named {names[1:]})" if len(names) > 1 else ""),
+                           param="model", code="model_not_found")
 
     def require_kind(self, kind: str, route: str) -> None:
         if self.kind == kind:
             return
-        where = {"image": "POST /v1/images/generations", "edit": "POST /v1/images/edits",
-                 "video": "POST /v1/videos"}[self.kind]
+        where = {"image": "POST /v1/images/generations or /v1/chat/completions",
+                 "edit": "POST /v1/images/edits or /v1/chat/completions",
+                 "video": "POST /v1/videos or /v1/chat/completions"}[self.kind]
         raise APIError(400, f"{route} needs {with_article(kind)} model; {self.settings.served_model_name!r} is "
                             f"{with_article(self.kind)} model: use {where}", param="model",
                        code="unsupported_for_model")
@@ -195,15 +256,48 @@ State = Annotated[ServerState, Depends(get_state)]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def sampling_params(options: GenerationOptions, size: str | None, **extra: Any) -> OmniDiffusionSamplingParams:
+#: request fields that are sampling params under the same name
+PASSED_THROUGH = ("seed", "num_inference_steps", "guidance_scale", "true_cfg_scale", "negative_prompt",
+                  "max_sequence_length", "guidance_scale_2", "boundary_ratio")
+
+
+def sampling_params(options: GenerationOptions, dimensions: dict[str, int], **extra: Any) -> OmniDiffusionSamplingParams:
     """Our sampling params from a request's fields (unset fields stay None: the model's defaults)."""
-    values: dict[str, Any] = {name: getattr(options, name) for name in
-                              ("seed", "num_inference_steps", "guidance_scale", "true_cfg_scale", "negative_prompt")}
-    dimensions = parse_size(size)
-    if dimensions is not None:
-        values["width"], values["height"] = dimensions
+    values: dict[str, Any] = {name: getattr(options, name) for name in PASSED_THROUGH}
+    values.update(dimensions)
     values.update(extra)
     return OmniDiffusionSamplingParams(**{k: v for k, v in values.items() if v is not None})
+
+
+def requested_dimensions(size: str | None, width: int | None = None, height: int | None = None) -> dict[str, int]:
+    """``width``/``height`` from ``size`` ("WxH") or from the two fields (the mirrored system's), not both."""
+    parsed = parse_size(size)
+    if parsed is not None and (width is not None or height is not None):
+        raise APIError(400, "give either size or width/height, not both", param="size", code="invalid_parameter")
+    if parsed is not None:
+        width, height = parsed
+    return {name: value for name, value in (("width", width), ("height", height)) if value is not None}
+
+
+def check_fields(state: ServerState, fields: GenerationOptions, prompt: str) -> None:
+    """What every generating route checks once its fields are valid, before any upload is decoded."""
+    state.check_model(fields.model)
+    state.check_texts(prompt, fields)
+    fields.refuse_unsupported()
+    if isinstance(fields, OpenAIImageFields):
+        fields.refuse_unhonourable()
+
+
+def json_form_fields(values: dict[str, str]) -> dict[str, Any]:
+    """A form's text fields, with those that carry a JSON object (``extra_params``, ``lora``) decoded."""
+    decoded: dict[str, Any] = dict(values)
+    for name in JSON_FORM_FIELDS:
+        if name in values:
+            try:
+                decoded[name] = json.loads(values[name])
+            except (json.JSONDecodeError, RecursionError):
+                raise APIError(400, f"{name} must be a JSON object", param=name, code="invalid_parameter") from None
+    return decoded
 
 
 class ClientDisconnected(Exception):
@@ -229,17 +323,82 @@ def _retrieve_outcome(future: asyncio.Future) -> None:
         future.exception()
 
 
-def _encode_images(images: list[Image.Image], output_format: str) -> list[str]:
-    return [base64.b64encode(image_bytes(image, output_format)).decode("ascii") for image in images]
+def _encode_images(images: list[Image.Image], output_format: str, quality: int | None) -> list[str]:
+    return [base64.b64encode(image_bytes(image, output_format, quality)).decode("ascii") for image in images]
 
 
-async def images_response(output: RequestOutput, output_format: str) -> ImagesResponse:
-    encoded = await run_in_threadpool(_encode_images, output.images, output_format)
+def ignored_fields(fields: ImageFields | VideoCreateFields, output_format: str | None = None) -> list[str] | None:
+    """The fields of this request that changed nothing: OpenAI's fields with no meaning here, and
+    ``output_compression`` for a lossless format."""
+    names = fields.ignored_fields()
+    if (output_format is not None and getattr(fields, "output_compression", None) is not None
+            and image_format(output_format) not in LOSSY_FORMATS):
+        names.append("output_compression")
+    return names or None
+
+
+def output_format_of(fields: ImageFields) -> str:
+    chosen = fields.output_format
+    if isinstance(fields, ChatCompletionRequest) and fields.image_format is not None:
+        if chosen is not None and chosen != fields.image_format:
+            raise APIError(400, "image_format and output_format name the same thing; give one",
+                           param="image_format", code="invalid_parameter")
+        chosen = fields.image_format
+    return chosen or DEFAULT_OUTPUT_FORMAT
+
+
+async def generate(http_request: HTTPRequest, state: ServerState, fields: GenerationOptions, prompt: str,
+                   params: OmniDiffusionSamplingParams, images: list[Image.Image],
+                   image_field: str = "image") -> RequestOutput | None:
+    """Run one request under the client's request id; None when the client went away (it was aborted)."""
+    request_id = request_id_of(http_request.scope)
+    if request_id in state.in_flight:
+        raise APIError(409, f"X-Request-Id {request_id!r} names a request that is still running; give each "
+                            "request its own id", param="X-Request-Id", code="duplicate_request_id")
+    try:
+        request = await make_request(state.engine, fields, prompt, params, images, request_id=request_id)
+    except DitServeError as error:
+        raise http_param(error, image_field) from None
+    state.in_flight.add(request_id)
+    try:
+        return await run_until_done(http_request, state.engine, request)
+    except ClientDisconnected:
+        logger.info("client went away: aborted %s", request_id)
+        return None
+    finally:
+        state.in_flight.discard(request_id)
+
+
+async def generate_images(http_request: HTTPRequest, state: ServerState, fields: ImageFields, prompt: str,
+                          images: list[Image.Image], dimensions: dict[str, int],
+                          **extra: Any) -> tuple[RequestOutput | None, str]:
+    """Generate for an image route (``extra``: more sampling params); returns the output (None: the client went
+    away) and the output format."""
+    output_format = output_format_of(fields)
+    if getattr(fields, "response_format", None) == "file" and fields.n != 1:
+        raise APIError(400, f"response_format='file' returns the bytes of one image; n={fields.n} needs "
+                            "response_format='b64_json'", param="response_format", code="invalid_parameter")
+    params = sampling_params(fields, dimensions, num_outputs_per_prompt=fields.n, **extra)
+    return await generate(http_request, state, fields, prompt, params, images), output_format
+
+
+async def images_answer(http_request: HTTPRequest, fields: ImageGenerationRequest | ImageEditFields,
+                        output: RequestOutput | None, output_format: str) -> ImagesResponse | Response:
+    if output is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    if fields.response_format == "file":
+        data = await run_in_threadpool(image_bytes, output.images[0], output_format, fields.output_compression)
+        fmt = image_format(output_format)
+        name = f"{request_id_of(http_request.scope)}.{output_format}"
+        return Response(data, media_type=MEDIA_TYPES[fmt], headers={
+            "Content-Disposition": f'attachment; filename="{name}"'})
+    encoded = await run_in_threadpool(_encode_images, output.images, output_format, fields.output_compression)
     return ImagesResponse(
         created=int(time.time()), data=[ImageData(b64_json=b64) for b64 in encoded],
         output_format=output_format,  # type: ignore[arg-type]
         size="{}x{}".format(*output.images[0].size), seed=output.seed,
-        timings=json_safe(output.timings), cache_stats=json_safe(output.cache_stats))
+        timings=json_safe(output.timings), cache_stats=json_safe(output.cache_stats),
+        ignored_fields=ignored_fields(fields, output_format))
 
 
 async def make_request(engine: DiffusionEngine, fields: GenerationOptions, prompt: str,
@@ -274,16 +433,49 @@ def lora_card(entry: LoadedLoRA) -> LoRACard:
                     num_modules=entry.num_modules, bytes=entry.num_bytes, in_use=entry.pins)
 
 
-async def generate_images(http_request: HTTPRequest, state: ServerState, fields: ImageGenerationRequest,
-                          images: list[Image.Image]) -> ImagesResponse | Response:
-    params = sampling_params(fields, fields.size, num_outputs_per_prompt=fields.n)
-    request = await make_request(state.engine, fields, fields.prompt, params, images)
-    try:
-        output = await run_until_done(http_request, state.engine, request)
-    except ClientDisconnected:
-        logger.info("client went away: aborted %s", request.request_id)
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return await images_response(output, fields.output_format or "png")
+def last_user_message(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]]]:
+    """The prompt (the last user message's text parts, joined by new lines) and its image URLs, each with the
+    name of the field it came from."""
+    for index in range(len(messages) - 1, -1, -1):
+        message = messages[index]
+        if message.role == "user":
+            break
+    else:
+        raise APIError(400, "messages: there is no user message to take the prompt from", param="messages",
+                       code="invalid_parameter")
+    where = f"messages[{index}].content"
+    if isinstance(message.content, str) or message.content is None:
+        texts, urls = [message.content or ""], []
+    else:
+        texts = [part.text for part in message.content if part.type == "text"]
+        urls = [(f"{where}[{j}].image_url", part.image_url.url) for j, part in enumerate(message.content)
+                if part.type == "image_url"]
+    prompt = "\n".join(text for text in texts if text)
+    if not prompt.strip():
+        raise APIError(400, f"{where}: the last user message has no text to use as the prompt", param=where,
+                       code="invalid_parameter")
+    return prompt, urls
+
+
+def _encode_videos(videos: list[Any], fps: int) -> list[str]:
+    return [base64.b64encode(video_bytes(frames, fps)).decode("ascii") for frames in videos]
+
+
+async def chat_answer(state: ServerState, fields: ChatCompletionRequest, output: RequestOutput,
+                      output_format: str, request_id: str) -> ChatCompletionResponse:
+    parts: list[ChatImagePart | ChatVideoPart]
+    if output.videos:
+        encoded = await run_in_threadpool(_encode_videos, output.videos, output.fps or DEFAULT_FPS)
+        parts = [ChatVideoPart(video_url=ChatVideoURL(url=f"data:video/mp4;base64,{b64}")) for b64 in encoded]
+    else:
+        encoded = await run_in_threadpool(_encode_images, output.images, output_format, fields.output_compression)
+        media_type = MEDIA_TYPES[image_format(output_format)]
+        parts = [ChatImagePart(image_url=ChatImageURL(url=f"data:{media_type};base64,{b64}")) for b64 in encoded]
+    return ChatCompletionResponse(
+        id=f"chatcmpl-{request_id}", created=int(time.time()), model=fields.model or state.settings.served_model_name,
+        choices=[ChatChoice(message=ChatResponseMessage(content=parts))], seed=output.seed,
+        timings=json_safe(output.timings), cache_stats=json_safe(output.cache_stats),
+        ignored_fields=ignored_fields(fields, output_format))
 
 
 async def read_json_object(http_request: HTTPRequest) -> dict[str, Any]:
@@ -309,21 +501,69 @@ def video_seconds_to_frames(fields: VideoCreateFields, default_fps: int) -> int 
 
 def new_video_job(state: ServerState, video_id: str, request: Request) -> VideoJob:
     p = request.params
-    seconds = f"{p.num_frames / p.fps:g}" if p.num_frames and p.fps else "auto"
+    # whole seconds, as OpenAI's video objects give them: seconds * fps + 1 frames make ``seconds``
+    seconds = str(round((p.num_frames - 1) / p.fps)) if p.num_frames and p.fps else "auto"
     size = f"{p.width}x{p.height}" if p.width and p.height else "auto"
     return VideoJob(id=video_id, created_at=int(time.time()), status="queued",
                     model=state.settings.served_model_name, prompt=request.prompt, size=size, seconds=seconds,
                     num_frames=p.num_frames, fps=p.fps, seed=p.seed)
 
 
+async def read_video_request(http_request: HTTPRequest, state: ServerState) -> tuple[VideoCreateFields,
+                                                                                     list[Image.Image]]:
+    """A video request's fields and input images, from a JSON, multipart or urlencoded body."""
+    content_type = http_request.headers.get("content-type", "")
+    images: list[Image.Image] = []
+    if content_type.startswith("application/json"):
+        fields = validate_fields(VideoCreateFields, await read_json_object(http_request), strict=True)
+        check_fields(state, fields, fields.prompt)
+        return fields, images
+    form = await read_form(http_request, ("input_reference",), state.settings.max_body_bytes,
+                           encodings=(MULTIPART, URLENCODED))
+    fields = validate_fields(VideoCreateFields, json_form_fields(form.fields), strict=False)
+    check_fields(state, fields, fields.prompt)
+    if form.files.get("input_reference"):
+        images = await state.read_uploads(form.files["input_reference"], "input_reference")
+    return fields, images
+
+
+def video_params(state: ServerState, fields: VideoCreateFields) -> OmniDiffusionSamplingParams:
+    default_fps = state.defaults.fps or DEFAULT_FPS
+    return sampling_params(fields, requested_dimensions(fields.size, fields.width, fields.height),
+                           num_frames=video_seconds_to_frames(fields, default_fps), fps=fields.fps)
+
+
+def http_param(error: DitServeError, image_field: str = "image") -> DitServeError:
+    """An engine error with its field named as the route names it."""
+    names = {"image": image_field, "num_outputs_per_prompt": "n"}
+    error.param = names.get(error.param or "", error.param)
+    return error
+
+
+async def read_edit_images(state: ServerState, form: Form) -> list[Image.Image]:
+    """An edit's input images: uploaded ``image`` files, then ``url`` data URLs (or fetched http(s) URLs),
+    counted together before any is read."""
+    uploads, urls = form.files.get("image", []), form.lists.get("url", [])
+    if not uploads and not urls:
+        raise APIError(400, "image: at least one input image is required (an image file, or url with a data URL)",
+                       param="image", code="invalid_parameter")
+    check_upload_count([*uploads, *urls], "image", state.accepted_uploads(), state.settings.served_model_name,
+                       state.kind)
+    images = await state.read_uploads(uploads, "image") if uploads else []
+    return images + await state.read_image_urls([(f"url[{i}]", url) for i, url in enumerate(urls)])
+
+
 # ---------------------------------------------------------------------------------------------- OpenAPI
 _BINARY = {"type": "string", "format": "binary"}
+_URL = {"type": "string", "pattern": "^data:image/(png|jpeg|webp);base64,"}
 EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form_schema(
     ImageEditFields, {"image": {"anyOf": [_BINARY, {"type": "array", "items": _BINARY, "maxItems": 8}]},
-                      "mask": _BINARY}, ("image",))}}}}
+                      "url": {"anyOf": [_URL, {"type": "array", "items": _URL, "maxItems": 8}]},
+                      "mask": _BINARY}, ())}}}}
 VIDEO_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": VideoCreateFields.model_json_schema()},
-    "multipart/form-data": {"schema": form_schema(VideoCreateFields, {"input_reference": _BINARY}, ())}}}}
+    "multipart/form-data": {"schema": form_schema(VideoCreateFields, {"input_reference": _BINARY}, ())},
+    "application/x-www-form-urlencoded": {"schema": form_schema(VideoCreateFields, {}, ())}}}}
 VideoIdParam = Annotated[str, PathParam(pattern=VIDEO_ID_PATTERN, max_length=38)]
 
 
@@ -347,7 +587,7 @@ def add_routes(app: FastAPI) -> None:
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(state: State) -> ModelList:
-        return ModelList(data=[state.model_card()])
+        return ModelList(data=state.model_cards())
 
     @app.get("/v1/loras", response_model=LoRAList)
     async def list_loras(state: State) -> LoRAList:
@@ -368,76 +608,95 @@ def add_routes(app: FastAPI) -> None:
         manager.unload(body.name)
         return LoRAList(data=[lora_card(entry) for entry in manager.loaded()])
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse)
+    @app.post("/v1/images/generations", response_model=ImagesResponse,
+              responses={200: {"content": {media_type: {} for media_type in MEDIA_TYPES.values()}}})
     async def create_images(body: ImageGenerationRequest, http_request: HTTPRequest, state: State) -> Any:
-        state.check_model(body.model)
+        check_fields(state, body, body.prompt)
         state.require_kind("image", "POST /v1/images/generations")
-        return await generate_images(http_request, state, body, [])
+        output, output_format = await generate_images(http_request, state, body, body.prompt, [],
+                                                      requested_dimensions(body.size))
+        return await images_answer(http_request, body, output, output_format)
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=EDIT_BODY)
     async def edit_images(http_request: HTTPRequest, state: State) -> Any:
         # the kind is the server's, not the request's: a model that edits nothing refuses before reading the body
         state.require_kind("edit", "POST /v1/images/edits")
-        form = await read_form(http_request, ("image", "mask"), state.settings.max_body_bytes)
-        fields = validate_fields(ImageEditFields, decode_form_json(form.fields, ("lora",)), strict=False)
-        state.check_model(fields.model)
-        state.check_texts(fields)
-        if "mask" in form.files:
-            raise APIError(400, f"mask: {state.settings.served_model_name!r} edits from the prompt and takes no mask",
-                           param="mask", code="invalid_parameter")
-        if not form.files.get("image"):
-            raise APIError(400, "image: at least one input image is required", param="image",
-                           code="invalid_parameter")
-        images = await state.read_uploads(form.files["image"], "image")
-        return await generate_images(http_request, state, fields, images)
+        form = await read_form(http_request, ("image", "mask", "mask_image"), state.settings.max_body_bytes,
+                               list_fields=("url",))
+        for mask in ("mask", "mask_image"):
+            if mask in form.files or mask in form.fields:
+                raise APIError(400, f"{mask}: {state.settings.served_model_name!r} edits from the prompt and takes "
+                                    "no mask (no model family served here inpaints)", param=mask,
+                               code="invalid_parameter")
+        fields = validate_fields(ImageEditFields, json_form_fields(form.fields), strict=False)
+        check_fields(state, fields, fields.prompt)
+        images = await read_edit_images(state, form)
+        dimensions = requested_dimensions(fields.size) if fields.size not in (None, "auto") else state.auto_size(images)
+        output, output_format = await generate_images(http_request, state, fields, fields.prompt, images, dimensions)
+        return await images_answer(http_request, fields, output, output_format)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(body: ChatCompletionRequest, http_request: HTTPRequest, state: State) -> Any:
+        prompt, urls = last_user_message(body.messages)
+        check_fields(state, body, prompt)
+        check_upload_count(urls, "messages", state.accepted_uploads(), state.settings.served_model_name, state.kind)
+        images = await state.read_image_urls(urls)
+        dimensions = requested_dimensions(body.size, body.width, body.height)
+        if state.kind == "edit" and not dimensions:
+            dimensions = state.auto_size(images) if images else {}
+        # num_frames and fps go to every model: an image model's own rules refuse what it cannot use
+        output, output_format = await generate_images(http_request, state, body, prompt, images, dimensions,
+                                                      num_frames=body.num_frames, fps=body.fps)
+        if output is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return await chat_answer(state, body, output, output_format, request_id_of(http_request.scope))
 
     @app.post("/v1/videos", response_model=VideoObject, openapi_extra=VIDEO_BODY)
     async def create_video(http_request: HTTPRequest, state: State) -> VideoObject:
         state.require_kind("video", "POST /v1/videos")
-        content_type = http_request.headers.get("content-type", "")
-        images: list[Image.Image] = []
-        if content_type.startswith("application/json"):
-            fields = validate_fields(VideoCreateFields, await read_json_object(http_request), strict=True)
-            state.check_model(fields.model)
-        else:
-            form = await read_form(http_request, ("input_reference",), state.settings.max_body_bytes)
-            fields = validate_fields(VideoCreateFields, decode_form_json(form.fields, ("lora",)), strict=False)
-            state.check_model(fields.model)
-            state.check_texts(fields)
-            if form.files.get("input_reference"):
-                images = await state.read_uploads(form.files["input_reference"], "input_reference")
-        default_fps = state.defaults.fps or DEFAULT_FPS
+        fields, images = await read_video_request(http_request, state)
         videos = state.videos
         assert videos is not None  # a video model's server always has its job runner (require_kind above)
-        params = sampling_params(fields, fields.size, num_frames=video_seconds_to_frames(fields, default_fps),
-                                 fps=fields.fps)
         video_id = new_video_id()
         try:
-            request = await make_request(state.engine, fields, fields.prompt, params, images, request_id=video_id,
-                                         progress_callback=videos.progress_callback(video_id))
+            request = await make_request(state.engine, fields, fields.prompt, video_params(state, fields), images,
+                                         request_id=video_id, progress_callback=videos.progress_callback(video_id))
         except DitServeError as error:
-            if error.param == "image":  # the engine's name for what this route calls input_reference
-                error.param = "input_reference"
-            raise
+            raise http_param(error, "input_reference") from None
+        logger.info("request %s is video job %s", request_id_of(http_request.scope), video_id)
         job = new_video_job(state, video_id, request)
         videos.start(job, request)
-        return job.to_api()
+        return job.to_api(ignored_fields=ignored_fields(fields))
+
+    @app.post("/v1/videos/sync", response_class=Response, openapi_extra=VIDEO_BODY,
+              responses={200: {"content": {"video/mp4": {}}, "description": "the MP4 file"}})
+    async def create_video_sync(http_request: HTTPRequest, state: State) -> Response:
+        """Generate and answer with the MP4 itself: no job is recorded (the mirrored system's benchmark route)."""
+        state.require_kind("video", "POST /v1/videos/sync")
+        fields, images = await read_video_request(http_request, state)
+        output = await generate(http_request, state, fields, fields.prompt, video_params(state, fields), images,
+                                "input_reference")
+        if output is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        data = await run_in_threadpool(video_bytes, output.videos[0], output.fps or DEFAULT_FPS)
+        name = f"{request_id_of(http_request.scope)}.mp4"
+        return Response(data, media_type="video/mp4", headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     @app.get("/v1/videos", response_model=VideoList)
     async def list_videos(state: State,
                           after: Annotated[str | None, Query(pattern=VIDEO_ID_PATTERN, max_length=38)] = None,
-                          limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                          limit: Annotated[int, Query(ge=0, le=100)] = 20,
                           order: Literal["asc", "desc"] = "desc") -> VideoList:
         if state.store is None:
             return VideoList(data=[], has_more=False)
         jobs, has_more = state.store.list(after, limit, order)
-        data = [job.to_api() for job in jobs]
+        data = [job.to_api(state.settings.video_ttl_s) for job in jobs]
         return VideoList(data=data, has_more=has_more, first_id=data[0].id if data else None,
                          last_id=data[-1].id if data else None)
 
     @app.get("/v1/videos/{video_id}", response_model=VideoObject)
     async def retrieve_video(video_id: VideoIdParam, state: State) -> VideoObject:
-        return _job_or_404(state, video_id).to_api()
+        return _job_or_404(state, video_id).to_api(state.settings.video_ttl_s)
 
     @app.get("/v1/videos/{video_id}/content", response_class=FileResponse)
     async def video_content(video_id: VideoIdParam, state: State,
@@ -560,4 +819,6 @@ def create_app(engine: DiffusionEngine, settings: ServerSettings, store: VideoSt
     app.add_middleware(OriginCheckMiddleware, allowed_origins=frozenset(settings.allowed_origins))
     app.add_middleware(HostCheckMiddleware, allowed=allowed_host_patterns(settings.host, settings.allowed_hosts))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    # outermost: every answer, a refused Host or key included, carries the request's id
+    app.add_middleware(RequestIdMiddleware)
     return app

@@ -12,12 +12,15 @@ from ditserve.entrypoints.cli import add_engine_arguments, engine_kwargs
 
 API_KEY_ENV = "DITSERVE_API_KEY"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: a folder in the Hugging Face hub cache: ``.../models--<org>--<name>/snapshots/<revision>``
+HUB_CACHE_PREFIX = "models--"
 
 
 def register(subparsers: Any) -> None:
     from ditserve.config import Limits
     from ditserve.entrypoints.server.app import DEFAULT_VIDEO_TTL_S
     from ditserve.entrypoints.server.connections import ConnectionLimits
+    from ditserve.entrypoints.server.protocol import MAX_IMAGES_PER_REQUEST
 
     limits = Limits()
     connections = ConnectionLimits()
@@ -28,14 +31,17 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                         help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})")
-    parser.add_argument("--served-model-name", default=None,
-                        help="the model id clients send and /v1/models lists (default: the folder name)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="the model ids clients may send, all listed by /v1/models; the first names the model "
+                             "in answers (default: the folder's name and, where known, its hub id)")
     parser.add_argument("--max-batch-size", type=int, default=4,
                         help="compatible concurrent requests run together up to this many (1: no batching)")
     parser.add_argument("--max-steps", type=int, default=limits.max_steps)
     parser.add_argument("--max-image-size", type=int, default=limits.max_image_size,
                         help="largest height or width a request may ask for, or upload")
-    parser.add_argument("--max-n", type=int, default=limits.max_n, help="most images per request")
+    # the API's own ceiling (OpenAI's and the mirrored system's) by default; the engine's default is lower
+    parser.add_argument("--max-n", type=int, default=MAX_IMAGES_PER_REQUEST,
+                        help=f"most images per request (at most {MAX_IMAGES_PER_REQUEST} over HTTP)")
     parser.add_argument("--max-frames", type=int, default=limits.max_frames)
     parser.add_argument("--max-prompt-chars", type=int, default=limits.max_prompt_chars)
     parser.add_argument("--max-negative-prompt-chars", type=int, default=limits.max_negative_prompt_chars)
@@ -61,6 +67,10 @@ def register(subparsers: Any) -> None:
                         help="seconds an idle keep-alive connection stays open")
     parser.add_argument("--limit-concurrency", type=int, default=connections.max_connections,
                         help="connections and requests served at once; more requests get 503")
+    parser.add_argument("--allow-remote-images", action="store_true",
+                        help="fetch http(s) image URLs that clients send (chat image_url parts, edits' url); off: "
+                             "only data URLs. The server then fetches any address a client names, its own network's "
+                             "included")
     parser.add_argument("--log-level", dest="server_log_level", default=None, choices=LOG_LEVELS)
     parser.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
                         help="a folder requests and /v1/loras/load may take LoRA paths from (repeatable; symlinks "
@@ -85,14 +95,39 @@ def comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def served_model_name(args: argparse.Namespace) -> str:
+def served_model_names(args: argparse.Namespace) -> list[str]:
+    """The names clients may use: ``--served-model-name``'s, or the folder's name and the hub id it came from
+    (a hub id given as MODEL, or read from a hub-cache path), so a client naming either is served."""
     if args.served_model_name:
-        return args.served_model_name
+        return list(dict.fromkeys(args.served_model_name))
     if args.model is None:
         from ditserve.models.loader import DEMO_MODEL_NAME
 
-        return DEMO_MODEL_NAME
-    return Path(args.model.rstrip("/")).name or args.model
+        return [DEMO_MODEL_NAME]
+    path = Path(args.model.rstrip("/"))
+    hub_id = hub_id_of(args.model)
+    if hub_id is not None and any(part.startswith(HUB_CACHE_PREFIX) for part in path.parts):
+        # a hub-cache folder is named by its revision hash: the hub id is the name, then its last part
+        return list(dict.fromkeys([hub_id, hub_id.rsplit("/", 1)[-1]]))
+    names = [path.name or args.model]
+    if hub_id is not None:
+        names.append(hub_id)
+    return list(dict.fromkeys(names))
+
+
+def hub_id_of(model: str) -> str | None:
+    """``org/name`` when MODEL is a hub id, or a folder of the hub cache (``models--org--name/snapshots/x``)."""
+    path = Path(model.rstrip("/"))
+    for part in reversed(path.parts):
+        if part.startswith(HUB_CACHE_PREFIX) and part.count("--") >= 2:
+            return part[len(HUB_CACHE_PREFIX):].replace("--", "/", 1)
+    if not path.exists() and len(path.parts) == 2 and not model.startswith((".", "/")):
+        return model.rstrip("/")
+    return None
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    return served_model_names(args)[0]
 
 
 def engine_config(args: argparse.Namespace) -> Any:
@@ -127,7 +162,9 @@ def server_settings(args: argparse.Namespace) -> Any:
             raise InvalidParameterError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be > 0", param=flag)
     connections = ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                                    keep_alive_s=args.timeout_keep_alive, max_connections=args.limit_concurrency)
-    return ServerSettings(served_model_name=served_model_name(args), api_key=args.api_key or None,
+    names = served_model_names(args)
+    return ServerSettings(served_model_name=names[0], aliases=names[1:], allow_remote_images=args.allow_remote_images,
+                          api_key=args.api_key or None,
                           output_dir=args.output_dir or DEFAULT_OUTPUT_DIR, max_body_mb=args.max_body_mb,
                           host=args.host, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
                           connections=connections, video_ttl_s=args.video_ttl * 3600 or None)

@@ -1,19 +1,28 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic), with ditserve's extra fields.
 
-Requests forbid unknown fields (an option we would ignore is an error, never silently dropped) and reject
-NaN/infinity. Text fields have a hard ceiling here (pydantic refuses longer ones before anything else runs);
+Requests forbid unknown fields and reject NaN/infinity. Fields that OpenAI or the mirrored system (vLLM-Omni)
+define are accepted where they apply: honoured, or accepted and named in the response's ``ignored_fields`` (never
+silently dropped), or refused with a 400 that says why (``UNSUPPORTED_FIELDS``). Text fields have a hard ceiling here (pydantic refuses longer ones before anything else runs);
 the engine's configurable limits (``Limits``) are checked next, in ``make_request``. JSON bodies are strict (``"n": "2"`` is a type error); multipart forms carry only strings, so
 they are validated with ``strict=False`` against the same models.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from ditserve.config import MAX_TEXT_CHARS
 from ditserve.entrypoints.server.errors import APIError
@@ -23,12 +32,48 @@ SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
 #: our video ids: a fixed prefix and 128 random bits; nothing else ever reaches the store or the disk
 VIDEO_ID_PATTERN = r"^video_[0-9a-f]{32}$"
 MAX_SEED = 2**63 - 1
+#: the most images one request may ask for (OpenAI's and the mirrored system's ceiling); ``--max-n`` may lower it
+MAX_IMAGES_PER_REQUEST = 10
+#: the only device seeds are drawn on: every request has its own CPU generator, so a seed gives the same
+#: noise on any accelerator
+GENERATOR_DEVICE = "cpu"
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+#: other spellings clients send for an output format (OpenAI's docs and the mirrored system accept ``jpg``)
+OUTPUT_FORMAT_ALIASES = {"jpg": "jpeg"}
+
+
+def _normalise_output_format(value: Any) -> Any:
+    """``"PNG"`` -> ``"png"``, ``"jpg"`` -> ``"jpeg"``; anything else is left for the type check to refuse."""
+    if isinstance(value, str):
+        lowered = value.lower()
+        return OUTPUT_FORMAT_ALIASES.get(lowered, lowered)
+    return value
+
+
+#: the schema lists the spellings accepted, so a schema-driven client (or fuzzer) knows ``jpg``/``PNG`` are valid
+OutputFormatField = Annotated[OutputFormat, BeforeValidator(_normalise_output_format), WithJsonSchema(
+    {"type": "string", "enum": ["png", "jpeg", "jpg", "webp", "PNG", "JPEG", "JPG", "WEBP"]})]
 
 
 class StrictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    #: fields a client may send that change nothing here (named in the response's ``ignored_fields``)
+    ignored_when_set: ClassVar[tuple[str, ...]] = ()
+
+    def ignored_fields(self) -> list[str]:
+        """The fields this request set that the server accepts and ignores, in declaration order."""
+        return [name for name in self.ignored_when_set if name in self.model_fields_set]
+
+
+#: fields of the mirrored system's requests that this server knows but cannot honour, and why
+UNSUPPORTED_FIELDS = {
+    "flow_shift": "the scheduler's shift comes from the model folder's scheduler config; this engine does not "
+                  "change it per request",
+    "layers": "it is a parameter of Qwen-Image-Layered pipelines, which this server does not run",
+    "resolution": "it is a parameter of Qwen-Image-Layered pipelines, which this server does not run",
+}
 
 
 class LoRAField(StrictRequest):
@@ -52,7 +97,8 @@ class LoRAUnloadRequest(StrictRequest):
 
 
 class GenerationOptions(StrictRequest):
-    """Sampling extras every generating route accepts (ditserve fields beyond OpenAI's)."""
+    """Sampling extras every generating route accepts (ditserve's and the mirrored system's fields beyond
+    OpenAI's)."""
 
     model: str | None = Field(None, max_length=256, description="the served model name; omit for the served model")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="same seed, same bytes")
@@ -61,28 +107,182 @@ class GenerationOptions(StrictRequest):
     true_cfg_scale: float | None = Field(None, ge=0, le=100)
     negative_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     lora: LoRAField | None = Field(None, description="a LoRA adapter for this request (multipart forms: as JSON)")
+    max_sequence_length: int | None = Field(None, ge=1, le=4096)
+    guidance_scale_2: float | None = Field(None, ge=0, le=100,
+                                           description="two-expert video models: the low-noise expert's guidance")
+    boundary_ratio: float | None = Field(None, ge=0, le=1,
+                                         description="two-expert video models: where the low-noise expert takes over")
+    generator_device: str | None = Field(None, max_length=32, description='only "cpu": seeds drive CPU generators')
+    extra_params: dict[str, Any] | None = Field(
+        None, description="named pipeline arguments beyond these fields; none is accepted yet (an empty object is)")
+    flow_shift: float | None = Field(None, description="refused: " + UNSUPPORTED_FIELDS["flow_shift"])
+    layers: int | None = Field(None, description="refused: " + UNSUPPORTED_FIELDS["layers"])
+    resolution: int | None = Field(None, description="refused: " + UNSUPPORTED_FIELDS["resolution"])
+
+    @field_validator("generator_device")
+    @classmethod
+    def _cpu_generator(cls, value: str | None) -> str | None:
+        if value is not None and value != GENERATOR_DEVICE:
+            raise ValueError(f"only {GENERATOR_DEVICE!r} is allowed: every request's seed drives its own CPU "
+                             "generator, so the same seed gives the same image on any device")
+        return value
+
+    def refuse_unsupported(self) -> None:
+        """A 400 naming the first field set here that this server cannot honour (never silently dropped)."""
+        for name, reason in UNSUPPORTED_FIELDS.items():
+            if getattr(self, name) is not None:
+                raise APIError(400, f"{name} is not supported by this server: {reason}", param=name,
+                               code="unsupported_parameter")
+        if self.extra_params:
+            first = sorted(self.extra_params)[0]
+            raise APIError(400, f"extra_params.{first}: this server passes no extra arguments to its pipelines; "
+                                f"use the named request fields (unknown: {sorted(self.extra_params)})",
+                           param=f"extra_params.{first}", code="unsupported_parameter")
 
 
-class ImageGenerationRequest(GenerationOptions):
+class OpenAIImageFields(StrictRequest):
+    """Fields OpenAI's image routes define beyond prompt/size/n: honoured where they mean something here,
+    otherwise accepted and named in ``ignored_fields``."""
+
+    user: str | None = Field(None, max_length=512, description="accepted and ignored")
+    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = Field(
+        None, description="accepted and ignored: quality follows num_inference_steps")
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        None, description="the models served here make opaque images: transparent is refused")
+    output_compression: int | None = Field(None, ge=0, le=100,
+                                           description="JPEG/WebP quality; ignored for PNG (lossless)")
+    stream: bool | None = Field(None, description="false only: streaming is not implemented")
+
+    def refuse_unhonourable(self) -> None:
+        if self.stream:
+            raise APIError(400, "stream=true is not supported yet: send stream=false (or omit it) and receive the "
+                                "whole answer at once", param="stream", code="unsupported_parameter")
+        if self.background == "transparent":
+            raise APIError(400, "background='transparent' needs a model that makes RGBA images; the models served "
+                                "here make opaque RGB images: use 'opaque' or 'auto'", param="background",
+                           code="unsupported_parameter")
+
+
+class ImageGenerationRequest(OpenAIImageFields, GenerationOptions):
+    ignored_when_set = ("user", "quality", "style", "moderation")
+
     prompt: str = Field(max_length=MAX_TEXT_CHARS)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
     size: str | None = Field(None, pattern=SIZE_PATTERN, description='"WxH" or "auto" (the model default)')
-    response_format: Literal["b64_json"] | None = Field(
-        None, description="only b64_json: this server keeps no image files to link to")
-    output_format: OutputFormat | None = None
+    response_format: Literal["b64_json", "file"] | None = Field(
+        None, description='b64_json (JSON, the default) or file (the raw bytes of one image); this server keeps no '
+                          'image files to link to')
+    output_format: OutputFormatField | None = Field(None, description="png, jpeg (or jpg) or webp, any case")
+    style: Literal["vivid", "natural"] | None = Field(None, description="accepted and ignored")
+    moderation: Literal["low", "auto"] | None = Field(None, description="accepted and ignored")
 
 
-class ImageEditFields(ImageGenerationRequest):
-    """The text fields of ``/v1/images/edits`` (the images arrive as file parts)."""
+class ImageEditFields(OpenAIImageFields, GenerationOptions):
+    """The text fields of ``/v1/images/edits`` (the images arrive as file parts or ``url`` data URLs)."""
+
+    ignored_when_set = ("user", "quality")
+
+    prompt: str = Field(max_length=MAX_TEXT_CHARS)
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    size: str | None = Field(None, pattern=SIZE_PATTERN,
+                             description='"WxH", or "auto" (the default): the input\'s aspect ratio within the '
+                                         "model's pixel budget")
+    response_format: Literal["b64_json", "file"] | None = None
+    output_format: OutputFormatField | None = None
 
 
 class VideoCreateFields(GenerationOptions):
+    ignored_when_set = ("user",)
+
     prompt: str = Field(max_length=MAX_TEXT_CHARS)
     size: str | None = Field(None, pattern=SIZE_PATTERN, description='"WxH" or "auto" (the model default)')
+    width: int | None = Field(None, ge=1, le=65536, description="instead of size, with height")
+    height: int | None = Field(None, ge=1, le=65536, description="instead of size, with width")
     seconds: Annotated[int, Field(ge=1, le=600)] | Annotated[str, Field(pattern=r"^[1-9][0-9]{0,2}$")] | None = (
         Field(None, description="clip length; becomes seconds * fps + 1 frames unless num_frames is given"))
     num_frames: int | None = Field(None, ge=1)
     fps: int | None = Field(None, ge=1, le=240)
+    user: str | None = Field(None, max_length=512, description="accepted and ignored")
+
+
+# ---------------------------------------------------------------------------------------------- chat
+class TextPart(StrictRequest):
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_TEXT_CHARS)
+
+
+class ImageURL(StrictRequest):
+    url: str = Field(description="a data URL (data:image/png;base64,...), or http(s) with --allow-remote-images")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(StrictRequest):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(StrictRequest):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: (Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | Annotated[list[ContentPart], Field(max_length=64)]
+              | None) = None
+    name: str | None = Field(None, max_length=256)
+
+
+class ChatCompletionRequest(OpenAIImageFields, GenerationOptions):
+    """``/v1/chat/completions`` for diffusion models: the last user message is the prompt (its text parts) and
+    the input images (its ``image_url`` parts); generation fields at the top level or in ``extra_body``. Video
+    models answer with ``video_url`` parts (MP4 data URLs)."""
+
+    ignored_when_set = ("user", "quality", "temperature", "top_p", "max_tokens", "max_completion_tokens",
+                        "modalities", "presence_penalty", "frequency_penalty", "stop", "logprobs", "stream_options",
+                        "store", "metadata")
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=64)
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    size: str | None = Field(None, pattern=SIZE_PATTERN)
+    width: int | None = Field(None, ge=1, le=65536)
+    height: int | None = Field(None, ge=1, le=65536)
+    output_format: OutputFormatField | None = None
+    image_format: OutputFormatField | None = Field(None, description="the mirrored system's name for output_format")
+    num_frames: int | None = Field(None, ge=1, description="video models: frames of the clip")
+    fps: int | None = Field(None, ge=1, le=240, description="video models: frames per second of the MP4")
+    temperature: float | None = Field(None, ge=0, le=2, description="accepted and ignored")
+    top_p: float | None = Field(None, ge=0, le=1, description="accepted and ignored")
+    max_tokens: int | None = Field(None, ge=1, description="accepted and ignored")
+    max_completion_tokens: int | None = Field(None, ge=1, description="accepted and ignored")
+    modalities: list[Literal["text", "image"]] | None = Field(None, max_length=2, description="accepted and ignored")
+    # OpenAI's text-sampling fields, which SDKs and chat front ends send by default: they mean nothing to a
+    # diffusion model, so they are accepted and named in ignored_fields (tools and the like stay refused)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="accepted and ignored")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="accepted and ignored")
+    stop: Annotated[str, Field(max_length=256)] | Annotated[list[str], Field(max_length=4)] | None = Field(
+        None, description="accepted and ignored")
+    logprobs: bool | None = Field(None, description="accepted and ignored")
+    stream_options: dict[str, Any] | None = Field(None, description="accepted and ignored")
+    store: bool | None = Field(None, description="accepted and ignored")
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="accepted and ignored")
+    extra_body: dict[str, Any] | None = Field(
+        None, description="generation fields nested as curl users send them; merged into the top level")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_extra_body(cls, values: Any) -> Any:
+        """The OpenAI SDK flattens ``extra_body`` into the top level; plain HTTP clients send it nested. Both
+        mean the same request, so the nested fields are validated as top-level ones."""
+        if not isinstance(values, dict) or not isinstance(values.get("extra_body"), dict):
+            return values
+        nested = values["extra_body"]
+        merged = {name: value for name, value in values.items() if name != "extra_body"}
+        for name, value in nested.items():
+            if name == "extra_body":
+                raise ValueError("extra_body.extra_body: extra_body cannot be nested")
+            if name in merged and merged[name] != value:
+                raise ValueError(f"extra_body.{name}: {name} is also given at the top level, with another value")
+            merged[name] = value
+        return merged
 
 
 # ---------------------------------------------------------------------------------------------- responses
@@ -93,6 +293,8 @@ class GenerationInfo(BaseModel):
     seed: int | None = None
     timings: dict[str, float] | None = None
     cache_stats: dict[str, Any] | None = None
+    #: request fields that were accepted but change nothing here (see the README)
+    ignored_fields: list[str] | None = None
 
 
 class ImageData(BaseModel):
@@ -126,6 +328,13 @@ class VideoObject(GenerationInfo):
     num_frames: int | None = None
     fps: int | None = None
     inference_time_s: float | None = None
+    #: seconds per stage of the generation: encode, denoise, decode
+    stage_durations: dict[str, float] | None = None
+    #: the accelerator's peak allocated memory in this server process when the job finished (None on CPU)
+    peak_memory_mb: float | None = None
+    file_name: str | None = None
+    #: when the finished job and its file are removed (None: kept until deleted)
+    expires_at: int | None = None
     error: VideoError | None = None
 
 
@@ -141,6 +350,54 @@ class VideoDeleted(BaseModel):
     id: str
     object: Literal["video.deleted"] = "video.deleted"
     deleted: bool
+
+
+class ChatImageURL(BaseModel):
+    url: str
+
+
+class ChatImagePart(BaseModel):
+    type: Literal["image_url"] = "image_url"
+    image_url: ChatImageURL
+
+
+class ChatVideoURL(BaseModel):
+    url: str
+
+
+class ChatVideoPart(BaseModel):
+    """A generated video, as chat APIs that take videos spell a video part."""
+
+    type: Literal["video_url"] = "video_url"
+    video_url: ChatVideoURL
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: list[ChatImagePart | ChatVideoPart]
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatResponseMessage
+    finish_reason: Literal["stop"] = "stop"
+
+
+class ChatUsage(BaseModel):
+    """No tokens are generated: OpenAI's clients expect the object, with zeros."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatCompletionResponse(GenerationInfo):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage = Field(default_factory=ChatUsage)
 
 
 class ModelCard(BaseModel):
@@ -186,19 +443,6 @@ def validate_fields(model: type[StrictRequest], values: dict[str, Any], *, stric
         param = ".".join(str(part) for part in first["loc"]) or None
         raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param,
                        code="invalid_parameter") from None
-
-
-def decode_form_json(values: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
-    """Multipart forms carry strings only: the object fields ``names`` arrive as JSON text and are decoded here."""
-    decoded = dict(values)
-    for name in names:
-        if isinstance(decoded.get(name), str):
-            try:
-                decoded[name] = json.loads(decoded[name])
-            except ValueError:
-                raise APIError(400, f"{name}: a JSON object is expected", param=name,
-                               code="invalid_parameter") from None
-    return decoded
 
 
 def parse_size(size: str | None) -> tuple[int, int] | None:

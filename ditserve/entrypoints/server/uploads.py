@@ -8,6 +8,7 @@ import io
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request
@@ -29,12 +30,20 @@ DECODE_MEMORY_BYTES = 256 * 1024 * 1024
 DECODE_BYTES_PER_PIXEL = 4 + 3
 
 
-class Form:
-    """A parsed multipart form: one string per text field, a list of uploads per file field."""
+#: the form encodings routes read (urlencoded forms carry no files)
+MULTIPART = "multipart/form-data"
+URLENCODED = "application/x-www-form-urlencoded"
 
-    def __init__(self, fields: dict[str, str], files: dict[str, list[UploadFile]]) -> None:
+
+class Form:
+    """A parsed form: one string per text field, a list of strings per list field, a list of uploads per file
+    field."""
+
+    def __init__(self, fields: dict[str, str], files: dict[str, list[UploadFile]],
+                 lists: dict[str, list[str]] | None = None) -> None:
         self.fields = fields
         self.files = files
+        self.lists = lists or {}
 
 
 def _file_field_name(name: str) -> str:
@@ -42,17 +51,23 @@ def _file_field_name(name: str) -> str:
     return name.split("[", 1)[0] if name.endswith("]") and "[" in name else name
 
 
-async def read_form(request: Request, file_fields: tuple[str, ...], max_part_bytes: int) -> Form:
+async def read_form(request: Request, file_fields: tuple[str, ...], max_part_bytes: int,
+                    list_fields: tuple[str, ...] = (), encodings: tuple[str, ...] = (MULTIPART,)) -> Form:
+    """The form of ``request`` in one of ``encodings``; ``list_fields`` are text fields that may repeat
+    (``url``, ``url[]``), every other text field is given at most once."""
     content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise APIError(415, f"this route takes multipart/form-data, not {content_type or 'an empty body'!r}",
+    if not content_type.startswith(encodings):
+        raise APIError(415, f"this route takes {' or '.join(encodings)}, not {content_type or 'an empty body'!r}",
                        code="unsupported_media_type")
     form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS, max_part_size=max_part_bytes)
     fields: dict[str, str] = {}
     files: dict[str, list[UploadFile]] = defaultdict(list)
+    lists: dict[str, list[str]] = defaultdict(list)
     for raw_name, value in form.multi_items():
         name = _file_field_name(raw_name)
-        if isinstance(value, UploadFile):
+        if name in list_fields and not isinstance(value, UploadFile):
+            lists[name].append(value)
+        elif isinstance(value, UploadFile):
             if name not in file_fields:
                 raise APIError(400, f"{raw_name} is not a file field; file fields: {list(file_fields)}",
                                param=raw_name, code="invalid_parameter")
@@ -64,7 +79,7 @@ async def read_form(request: Request, file_fields: tuple[str, ...], max_part_byt
             raise APIError(400, f"{raw_name} was given more than once", param=raw_name, code="invalid_parameter")
         else:
             fields[raw_name] = value
-    return Form(fields, dict(files))
+    return Form(fields, dict(files), dict(lists))
 
 
 def decode_image(data: bytes, field: str, max_side: int) -> Image.Image:
@@ -95,7 +110,7 @@ def decode_permits(max_side: int) -> int:
     return max(1, min(os.cpu_count() or 1, DECODE_MEMORY_BYTES // per_image))
 
 
-def check_upload_count(uploads: list[UploadFile], field: str, accepted: int, model_name: str, kind: str) -> None:
+def check_upload_count(uploads: Sequence[object], field: str, accepted: int, model_name: str, kind: str) -> None:
     """Refuse more uploads than the model takes before any of them is read or decoded."""
     if len(uploads) <= accepted:
         return
@@ -118,3 +133,9 @@ async def read_images(uploads: list[UploadFile], field: str, max_side: int,
             # decoding is CPU work: keep it off the event loop
             images.append(await run_in_threadpool(decode_image, data, field, max_side))
     return images
+
+
+async def decode_blob(data: bytes, field: str, max_side: int, decoding: asyncio.Semaphore) -> Image.Image:
+    """``read_images`` for one image that arrived as bytes (a data URL, a fetched URL)."""
+    async with decoding:
+        return await run_in_threadpool(decode_image, data, field, max_side)

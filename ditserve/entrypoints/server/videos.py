@@ -51,6 +51,10 @@ LOCK_NAME = "server.lock"
 PARTIAL_SUFFIX = ".mp4.partial"
 ACTIVE_STATUSES = ("queued", "in_progress")
 FINISHED_STATUSES = ("completed", "failed")
+#: the stages a job's ``stage_durations`` reports, from the engine's ``<stage>_s`` timings
+STAGES = ("encode", "denoise", "decode")
+#: columns added after the first release: a folder written by an older server gets them when it is opened
+ADDED_COLUMNS = {"peak_memory_mb": "REAL"}
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -66,6 +70,16 @@ def describe_os_error(error: OSError) -> str:
 
 def new_video_id() -> str:
     return f"video_{secrets.token_hex(16)}"
+
+
+def accelerator_peak_mb() -> float | None:
+    """The CUDA device's peak allocated memory in this process, in MiB; None without CUDA. Requests share
+    steps (batching), so a per-request peak does not exist: this is the process's peak so far."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 def check_video_id(video_id: str) -> str:
@@ -94,13 +108,20 @@ class VideoJob:
     error_message: str | None = None
     timings: dict[str, float] | None = None
     cache_stats: dict[str, Any] | None = None
+    peak_memory_mb: float | None = None
     #: set by the store (creation order, the cursor of listings)
     seq: int | None = field(default=None, repr=False)
 
-    def to_api(self) -> VideoObject:
+    def to_api(self, ttl_s: float | None = None, ignored_fields: list[str] | None = None) -> VideoObject:
+        """The job as the API shows it; ``ttl_s``: the store's retention (sets ``expires_at`` once finished)."""
         error = {"code": self.error_code, "message": self.error_message or ""} if self.error_code else None
         values = {k: v for k, v in asdict(self).items() if k not in ("error_code", "error_message", "seq")}
-        return VideoObject(**values, error=error)
+        timings = self.timings or {}
+        stages = {stage: timings[f"{stage}_s"] for stage in STAGES if f"{stage}_s" in timings} or None
+        expires_at = int(self.completed_at + ttl_s) if ttl_s is not None and self.completed_at is not None else None
+        return VideoObject(**values, error=error, stage_durations=stages, expires_at=expires_at,
+                           file_name=f"{self.id}.mp4" if self.status == "completed" else None,
+                           ignored_fields=ignored_fields)
 
 
 _JSON_COLUMNS = ("timings", "cache_stats")
@@ -136,6 +157,10 @@ class VideoStore:
                 "created_at INTEGER, status TEXT, model TEXT, prompt TEXT, size TEXT, seconds TEXT, "
                 "num_frames INTEGER, fps INTEGER, progress INTEGER, completed_at INTEGER, inference_time_s REAL, "
                 "seed INTEGER, error_code TEXT, error_message TEXT, timings TEXT, cache_stats TEXT)")
+            present = {row["name"] for row in self._db.execute("PRAGMA table_info(videos)")}
+            for name, kind in ADDED_COLUMNS.items():
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE videos ADD COLUMN {name} {kind}")
         except sqlite3.Error as error:
             self._lock_file.close()
             raise InvalidParameterError(f"output_dir {str(self.directory)!r}: its job database is not usable "
@@ -352,7 +377,7 @@ class VideoJobRunner:
             finished = self.store.finish(
                 video_id, "completed", progress=100, completed_at=int(time.time()), seed=output.seed,
                 inference_time_s=round(output.timings.get("total_s", 0.0), 4), timings=output.timings,
-                cache_stats=output.cache_stats)
+                cache_stats=output.cache_stats, peak_memory_mb=accelerator_peak_mb())
         except sqlite3.Error as error:
             self.store.degraded = f"the job database could not be written: {error}"
             logger.error("video job %s finished but could not be recorded: %s", video_id, error)
