@@ -12,7 +12,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ditserve.bench.scale_report import DERIVED_STEPS, MARKDOWN_NAME, MODEL_NAMES, Row, Status
+from ditserve.bench.scale_report import (
+    DERIVED_STEPS,
+    JSON_NAME,
+    MARKDOWN_NAME,
+    MODEL_NAMES,
+    Row,
+    Status,
+    markdown,
+)
 from ditserve.errors import InvalidParameterError
 
 ROW_NAMES = tuple(row.value for row in Row)
@@ -42,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:1, cpu (cpu: --dry-run only)")
     parser.add_argument("--frames", type=int, default=None,
                         help="Wan's frame count at full scale (4k+1; default 81) where 81 frames do not fit")
-    parser.add_argument("--out", type=Path, required=True, help=f"folder for scale.json and {MARKDOWN_NAME}")
+    parser.add_argument("--out", type=Path, required=True, help=f"folder for {JSON_NAME} and {MARKDOWN_NAME}")
 
 
 def options_from_args(args: argparse.Namespace, command: str) -> Any:
@@ -82,7 +90,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     results = run_scale(options_from_args(args, command_line(args.scale_prefix, args)))
     measured = sum(r.status is Status.OK for r in results.rows)
-    print(f"wrote {args.out / MARKDOWN_NAME} and scale.json: {measured} of {len(results.rows)} rows measured")
+    print(markdown(results))
+    print(f"wrote {args.out / MARKDOWN_NAME} and {JSON_NAME}: {measured} of {len(results.rows)} rows measured")
     return 0
 
 
