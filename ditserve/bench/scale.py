@@ -10,7 +10,7 @@ runs a row only when it fits the time left, and records the others with the reas
 after every row. ``--dry-run`` runs the same code at a tiny scale (a few narrow blocks, 64x64) in seconds on a
 CPU, which is what the tests run.
 
-    python -m ditserve.bench.scale --budget-s 330 --out results/scale        # on a GPU
+    python -m ditserve.bench.scale --budget-s 270 --out results/scale        # on a GPU
     python -m ditserve.bench.scale --dry-run --out /tmp/scale                # anywhere, seconds
 """
 
@@ -42,6 +42,7 @@ from ditserve.bench.scale_models import (
     workload,
 )
 from ditserve.bench.scale_report import (
+    CAVEATS,
     DERIVED_STEPS,
     PlannedRow,
     Row,
@@ -343,7 +344,7 @@ class ScaleBench:
             command=self.options.command, scale=self.scale.value, device=device_name, dtype="bfloat16",
             torch_version=torch.__version__, diffusers_version=diffusers.__version__, warmup=self.options.warmup,
             repeats=self.options.repeats, budget_s=self.options.budget_s,
-            started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), models=models, plan=self.plan())
+            started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), models=models, plan=self.plan(), notes=CAVEATS)
 
     # ------------------------------------------------------------------ run
     def _write(self) -> dict[str, Path]:

@@ -61,6 +61,17 @@ ROW_DESCRIPTIONS = {
 }
 
 
+#: what every reader of the figures must know, in both outputs
+CAVEATS = (
+    "random bf16 weights of the published architectures: the timings and memory are real; output differences "
+    "(rel_error_vs_bf16, FP8) say nothing about image quality",
+    f"derived_request_s is computed from the step time ({DERIVED_STEPS} x step), not measured; text encoding is "
+    "not included (random prompt embeddings in place of the text encoders)",
+    "one transformer pass per step (no classifier-free guidance); derived_request_default_cfg_s counts the "
+    "family's default passes",
+)
+
+
 class Status(str, Enum):
     OK = "ok"
     #: not run: outside the budget, or not a default row here
@@ -143,6 +154,7 @@ class ScaleResults:
     elapsed_s: float = 0.0
     #: False until every planned row has a record: a file read after a cut-off says so
     complete: bool = False
+    notes: tuple[str, ...] = ()
     schema: str = SCHEMA
 
 
@@ -222,10 +234,7 @@ def markdown(results: ScaleResults) -> str:
              f"- started {results.started}, {results.elapsed_s:.0f} s so far"
              + (f" of a {results.budget_s:.0f} s budget" if results.budget_s else "")
              + ("" if results.complete else " (INCOMPLETE: the run stopped before its last row)"),
-             "- random bf16 weights of the published architectures: the timings and memory are real; output "
-             "differences (FP8) say nothing about image quality",
-             f"- `derived {DERIVED_STEPS} steps` is computed from the step time ({DERIVED_STEPS} x step), not "
-             "measured; text encoding is not included (random prompt embeddings)"]
+             *(f"- {note}" for note in results.notes)]
     if tiny:
         lines.append("- TINY SCALE (dry run): a check that the code path works, not evidence of anything")
     lines += ["", "## Models", "", "| model | parameters | weights GiB | output | image tokens | text tokens |",

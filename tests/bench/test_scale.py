@@ -93,6 +93,7 @@ def test_markdown_states_scale_rows_targets_and_plan(dry_run) -> None:
         assert heading in text
     assert text.count("| qwen-image |") >= len(Row)
     assert results["command"].startswith("ditserve bench scale") and "--dry-run" in results["command"]
+    assert any("image quality" in note for note in results["notes"])
 
 
 def test_a_budget_skips_what_does_not_fit_and_writes_after_every_row(tmp_path: Path,
