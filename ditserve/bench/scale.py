@@ -37,8 +37,7 @@ from ditserve.bench.scale_models import (
     ScaleModel,
     Workload,
     build_pipeline,
-    latent_channels,
-    latent_grid,
+    vae_latent_shape,
     workload,
 )
 from ditserve.bench.scale_report import (
@@ -168,6 +167,17 @@ def expected_cost_s(row: Row, work: Workload, costs: CostModel, calls: int, bloc
     if row is Row.MODEL_OFFLOAD:
         total += work.weight_bytes / costs.to_host_bytes_per_s + work.weight_bytes / costs.stream_bytes_per_s
     return total + calls * step_s
+
+
+def bench_request(loaded: LoadedModel, spec: ScaleModel, scale: Scale) -> Request:
+    """The request every row of a model steps: its output size, a DERIVED_STEPS-step schedule, one pass per step."""
+    size = spec.output_size(scale)
+    asked = {"height": size.height, "width": size.width, "num_inference_steps": DERIVED_STEPS, "seed": SEED,
+             "max_sequence_length": spec.tokens_of_text(scale), **spec.params}
+    if size.frames > 1:
+        asked["num_frames"] = size.frames
+    params = loaded.adapter.resolve_params(OmniDiffusionSamplingParams(**asked))
+    return Request(prompt="ditserve bench scale", params=params)
 
 
 @dataclass
@@ -330,11 +340,10 @@ class ScaleBench:
         models = {}
         for name, spec in self.specs.items():
             work, size = self.workloads[name], spec.output_size(self.scale)
-            frames, rows, columns = latent_grid(spec, self.scale)
             models[name] = {
                 "parameters": work.parameters, "weight_bytes": work.weight_bytes,
                 "output": f"{size.width}x{size.height}" + (f", {size.frames} frames" if size.frames > 1 else ""),
-                "latents": [latent_channels(spec, self.scale), frames, rows, columns],
+                "vae_latents": list(vae_latent_shape(spec, self.scale)),
                 "image_tokens": work.image_tokens, "text_tokens": work.text_tokens, "step_tflop": work.step_flops / 1e12,
                 "transformer": spec.transformer_class, "vae": spec.vae_class,
                 "transformer_config": spec.transformer_kwargs(self.scale), "vae_config": spec.vae_kwargs(self.scale),
@@ -432,13 +441,7 @@ class ScaleBench:
         return built
 
     def _request(self, built: BuiltModel) -> Request:
-        spec, size = built.spec, built.spec.output_size(self.scale)
-        asked = {"height": size.height, "width": size.width, "num_inference_steps": DERIVED_STEPS, "seed": SEED,
-                 "max_sequence_length": spec.tokens_of_text(self.scale), **spec.params}
-        if size.frames > 1:
-            asked["num_frames"] = size.frames
-        params = built.loaded.adapter.resolve_params(OmniDiffusionSamplingParams(**asked))
-        return Request(prompt="ditserve bench scale", params=params)
+        return bench_request(built.loaded, built.spec, self.scale)
 
     def _reference(self, built: BuiltModel) -> FirstCall:
         """The first step's transformer call of the model as built, in eager bf16 through our runner."""
@@ -504,11 +507,8 @@ class ScaleBench:
         spec = self.specs[model]
         loaded = build_pipeline(spec, self.scale, self.device, torch.bfloat16, SEED, with_transformer=False)
         apply_levers(loaded, lever_config(row, spec, self.device))
-        frames, rows, columns = latent_grid(spec, self.scale)
-        shape = (1, latent_channels(spec, self.scale), *((frames,) if spec.vae_class != "AutoencoderKL" else ()),
-                 rows, columns)
-        latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(SEED)).to(self.device,
-                                                                                          torch.bfloat16)
+        latents = torch.randn(vae_latent_shape(spec, self.scale), generator=torch.Generator("cpu").manual_seed(SEED))
+        latents = latents.to(self.device, torch.bfloat16)
         vae = loaded.pipeline.vae
 
         @torch.no_grad()

@@ -222,6 +222,17 @@ def latent_channels(model: ScaleModel, scale: Scale) -> int:
     return vae.get("z_dim") or vae["latent_channels"]
 
 
+#: the one VAE class here without a frame axis (Qwen-Image's and Wan's are video VAEs: an image is one frame)
+IMAGE_VAE_CLASS = "AutoencoderKL"
+
+
+def vae_latent_shape(model: ScaleModel, scale: Scale) -> tuple[int, ...]:
+    """The shape of one output's latents as the VAE decodes them."""
+    frames, rows, columns = latent_grid(model, scale)
+    temporal = () if model.vae_class == IMAGE_VAE_CLASS else (frames,)
+    return (1, latent_channels(model, scale), *temporal, rows, columns)
+
+
 def workload(model: ScaleModel, scale: Scale) -> Workload:
     """The step's size, from the transformer built on the meta device (exact parameter count, no memory)."""
     config = model.transformer_kwargs(scale)

@@ -10,8 +10,16 @@ import pytest
 import torch
 
 from ditserve.bench import scale, scale_report
-from ditserve.bench.scale_models import MODELS, Scale, build_module, workload
+from ditserve.bench.scale_models import (
+    MODELS,
+    Scale,
+    build_module,
+    build_pipeline,
+    vae_latent_shape,
+    workload,
+)
 from ditserve.bench.scale_report import DERIVED_STEPS, MODEL_NAMES, Row, Status
+from ditserve.engine.runner import ModelRunner
 from ditserve.entrypoints.cli import main
 from ditserve.levers.fp8 import unmatched_patterns
 
@@ -174,3 +182,23 @@ def test_bench_words_route_to_their_own_sub_commands() -> None:
     assert route_bench_subcommand(["bench", "org/model", "--quick"]) == ["bench", "org/model", "--quick"]
     args = build_parser().parse_args(route_bench_subcommand(["bench", "scale", "--out", "x", "--rows", "ours"]))
     assert args.rows == "ours" and args.scale_prefix == ("ditserve", "bench", "scale")
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_full_size_steps_and_decodes_hold_together_on_the_meta_device(name: str) -> None:
+    """The published configs at the published output size, through our loop and the VAE, with shapes only
+    (the meta device computes no values): what the GPU run will do, minus the arithmetic."""
+    spec, meta = MODELS[name], torch.device("meta")
+    loaded = build_pipeline(spec, Scale.FULL, meta, torch.bfloat16, scale.SEED)
+    runner = ModelRunner(scale.lever_config(Row.OURS, spec, torch.device("cpu")), loaded)
+    runner.decodes = False
+    stepper = scale.LoopStepper(runner, scale.bench_request(loaded, spec, Scale.FULL))
+    stepper()
+    stepper()
+    latents = torch.empty(vae_latent_shape(spec, Scale.FULL), device=meta, dtype=torch.bfloat16)
+    with torch.no_grad():
+        decoded = loaded.pipeline.vae.decode(latents, return_dict=False)[0]
+    size = spec.output_size(Scale.FULL)
+    assert decoded.shape[-2:] == (size.height, size.width)
+    if size.frames > 1:
+        assert decoded.shape[2] == size.frames
