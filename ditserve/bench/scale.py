@@ -97,12 +97,14 @@ class CostModel:
     #: weights streamed back to the device during an offloaded step
     stream_bytes_per_s: float
     compile_s_per_block_class: float
+    #: a guess until the first full-size decode is timed (output pixels x frames, in millions)
     vae_s_per_megapixel_frame: float
 
 
 GPU_COSTS = CostModel(flops_per_s=400e12, per_block_s=0.4e-3, build_fixed_s=5.0, build_bytes_per_s=20e9,
                       to_host_bytes_per_s=3e9, stream_bytes_per_s=20e9, compile_s_per_block_class=20.0,
                       vae_s_per_megapixel_frame=0.15)
+#: the tiny models of --dry-run on a small shared CPU (only orders rows there; no budget is meant for it)
 CPU_COSTS = CostModel(flops_per_s=5e9, per_block_s=5e-3, build_fixed_s=1.0, build_bytes_per_s=1e9,
                       to_host_bytes_per_s=2e9, stream_bytes_per_s=2e9, compile_s_per_block_class=60.0,
                       vae_s_per_megapixel_frame=20.0)
