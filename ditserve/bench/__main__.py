@@ -6,14 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ditserve.bench.cli import register
+from ditserve.bench.cli import register, route_bench_subcommand
 from ditserve.entrypoints.cli import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ditserve.bench")
     register(parser.add_subparsers(dest="command", required=True))
-    return run_command(parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)]))
+    words = route_bench_subcommand(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return run_command(parser.parse_args(words))
 
 
 if __name__ == "__main__":

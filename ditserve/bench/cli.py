@@ -17,6 +17,7 @@ QUICK_DEFAULTS = {"steps": 4, "num_prompts": 2, "repeats": 1, "height": 64, "wid
 
 def register(subparsers: Any) -> None:
     register_serve(subparsers)
+    register_scale(subparsers)
     parser = subparsers.add_parser("bench", help="benchmark caches of ditserve against diffusers and cache-dit "
                                                  "('ditserve bench serve --help': the serving benchmark)")
     parser.add_argument("model", nargs="?", default=None, help="diffusers folder or hub id (default: the demo)")
@@ -110,6 +111,26 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 #: ``ditserve bench serve ...`` is parsed as this sub-command (``bench`` itself takes a model name first)
 SERVE_COMMAND = "bench-serve"
+#: ``ditserve bench scale ...`` likewise
+SCALE_COMMAND = "bench-scale"
+#: the words after ``bench`` that name a benchmark of their own, and the sub-command each is parsed as
+BENCH_SUBCOMMANDS = {"serve": SERVE_COMMAND, "scale": SCALE_COMMAND}
+
+
+def route_bench_subcommand(argv: list[str]) -> list[str]:
+    """``bench serve ...`` -> ``bench-serve ...`` (and ``scale``); any other command line stays as it is."""
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCH_SUBCOMMANDS:
+        return [BENCH_SUBCOMMANDS[argv[1]], *argv[2:]]
+    return argv
+
+
+def register_scale(subparsers: Any) -> None:
+    from ditserve.bench.scale_cli import add_arguments, run_from_args
+
+    parser = subparsers.add_parser(SCALE_COMMAND, help="full-size architectures on a GPU: step, levers, VAE, memory "
+                                                       "(same as: ditserve bench scale)")
+    add_arguments(parser)
+    parser.set_defaults(func=run_from_args, scale_prefix=("ditserve", "bench", "scale"))
 
 
 def register_serve(subparsers: Any) -> None:

@@ -151,10 +151,10 @@ def run_command(args: argparse.Namespace, log_level: str = "WARNING") -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["bench", "serve"]:
-        from ditserve.bench.cli import SERVE_COMMAND
+    if argv[:1] == ["bench"]:
+        from ditserve.bench.cli import route_bench_subcommand
 
-        argv = [SERVE_COMMAND, *argv[2:]]
+        argv = route_bench_subcommand(argv)
     args = build_parser().parse_args(argv)
     return run_command(args, args.log_level)
 
