@@ -19,18 +19,9 @@ from ditserve.entrypoints.server import videos as videos_module
 from ditserve.entrypoints.server.thread import ServerThread
 from ditserve.entrypoints.server.videos import VideoJob, VideoStore, new_video_id
 from ditserve.errors import InvalidParameterError
+from tests.entrypoints.server.helpers import wait_for
 
 TINY_VIDEO = {"size": "32x32", "extra_body": {"num_frames": 5, "num_inference_steps": 1, "seed": 3}}
-
-
-def wait_for(api: openai.OpenAI, video_id: str, statuses: tuple[str, ...], timeout_s: float = 60) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        video = api.videos.retrieve(video_id)
-        if video.status in statuses:
-            return video
-        time.sleep(0.05)
-    raise AssertionError(f"{video_id} never reached {statuses}")
 
 
 def job(status: str, completed_at: int | None = None) -> VideoJob:
