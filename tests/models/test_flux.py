@@ -56,3 +56,12 @@ def test_embedded_guidance_matches_diffusers() -> None:
         other_guidance = omni.generate(PROMPT, seed=1, guidance_scale=1.0, **BASE)[0].images[0]
     assert max_abs_diff(ours, reference(pipe, seed=1, guidance_scale=5.0)[0]) <= 3
     assert max_abs_diff(ours, other_guidance) > 3
+
+
+@pytest.mark.parametrize(("param", "value"), [("guidance_scale_2", 2.0), ("boundary_ratio", 0.5), ("fps", 8)])
+def test_params_flux_does_not_use_are_refused_by_name(flux_omni: Omni, param: str, value: float) -> None:
+    from ditserve.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match=f"{param} is not a parameter of FluxPipeline") as refused:
+        flux_omni.generate("a red circle", {"height": 64, "width": 64, "num_inference_steps": 1, param: value})
+    assert refused.value.param == param

@@ -28,6 +28,8 @@ from ditserve.request import Request
 
 class FluxAdapter(LoopAdapter):
     pipeline_class_names = ("FluxPipeline",)
+    unsupported_params = ("guidance_scale_2", "boundary_ratio", "fps")
+    guidance_note = "embedded in the transformer; true_cfg_scale > 1 with a negative_prompt runs true CFG"
 
     def family_defaults(self) -> dict[str, Any]:
         size = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
