@@ -75,6 +75,12 @@ class RequestState:
         return RowOwner(self.request_id, self.step_index, self.num_steps, self.num_rows, request=self.request)
 
 
+#: (cond rows, uncond rows, request) -> the guided prediction of that request's rows
+Guide = Callable[[torch.Tensor, torch.Tensor, "RequestState"], torch.Tensor]
+#: (branch, requests) -> that guidance branch's model output for the requests' rows
+BranchCall = Callable[[str, Sequence["RequestState"]], torch.Tensor]
+
+
 class TransformerCall(Protocol):
     """How an adapter calls a transformer for some requests of the step batch (their rows, in order). The runner
     provides it: it names the requests for the caches, and a multi-device runner wraps it (CFG-parallel)."""
@@ -107,8 +113,7 @@ class StepBatch:
         return self.memo[full_key]
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, guided: Sequence[RequestState],
-                guide: Callable[[torch.Tensor, torch.Tensor, RequestState], torch.Tensor],
-                states: Sequence[RequestState] | None = None) -> torch.Tensor:
+                guide: Guide, states: Sequence[RequestState] | None = None) -> torch.Tensor:
         """The prediction for ``states`` (default: the whole batch; ``cond`` holds their rows): ``cond``, replaced
         by ``guide(cond, uncond, state)`` on the rows of the ``guided`` requests (``uncond`` holds theirs, in
         order). Guidance is applied per request with its own scale, so a row never depends on its batch mates."""
@@ -269,6 +274,17 @@ class LoopAdapter(ModelAdapter):
     def predict(self, batch: StepBatch) -> torch.Tensor:
         """The model output of every row of the batch at each request's own step, guidance applied; transformer
         calls go through ``batch.call``."""
+
+    def guided_prediction(self, batch: StepBatch, call_branch: BranchCall, guide: Guide,
+                          states: Sequence[RequestState] | None = None) -> torch.Tensor:
+        """The conditional branch for every request of ``states`` (default: the batch), the unconditional one only
+        for those that run guidance at their current step, combined per request by ``guide``."""
+        states = batch.states if states is None else states
+        cond = call_branch("cond", states)
+        guided = [s for s in states if self.guided(s)]
+        if not guided:
+            return cond
+        return batch.combine(cond, call_branch("uncond", guided), guided, guide, states)
 
     def scheduler_step(self, state: RequestState, model_output: torch.Tensor) -> torch.Tensor:
         """The request's latents after its scheduler's step (each request owns its scheduler)."""

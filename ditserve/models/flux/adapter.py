@@ -8,6 +8,7 @@ The bundled demo model is a FLUX-architecture model and uses this adapter.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -110,12 +111,8 @@ class FluxAdapter(LoopAdapter):
                           **self._branch_inputs(batch, branch, states))
 
     def predict(self, batch: StepBatch) -> torch.Tensor:
-        cond = self._call_branch(batch, "cond", batch.states)
-        guided = [s for s in batch.states if self.guided(s)]
-        if not guided:
-            return cond
-        uncond = self._call_branch(batch, "uncond", guided)
-        return batch.combine(cond, uncond, guided, lambda c, u, s: u + s.params.true_cfg_scale * (c - u))
+        return self.guided_prediction(batch, partial(self._call_branch, batch),
+                                      lambda c, u, s: u + s.params.true_cfg_scale * (c - u))
 
     def decode(self, state: RequestState) -> RequestMedia:
         pipe, p = self.pipeline, state.params

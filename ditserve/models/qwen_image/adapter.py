@@ -10,6 +10,7 @@ longest and the padding is masked out of attention, as diffusers does for a list
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -199,12 +200,8 @@ class QwenImageAdapter(LoopAdapter):
         return output[:, :latents.shape[1]]
 
     def predict(self, batch: StepBatch) -> torch.Tensor:
-        cond = self._call_branch(batch, "cond", batch.states)
-        guided = [s for s in batch.states if self.guided(s)]
-        if not guided:
-            return cond
-        uncond = self._call_branch(batch, "uncond", guided)
-        return batch.combine(cond, uncond, guided, lambda c, u, s: norm_preserving_cfg(c, u, s.params.true_cfg_scale))
+        return self.guided_prediction(batch, partial(self._call_branch, batch),
+                                      lambda c, u, s: norm_preserving_cfg(c, u, s.params.true_cfg_scale))
 
     # ------------------------------------------------------------------ decode
     def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:

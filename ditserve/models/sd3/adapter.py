@@ -11,6 +11,7 @@ are themselves ~170/255 from fp32 there, and ours are no farther from fp32 than 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -96,12 +97,8 @@ class StableDiffusion3Adapter(LoopAdapter):
                           **text)
 
     def predict(self, batch: StepBatch) -> torch.Tensor:
-        cond = self._call_branch(batch, "cond", batch.states)
-        guided = [s for s in batch.states if self.guided(s)]
-        if not guided:
-            return cond
-        uncond = self._call_branch(batch, "uncond", guided)
-        return batch.combine(cond, uncond, guided, lambda c, u, s: u + s.params.guidance_scale * (c - u))
+        return self.guided_prediction(batch, partial(self._call_branch, batch),
+                                      lambda c, u, s: u + s.params.guidance_scale * (c - u))
 
     def decode(self, state: RequestState) -> RequestMedia:
         vae = self.pipeline.vae

@@ -11,6 +11,7 @@ the guided prediction's norm at that multiple of the conditional one's) and ``cf
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -113,13 +114,9 @@ class ZImageAdapter(LoopAdapter):
         return torch.stack([sample.float() for sample in output])
 
     def predict(self, batch: StepBatch) -> torch.Tensor:
-        cond = self._call_branch(batch, "cond", batch.states)
-        guided = [s for s in batch.states if self.guided(s)]
-        if guided:
-            uncond = self._call_branch(batch, "uncond", guided)
-            cond = batch.combine(cond, uncond, guided, self._guide_rows)
+        prediction = self.guided_prediction(batch, partial(self._call_branch, batch), self._guide_rows)
         # the model predicts the negated flow-matching velocity
-        return -cond.squeeze(2).to(torch.float32)
+        return -prediction.squeeze(2).to(torch.float32)
 
     def _guide_rows(self, pos: torch.Tensor, neg: torch.Tensor, state: RequestState) -> torch.Tensor:
         scale = state.conditioning["guidance_scales"][state.step_index]
