@@ -8,15 +8,19 @@ from pathlib import Path
 
 from ditserve.demo.checker import evaluate, score
 from ditserve.demo.language import (
+    NEW_SHAPE,
     PromptOutsideLanguageError,
     heldout_prompts,
     is_in_language,
+    new_shape_prompts,
     parse_prompt,
     sample_prompts,
 )
 from ditserve.demo.render import render
 
 DEMO_MODEL_NAME = "ditserve-shapes"
+# The trained LoRA shipped beside the model (a PEFT folder): it teaches the shape word language.NEW_SHAPE.
+DEMO_LORA_NAME = f"{DEMO_MODEL_NAME}-lora-{NEW_SHAPE}"
 
 
 def demo_model_path() -> Path:
@@ -24,15 +28,24 @@ def demo_model_path() -> Path:
     return Path(__file__).resolve().parent / DEMO_MODEL_NAME
 
 
+def demo_lora_path() -> Path:
+    """Folder of the bundled demo LoRA (PEFT format), for ``LoRARequest(lora_path=...)``."""
+    return Path(__file__).resolve().parent / DEMO_LORA_NAME
+
+
 __all__ = [
+    "DEMO_LORA_NAME",
     "DEMO_MODEL_NAME",
+    "NEW_SHAPE",
     "PromptOutsideLanguageError",
+    "demo_lora_path",
     "demo_model_path",
     "evaluate",
     "heldout_prompts",
     "is_in_language",
     "parse_prompt",
     "render",
+    "new_shape_prompts",
     "sample_prompts",
     "score",
 ]

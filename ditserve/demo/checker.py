@@ -5,8 +5,8 @@ the object's cell, for the largest connected region of the object's colour, then
 
 * present (colour + position): the region is big enough and centred near the cell's centre;
 * size: the region's box side (every shape is as tall and as wide as its box) against the small/large cut;
-* shape: how much of its bounding box the region fills (square 1, disc pi/4, triangle 1/2), and for the
-  triangle that its mass sits low (apex up).
+* shape: how much of its bounding box the region fills (square 1, disc pi/4, triangle and diamond 1/2), and
+  for those two where its mass sits: low for the triangle (apex up), half way down for the diamond.
 
 A prompt is correct when every object is, the background has the right colour, and no empty cell holds an
 extra object.
@@ -21,7 +21,16 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from ditserve.demo.language import COLORS, POSITIONS, SHAPES, SIZES, Scene, ShapeObject, parse_prompt
+from ditserve.demo.language import (
+    ALL_SHAPES,
+    COLORS,
+    NEW_SHAPE,
+    POSITIONS,
+    SIZES,
+    Scene,
+    ShapeObject,
+    parse_prompt,
+)
 from ditserve.demo.render import BOX_SIDE, MAX_JITTER, PALETTE, cell_center
 from ditserve.errors import InvalidParameterError
 
@@ -37,6 +46,10 @@ SQUARE_FILL_CUT = 0.89
 DISC_FILL_CUT = 0.64
 # A triangle's centroid is 2/3 of the way down its box; a disc's or square's is half way.
 APEX_UP_CUT = 0.58
+# A diamond's centroid is half way down its box; below this fill a region is too sparse to be one (a half-drawn
+# outline), so it stays "unknown". Base-shape prompts are judged as before: only "unknown" became "diamond".
+DIAMOND_DEPTH_TOLERANCE = 0.06
+DIAMOND_MIN_FILL = 0.38
 # Pixels farther than this (RGB distance) from every palette colour are left unlabelled.
 MAX_COLOR_DISTANCE = 90.0
 # An empty cell's inner square (that no neighbour reaches) may hold this fraction of non-background pixels.
@@ -122,7 +135,11 @@ def _classify_shape(region: np.ndarray) -> str:
     if fill > DISC_FILL_CUT:
         return "circle"
     centroid_depth = (rows.mean() - rows.min() + 0.5) / height
-    return "triangle" if centroid_depth > APEX_UP_CUT else "unknown"
+    if centroid_depth > APEX_UP_CUT:
+        return "triangle"
+    if abs(centroid_depth - 0.5) <= DIAMOND_DEPTH_TOLERANCE and fill > DIAMOND_MIN_FILL:
+        return NEW_SHAPE
+    return "unknown"
 
 
 def _score_object(labels: np.ndarray, obj: ShapeObject) -> ObjectScore:
@@ -204,7 +221,7 @@ def _accuracy_by_kind(objects: list[ObjectScore]) -> dict[str, float]:
     where the misses are."""
     figures = {}
     for size in SIZES:
-        for shape in SHAPES:
+        for shape in ALL_SHAPES:
             kind = [o.correct for o in objects if (o.object.size, o.object.shape) == (size, shape)]
             figures[kind_accuracy_key(size, shape)] = _mean(kind) if kind else float("nan")
     return figures

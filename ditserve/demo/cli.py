@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ditserve.demo.language import SHAPES, SIZES
+from ditserve.demo.language import ALL_SHAPES, NEW_SHAPE, SIZES, heldout_prompts, new_shape_prompts
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
 from ditserve.errors import InvalidParameterError
 
 DOCS_DIR = Path("docs/demo")
 EVAL_STEPS = (50, 20)
+
+
+class PromptSet(str, enum.Enum):
+    """Which held-out prompts ``eval`` scores: the base language's, or those with the LoRA's new shape."""
+
+    HELDOUT = "heldout"
+    NEW_SHAPE = "new-shape"
+
+
+PROMPT_SETS = {PromptSet.HELDOUT: heldout_prompts, PromptSet.NEW_SHAPE: new_shape_prompts}
 
 
 def _model_path(args: argparse.Namespace) -> Path:
@@ -71,6 +82,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"trained pipeline written to {output}")
 
 
+def _cmd_train_lora(args: argparse.Namespace) -> None:
+    from ditserve.demo.lora_train import LoRATrainConfig, train_lora
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(LoRATrainConfig) if getattr(args, f.name, None) is not None}
+    output = train_lora(LoRATrainConfig(**overrides), args.output)
+    print(f"LoRA written to {output}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from ditserve.demo.checker import evaluate, kind_accuracy_key
     from ditserve.demo.evaluation import (
@@ -79,12 +98,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         load_pipeline,
         load_sampling_defaults,
     )
-    from ditserve.demo.language import heldout_prompts
 
+    if args.select_cfg and args.lora:
+        raise InvalidParameterError("--select-cfg writes the base model's defaults; it cannot be combined with --lora",
+                                    param="select_cfg")
     model_dir = _model_path(args)
     defaults = load_sampling_defaults(model_dir)
-    pipe = load_pipeline(model_dir, args.device)
-    prompts = heldout_prompts(args.prompts, args.prompt_seed)
+    pipe = load_pipeline(model_dir, args.device, args.lora)
+    prompts = PROMPT_SETS[PromptSet(args.prompt_set)](args.prompts, args.prompt_seed)
     scales = _parse_scales(args.cfg_sweep) if args.cfg_sweep else [defaults["true_cfg_scale"], 1.0]
     settings = [(steps, scale) for steps in EVAL_STEPS for scale in scales]
     results = adherence(pipe, prompts, settings, seed=args.seed, max_sequence_length=defaults.get("max_sequence_length"))
@@ -95,13 +116,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
               f"{r['size_accuracy']:>6.3f}")
     print("object accuracy by kind, per setting above:")
     for size in SIZES:
-        for shape in SHAPES:
+        for shape in ALL_SHAPES:
             key = kind_accuracy_key(size, shape)
             print(f"  {size + ' ' + shape:>14}: " + " ".join(f"{r[key]:.3f}" for r in results))
     ceiling = evaluate(decoded_ground_truth(pipe, prompts), prompts)
     print(f"decoded ground truth (the checker's ceiling for this VAE): object {ceiling['object_accuracy']:.3f} "
           f"prompt {ceiling['prompt_accuracy']:.3f}")
-    report = {"model": str(model_dir), "heldout_prompts": len(prompts), "prompt_seed": args.prompt_seed,
+    report = {"model": str(model_dir), "lora": args.lora, "prompt_set": args.prompt_set,
+              "heldout_prompts": len(prompts), "prompt_seed": args.prompt_seed,
               "seed": args.seed, "results": results, "decoded_ground_truth": ceiling}
     if args.select_cfg:
         best = max((r for r in results if r["num_inference_steps"] == 50), key=lambda r: (r["prompt_accuracy"], r["object_accuracy"]))
@@ -162,20 +184,35 @@ def _cmd_redundancy(args: argparse.Namespace) -> None:
     print(f"median change {sorted(changes)[len(changes) // 2]:.4f}; wrote {output_dir}/step_change.png and .json")
 
 
-def _add_train_parser(subparsers) -> None:
-    from ditserve.demo.train import TrainConfig
-
-    parser = subparsers.add_parser("train", help="train the demo model (VAE, decoder, text encoders, transformer, decoder adaptation)")
-    for field in fields(TrainConfig):
+def _add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
+    """One option per field of a training config dataclass, left None unless given."""
+    for field in fields(config_class):
         # booleans read as --flag / --no-flag; type=bool would take any text, "0" included, as True
         parsing = ({"action": argparse.BooleanOptionalAction} if isinstance(field.default, bool)
                    else {"type": type(field.default)})
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
-                            help=f"default {field.default}", **parsing)
+                            help=f"default {field.default!r}", **parsing)
+
+
+def _add_train_parser(subparsers) -> None:
+    from ditserve.demo.train import TrainConfig
+
+    parser = subparsers.add_parser("train", help="train the demo model (VAE, decoder, text encoders, transformer, decoder adaptation)")
+    _add_config_arguments(parser, TrainConfig)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run-dir")
     parser.add_argument("--output", default="runs/ditserve-shapes/final", help="where to write the diffusers folder")
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="true_cfg_scale written to ditserve_defaults.json")
     parser.set_defaults(handler=_cmd_train)
+
+
+def _add_train_lora_parser(subparsers) -> None:
+    from ditserve.demo.lora_train import LoRATrainConfig
+
+    parser = subparsers.add_parser("train-lora", help=f"train a LoRA that teaches the demo model the shape {NEW_SHAPE!r}")
+    _add_config_arguments(parser, LoRATrainConfig)
+    parser.add_argument("--output", default=f"runs/ditserve-shapes-lora-{NEW_SHAPE}",
+                        help="where to write the PEFT folder")
+    parser.set_defaults(handler=_cmd_train_lora)
 
 
 def register(subparsers) -> None:
@@ -183,10 +220,14 @@ def register(subparsers) -> None:
     demo = subparsers.add_parser("demo", help="the bundled demo model ditserve-shapes")
     commands = demo.add_subparsers(dest="demo_command", required=True)
     _add_train_parser(commands)
+    _add_train_lora_parser(commands)
 
     evaluate = commands.add_parser("eval", help="prompt adherence on held-out prompts (50/20 steps, with/without CFG)")
     _add_model_arguments(evaluate)
     evaluate.add_argument("--prompts", type=int, default=64, help="number of held-out prompts")
+    evaluate.add_argument("--prompt-set", choices=[s.value for s in PromptSet], default=PromptSet.HELDOUT.value,
+                          help=f"held-out prompts of the base language, or with one {NEW_SHAPE!r} each")
+    evaluate.add_argument("--lora", default=None, help="fuse this LoRA (PEFT folder or file) into the transformer")
     evaluate.add_argument("--prompt-seed", type=int, default=0)
     evaluate.add_argument("--cfg-sweep", default=None, help="comma-separated true_cfg_scale values to compare")
     evaluate.add_argument("--select-cfg", action="store_true", help="write the best 50-step scale into the defaults")

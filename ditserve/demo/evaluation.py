@@ -27,8 +27,18 @@ def load_sampling_defaults(model_dir: str | Path) -> dict:
     return json.loads(path.read_text())["sampling_defaults"]
 
 
-def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu") -> FluxPipeline:
-    pipe = FluxPipeline.from_pretrained(str(model_dir)).to(device)
+def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", lora_path: str | Path | None = None) -> FluxPipeline:
+    """The model folder as a FluxPipeline; with ``lora_path`` (a PEFT folder or a LoRA file) that adapter is
+    fused into the transformer at scale 1 by ditserve's own reader (``ditserve.lora``), as the distill backend
+    serves it."""
+    pipe = FluxPipeline.from_pretrained(str(model_dir))
+    if lora_path is not None:
+        from ditserve.lora.files import read_adapter
+        from ditserve.lora.manager import adapter_name_for, fuse_adapters
+
+        adapter = read_adapter(adapter_name_for(str(lora_path)), Path(lora_path).resolve(), pipe)
+        fuse_adapters([adapter], {"transformer": pipe.transformer})
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -25,6 +25,14 @@ from ditserve.errors import InvalidParameterError
 SIZES: tuple[str, ...] = ("small", "large")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# A shape word the base model never saw, taught by the demo LoRA (``lora_train.py``): a square standing on a
+# corner. It is kept out of SHAPES (and so out of ``vocabulary()``, the tokenizers, the samplers and the held-out
+# prompts), so every base-model prompt, picture and evaluation figure stays what it was.
+NEW_SHAPE = "diamond"
+ALL_SHAPES: tuple[str, ...] = (*SHAPES, NEW_SHAPE)
+# The base tokenizers spell the new word letter by letter (8 T5 tokens instead of 1), so a new-shape prompt keeps
+# to one such object among at most this many, which fits the 32-token text padding untruncated.
+NEW_SHAPE_MAX_OBJECTS = 2
 POSITIONS: tuple[str, ...] = (
     "at the top left",
     "at the top",
@@ -91,7 +99,8 @@ class Scene:
 
 def is_heldout_triple(color: str, shape: str, position: str) -> bool:
     # The residue walks through all nine positions for a fixed (colour, shape), so each pair loses exactly one.
-    return (COLORS.index(color) + 2 * SHAPES.index(shape) + POSITIONS.index(position)) % 9 == 4
+    # ALL_SHAPES extends SHAPES, so the base shapes keep their split and the new shape gets one of its own.
+    return (COLORS.index(color) + 2 * ALL_SHAPES.index(shape) + POSITIONS.index(position)) % 9 == 4
 
 
 def _alternation(words: tuple[str, ...]) -> str:
@@ -100,7 +109,7 @@ def _alternation(words: tuple[str, ...]) -> str:
 
 
 _OBJECT_PATTERN = (
-    f"a ({_alternation(SIZES)}) ({_alternation(COLORS)}) ({_alternation(SHAPES)}) ({_alternation(POSITIONS)})"
+    f"a ({_alternation(SIZES)}) ({_alternation(COLORS)}) ({_alternation(ALL_SHAPES)}) ({_alternation(POSITIONS)})"
 )
 _OBJECT_RE = re.compile(_OBJECT_PATTERN)
 _PROMPT_RE = re.compile(
@@ -110,7 +119,7 @@ _PROMPT_RE = re.compile(
 
 _GRAMMAR_HELP = (
     'expected: object (" and " object){0,2} [" on a " COLOR " background"], object = "a " SIZE " " COLOR " " '
-    f"SHAPE \" \" POSITION; SIZE in {list(SIZES)}, COLOR in {list(COLORS)}, SHAPE in {list(SHAPES)}, "
+    f"SHAPE \" \" POSITION; SIZE in {list(SIZES)}, COLOR in {list(COLORS)}, SHAPE in {list(ALL_SHAPES)}, "
     f"POSITION in {list(POSITIONS)}"
 )
 
@@ -203,8 +212,33 @@ def heldout_prompts(n: int = 64, seed: int = 0) -> list[str]:
     return sample_prompts(n, seed, split="heldout")
 
 
+def sample_new_shape_scenes(n: int, seed: int, split: Split = "train") -> list[Scene]:
+    """``n`` random scenes of ``split`` with one NEW_SHAPE object among 1 to NEW_SHAPE_MAX_OBJECTS (the others
+    of the base shapes), reproducible from ``seed``: the LoRA's training data and its evaluation set."""
+    if split not in SPLITS:
+        raise InvalidParameterError(f"split must be one of {list(SPLITS)}, got {split!r}", param="split")
+    rng = random.Random(seed)
+    scenes: list[Scene] = []
+    while len(scenes) < n:
+        base = _sample_any_scene(rng)
+        objects = list(base.objects[: rng.randint(1, NEW_SHAPE_MAX_OBJECTS)])
+        slot = rng.randrange(len(objects))
+        objects[slot] = ShapeObject(objects[slot].size, objects[slot].color, NEW_SHAPE, objects[slot].position)
+        scene = Scene(objects=tuple(objects), background=base.background)
+        if _in_split(scene, split):
+            scenes.append(scene)
+    return scenes
+
+
+def new_shape_prompts(n: int = 64, seed: int = 0) -> list[str]:
+    """A fixed evaluation set for the new shape: ``n`` prompts with one NEW_SHAPE object and at least one
+    never-trained colour-shape-position triple."""
+    return [scene.to_prompt() for scene in sample_new_shape_scenes(n, seed, split="heldout")]
+
+
 def vocabulary() -> list[str]:
-    """Every word the language uses, in a stable order (the tokenizers are built from it)."""
+    """Every word of the base language, in a stable order (the tokenizers are built from it; NEW_SHAPE is not in
+    it, as a word the base model never saw)."""
     words: list[str] = []
     phrases = ("a", "and", "on", "background", *SIZES, *COLORS, *SHAPES, *POSITIONS)
     for phrase in phrases:

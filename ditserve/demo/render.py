@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ditserve.demo.language import COLORS, MAX_OBJECTS, SHAPES, SIZES, Scene, parse_prompt
+from ditserve.demo.language import ALL_SHAPES, COLORS, MAX_OBJECTS, NEW_SHAPE, SIZES, Scene, parse_prompt
 from ditserve.errors import InvalidParameterError
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -49,7 +49,7 @@ class Layout:
     center: torch.Tensor  # (B, MAX_OBJECTS, 2) float, (x, y) in fractions of the side
     half: torch.Tensor  # (B, MAX_OBJECTS) float
     size: torch.Tensor  # (B, MAX_OBJECTS) long, index into SIZES
-    shape: torch.Tensor  # (B, MAX_OBJECTS) long, index into SHAPES
+    shape: torch.Tensor  # (B, MAX_OBJECTS) long, index into ALL_SHAPES
     color: torch.Tensor  # (B, MAX_OBJECTS) long, index into COLORS
     present: torch.Tensor  # (B, MAX_OBJECTS) bool
     background: torch.Tensor  # (B,) long, index into COLORS
@@ -85,7 +85,7 @@ def lay_out(
             center[i, j] = torch.tensor(cell_center(*obj.cell))
             half[i, j] = BOX_SIDE[obj.size] / 2
             size[i, j] = SIZES.index(obj.size)
-            shape[i, j] = SHAPES.index(obj.shape)
+            shape[i, j] = ALL_SHAPES.index(obj.shape)
             color[i, j] = COLORS.index(obj.color)
             present[i, j] = True
     center = center.to(device)
@@ -106,8 +106,12 @@ def _shape_masks(x: torch.Tensor, y: torch.Tensor, center: torch.Tensor, half: t
     # Apex up: at depth d below the apex the triangle is d wide (base and height both 2h).
     depth = dy + h
     triangle = (depth >= 0) & (dy <= h) & (dx.abs() <= depth / 2)
+    # The new shape: a square standing on a corner, its diagonals as wide as the box.
+    diamond = dx.abs() + dy.abs() <= h
     shape = shape[..., None, None]
-    return torch.where(shape == 0, disc, torch.where(shape == 1, square, triangle))
+    masks = torch.where(shape == ALL_SHAPES.index("square"), square, disc)
+    masks = torch.where(shape == ALL_SHAPES.index("triangle"), triangle, masks)
+    return torch.where(shape == ALL_SHAPES.index(NEW_SHAPE), diamond, masks)
 
 
 def rasterize(layout: Layout, size: int = 128) -> torch.Tensor:
