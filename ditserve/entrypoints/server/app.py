@@ -92,6 +92,7 @@ from ditserve.entrypoints.server.videos import VideoJob, VideoJobRunner, VideoSt
 from ditserve.errors import DitServeError, InvalidParameterError, check_text
 from ditserve.lora.manager import LoadedLoRA, LoRAManager
 from ditserve.lora.request import LoRARequest
+from ditserve.models.base import InputImages
 from ditserve.request import Request, RequestOutput
 
 ImageFields = ImageGenerationRequest | ImageEditFields | ChatCompletionRequest
@@ -178,11 +179,12 @@ class ServerState:
 
     def accepted_uploads(self) -> int:
         """How many input images this model takes, known before any upload is decoded. The rule is the
-        adapters' ``validate_inputs`` (edit models take images, up to ``max_input_images``; the others none),
-        which judges the decoded images again in ``make_request``."""
-        if self.kind != "edit":
+        adapters' ``validate_inputs`` (edit and image-to-video models take images, up to ``max_input_images``;
+        the others none), which judges the decoded images again in ``make_request``."""
+        adapter = self.engine.adapter
+        if adapter.input_images is InputImages.NONE:
             return 0
-        most = getattr(self.engine.adapter, "max_input_images", None)
+        most = adapter.max_input_images
         return MAX_INPUT_IMAGES if most is None else min(most, MAX_INPUT_IMAGES)
 
     async def read_uploads(self, uploads: list[Any], field: str) -> list[Image.Image]:
