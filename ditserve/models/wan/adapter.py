@@ -106,11 +106,17 @@ class WanAdapter(LoopAdapter):
             encoded["neg_prompt_embeds"] = neg_embeds.to(self.dtype)
         return encoded
 
-    def prepare(self, request: Request, embeddings: dict[str, torch.Tensor]) -> RequestState:
+    def initial_latents(self, request: Request) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The request's noise (from its own generator), and what else conditions it (nothing for text-to-video)."""
         pipe, p = self.pipeline, request.params
         channels = self._any_transformer().config.in_channels
         latents = pipe.prepare_latents(request.num_outputs, channels, p.height, p.width, p.num_frames,
                                        torch.float32, self.device, request_generator(request))
+        return latents, {}
+
+    def prepare(self, request: Request, embeddings: dict[str, torch.Tensor]) -> RequestState:
+        pipe, p = self.pipeline, request.params
+        latents, extras = self.initial_latents(request)
         scheduler = fresh_scheduler(pipe)
         scheduler.set_timesteps(p.num_inference_steps, device=self.device)
         scheduler.set_begin_index(0)
@@ -118,7 +124,7 @@ class WanAdapter(LoopAdapter):
         if p.boundary_ratio is not None:
             boundary = p.boundary_ratio * scheduler.config.num_train_timesteps
         return RequestState(request=request, latents=latents, scheduler=scheduler, timesteps=scheduler.timesteps,
-                            conditioning={**embeddings, "boundary_timestep": boundary})
+                            conditioning={**embeddings, **extras, "boundary_timestep": boundary})
 
     def _expert(self, state: RequestState) -> tuple[str, float]:
         """Which transformer denoises the request at its current step, and with which guidance scale."""
@@ -138,11 +144,15 @@ class WanAdapter(LoopAdapter):
         tokens = frames * math.ceil(height / patch_size[1]) * math.ceil(width / patch_size[2])
         return timesteps[:, None].expand(-1, tokens)
 
+    def model_input(self, batch: StepBatch, states: Sequence[RequestState]) -> torch.Tensor:
+        """What the transformer reads for these requests' rows: their noisy latents (text-to-video)."""
+        return batch.latents(states)
+
     def _call_branch(self, batch: StepBatch, branch: str, name: str, states: Sequence[RequestState]) -> torch.Tensor:
         transformer = getattr(self.pipeline, name)
         key = "prompt_embeds" if branch == "cond" else "neg_prompt_embeds"
         text = batch.remember(branch, states, lambda: stack_rows([s.conditioning[key] for s in states], states))
-        latents = batch.latents(states)
+        latents = self.model_input(batch, states)
         return batch.call(branch, states, name, hidden_states=latents.to(transformer.dtype),
                           timestep=self._timesteps(batch, states, latents, transformer.config.patch_size),
                           encoder_hidden_states=text)

@@ -1,4 +1,4 @@
-"""Wan2.1 / Wan2.2 text-to-video (A14B two experts, TI2V-5B): what this family declares (see ``ditserve.models.family``)."""
+"""Wan2.1 / Wan2.2 text-to-video (A14B two experts, TI2V-5B) and Wan2.2 I2V-A14B image-to-video: what this family declares (see ``ditserve.models.family``)."""
 
 from ditserve.models.family import ModelFamily
 
@@ -6,6 +6,7 @@ FAMILY = ModelFamily(
     name="wan",
     adapters={
         "WanPipeline": "ditserve.models.wan.adapter:WanAdapter",
+        "WanImageToVideoPipeline": "ditserve.models.wan.image_to_video:WanImageToVideoAdapter",
     },
     cache_specs={
         "WanTransformer3DModel": "ditserve.models.wan.cache_spec",
