@@ -123,3 +123,35 @@ def test_ovis_image_on_the_generic_path_skips_for_real(backend: str) -> None:
 def test_cache_dit_is_refused_on_the_generic_path() -> None:
     with pytest.raises(CacheConfigError, match="OvisImagePipeline on the generic path"):
         Omni(tiny_pipeline_dir("ovis_image"), cache_backend="cache_dit")
+
+
+def test_teacache_skips_for_real_on_wan_image_to_video() -> None:
+    """Wan2.2 I2V-A14B: both experts read the latents concatenated with the first-frame condition (36 channels in);
+    the cache spec reads block-level hidden states, so TeaCache applies unchanged: exact when it may not skip,
+    and when it skips, the work counted on both experts follows its statistics."""
+    from PIL import Image
+
+    model = tiny_pipeline_dir("wan_i2v_a14b")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    request = {"prompt": "a red cat", "multi_modal_data": {"image": image}}
+    params = {**FAMILY_PARAMS["wan"], "num_inference_steps": 5, "seed": 2}
+    with Omni(model) as omni:
+        pipeline = omni.engine.runner.model.pipeline
+        assert pipeline.transformer.config.in_channels > pipeline.transformer.config.out_channels
+        # one step at t=999: the high-noise expert only, both guidance branches
+        with count_block_work(pipeline.transformer) as one_step:
+            omni.generate(request, {**params, "num_inference_steps": 1})
+        reference = omni.generate(request, params)[0]
+    with Omni(model, cache_backend="tea_cache", cache_config={"rel_l1_thresh": 0.0}) as omni:
+        exact = omni.generate(request, params)[0]
+    with Omni(model, cache_backend="tea_cache", cache_config={"rel_l1_thresh": 10.0}) as omni:
+        pipeline = omni.engine.runner.model.pipeline
+        with count_block_work(pipeline.transformer) as high, count_block_work(pipeline.transformer_2) as low:
+            skipping = omni.generate(request, params)[0]
+    assert np.array_equal(media(exact), media(reference))
+    stats = skipping.cache_stats
+    assert set(stats["branches"]) == {"cond", "uncond", "transformer_2:cond", "transformer_2:uncond"}
+    assert stats["skipped_steps"] > 0
+    assert high.calls > 0 and low.calls > 0
+    assert high.calls + low.calls == stats["computed_steps"] * one_step.calls // 2
+    assert np.abs(media(skipping).astype(int) - media(reference).astype(int)).max() > 3
