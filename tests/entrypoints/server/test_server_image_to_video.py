@@ -1,0 +1,95 @@
+"""Image-to-video over HTTP: ``/v1/videos`` and ``/v1/videos/sync`` with an ``input_reference`` upload on a Wan2.2
+I2V-A14B server give the video the engine makes offline from the same image, prompt and seed."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from ditserve.config import OmniDiffusionSamplingParams
+from ditserve.engine.engine import DiffusionEngine
+from ditserve.entrypoints.media import video_bytes
+from ditserve.entrypoints.server.thread import ServerThread
+from ditserve.testing import tiny_pipeline_dir
+from tests.entrypoints.server.conftest import make_engine, start
+from tests.entrypoints.server.test_server_video_forms import frames_of, wait_done
+
+FIELDS = {"prompt": "a ball", "size": "32x32", "num_frames": "5", "fps": "4", "num_inference_steps": "2",
+          "seed": "6"}
+
+
+@pytest.fixture(scope="module")
+def i2v_engine() -> Iterator[DiffusionEngine]:
+    engine = make_engine(tiny_pipeline_dir("wan_i2v_a14b"), limits={"max_steps": 400, "max_image_size": 64,
+                                                                    "max_n": 1, "max_frames": 9})
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def i2v_server(i2v_engine: DiffusionEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    server = start(i2v_engine, tmp_path_factory.mktemp("i2v-server"))
+    yield server
+    server.stop()
+
+
+def offline_mp4(engine: DiffusionEngine, png: bytes) -> bytes:
+    """The same request run by the engine directly, encoded as the server encodes it."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    params = OmniDiffusionSamplingParams(height=32, width=32, num_frames=5, fps=4, num_inference_steps=2, seed=6)
+    request = engine.make_request("a ball", params, [image])
+    output = engine.generate([request])[0]
+    return video_bytes(output.videos[0], output.fps)
+
+
+def upload(data: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("input_reference", ("first.png", data, "image/png"))]
+
+
+def test_video_job_with_an_input_reference_equals_the_offline_run(i2v_server: ServerThread, i2v_engine: DiffusionEngine,
+                                                                 png: Callable[..., bytes]) -> None:
+    first = png(48, 40, 1)
+    created = httpx.post(f"{i2v_server.url}/v1/videos", data=FIELDS, files=upload(first), timeout=60)
+    assert created.status_code == 200, created.text
+    job = wait_done(i2v_server, created.json()["id"])
+    assert job["status"] == "completed", job
+    content = httpx.get(f"{i2v_server.url}/v1/videos/{job['id']}/content", timeout=60)
+    assert content.status_code == 200
+    frames = frames_of(content.content)
+    assert len(frames) == 5 and frames[0].shape == (32, 32, 3)
+    expected = frames_of(offline_mp4(i2v_engine, first))
+    assert all(np.array_equal(a, b) for a, b in zip(frames, expected, strict=True))
+
+
+def test_sync_video_follows_its_input_reference(i2v_server: ServerThread, png: Callable[..., bytes]) -> None:
+    answers = [httpx.post(f"{i2v_server.url}/v1/videos/sync", data=FIELDS, files=upload(png(32, 32, seed)),
+                          timeout=60) for seed in (2, 3)]
+    assert all(a.status_code == 200 and a.headers["content-type"] == "video/mp4" for a in answers), answers[0].text
+    first, second = (np.stack(frames_of(a.content)).astype(int) for a in answers)
+    assert np.abs(first - second).max() > 15  # the image reached the model
+
+
+def test_a_missing_input_reference_is_a_400_naming_it(i2v_server: ServerThread) -> None:
+    for route in ("/v1/videos", "/v1/videos/sync"):
+        response = httpx.post(f"{i2v_server.url}{route}", data=FIELDS, timeout=60)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "input_reference"
+        assert "input image" in response.json()["error"]["message"]
+
+
+def test_two_input_references_are_refused(i2v_server: ServerThread, png: Callable[..., bytes]) -> None:
+    response = httpx.post(f"{i2v_server.url}/v1/videos", data=FIELDS, files=upload(png(32, 32, 0)) + upload(png()),
+                          timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "input_reference"
+    assert "at most 1" in response.json()["error"]["message"]
+
+
+def test_the_model_card_says_video(i2v_server: ServerThread) -> None:
+    (card,) = httpx.get(f"{i2v_server.url}/v1/models", timeout=30).json()["data"]
+    assert card["kind"] == "video" and card["default_num_frames"] == 81
