@@ -1,5 +1,6 @@
 """Wan2.2 image-to-video parity: ditserve's shared loop equals diffusers' own WanImageToVideoPipeline on the tiny
-I2V-A14B layout (two experts, the first frame's latents as the condition), with batched == solo."""
+I2V-A14B layout (two experts, the first frame's latents as the condition) and the tiny TI2V-5B layout (48-channel
+VAE, the first latent frame held at the image's latents with timestep 0), with batched == solo."""
 
 from __future__ import annotations
 
@@ -139,3 +140,58 @@ def test_one_image_at_most(i2v_omni: Omni) -> None:
         i2v_omni.generate({"prompt": PROMPT, "multi_modal_data": {"image": [random_image(0), random_image(1)]}},
                           **BASE)
     assert error.value.param == "image"
+
+
+# ---------------------------------------------------------------------- Wan2.2 TI2V-5B with an input image
+#: the 48-channel VAE is 16x in space: 64x64 makes 2x2 tokens per latent frame
+TI2V = {**BASE, "height": 64, "width": 64}
+
+
+@pytest.fixture(scope="module")
+def ti2v_omni():
+    omni = Omni(model=tiny_pipeline_dir("wan_ti2v_i2v"), max_batch_size=4)
+    yield omni
+    omni.close()
+
+
+@pytest.fixture(scope="module")
+def diffusers_ti2v() -> WanImageToVideoPipeline:
+    pipe = WanImageToVideoPipeline.from_pretrained(tiny_pipeline_dir("wan_ti2v_i2v"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("guidance", [{}, {"negative_prompt": "a blue dog"}, {"guidance_scale": 1.0}],
+                         ids=["cfg", "negative", "no-cfg"])
+def test_ti2v_matches_diffusers(ti2v_omni: Omni, diffusers_ti2v: WanImageToVideoPipeline, guidance: dict) -> None:
+    assert ti2v_omni.engine.runner.model.pipeline.config.expand_timesteps
+    image = random_image(1)
+    mine = ours(ti2v_omni, image, seed=5, **TI2V, **guidance)[0]
+    assert mine.shape == (5, 64, 64, 3)
+    assert max_abs_diff(mine, reference(diffusers_ti2v, image, seed=5, **TI2V, **guidance)[0]) <= 3
+
+
+def test_ti2v_parity_oracle_detects_wrong_image_prompt_seed_and_steps(
+        ti2v_omni: Omni, diffusers_ti2v: WanImageToVideoPipeline) -> None:
+    image = random_image(1)
+    mine = ours(ti2v_omni, image, seed=5, **TI2V)[0]
+    assert max_abs_diff(mine, reference(diffusers_ti2v, random_image(9), seed=5, **TI2V)[0]) > 15
+    assert max_abs_diff(mine, reference(diffusers_ti2v, image, prompt="a blue dog", seed=5, **TI2V)[0]) > 15
+    assert max_abs_diff(mine, reference(diffusers_ti2v, image, seed=6, **TI2V)[0]) > 15
+    assert max_abs_diff(mine, reference(diffusers_ti2v, image, seed=5, **{**TI2V, "num_inference_steps": 5})[0]) > 15
+
+
+def test_ti2v_batched_equals_solo(ti2v_omni: Omni) -> None:
+    engine = ti2v_omni.engine
+    prompts, images = [PROMPT, "a green triangle"], [random_image(3), random_image(4, size=(64, 64))]
+    params = [OmniDiffusionSamplingParams(**TI2V, seed=11, negative_prompt="blue"),
+              OmniDiffusionSamplingParams(**TI2V, seed=12, guidance_scale=1.0, num_outputs_per_prompt=2)]
+    solo = [engine.generate([engine.make_request(p, sp, [img])])[0].videos
+            for p, sp, img in zip(prompts, params, images, strict=True)]
+    requests = [engine.make_request(p, sp, [img]) for p, sp, img in zip(prompts, params, images, strict=True)]
+    one_batch = engine.runner.execute(requests)
+    assert [o.timings["batch_size"] for o in one_batch] == [2, 2]
+    for alone, batched in zip(solo, one_batch, strict=True):
+        assert len(alone) == len(batched.videos)
+        assert all(max_abs_diff(a, b) <= 1 for a, b in zip(alone, batched.videos, strict=True))
+    assert max_abs_diff(solo[0][0], solo[1][0]) > 15

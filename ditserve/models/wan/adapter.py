@@ -134,8 +134,9 @@ class WanAdapter(LoopAdapter):
         scale_2 = p.guidance_scale_2 if p.guidance_scale_2 is not None else p.guidance_scale
         return "transformer_2", scale_2
 
-    def _timesteps(self, batch: StepBatch, states: Sequence[RequestState], latents: torch.Tensor,
-                   patch_size: Sequence[int]) -> torch.Tensor:
+    def timestep_input(self, batch: StepBatch, states: Sequence[RequestState], latents: torch.Tensor,
+                       patch_size: Sequence[int]) -> torch.Tensor:
+        """The transformer's timestep for these requests' rows: one per row, or one per latent token (TI2V)."""
         timesteps = batch.timesteps(states)
         if not self.pipeline.config.expand_timesteps:
             return timesteps
@@ -154,7 +155,7 @@ class WanAdapter(LoopAdapter):
         text = batch.remember(branch, states, lambda: stack_rows([s.conditioning[key] for s in states], states))
         latents = self.model_input(batch, states)
         return batch.call(branch, states, name, hidden_states=latents.to(transformer.dtype),
-                          timestep=self._timesteps(batch, states, latents, transformer.config.patch_size),
+                          timestep=self.timestep_input(batch, states, latents, transformer.config.patch_size),
                           encoder_hidden_states=text)
 
     def _predict_expert(self, batch: StepBatch, name: str, states: list[RequestState]) -> torch.Tensor:
@@ -180,9 +181,13 @@ class WanAdapter(LoopAdapter):
                 rows[state.request_id] = part
         return torch.cat([rows[state.request_id] for state in batch.states])
 
+    def final_latents(self, state: RequestState) -> torch.Tensor:
+        """What the VAE decodes of a finished request: its latents (text-to-video)."""
+        return state.latents
+
     def decode(self, state: RequestState) -> RequestMedia:
         vae = self.pipeline.vae
-        latents = state.latents.to(vae.dtype)
+        latents = self.final_latents(state).to(vae.dtype)
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)

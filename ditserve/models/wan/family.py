@@ -19,5 +19,6 @@ FAMILY = ModelFamily(
         "wan_a14b": "ditserve.testing.wan:build_tiny_wan_a14b",
         "wan_ti2v": "ditserve.testing.wan:build_tiny_wan_ti2v",
         "wan_i2v_a14b": "ditserve.testing.wan:build_tiny_wan_i2v_a14b",
+        "wan_ti2v_i2v": "ditserve.testing.wan:build_tiny_wan_ti2v_i2v",
     },
 )
