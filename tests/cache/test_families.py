@@ -125,10 +125,11 @@ def test_cache_dit_is_refused_on_the_generic_path() -> None:
         Omni(tiny_pipeline_dir("ovis_image"), cache_backend="cache_dit")
 
 
-def test_teacache_skips_for_real_on_wan_image_to_video() -> None:
+@pytest.mark.parametrize("backend", ["tea_cache", "mag_cache"])
+def test_residual_caches_skip_for_real_on_wan_image_to_video(backend: str) -> None:
     """Wan2.2 I2V-A14B: both experts read the latents concatenated with the first-frame condition (36 channels in);
-    the cache spec reads block-level hidden states, so TeaCache applies unchanged: exact when it may not skip,
-    and when it skips, the work counted on both experts follows its statistics."""
+    the cache spec reads block-level hidden states, so TeaCache and MagCache apply unchanged: exact when they may
+    not skip, and when they skip, the work counted on both experts follows their statistics."""
     from PIL import Image
 
     model = tiny_pipeline_dir("wan_i2v_a14b")
@@ -142,11 +143,14 @@ def test_teacache_skips_for_real_on_wan_image_to_video() -> None:
         with count_block_work(pipeline.transformer) as one_step:
             omni.generate(request, {**params, "num_inference_steps": 1})
         reference = omni.generate(request, params)[0]
-    with Omni(model, cache_backend="tea_cache", cache_config={"rel_l1_thresh": 0.0}) as omni:
+    never_skipping = {"tea_cache": {"rel_l1_thresh": 0.0}, "mag_cache": {**SKIPPING["mag_cache"], "magcache_thresh": 0.0}}
+    with Omni(model, cache_backend=backend, cache_config=never_skipping[backend]) as omni:
         exact = omni.generate(request, params)[0]
-    with Omni(model, cache_backend="tea_cache", cache_config={"rel_l1_thresh": 10.0}) as omni:
+    with Omni(model, cache_backend=backend, cache_config={"tea_cache": {"rel_l1_thresh": 10.0}, **SKIPPING}[backend]) \
+            as omni:
         pipeline = omni.engine.runner.model.pipeline
-        with count_block_work(pipeline.transformer) as high, count_block_work(pipeline.transformer_2) as low:
+        with (count_block_work(pipeline.transformer, backend) as high,
+              count_block_work(pipeline.transformer_2, backend) as low):
             skipping = omni.generate(request, params)[0]
     assert np.array_equal(media(exact), media(reference))
     stats = skipping.cache_stats
