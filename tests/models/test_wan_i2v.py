@@ -14,7 +14,7 @@ from PIL import Image
 
 from ditserve import Omni
 from ditserve.config import OmniDiffusionSamplingParams
-from ditserve.errors import InvalidParameterError
+from ditserve.errors import InvalidParameterError, UnsupportedModelError
 from ditserve.models.wan.adapter import to_uint8_video
 from ditserve.models.wan.image_to_video import WanImageToVideoAdapter
 from ditserve.testing import tiny_pipeline_dir
@@ -133,6 +133,15 @@ def test_an_image_is_required(i2v_omni: Omni) -> None:
     with pytest.raises(InvalidParameterError, match="from an input image") as error:
         i2v_omni.generate(PROMPT, **BASE)
     assert error.value.param == "image"
+
+
+def test_wan21_image_to_video_with_an_image_encoder_is_refused_at_load() -> None:
+    pipe = load_diffusers()
+    # Wan2.1 I2V's transformer reads CLIP image embeddings (image_dim), which the adapter does not compute
+    pipe.transformer.register_to_config(image_dim=32)
+    with pytest.raises(UnsupportedModelError, match="Wan2.1 I2V") as error:
+        WanImageToVideoAdapter(pipe)
+    assert error.value.param == "model"
 
 
 def test_one_image_at_most(i2v_omni: Omni) -> None:
