@@ -13,6 +13,8 @@ FAMILY = ModelFamily(
     },
     parallel_plans={
         "WanPipeline": "ditserve.parallel.families.wan:WanPlan",
+        # the first-frame condition joins the latents before the patch embedding: the token stream is T2V's
+        "WanImageToVideoPipeline": "ditserve.parallel.families.wan:WanPlan",
     },
     tiny_pipelines={
         "wan": "ditserve.testing.wan:build_tiny_wan",
