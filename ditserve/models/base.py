@@ -11,6 +11,7 @@ to the engine's runner; adapters never import the engine.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,15 @@ from ditserve.request import Request
 
 #: what a request produces: a list of PIL images, or a list of uint8 videos (frames x H x W x 3)
 RequestMedia = list[Any]
+
+
+class InputImages(enum.Enum):
+    """What a family does with ``multi_modal_data={"image": ...}``."""
+
+    #: text-to-image and text-to-video: an input image would be silently ignored, so it is refused
+    NONE = "none"
+    #: edit models (the images to edit) and image-to-video models (the video's first frame)
+    REQUIRED = "required"
 
 
 @dataclass
@@ -136,8 +146,12 @@ class ModelAdapter(ABC):
 
     #: ``model_index.json`` ``_class_name`` values this adapter serves (registry key)
     pipeline_class_names: ClassVar[tuple[str, ...]] = ()
-    #: "image" (text-to-image), "edit" (needs input images) or "video"
+    #: "image" (text-to-image), "edit" (needs input images) or "video" (see ``input_images`` for image-to-video)
     kind: ClassVar[str] = "image"
+    #: how many input images a request may bring (None: any number), where ``input_images`` takes them
+    max_input_images: ClassVar[int | None] = None
+    #: where to go for more input images than ``max_input_images``, said in the error
+    more_images_note: ClassVar[str] = ""
     #: pipeline attributes holding the denoising transformers, in call order
     transformer_names: ClassVar[tuple[str, ...]] = ("transformer",)
     #: sampling params that mean nothing to this family: an error, never silently ignored
@@ -213,14 +227,24 @@ class ModelAdapter(ABC):
                 f"num_frames is only for video models; {self.pipeline_class_name} makes images",
                 param="num_frames")
 
+    @property
+    def input_images(self) -> InputImages:
+        """Edit models need input images; the others take none unless their adapter says so (image-to-video)."""
+        return InputImages.REQUIRED if self.kind == "edit" else InputImages.NONE
+
     def validate_inputs(self, images: Sequence[Any]) -> None:
-        """Edit models need input images; the others accept none (never silently ignored)."""
-        if self.kind == "edit" and not images:
+        """Input images where the family needs them, none where it takes none (never silently ignored)."""
+        if self.input_images is InputImages.REQUIRED and not images:
+            needs = "edits images" if self.kind == "edit" else f"makes a {self.kind} from an input image"
             raise InvalidParameterError(
-                f"{self.pipeline_class_name} edits images: pass multi_modal_data={{'image': ...}}", param="image")
-        if self.kind != "edit" and images:
+                f"{self.pipeline_class_name} {needs}: pass multi_modal_data={{'image': ...}}", param="image")
+        if self.input_images is InputImages.NONE and images:
             raise InvalidParameterError(
                 f"{self.pipeline_class_name} takes no input image (it is a {self.kind} model)", param="image")
+        if self.max_input_images is not None and len(images) > self.max_input_images:
+            raise InvalidParameterError(
+                f"{self.pipeline_class_name} takes {self.max_input_images} input image, got {len(images)}"
+                f"{self.more_images_note}", param="image")
 
     def batch_key(self, request: Request) -> tuple[Any, ...]:
         """Requests with equal keys may run as one cohort (request scheduling, and caches that decide for the

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,4 +121,24 @@ def test_calibration_serves_sd3(tmp_path: Path) -> None:
     assert data["quality_table"]["cache_dit"]["rows"][0]["psnr_min"] == 100.0
     with Omni(str(model_dir), cache_backend="mag_cache") as omni:
         stats = omni.generate("a red cat", params)[0].cache_stats
+    assert stats["config"]["mag_ratios_source"].startswith("calibration file")
+
+
+def test_calibration_serves_wan_image_to_video(tmp_path: Path) -> None:
+    """Wan2.2 I2V-A14B: calibration runs its prompts with their input image, fits each expert's guidance branches,
+    and MagCache starts from the ratios it wrote."""
+    from PIL import Image
+
+    model_dir = tmp_path / "wan_i2v_a14b"
+    shutil.copytree(tiny_pipeline_dir("wan_i2v_a14b"), model_dir)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    items = [{"prompt": p, "multi_modal_data": {"image": image}} for p in ("a red cat", "a blue dog")]
+    params = {"num_inference_steps": 4, "height": 32, "width": 32, "num_frames": 5, "max_sequence_length": 32,
+              "seed": 0}
+    with Omni(str(model_dir)) as omni:
+        data, _ = calibrate(omni, items, params, {"tea_cache": (0.0,)})
+    assert set(data["mag_cache"]["mag_ratios"]) == {"cond", "uncond", "transformer_2:cond", "transformer_2:uncond"}
+    assert data["quality_table"]["tea_cache"]["rows"][0]["psnr_min"] == 100.0
+    with Omni(str(model_dir), cache_backend="mag_cache") as omni:
+        stats = omni.generate(items[0], params)[0].cache_stats
     assert stats["config"]["mag_ratios_source"].startswith("calibration file")

@@ -123,3 +123,39 @@ def test_ovis_image_on_the_generic_path_skips_for_real(backend: str) -> None:
 def test_cache_dit_is_refused_on_the_generic_path() -> None:
     with pytest.raises(CacheConfigError, match="OvisImagePipeline on the generic path"):
         Omni(tiny_pipeline_dir("ovis_image"), cache_backend="cache_dit")
+
+
+@pytest.mark.parametrize("backend", ["tea_cache", "mag_cache"])
+def test_residual_caches_skip_for_real_on_wan_image_to_video(backend: str) -> None:
+    """Wan2.2 I2V-A14B: both experts read the latents concatenated with the first-frame condition (36 channels in);
+    the cache spec reads block-level hidden states, so TeaCache and MagCache apply unchanged: exact when they may
+    not skip, and when they skip, the work counted on both experts follows their statistics."""
+    from PIL import Image
+
+    model = tiny_pipeline_dir("wan_i2v_a14b")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    request = {"prompt": "a red cat", "multi_modal_data": {"image": image}}
+    params = {**FAMILY_PARAMS["wan"], "num_inference_steps": 5, "seed": 2}
+    with Omni(model) as omni:
+        pipeline = omni.engine.runner.model.pipeline
+        assert pipeline.transformer.config.in_channels > pipeline.transformer.config.out_channels
+        # one step at t=999: the high-noise expert only, both guidance branches
+        with count_block_work(pipeline.transformer) as one_step:
+            omni.generate(request, {**params, "num_inference_steps": 1})
+        reference = omni.generate(request, params)[0]
+    never_skipping = {"tea_cache": {"rel_l1_thresh": 0.0}, "mag_cache": {**SKIPPING["mag_cache"], "magcache_thresh": 0.0}}
+    with Omni(model, cache_backend=backend, cache_config=never_skipping[backend]) as omni:
+        exact = omni.generate(request, params)[0]
+    with Omni(model, cache_backend=backend, cache_config={"tea_cache": {"rel_l1_thresh": 10.0}, **SKIPPING}[backend]) \
+            as omni:
+        pipeline = omni.engine.runner.model.pipeline
+        with (count_block_work(pipeline.transformer, backend) as high,
+              count_block_work(pipeline.transformer_2, backend) as low):
+            skipping = omni.generate(request, params)[0]
+    assert np.array_equal(media(exact), media(reference))
+    stats = skipping.cache_stats
+    assert set(stats["branches"]) == {"cond", "uncond", "transformer_2:cond", "transformer_2:uncond"}
+    assert stats["skipped_steps"] > 0
+    assert high.calls > 0 and low.calls > 0
+    assert high.calls + low.calls == stats["computed_steps"] * one_step.calls // 2
+    assert np.abs(media(skipping).astype(int) - media(reference).astype(int)).max() > 3

@@ -25,6 +25,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "long": {"guidance_scale": 5.0}, "short": {"guidance_scale": 1.0}},
     "wan_a14b": {"size": {"height": 32, "width": 32, "num_frames": 5},
                  "long": {"guidance_scale": 5.0, "guidance_scale_2": 3.0}, "short": {"guidance_scale": 4.0}},
+    "wan_i2v_a14b": {"size": {"height": 32, "width": 32, "num_frames": 5}, "images": True,
+                     "long": {"guidance_scale": 5.0, "guidance_scale_2": 3.0}, "short": {"guidance_scale": 1.0}},
+    "wan_ti2v_i2v": {"size": {"height": 64, "width": 64, "num_frames": 5}, "images": True,
+                     "long": {"guidance_scale": 5.0}, "short": {"guidance_scale": 1.0}},
 }
 
 

@@ -33,6 +33,8 @@ class Case:
     params: dict[str, Any]
     #: (cache_backend, cache_config) or None
     cache: tuple[str, dict[str, Any]] | None = None
+    #: input images (PIL) of image-conditioned models
+    images: tuple[Any, ...] = ()
 
     def engine_config(self, parallel: dict[str, int]) -> OmniDiffusionConfig:
         backend, cache_config = self.cache if self.cache is not None else (None, None)
@@ -66,7 +68,7 @@ def _capture_final_latents(runner: ModelRunner) -> list[torch.Tensor]:
 
 def _request(runner: ModelRunner, case: Case) -> Request:
     params = runner.adapter.resolve_params(OmniDiffusionSamplingParams(**case.params))
-    return Request(prompt=case.prompt, params=params, request_id=f"req-{case.name}")
+    return Request(prompt=case.prompt, params=params, images=list(case.images), request_id=f"req-{case.name}")
 
 
 def single_process_run(case: Case) -> CaseResult:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from parity_harness import Case, CaseResult, run_parity_group, single_process_run
+from PIL import Image
 
 from ditserve import Omni
 from ditserve.config import DiffusionParallelConfig, OmniDiffusionConfig, OmniDiffusionSamplingParams
@@ -164,6 +165,11 @@ def test_tensor_parallel_refuses_gated_feed_forwards_quantized_linears_and_famil
 # ---------------------------------------------------------------------------------------------- parity group
 CASES = [Case(f"{family}-{method}", tiny_pipeline_dir(family), degrees, PROMPT, PARAMS[family])
          for family in PARAMS for method, degrees in METHODS.items()]
+# Wan2.2 I2V-A14B: the first-frame condition concatenated on channels, both experts, every method
+I2V_IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+I2V_CASES = [Case(f"wan_i2v_a14b-{method}", tiny_pipeline_dir("wan_i2v_a14b"), degrees, PROMPT,
+                  {**PARAMS["wan"], "num_inference_steps": 4}, images=(I2V_IMAGE,))
+             for method, degrees in METHODS.items()]
 # CFG-parallel on a request without guidance: the uncond rank must receive the cond output
 UNGUIDED_FLUX = Case("flux-cfg-unguided", tiny_pipeline_dir("flux"), METHODS["cfg"], PROMPT,
                      {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 1})
@@ -180,13 +186,15 @@ CACHED = {(family, method): Case(f"{family}-{method}-tea_cache", tiny_pipeline_d
 
 @pytest.fixture(scope="module")
 def parity_results() -> tuple[dict[str, CaseResult], int | None]:
-    return run_parity_group([*CASES, UNGUIDED_FLUX, SD3_CFG, *CACHED.values()])
+    return run_parity_group([*CASES, *I2V_CASES, UNGUIDED_FLUX, SD3_CFG, *CACHED.values()])
 
 
 @pytest.fixture(scope="module")
 def references() -> dict[str, CaseResult]:
     refs = {family: single_process_run(Case(family, tiny_pipeline_dir(family), {}, PROMPT, PARAMS[family]))
             for family in PARAMS}
+    refs["wan_i2v_a14b"] = single_process_run(Case("wan_i2v_a14b", I2V_CASES[0].model_dir, {}, PROMPT,
+                                                   I2V_CASES[0].params, images=I2V_CASES[0].images))
     refs["flux-unguided"] = single_process_run(UNGUIDED_FLUX)
     refs["sd3"] = single_process_run(Case("sd3", SD3_CFG.model_dir, {}, PROMPT, SD3_CFG.params))
     refs["sd3-unguided"] = single_process_run(Case("sd3", SD3_CFG.model_dir, {}, PROMPT,
@@ -197,7 +205,7 @@ def references() -> dict[str, CaseResult]:
     return refs
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [*CASES, *I2V_CASES], ids=lambda c: c.name)
 def test_two_ranks_equal_one_process(case: Case, parity_results, references) -> None:
     results, _ = parity_results
     expected = references[case.name.split("-")[0]].latents

@@ -92,6 +92,7 @@ from ditserve.entrypoints.server.videos import VideoJob, VideoJobRunner, VideoSt
 from ditserve.errors import DitServeError, InvalidParameterError, check_text
 from ditserve.lora.manager import LoadedLoRA, LoRAManager
 from ditserve.lora.request import LoRARequest
+from ditserve.models.base import InputImages
 from ditserve.request import Request, RequestOutput
 
 ImageFields = ImageGenerationRequest | ImageEditFields | ChatCompletionRequest
@@ -178,11 +179,12 @@ class ServerState:
 
     def accepted_uploads(self) -> int:
         """How many input images this model takes, known before any upload is decoded. The rule is the
-        adapters' ``validate_inputs`` (edit models take images, up to ``max_input_images``; the others none),
-        which judges the decoded images again in ``make_request``."""
-        if self.kind != "edit":
+        adapters' ``validate_inputs`` (edit and image-to-video models take images, up to ``max_input_images``;
+        the others none), which judges the decoded images again in ``make_request``."""
+        adapter = self.engine.adapter
+        if adapter.input_images is InputImages.NONE:
             return 0
-        most = getattr(self.engine.adapter, "max_input_images", None)
+        most = adapter.max_input_images
         return MAX_INPUT_IMAGES if most is None else min(most, MAX_INPUT_IMAGES)
 
     async def read_uploads(self, uploads: list[Any], field: str) -> list[Image.Image]:
@@ -515,8 +517,19 @@ async def read_video_request(http_request: HTTPRequest, state: ServerState) -> t
     content_type = http_request.headers.get("content-type", "")
     images: list[Image.Image] = []
     if content_type.startswith("application/json"):
-        fields = validate_fields(VideoCreateFields, await read_json_object(http_request), strict=True)
+        body = await read_json_object(http_request)
+        # JSON cannot carry a file: there the first frame is a data URL (or a fetched URL, where allowed)
+        reference = body.pop("input_reference", None)
+        fields = validate_fields(VideoCreateFields, body, strict=True)
         check_fields(state, fields, fields.prompt)
+        if reference is not None:
+            if not isinstance(reference, str):
+                raise APIError(400, "input_reference: in a JSON body, the first frame is a data URL string "
+                                    "(data:image/png;base64,...); upload a file with a multipart body",
+                               param="input_reference", code="invalid_parameter")
+            check_upload_count([reference], "input_reference", state.accepted_uploads(),
+                               state.settings.served_model_name, state.kind)
+            images = await state.read_image_urls([("input_reference", reference)])
         return fields, images
     form = await read_form(http_request, ("input_reference",), state.settings.max_body_bytes,
                            encodings=(MULTIPART, URLENCODED))
@@ -560,8 +573,15 @@ EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data"
     ImageEditFields, {"image": {"anyOf": [_BINARY, {"type": "array", "items": _BINARY, "maxItems": 8}]},
                       "url": {"anyOf": [_URL, {"type": "array", "items": _URL, "maxItems": 8}]},
                       "mask": _BINARY}, ())}}}}
+def json_video_schema() -> dict[str, Any]:
+    """A JSON video request: the form's fields, and ``input_reference`` as a data URL."""
+    schema = VideoCreateFields.model_json_schema()
+    schema["properties"]["input_reference"] = {**_URL, "description": "the first frame (image-to-video models)"}
+    return schema
+
+
 VIDEO_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": VideoCreateFields.model_json_schema()},
+    "application/json": {"schema": json_video_schema()},
     "multipart/form-data": {"schema": form_schema(VideoCreateFields, {"input_reference": _BINARY}, ())},
     "application/x-www-form-urlencoded": {"schema": form_schema(VideoCreateFields, {}, ())}}}}
 VideoIdParam = Annotated[str, PathParam(pattern=VIDEO_ID_PATTERN, max_length=38)]

@@ -10,7 +10,6 @@ image at about one megapixel whatever the output size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ditserve.errors import InvalidParameterError
 from ditserve.models.base import request_generator
 from ditserve.models.qwen_image.adapter import QwenImageAdapter
 from ditserve.models.qwen_image.processor import load_processor_without_video, torchvision_available
@@ -43,8 +41,8 @@ class EditInputs:
 class QwenImageEditAdapter(QwenImageAdapter):
     pipeline_class_names = ("QwenImageEditPipeline",)
     kind = "edit"
-    #: how many input images the pipeline takes (None: any number)
-    max_input_images: int | None = 1
+    max_input_images = 1
+    more_images_note = " (Qwen-Image-Edit-2509, QwenImageEditPlusPipeline, takes several)"
 
     @classmethod
     def preloaded_components(cls, path: str) -> dict[str, Any]:
@@ -58,13 +56,6 @@ class QwenImageEditAdapter(QwenImageAdapter):
     def family_defaults(self) -> dict[str, Any]:
         # height and width stay None: they follow the input image (see ``output_size``)
         return self._sampling_defaults()
-
-    def validate_inputs(self, images: Sequence[Any]) -> None:
-        super().validate_inputs(images)
-        if self.max_input_images is not None and len(images) > self.max_input_images:
-            raise InvalidParameterError(
-                f"{self.pipeline_class_name} takes {self.max_input_images} input image, got {len(images)} "
-                "(Qwen-Image-Edit-2509, QwenImageEditPlusPipeline, takes several)", param="image")
 
     def prompt_cache_key(self, request: Request) -> None:
         # Qwen2.5-VL reads the input images with the prompt: the embedding is not a function of the text alone

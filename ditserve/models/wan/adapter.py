@@ -106,11 +106,17 @@ class WanAdapter(LoopAdapter):
             encoded["neg_prompt_embeds"] = neg_embeds.to(self.dtype)
         return encoded
 
-    def prepare(self, request: Request, embeddings: dict[str, torch.Tensor]) -> RequestState:
+    def initial_latents(self, request: Request) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The request's noise (from its own generator), and what else conditions it (nothing for text-to-video)."""
         pipe, p = self.pipeline, request.params
         channels = self._any_transformer().config.in_channels
         latents = pipe.prepare_latents(request.num_outputs, channels, p.height, p.width, p.num_frames,
                                        torch.float32, self.device, request_generator(request))
+        return latents, {}
+
+    def prepare(self, request: Request, embeddings: dict[str, torch.Tensor]) -> RequestState:
+        pipe, p = self.pipeline, request.params
+        latents, extras = self.initial_latents(request)
         scheduler = fresh_scheduler(pipe)
         scheduler.set_timesteps(p.num_inference_steps, device=self.device)
         scheduler.set_begin_index(0)
@@ -118,7 +124,7 @@ class WanAdapter(LoopAdapter):
         if p.boundary_ratio is not None:
             boundary = p.boundary_ratio * scheduler.config.num_train_timesteps
         return RequestState(request=request, latents=latents, scheduler=scheduler, timesteps=scheduler.timesteps,
-                            conditioning={**embeddings, "boundary_timestep": boundary})
+                            conditioning={**embeddings, **extras, "boundary_timestep": boundary})
 
     def _expert(self, state: RequestState) -> tuple[str, float]:
         """Which transformer denoises the request at its current step, and with which guidance scale."""
@@ -128,8 +134,9 @@ class WanAdapter(LoopAdapter):
         scale_2 = p.guidance_scale_2 if p.guidance_scale_2 is not None else p.guidance_scale
         return "transformer_2", scale_2
 
-    def _timesteps(self, batch: StepBatch, states: Sequence[RequestState], latents: torch.Tensor,
-                   patch_size: Sequence[int]) -> torch.Tensor:
+    def timestep_input(self, batch: StepBatch, states: Sequence[RequestState], latents: torch.Tensor,
+                       patch_size: Sequence[int]) -> torch.Tensor:
+        """The transformer's timestep for these requests' rows: one per row, or one per latent token (TI2V)."""
         timesteps = batch.timesteps(states)
         if not self.pipeline.config.expand_timesteps:
             return timesteps
@@ -138,13 +145,17 @@ class WanAdapter(LoopAdapter):
         tokens = frames * math.ceil(height / patch_size[1]) * math.ceil(width / patch_size[2])
         return timesteps[:, None].expand(-1, tokens)
 
+    def model_input(self, batch: StepBatch, states: Sequence[RequestState]) -> torch.Tensor:
+        """What the transformer reads for these requests' rows: their noisy latents (text-to-video)."""
+        return batch.latents(states)
+
     def _call_branch(self, batch: StepBatch, branch: str, name: str, states: Sequence[RequestState]) -> torch.Tensor:
         transformer = getattr(self.pipeline, name)
         key = "prompt_embeds" if branch == "cond" else "neg_prompt_embeds"
         text = batch.remember(branch, states, lambda: stack_rows([s.conditioning[key] for s in states], states))
-        latents = batch.latents(states)
+        latents = self.model_input(batch, states)
         return batch.call(branch, states, name, hidden_states=latents.to(transformer.dtype),
-                          timestep=self._timesteps(batch, states, latents, transformer.config.patch_size),
+                          timestep=self.timestep_input(batch, states, latents, transformer.config.patch_size),
                           encoder_hidden_states=text)
 
     def _predict_expert(self, batch: StepBatch, name: str, states: list[RequestState]) -> torch.Tensor:
@@ -170,9 +181,13 @@ class WanAdapter(LoopAdapter):
                 rows[state.request_id] = part
         return torch.cat([rows[state.request_id] for state in batch.states])
 
+    def final_latents(self, state: RequestState) -> torch.Tensor:
+        """What the VAE decodes of a finished request: its latents (text-to-video)."""
+        return state.latents
+
     def decode(self, state: RequestState) -> RequestMedia:
         vae = self.pipeline.vae
-        latents = state.latents.to(vae.dtype)
+        latents = self.final_latents(state).to(vae.dtype)
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
