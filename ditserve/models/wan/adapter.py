@@ -159,12 +159,8 @@ class WanAdapter(LoopAdapter):
                           encoder_hidden_states=text)
 
     def _predict_expert(self, batch: StepBatch, name: str, states: list[RequestState]) -> torch.Tensor:
-        cond = self._call_branch(batch, "cond", name, states)
-        guided = [s for s in states if self.guided(s)]
-        if not guided:
-            return cond
-        uncond = self._call_branch(batch, "uncond", name, guided)
-        return batch.combine(cond, uncond, guided, lambda c, u, s: u + self._expert(s)[1] * (c - u), states)
+        return self.guided_prediction(batch, lambda branch, rows: self._call_branch(batch, branch, name, rows),
+                                      lambda c, u, s: u + self._expert(s)[1] * (c - u), states)
 
     def predict(self, batch: StepBatch) -> torch.Tensor:
         # requests past the boundary are denoised by the low-noise expert: one group (and call) per expert
