@@ -32,6 +32,7 @@ from ditserve.demo.train import (
     _autocast,
     _flow_matching_loss,
     _lr_factor,
+    _step_generator,
     resolve_device,
 )
 from ditserve.errors import InvalidParameterError
@@ -76,7 +77,7 @@ def _training_batch(cfg: LoRATrainConfig, step: int, device: torch.device) -> tu
     new_count = round(cfg.batch * cfg.new_shape_fraction)
     scenes = (sample_new_shape_scenes(new_count, stage_seed(cfg.seed, NEW_SHAPE_STAGE, step), split="train")
               + sample_scenes(cfg.batch - new_count, stage_seed(cfg.seed, BASE_STAGE, step), split="train"))
-    generator = torch.Generator(device=device).manual_seed(stage_seed(cfg.seed, NEW_SHAPE_STAGE, step))
+    generator = _step_generator(device, cfg.seed, NEW_SHAPE_STAGE, step)
     images = render_batch(scenes, IMAGE_SIZE, jitter=MAX_JITTER, generator=generator, device=device)
     return [s.to_prompt() for s in scenes], images
 
@@ -139,7 +140,7 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup_steps, fraction)
         prompts, images = _training_batch(cfg, step, device)
-        generator = torch.Generator(device=device).manual_seed(stage_seed(cfg.seed, NOISE_STAGE, step))
+        generator = _step_generator(device, cfg.seed, NOISE_STAGE, step)
         prompts = _apply_prompt_dropout(prompts, generator, cfg.prompt_dropout)
         with _autocast(device):
             loss = _flow_matching_loss(pipe, prompts, images, generator, MAX_SEQUENCE_LENGTH)
