@@ -99,6 +99,7 @@ class ModelRunner:
         self._residents: dict[str, _Resident] = {}
         #: collated conditioning of the current members (``StepBatch.memo``), dropped when membership changes
         self._memo: dict[Any, Any] = {}
+        self._memo_members: tuple[str, ...] = ()
 
     def _load_options(self) -> dict[str, Any]:
         return load_options(self.config)
@@ -193,8 +194,8 @@ class ModelRunner:
 
     def _run_step(self, running: list[_Resident], outcome: StepOutcome) -> None:
         members = tuple(entry.state.request_id for entry in running)
-        if self._memo.get("members") != members:
-            self._memo = {"members": members}
+        if self._memo_members != members:
+            self._memo, self._memo_members = {}, members
         batch = StepBatch([entry.state for entry in running], self.call_transformer, self._memo)
         start = time.perf_counter()
         try:
