@@ -133,26 +133,36 @@ def host_store(host: str, port: int, world_size: int, timeout: timedelta) -> Any
 
 
 class ControlChannel:
-    def __init__(self, store: Any, secret: bytes) -> None:
+    """Numbered messages from rank 0 to ``readers`` workers. The last worker to read a message deletes it:
+    rank 0 cannot know when a message was read, since a step may finish on rank 0 without any collective
+    (one that only drops requests), and deleting a message a late worker has not read yet would leave that
+    worker waiting for it forever."""
+
+    def __init__(self, store: Any, secret: bytes, readers: int) -> None:
         self.store = store
         self.secret = secret
+        self.readers = readers
         self.count = 0
 
     def _key(self, index: int) -> str:
         return f"ditserve/message/{index}"
 
+    def _read_count_key(self, index: int) -> str:
+        return f"ditserve/read/{index}"
+
     def send(self, message: Message) -> None:
         put_object(self.store, self.secret, self._key(self.count), message)
-        if self.count:
-            # every rank read the previous message before the step it carried could finish
-            self.store.delete_key(self._key(self.count - 1))
         self.count += 1
 
     def receive(self) -> Message:
         key = self._key(self.count)
         self.store.wait([key], IDLE_WAIT)
+        message = get_object(self.store, self.secret, key)
+        if self.store.add(self._read_count_key(self.count), 1) == self.readers:
+            self.store.delete_key(key)
+            self.store.delete_key(self._read_count_key(self.count))
         self.count += 1
-        return get_object(self.store, self.secret, key)
+        return message
 
 
 def started_key(rank: int) -> str:

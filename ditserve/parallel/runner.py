@@ -110,7 +110,7 @@ class MultiProcessRunner:
         self.adapter = self.local.adapter
         #: per-request LoRAs would need every rank to load the same adapters; the config refuses them
         self.loras = None
-        self.channel = ControlChannel(self._store, self._secret)
+        self.channel = ControlChannel(self._store, self._secret, readers=self.world_size - 1)
         logger.info("parallel runner ready: %d ranks (%s)", self.world_size, parallel)
 
     # ------------------------------------------------------------------ start-up

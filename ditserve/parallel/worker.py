@@ -62,7 +62,7 @@ def run_worker(config: OmniDiffusionConfig, store: Any, secret: bytes, rank: int
     try:
         runner = start_rank(config, store, rank, world_size, local_rank)
         dist.barrier()  # rank 0 waits here until every rank has loaded its model
-        serve(runner, ControlChannel(store, secret))
+        serve(runner, ControlChannel(store, secret, readers=world_size - 1))
         runner.close()
     except BaseException:
         report_error(store, secret, rank, traceback.format_exc())

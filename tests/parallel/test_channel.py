@@ -60,11 +60,25 @@ def _clear_flag() -> None:
 
 def test_a_sealed_message_reaches_the_receiver(store: dist.TCPStore) -> None:
     secret = new_secret()
-    sender, receiver = ControlChannel(store, secret), ControlChannel(store, secret)
+    sender, receiver = ControlChannel(store, secret, readers=1), ControlChannel(store, secret, readers=1)
     sender.send(Message(MessageKind.STEP, ["spec"]))
     assert receiver.receive() == Message(MessageKind.STEP, ["spec"])
     sender.send(Message(MessageKind.STOP))
     assert receiver.receive().kind is MessageKind.STOP
+
+
+def test_a_late_reader_still_gets_every_message_and_the_last_reader_deletes_it(store: dist.TCPStore) -> None:
+    # rank 0 may send several messages before a slow worker reads the first (steps that need no collective)
+    secret = new_secret()
+    sender = ControlChannel(store, secret, readers=2)
+    fast, slow = ControlChannel(store, secret, readers=2), ControlChannel(store, secret, readers=2)
+    sent = [Message(MessageKind.STEP, [f"step {i}"]) for i in range(3)] + [Message(MessageKind.STOP)]
+    for message in sent:
+        sender.send(message)
+    assert [fast.receive() for _ in sent] == sent
+    assert store.check(["ditserve/message/0"]), "deleted before the slow reader read it"
+    assert [slow.receive() for _ in sent] == sent
+    assert not any(store.check([f"ditserve/message/{i}"]) for i in range(len(sent)))
 
 
 @pytest.mark.parametrize("tag", [b"", b"\0" * 32, b"short"], ids=["untagged", "zero-tag", "short-tag"])
@@ -72,22 +86,22 @@ def test_an_unauthenticated_message_is_refused_without_being_unpickled(store: di
     # the attack as it was: a bare pickle written into the next message slot
     store.set("ditserve/message/0", tag + pickle.dumps(Message(MessageKind.STEP, [Payload()])))
     with pytest.raises(ForgedMessageError, match="nothing of it was unpickled"):
-        ControlChannel(store, new_secret()).receive()
+        ControlChannel(store, new_secret(), readers=1).receive()
     assert UNPICKLED == []
 
 
 def test_a_message_sealed_with_another_secret_is_refused(store: dist.TCPStore) -> None:
-    ControlChannel(store, new_secret()).send(Message(MessageKind.STEP, [Payload()]))
+    ControlChannel(store, new_secret(), readers=1).send(Message(MessageKind.STEP, [Payload()]))
     with pytest.raises(ForgedMessageError):
-        ControlChannel(store, new_secret()).receive()
+        ControlChannel(store, new_secret(), readers=1).receive()
     assert UNPICKLED == []
 
 
 def test_a_genuine_message_replayed_under_another_key_is_refused(store: dist.TCPStore) -> None:
     secret = new_secret()
-    ControlChannel(store, secret).send(Message(MessageKind.STEP, ["first step"]))
+    ControlChannel(store, secret, readers=1).send(Message(MessageKind.STEP, ["first step"]))
     store.set("ditserve/message/1", store.get("ditserve/message/0"))
-    receiver = ControlChannel(store, secret)
+    receiver = ControlChannel(store, secret, readers=1)
     receiver.receive()
     with pytest.raises(ForgedMessageError):
         receiver.receive()
