@@ -115,6 +115,14 @@ class StepBatch:
         """Each row's own timestep (requests in one batch may be at different points of their schedules)."""
         return torch.cat([s.t.expand(s.num_rows) for s in (self.states if states is None else states)])
 
+    def call_with_context(self, branch: str, states: Sequence[RequestState], latents: torch.Tensor,
+                          context: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+        """The transformer's output for the noisy token ``latents`` of ``states`` when they attend to ``context``
+        tokens as well (edit models: the packed latents of the input images, appended along the sequence after
+        the noisy ones). The context is read, never predicted: only the noisy tokens' output is kept."""
+        hidden = latents if context is None else torch.cat([latents, context], dim=1)
+        return self.call(branch, states, hidden_states=hidden, **kwargs)[:, :latents.shape[1]]
+
     def remember(self, key: Any, states: Sequence[RequestState], make: Callable[[], Any]) -> Any:
         """``make()`` once per key and set of requests, while the membership of the running set lasts."""
         full_key = (key, tuple(s.request_id for s in states))
@@ -252,8 +260,14 @@ class ModelAdapter(ABC):
         p = request.params
         excluded = {"seed", "negative_prompt", "num_outputs_per_prompt"}
         values = tuple((f.name, getattr(p, f.name)) for f in dataclasses.fields(p) if f.name not in excluded)
-        input_sizes = tuple(img.size for img in request.images)
-        return values + (("has_negative", p.negative_prompt is not None), ("input_sizes", input_sizes))
+        return values + (("has_negative", p.negative_prompt is not None),
+                         ("input_sizes", self.input_image_sizes(request)))
+
+    def input_image_sizes(self, request: Request) -> tuple[tuple[int, int], ...]:
+        """The (width, height) of each input image as the model sees it: they fix the image-token shapes a batch
+        stacks. By default the images' own sizes; a family that resizes inputs to a size of its own choosing
+        returns those, so inputs that end up the same size batch together."""
+        return tuple(img.size for img in request.images)
 
     @property
     def pipeline_class_name(self) -> str:
@@ -283,7 +297,7 @@ class LoopAdapter(ModelAdapter):
         """Requests with equal keys may share a denoising step: their latents, text and image-token shapes
         stack. Prompt, seed, step count, guidance and the negative prompt may differ."""
         p = request.params
-        return (p.height, p.width, p.num_frames, p.max_sequence_length, tuple(img.size for img in request.images))
+        return (p.height, p.width, p.num_frames, p.max_sequence_length, self.input_image_sizes(request))
 
     @abstractmethod
     def prepare(self, request: Request, embeddings: Any) -> RequestState:

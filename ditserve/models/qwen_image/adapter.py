@@ -191,13 +191,10 @@ class QwenImageAdapter(LoopAdapter):
     def _call_branch(self, batch: StepBatch, branch: str, states: Sequence[RequestState]) -> torch.Tensor:
         inputs = dict(self._branch_inputs(batch, branch, states))
         latents = batch.latents(states)
-        # the image tokens the transformer sees: the noisy latents, then any input images' latents (edit models)
-        image_latents = inputs.pop("image_latents")
-        hidden = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
         timestep = batch.timesteps(states).to(latents.dtype)
-        output = batch.call(branch, states, hidden_states=hidden, timestep=timestep / 1000, **inputs)
-        # only the noisy latents' tokens are predicted; input-image tokens are context
-        return output[:, :latents.shape[1]]
+        # edit models: the input images' latents follow the noisy ones as context tokens
+        return batch.call_with_context(branch, states, latents, inputs.pop("image_latents"),
+                                       timestep=timestep / 1000, **inputs)
 
     def predict(self, batch: StepBatch) -> torch.Tensor:
         return self.guided_prediction(batch, partial(self._call_branch, batch),
