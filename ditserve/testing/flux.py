@@ -1,7 +1,9 @@
-"""A tiny random FLUX.1 pipeline (FluxPipeline), built locally: 2 double + 2 single blocks, 64-dim."""
+"""Tiny random FLUX.1 pipelines (FluxPipeline, FluxKontextPipeline), built locally: 2 double + 2 single blocks,
+64-dim."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -14,9 +16,18 @@ from ditserve.testing.common import (
     tiny_t5_tokenizer,
 )
 
+#: the tiny Kontext's sizing (``ditserve_defaults.json``): 64x64 outputs and inputs at their own size, where
+#: diffusers' defaults would make every request a megapixel one
+TINY_KONTEXT_SIZING = {"max_area": 64 * 64, "auto_resize": False}
 
-def build_tiny_flux(path: Path, guidance_embeds: bool = False, seed: int = 0) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+def build_tiny_flux(path: Path, guidance_embeds: bool = False, seed: int = 0, kontext: bool = False) -> Path:
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -33,15 +44,23 @@ def build_tiny_flux(path: Path, guidance_embeds: bool = False, seed: int = 0) ->
         guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6)).eval()
     sensitize(transformer)
     vae = tiny_image_vae()
-    pipeline = FluxPipeline(
+    pipeline_class = FluxKontextPipeline if kontext else FluxPipeline
+    pipeline = pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
                                                   max_image_seq_len=256, base_shift=0.5, max_shift=1.15),
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer, text_encoder_2=text_encoder_2,
         tokenizer_2=t5_tokenizer, transformer=transformer)
     pipeline.save_pretrained(path)
+    if kontext:
+        (path / "ditserve_defaults.json").write_text(json.dumps({"sampling_defaults": TINY_KONTEXT_SIZING}))
     return path
 
 
 def build_tiny_flux_dev(path: Path) -> Path:
     """FLUX.1-dev layout: guidance embedded in the transformer (``guidance_scale``, no second pass)."""
     return build_tiny_flux(path, guidance_embeds=True, seed=1)
+
+
+def build_tiny_flux_kontext(path: Path) -> Path:
+    """FLUX.1-Kontext-dev layout: embedded guidance, and the input image's tokens read after the noisy ones."""
+    return build_tiny_flux(path, guidance_embeds=True, seed=2, kontext=True)

@@ -1,1 +1,2 @@
-"""FLUX.1 and the bundled demo model (FluxPipeline). Its parts are declared in ``family.py``."""
+"""FLUX.1, FLUX.1-Kontext and the bundled demo model (FluxPipeline, FluxKontextPipeline). Its parts are declared
+in ``family.py``."""

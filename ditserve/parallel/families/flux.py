@@ -1,7 +1,8 @@
 """Sequence parallelism for FLUX.1 (FluxTransformer2DModel).
 
-Sharded: the image tokens (``hidden_states`` on dim 1) and their position ids (``img_ids`` on dim 0), so the
-rotary embedding computed from ``cat(txt_ids, img_ids)`` matches the local tokens. Replicated: the text tokens
+Sharded: the image tokens (``hidden_states`` on dim 1; on FLUX.1-Kontext the noisy tokens, then the input
+image's) and their position ids (``img_ids`` on dim 0), so the rotary embedding computed from
+``cat(txt_ids, img_ids)`` matches the local tokens. Replicated: the text tokens
 (``encoder_hidden_states``, ``txt_ids``), see ``ditserve.parallel.sequence``. Every attention (double blocks:
 text and image projected separately then joined; single blocks: one stream that starts with the text tokens)
 goes through ``sequence_parallel_attention``; the output projection ``proj_out`` is gathered back.
@@ -85,7 +86,7 @@ class FluxSequenceParallelProcessor:
 
 
 class FluxPlan(FamilyPlan):
-    pipeline_class_names = ("FluxPipeline",)
+    pipeline_class_names = ("FluxPipeline", "FluxKontextPipeline")
 
     def output_shape(self, transformer: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[int, ...]:
         return token_output_shape(transformer, kwargs)
@@ -94,7 +95,8 @@ class FluxPlan(FamilyPlan):
         return int(transformer.config.num_attention_heads)
 
     def sharded_tokens(self, adapter: Any, params: OmniDiffusionSamplingParams) -> int:
-        # latents are packed 2x2 after the VAE: one token per (2 * vae_scale_factor)^2 pixels
+        # latents are packed 2x2 after the VAE: one token per (2 * vae_scale_factor)^2 pixels. The output's
+        # tokens; Kontext's input-image tokens are checked when the batch is sharded
         patch = 2 * int(adapter.pipeline.vae_scale_factor)
         return (params.height // patch) * (params.width // patch)
 
