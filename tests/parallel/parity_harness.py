@@ -68,7 +68,10 @@ def _capture_final_latents(runner: ModelRunner) -> list[torch.Tensor]:
 
 def _request(runner: ModelRunner, case: Case) -> Request:
     params = runner.adapter.resolve_params(OmniDiffusionSamplingParams(**case.params))
-    return Request(prompt=case.prompt, params=params, images=list(case.images), request_id=f"req-{case.name}")
+    request = Request(prompt=case.prompt, params=params, images=list(case.images), request_id=f"req-{case.name}")
+    # as the engine does: params that depend on the inputs (an edit model's output size)
+    request.params = runner.adapter.complete_params(request)
+    return request
 
 
 def single_process_run(case: Case) -> CaseResult:

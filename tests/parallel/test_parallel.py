@@ -170,6 +170,12 @@ I2V_IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3
 I2V_CASES = [Case(f"wan_i2v_a14b-{method}", tiny_pipeline_dir("wan_i2v_a14b"), degrees, PROMPT,
                   {**PARAMS["wan"], "num_inference_steps": 4}, images=(I2V_IMAGE,))
              for method, degrees in METHODS.items()]
+# FLUX.1-Kontext: the input image's tokens follow the noisy ones in the sharded sequence, every method
+KONTEXT_IMAGE = Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+KONTEXT_CASES = [Case(f"flux_kontext-{method}", tiny_pipeline_dir("flux_kontext"), degrees, PROMPT,
+                      {"num_inference_steps": 2, "seed": 1, "max_sequence_length": 64, "guidance_scale": 2.5,
+                       **GUIDED}, images=(KONTEXT_IMAGE,))
+                 for method, degrees in METHODS.items()]
 # CFG-parallel on a request without guidance: the uncond rank must receive the cond output
 UNGUIDED_FLUX = Case("flux-cfg-unguided", tiny_pipeline_dir("flux"), METHODS["cfg"], PROMPT,
                      {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 1})
@@ -186,7 +192,7 @@ CACHED = {(family, method): Case(f"{family}-{method}-tea_cache", tiny_pipeline_d
 
 @pytest.fixture(scope="module")
 def parity_results() -> tuple[dict[str, CaseResult], int | None]:
-    return run_parity_group([*CASES, *I2V_CASES, UNGUIDED_FLUX, SD3_CFG, *CACHED.values()])
+    return run_parity_group([*CASES, *I2V_CASES, *KONTEXT_CASES, UNGUIDED_FLUX, SD3_CFG, *CACHED.values()])
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +201,8 @@ def references() -> dict[str, CaseResult]:
             for family in PARAMS}
     refs["wan_i2v_a14b"] = single_process_run(Case("wan_i2v_a14b", I2V_CASES[0].model_dir, {}, PROMPT,
                                                    I2V_CASES[0].params, images=I2V_CASES[0].images))
+    refs["flux_kontext"] = single_process_run(Case("flux_kontext", KONTEXT_CASES[0].model_dir, {}, PROMPT,
+                                                   KONTEXT_CASES[0].params, images=KONTEXT_CASES[0].images))
     refs["flux-unguided"] = single_process_run(UNGUIDED_FLUX)
     refs["sd3"] = single_process_run(Case("sd3", SD3_CFG.model_dir, {}, PROMPT, SD3_CFG.params))
     refs["sd3-unguided"] = single_process_run(Case("sd3", SD3_CFG.model_dir, {}, PROMPT,
@@ -205,7 +213,7 @@ def references() -> dict[str, CaseResult]:
     return refs
 
 
-@pytest.mark.parametrize("case", [*CASES, *I2V_CASES], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [*CASES, *I2V_CASES, *KONTEXT_CASES], ids=lambda c: c.name)
 def test_two_ranks_equal_one_process(case: Case, parity_results, references) -> None:
     results, _ = parity_results
     expected = references[case.name.split("-")[0]].latents
