@@ -185,8 +185,9 @@ class ImageEditFields(OpenAIImageFields, GenerationOptions):
     prompt: str = Field(max_length=MAX_TEXT_CHARS)
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
     size: str | None = Field(None, pattern=SIZE_PATTERN,
-                             description='"WxH", or "auto" (the default): the input\'s aspect ratio within the '
-                                         "model's pixel budget")
+                             description='"WxH", or "auto" (the default): the model\'s own choice (Qwen-Image-Edit: '
+                                         "the input's aspect ratio within its pixel budget; FLUX.1-Kontext: "
+                                         "diffusers' square default)")
     response_format: Literal["b64_json", "file"] | None = None
     output_format: OutputFormatField | None = None
 
