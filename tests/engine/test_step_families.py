@@ -15,6 +15,9 @@ from tests.cache.helpers import media
 
 #: per tiny pipeline: size params, the long request's guidance, the short one's (off or other), input images
 FAMILIES: dict[str, dict[str, Any]] = {
+    "flux_kontext": {"size": {"height": 64, "width": 64, "max_sequence_length": 64}, "images": True,
+                     "long": {"true_cfg_scale": 3.0, "negative_prompt": "blurry", "guidance_scale": 5.0},
+                     "short": {"guidance_scale": 2.0}},
     "qwen_image": {"size": {"height": 64, "width": 64},
                    "long": {"true_cfg_scale": 4.0, "negative_prompt": "blurry"}, "short": {"true_cfg_scale": 1.0}},
     "qwen_image_edit": {"size": {"height": 64, "width": 64}, "images": True,

@@ -295,3 +295,10 @@ def test_model_level_sizing_is_checked(pipe: FluxKontextPipeline) -> None:
     adapter = FluxKontextAdapter(pipe, {"max_area": 128 * 128, "auto_resize": False, "num_inference_steps": 4})
     assert adapter.model_defaults == {"num_inference_steps": 4}
     assert adapter.output_size(64, 64) == (128, 128)
+
+
+def test_an_aspect_ratio_that_leaves_no_rows_is_refused(omni: Omni) -> None:
+    # 8 x 4096 at 64x64 pixels' area: 3 rows, under the size multiple 4
+    with pytest.raises(InvalidParameterError, match="leaves a height under 4") as error:
+        omni.generate(edit(PROMPT_A, IMAGE_A), height=8, width=4096, **BASE)
+    assert error.value.param == "height"

@@ -81,8 +81,14 @@ class FluxKontextAdapter(FluxAdapter):
         return height, width
 
     def complete_params(self, request: Request) -> OmniDiffusionSamplingParams:
-        height, width = self.output_size(request.params.height, request.params.width)
-        return request.params.replace(height=height, width=width)
+        p = request.params
+        height, width = self.output_size(p.height, p.width)
+        for name, value in (("height", height), ("width", width)):
+            if not value:  # an extreme aspect ratio leaves less than one size multiple on the short side
+                raise InvalidParameterError(
+                    f"height={p.height} x width={p.width} at this model's {self.sizing.max_area} pixels leaves a "
+                    f"{name} under {self.size_multiple}: choose a less extreme aspect ratio", param=name)
+        return p.replace(height=height, width=width)
 
     def input_size(self, image: Image.Image) -> tuple[int, int]:
         """(height, width) at which the VAE sees an input image."""
