@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ditserve.models.loader import DEFAULTS_FILE
+
 #: words the tiny tokenizers know as whole tokens; anything else falls back to single letters
 TEST_WORDS = ("a cat dog red blue green sitting on the windowsill small large circle square triangle "
               "at top bottom left right center in and of background turn this into painting").split()
@@ -83,8 +85,6 @@ def tiny_image_vae():
 def folder_with_defaults(source: str, destination: Path, defaults: dict[str, Any]) -> str:
     """A copy of the pipeline folder ``source`` whose ``ditserve_defaults.json`` holds ``defaults`` (its
     ``sampling_defaults``: defaults of the sampling params, and the model-level options some families read)."""
-    from ditserve.models.loader import DEFAULTS_FILE
-
     shutil.copytree(source, destination)
     (destination / DEFAULTS_FILE).write_text(json.dumps({"sampling_defaults": defaults}))
     return str(destination)

@@ -156,6 +156,13 @@ def test_prompt_cache_key_follows_text_guidance_and_rewriting(omni: Omni, folder
     assert key(engine) != key(engine, guidance_scale=1.0)
     with Omni(model=folder) as rewriting:
         assert key(rewriting.engine) != key(engine)
+        # a rewriting that samples gives another prompt each time: its embedding must not be cached
+        generation = rewriting.engine.adapter.pipeline.text_encoder.generation_config
+        assert key(rewriting.engine) is not None
+        generation.do_sample, generation.top_k = True, 50
+        assert key(rewriting.engine) is None
+        generation.top_k = 1  # sampling from the single most likely token is greedy decoding
+        assert key(rewriting.engine) is not None
 
 
 @pytest.mark.parametrize(("params", "field"), [
