@@ -114,7 +114,7 @@ class LongCatAdapterBase(LoopAdapter):
         return request.params.guidance_scale > 1
 
     @staticmethod
-    def negative_prompt(request: Request) -> str:
+    def unconditional_prompt(request: Request) -> str:
         """The unconditional branch's prompt: diffusers encodes an empty one when none is given."""
         negative = request.params.negative_prompt
         return "" if negative is None else negative
@@ -219,7 +219,7 @@ class LongCatImageAdapter(LongCatAdapterBase):
         encoded = {"prompt_embeds": embeds, "text_ids": text_ids}
         if self.uses_guidance(request):
             # diffusers never rewrites the negative prompt
-            neg_embeds, neg_text_ids = self._encode_text(self.negative_prompt(request))
+            neg_embeds, neg_text_ids = self._encode_text(self.unconditional_prompt(request))
             encoded |= {"neg_prompt_embeds": neg_embeds, "neg_text_ids": neg_text_ids}
         return encoded
 

@@ -92,7 +92,7 @@ class LongCatImageEditAdapter(LongCatAdapterBase):
         embeds, text_ids = self._encode_text_with_image(request.prompt, image)
         encoded = {"prompt_embeds": embeds, "text_ids": text_ids}
         if self.uses_guidance(request):
-            neg_embeds, neg_text_ids = self._encode_text_with_image(self.negative_prompt(request), image)
+            neg_embeds, neg_text_ids = self._encode_text_with_image(self.unconditional_prompt(request), image)
             encoded |= {"neg_prompt_embeds": neg_embeds, "neg_text_ids": neg_text_ids}
         return encoded
 
