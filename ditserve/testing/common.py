@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
 import torch
+
+from ditserve.models.loader import DEFAULTS_FILE
 
 #: words the tiny tokenizers know as whole tokens; anything else falls back to single letters
 TEST_WORDS = ("a cat dog red blue green sitting on the windowsill small large circle square triangle "
@@ -73,3 +80,11 @@ def tiny_image_vae():
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.5, shift_factor=0.1,
         use_quant_conv=False, use_post_quant_conv=False).eval()
+
+
+def folder_with_defaults(source: str, destination: Path, defaults: dict[str, Any]) -> str:
+    """A copy of the pipeline folder ``source`` whose ``ditserve_defaults.json`` holds ``defaults`` (its
+    ``sampling_defaults``: defaults of the sampling params, and the model-level options some families read)."""
+    shutil.copytree(source, destination)
+    (destination / DEFAULTS_FILE).write_text(json.dumps({"sampling_defaults": defaults}))
+    return str(destination)

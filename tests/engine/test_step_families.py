@@ -32,6 +32,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
                      "long": {"guidance_scale": 5.0, "guidance_scale_2": 3.0}, "short": {"guidance_scale": 1.0}},
     "wan_ti2v_i2v": {"size": {"height": 64, "width": 64, "num_frames": 5}, "images": True,
                      "long": {"guidance_scale": 5.0}, "short": {"guidance_scale": 1.0}},
+    "longcat_image": {"size": {"height": 64, "width": 64}, "long": {"guidance_scale": 4.5}, "short": {"guidance_scale": 1.0}},
+    "longcat_image_edit": {"size": {"height": 128, "width": 128}, "images": True, "long": {"guidance_scale": 4.5}, "short": {"guidance_scale": 2.0}},
 }
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,9 +11,9 @@ from diffusers import ZImagePipeline
 from ditserve import Omni
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError, InvalidTypeError
-from ditserve.models.loader import DEFAULTS_FILE
 from ditserve.models.z_image.adapter import ZImageAdapter
 from ditserve.testing import tiny_pipeline_dir
+from ditserve.testing.common import folder_with_defaults
 from ditserve.testing.compare import max_abs_diff
 
 PROMPT = "a small red circle at the top left"
@@ -44,12 +42,6 @@ def z_image_omni(z_image_dir: str):
 def reference(pipe: ZImagePipeline, prompt: str = PROMPT, seed: int = 0, **overrides):
     kwargs = {**BASE, **overrides}
     return pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images
-
-
-def folder_with_defaults(source: str, destination: Path, defaults: dict) -> str:
-    shutil.copytree(source, destination)
-    (destination / DEFAULTS_FILE).write_text(json.dumps({"sampling_defaults": defaults}))
-    return str(destination)
 
 
 def test_uses_the_z_image_adapter(z_image_omni: Omni) -> None:

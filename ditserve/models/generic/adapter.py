@@ -1,4 +1,4 @@
-"""Any other diffusers pipeline: run its own ``__call__`` (LongCat-Image, Ovis-Image, LTX-2, ...).
+"""Any other diffusers pipeline: run its own ``__call__`` (Ovis-Image, LTX-2, ...).
 
 What this path can do: every sampling param the pipeline's ``__call__`` accepts, per-request seeds, progress,
 abort between steps (from ``callback_on_step_end``), stage timings, and caches that hook the transformer.
@@ -7,7 +7,7 @@ What it cannot do is an error, never silently skipped: a param the pipeline does
 declares are passed.
 
 A pipeline whose ``__call__`` takes no ``prompt`` or no ``generator`` (per-request seeds) cannot be served:
-refused when it is loaded, at ``Omni(...)``. One that takes no ``callback_on_step_end`` (LongCat-Image) runs, but
+refused when it is loaded, at ``Omni(...)``. One that takes no ``callback_on_step_end`` (as LongCat-Image's) runs, but
 ditserve never sees its steps (``reports_steps`` is False, and a warning says so when it is loaded): progress is
 reported once, when the request finishes; an abort stops a request that has not started, while a running one
 answers its caller at once and runs to its end with its output dropped; residual caches, which need the step

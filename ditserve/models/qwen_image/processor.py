@@ -1,9 +1,9 @@
 """Loading the edit pipelines' Qwen2VLProcessor without its video part.
 
 transformers builds a Qwen2VLProcessor's video processor from torchvision, which some machines lack (no CPU
-build matches ours), and then refuses to load the processor at all. The Qwen-Image edit pipelines only feed it
-images, so where torchvision is missing the processor is assembled from the folder's image processor and
-tokenizer alone.
+build matches ours), and then refuses to load the processor at all. The Qwen-Image edit pipelines and LongCat-Image
+only feed it images and text, so where torchvision is missing the processor is assembled from the folder's image
+processor, tokenizer and chat template alone.
 """
 
 from __future__ import annotations
@@ -33,8 +33,12 @@ def _image_only_processor_class() -> type:
 
 
 def load_processor_without_video(folder: str | Path) -> Any:
-    """A Qwen2VLProcessor from ``folder`` (a pipeline's ``processor/``) with no video processor."""
+    """A Qwen2VLProcessor from ``folder`` (a pipeline's ``processor/``) with no video processor, and the chat
+    template the folder holds (LongCat-Image renders its prompt rewriting request with it)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    return _image_only_processor_class()(image_processor=AutoImageProcessor.from_pretrained(folder),
-                                         tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=None)
+    processor_class = _image_only_processor_class()
+    chat_template = processor_class.get_processor_dict(str(folder))[0].get("chat_template")
+    return processor_class(image_processor=AutoImageProcessor.from_pretrained(folder),
+                           tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=None,
+                           chat_template=chat_template)
