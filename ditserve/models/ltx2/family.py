@@ -14,6 +14,9 @@ FAMILY = ModelFamily(
         "LTX2Pipeline": "ditserve.models.ltx2.adapter:LTX2Adapter",
         "LTX2ImageToVideoPipeline": "ditserve.models.ltx2.image_to_video:LTX2ImageToVideoAdapter",
     },
+    cache_specs={
+        "LTX2VideoTransformer3DModel": "ditserve.models.ltx2.cache_spec",
+    },
     tiny_pipelines={
         "ltx2": "ditserve.testing.ltx2:build_tiny_ltx2",
         "ltx2_i2v": "ditserve.testing.ltx2:build_tiny_ltx2_i2v",
