@@ -56,32 +56,34 @@ def video_bytes(frames: np.ndarray, fps: int = 16, audio: AudioTrack | None = No
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
+        # every stream is declared before the first packet is muxed (the container's header lists them)
+        sound = _audio_stream(container, audio) if audio is not None else None
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-        if audio is not None:
-            _mux_audio(container, audio)
+        if sound is not None:
+            audio_stream, audio_frame = sound
+            # the encoder cuts the samples into AAC frames itself (1024 samples each)
+            for packet in [*audio_stream.encode(audio_frame), *audio_stream.encode()]:
+                container.mux(packet)
     return buffer.getvalue()
 
 
-def _mux_audio(container: Any, audio: AudioTrack) -> None:
+def _audio_stream(container: Any, audio: AudioTrack) -> tuple[Any, Any]:
+    """An AAC stream for ``audio``, and the track as one frame to encode."""
     import av
 
     samples = np.ascontiguousarray(np.clip(audio.samples, -1.0, 1.0), dtype=np.float32)
-    layout = AUDIO_LAYOUTS.get(samples.shape[0])
-    if samples.ndim != 2 or layout is None:
+    layout = AUDIO_LAYOUTS.get(samples.shape[0]) if samples.ndim == 2 else None
+    if layout is None:
         raise InvalidParameterError(f"a sound track must be channels x samples with 1 or 2 channels, got shape "
                                     f"{samples.shape}", param="audio")
     stream = container.add_stream("aac", rate=audio.sample_rate, layout=layout)
     frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=layout)
     frame.sample_rate = audio.sample_rate
-    # the encoder cuts the samples into AAC frames itself (1024 samples each)
-    for packet in stream.encode(frame):
-        container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
+    return stream, frame
 
 
 def output_video_bytes(output: RequestOutput, index: int = 0, default_fps: int = 16) -> bytes:
