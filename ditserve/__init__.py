@@ -4,9 +4,10 @@ from ditserve.config import DiffusionParallelConfig, Limits, OmniDiffusionConfig
 from ditserve.entrypoints.omni import Omni
 from ditserve.errors import DitServeError, InvalidParameterError, InvalidTypeError
 from ditserve.lora import LoRARequest
-from ditserve.request import RequestOutput
+from ditserve.request import AudioTrack, RequestOutput
 
 __all__ = [
+    "AudioTrack",
     "DiffusionParallelConfig",
     "DitServeError",
     "InvalidParameterError",

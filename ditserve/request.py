@@ -57,6 +57,14 @@ class Request:
         self.abort_event.set()
 
 
+@dataclass(frozen=True)
+class AudioTrack:
+    """The sound track of one output video (LTX-2 makes one): float samples in [-1, 1], channels x samples."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+
 @dataclass
 class RequestOutput:
     """The result of one request: images (PIL) or videos (uint8 arrays frames x H x W x 3), with the seed that
@@ -69,6 +77,8 @@ class RequestOutput:
     images: list[Image.Image] = field(default_factory=list)
     videos: list[np.ndarray] = field(default_factory=list)
     fps: int | None = None
+    #: one sound track per video, in the same order, where the model makes one (empty otherwise)
+    audio: list[AudioTrack] = field(default_factory=list)
     #: encode_s, denoise_s, decode_s, total_s (seconds), queue_s, and batch_size
     timings: dict[str, float] = field(default_factory=dict)
     cache_stats: dict[str, Any] | None = None

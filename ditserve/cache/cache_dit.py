@@ -80,6 +80,9 @@ class CacheDiTBackend(CacheBackend):
                 "'mag_cache' where its transformer has a cache spec", param="cache_backend")
         transformers = denoising_transformers(pipeline, adapter)
         spec = cache_spec_for(transformers[0][1], self.name)
+        if spec.cache_dit_refusal is not None:
+            raise CacheConfigError(f"cache_backend='cache_dit' cannot serve {spec.transformer_class}: "
+                                   f"{spec.cache_dit_refusal}", param="cache_backend")
         from ditserve.cache.calibration import model_path_of
 
         self.resolve_quality_target(model_path_of(pipeline))

@@ -5,7 +5,8 @@ skip policy (TeaCache, MagCache, calibration recording) for a decision per *stat
 batch may skip, no block body runs and each block passes its inputs through; the last block's hook then adds
 the residual ``blocks_out - blocks_in`` stored the last time the rows were computed. When only some rows may
 skip, every block runs on the computing rows alone (a sub-batch) while the skipping rows pass through and then
-receive their own stored residual, so a request's output never depends on which other requests shared its
+receive their own stored residual (one per stream where the blocks carry several to the output: LTX-2's video
+and audio), so a request's output never depends on which other requests shared its
 batch, and a request's skip saves its share of the work even when its mates compute.
 
 State key: (guidance branch, request id). The branch label comes from the forward context ("cond",
@@ -69,7 +70,8 @@ class SkipPolicy(ABC):
 @dataclass
 class KeyRecord:
     policy_state: Any
-    residual: torch.Tensor | None = None
+    #: the loop's output minus its input the last time the key's rows were computed, per stream (main first)
+    residuals: tuple[torch.Tensor, ...] | None = None
     decisions: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -81,7 +83,12 @@ class CallState:
     steps: dict[StateKey, int]
     rows: dict[StateKey, list[int]]
     skipped: set[StateKey]
-    blocks_in: torch.Tensor
+    #: the loop's input streams: the main one, then the spec's extra streams
+    streams_in: tuple[torch.Tensor, ...]
+
+    @property
+    def blocks_in(self) -> torch.Tensor:
+        return self.streams_in[0]
 
     @property
     def skip_all(self) -> bool:
@@ -152,7 +159,8 @@ class ResidualReuseController:
         if ctx is None:
             raise RuntimeError(f"{self.transformer_name} was called outside ditserve's denoising loop: the cache "
                                "needs the forward context (step, branch, request of each row)")
-        blocks_in = io.hidden_in(args, kwargs)
+        streams_in = io.streams_in(args, kwargs)
+        blocks_in = streams_in[0]
         keys = self._row_keys(ctx, blocks_in.shape[0])
         modulated = None
         if self.policy.needs_modulated_input:
@@ -165,8 +173,8 @@ class ResidualReuseController:
             index = _row_index(key_rows, blocks_in.device)
             signal = modulated[index] if modulated is not None else None
             decision = self.policy.decide(record.policy_state, owner.step_index, owner.num_steps, signal)
-            expected_shape = blocks_in[index].shape
-            if decision.skip and (record.residual is None or record.residual.shape != expected_shape):
+            expected = [stream[index].shape for stream in streams_in]
+            if decision.skip and (record.residuals is None or [r.shape for r in record.residuals] != expected):
                 decision = Decision(False, decision.distance, "no stored residual")
             if decision.skip:
                 skipped.add(key)
@@ -174,41 +182,45 @@ class ResidualReuseController:
                                      "distance": decision.distance, "reason": decision.reason})
         rows = {key: key_rows for key, (_, key_rows) in keys.items()}
         steps = {key: owner.step_index for key, (owner, _) in keys.items()}
-        self.current = CallState(steps, rows, skipped, blocks_in)
+        self.current = CallState(steps, rows, skipped, streams_in)
         return self.current
 
     def finish_call(self, io: BlockIO, output: Any) -> Any:
         call = self.current
         self.current = None
         assert call is not None, "finish_call without begin_call"
-        blocks_out = io.hidden_out(output)
         if call.skip_all:
-            return io.with_hidden_out(output, self._apply_stored(call, call.blocks_in.clone(), call.rows))
-        residual = blocks_out - call.blocks_in
+            return io.with_streams_out(output, self._apply_stored(
+                call, tuple(stream.clone() for stream in call.streams_in), call.rows))
+        streams_out = io.streams_out(output)
+        residuals = tuple(out - into for out, into in zip(streams_out, call.streams_in, strict=True))
         for key, key_rows in call.rows.items():
             if key in call.skipped:
                 continue
             record = self.records[key]
-            index = _row_index(key_rows, residual.device)
-            record.residual = residual if len(call.rows) == 1 else residual[index]
+            index = _row_index(key_rows, call.blocks_in.device)
+            record.residuals = residuals if len(call.rows) == 1 else tuple(r[index] for r in residuals)
             self.policy.observe_computed(record.policy_state, call.steps[key], call.blocks_in[index],
-                                         blocks_out[index])
+                                         streams_out[0][index])
         if not call.skipped:
             # untouched output: a cache that skips nothing is bitwise the uncached model
             return output
         skipped_rows = {k: v for k, v in call.rows.items() if k in call.skipped}
-        patched = blocks_out.clone()
+        patched = tuple(stream.clone() for stream in streams_out)
         for key_rows in skipped_rows.values():
-            index = _row_index(key_rows, patched.device)
-            patched[index] = call.blocks_in[index]
-        return io.with_hidden_out(output, self._apply_stored(call, patched, skipped_rows))
+            index = _row_index(key_rows, call.blocks_in.device)
+            for target, into in zip(patched, call.streams_in, strict=True):
+                target[index] = into[index]
+        return io.with_streams_out(output, self._apply_stored(call, patched, skipped_rows))
 
-    def _apply_stored(self, call: CallState, target: torch.Tensor, rows: dict[StateKey, list[int]]) -> torch.Tensor:
-        """Add each key's stored residual to its rows of ``target`` (which holds the loop's input there)."""
+    def _apply_stored(self, call: CallState, targets: tuple[torch.Tensor, ...],
+                      rows: dict[StateKey, list[int]]) -> tuple[torch.Tensor, ...]:
+        """Add each key's stored residuals to its rows of ``targets`` (which hold the loop's input there)."""
         for key, key_rows in rows.items():
-            index = _row_index(key_rows, target.device)
-            target[index] += self.records[key].residual
-        return target
+            index = _row_index(key_rows, call.blocks_in.device)
+            for target, residual in zip(targets, self.records[key].residuals, strict=True):
+                target[index] += residual
+        return targets
 
     # ------------------------------------------------------------------ statistics
     def request_records(self, request_id: str) -> dict[str, KeyRecord]:

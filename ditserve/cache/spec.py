@@ -38,6 +38,10 @@ class BlockIO:
     in the block's output tuple (``None``: the block returns the stream alone). ``passthrough_names``: the
     arguments a skipped block returns unchanged, in the order of its output tuple. ``shared_names``: keyword
     arguments that hold no batch rows (rotary embeddings of the token positions), never cut to a sub-batch.
+    ``extra_streams``: further streams the loop carries to the model's output, whose residual is stored and
+    reused with the main stream's, as (argument name, position, index in the output tuple): LTX-2's audio
+    beside its video. A stream not listed leaves a skipped loop as it entered (a text stream that the model's
+    output does not read).
     """
 
     hidden_name: str
@@ -45,6 +49,7 @@ class BlockIO:
     output_index: int | None = None
     passthrough_names: tuple[tuple[str, int], ...] = ()
     shared_names: tuple[str, ...] = ()
+    extra_streams: tuple[tuple[str, int, int], ...] = ()
 
     def hidden_in(self, args: Args, kwargs: Kwargs) -> torch.Tensor:
         return block_argument(args, kwargs, self.hidden_name, self.hidden_position)
@@ -52,11 +57,22 @@ class BlockIO:
     def hidden_out(self, output: Any) -> torch.Tensor:
         return output if self.output_index is None else output[self.output_index]
 
-    def with_hidden_out(self, output: Any, hidden: torch.Tensor) -> Any:
+    def streams_in(self, args: Args, kwargs: Kwargs) -> tuple[torch.Tensor, ...]:
+        """The main stream, then the extra streams, as the block receives them."""
+        extras = tuple(block_argument(args, kwargs, name, position) for name, position, _ in self.extra_streams)
+        return (self.hidden_in(args, kwargs), *extras)
+
+    def streams_out(self, output: Any) -> tuple[torch.Tensor, ...]:
+        return (self.hidden_out(output), *(output[index] for _, _, index in self.extra_streams))
+
+    def with_streams_out(self, output: Any, streams: tuple[torch.Tensor, ...]) -> Any:
+        """``output`` with the main stream and the extra streams replaced (in ``streams_out``'s order)."""
         if self.output_index is None:
-            return hidden
+            return streams[0]
         items = list(output)
-        items[self.output_index] = hidden
+        items[self.output_index] = streams[0]
+        for (_, _, index), stream in zip(self.extra_streams, streams[1:], strict=True):
+            items[index] = stream
         return tuple(items)
 
     def passthrough(self, args: Args, kwargs: Kwargs) -> Any:
@@ -89,6 +105,8 @@ class CacheSpec:
     #: adapter registered under (it knows SD3 by its pipeline's name only): we then describe the blocks to it
     #: (a ``BlockAdapter``); None where cache-dit finds the transformer by its class name
     cache_dit_forward_pattern: str | None = None
+    #: why cache-dit cannot serve the transformer (said at ``Omni(...)``), or None where it can
+    cache_dit_refusal: str | None = None
 
     def blocks(self, transformer: torch.nn.Module) -> list[tuple[torch.nn.Module, BlockIO]]:
         """Every block of the loop, in call order, with its IO."""

@@ -32,7 +32,7 @@ from ditserve.levers import apply_levers, load_options
 from ditserve.lora.manager import LoRAManager, build_lora_manager, fuse_startup_loras
 from ditserve.models.base import LoopAdapter, RequestMedia, RequestState, StageTimings, StepBatch
 from ditserve.models.loader import LoadedModel, load_model
-from ditserve.request import Request, RequestOutput
+from ditserve.request import AudioTrack, Request, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,9 @@ class ModelRunner:
         module = getattr(self.model.pipeline, transformer_name)
         owners = tuple(state.owner() for state in states)
         with forward_context(ForwardContext(owners, branch, transformer_name)):
-            return module(**kwargs, return_dict=False)[0]
+            output = module(**kwargs, return_dict=False)
+        # a transformer with several output streams (LTX-2: video and audio) answers all of them
+        return output[0] if len(output) == 1 else output
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepOutcome:
@@ -256,11 +258,12 @@ class ModelRunner:
         state = entry.state
         start = time.perf_counter()
         media = self.adapter.decode(state) if self.decodes else []
+        audio = self.adapter.decode_audio(state) if self.decodes else []
         _synchronize(self.model.device)
         end = time.perf_counter()
         timings = StageTimings(encode_s=entry.encode_s, denoise_s=entry.last_step_end - (entry.first_step_at or end),
                                decode_s=end - start)
-        output = self._output(state.request, media, timings, end - entry.admitted_at, entry.max_batch_size)
+        output = self._output(state.request, media, timings, end - entry.admitted_at, entry.max_batch_size, audio)
         if output.cache_stats is not None:
             output.cache_stats["shared_with"] = sorted(entry.mates)
         self._leave(state.request_id)
@@ -303,12 +306,12 @@ class ModelRunner:
                 self.cache.finish(request.request_id)
 
     def _output(self, request: Request, media: RequestMedia, timings: StageTimings, total_s: float,
-                batch_size: int) -> RequestOutput:
+                batch_size: int, audio: Sequence[AudioTrack] = ()) -> RequestOutput:
         is_video = self.adapter.kind == "video"
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt, seed=request.seed, params=request.params,
             images=[] if is_video else media, videos=media if is_video else [],
-            fps=request.params.fps if is_video else None,
+            fps=request.params.fps if is_video else None, audio=list(audio),
             timings={"encode_s": timings.encode_s, "denoise_s": timings.denoise_s, "decode_s": timings.decode_s,
                      "total_s": total_s, "batch_size": batch_size},
             cache_stats=self._cache_stats(request.request_id))

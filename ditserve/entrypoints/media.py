@@ -1,15 +1,17 @@
-"""Writing outputs to files or bytes: images (PNG/JPEG/WebP) and videos (MP4 through PyAV)."""
+"""Writing outputs to files or bytes: images (PNG/JPEG/WebP) and videos (MP4 through PyAV, with an AAC sound track
+where the model makes one)."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ditserve.errors import InvalidParameterError
-from ditserve.request import RequestOutput
+from ditserve.request import AudioTrack, RequestOutput
 
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 #: formats whose encoder takes a quality (0-100); PNG is lossless and has none
@@ -35,8 +37,13 @@ def image_bytes(image: Image.Image, output_format: str = "png", quality: int | N
     return buffer.getvalue()
 
 
-def video_bytes(frames: np.ndarray, fps: int = 16) -> bytes:
-    """H.264 MP4 from uint8 frames (T x H x W x 3); PyAV's wheel carries its own FFmpeg."""
+#: PyAV's names of the channel layouts a sound track may have
+AUDIO_LAYOUTS = {1: "mono", 2: "stereo"}
+
+
+def video_bytes(frames: np.ndarray, fps: int = 16, audio: AudioTrack | None = None) -> bytes:
+    """H.264 MP4 from uint8 frames (T x H x W x 3), with ``audio`` as an AAC track; PyAV's wheel carries its own
+    FFmpeg (and its native AAC encoder)."""
     import av
 
     frames = np.asarray(frames, dtype=np.uint8)
@@ -49,12 +56,40 @@ def video_bytes(frames: np.ndarray, fps: int = 16) -> bytes:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
+        # every stream is declared before the first packet is muxed (the container's header lists them)
+        sound = _audio_stream(container, audio) if audio is not None else None
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if sound is not None:
+            audio_stream, audio_frame = sound
+            # the encoder cuts the samples into AAC frames itself (1024 samples each)
+            for packet in [*audio_stream.encode(audio_frame), *audio_stream.encode()]:
+                container.mux(packet)
     return buffer.getvalue()
+
+
+def _audio_stream(container: Any, audio: AudioTrack) -> tuple[Any, Any]:
+    """An AAC stream for ``audio``, and the track as one frame to encode."""
+    import av
+
+    samples = np.ascontiguousarray(np.clip(audio.samples, -1.0, 1.0), dtype=np.float32)
+    layout = AUDIO_LAYOUTS.get(samples.shape[0]) if samples.ndim == 2 else None
+    if layout is None:
+        raise InvalidParameterError(f"a sound track must be channels x samples with 1 or 2 channels, got shape "
+                                    f"{samples.shape}", param="audio")
+    stream = container.add_stream("aac", rate=audio.sample_rate, layout=layout)
+    frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=layout)
+    frame.sample_rate = audio.sample_rate
+    return stream, frame
+
+
+def output_video_bytes(output: RequestOutput, index: int = 0, default_fps: int = 16) -> bytes:
+    """The MP4 of one video of ``output``, with its sound track where it has one."""
+    audio = output.audio[index] if output.audio else None
+    return video_bytes(output.videos[index], output.fps or default_fps, audio)
 
 
 def save_output(output: RequestOutput, path: str) -> str:
@@ -64,7 +99,7 @@ def save_output(output: RequestOutput, path: str) -> str:
     if output.videos:
         if suffix != "mp4":
             raise InvalidParameterError(f"this model makes videos: use an .mp4 output, not .{suffix}", param="output")
-        target.write_bytes(video_bytes(output.videos[0], output.fps or 16))
+        target.write_bytes(output_video_bytes(output))
     else:
         if suffix not in IMAGE_FORMATS:
             raise InvalidParameterError(f"unknown image extension .{suffix}; use one of {sorted(IMAGE_FORMATS)}",

@@ -22,7 +22,7 @@ import torch
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError
 from ditserve.forward_context import RowOwner
-from ditserve.request import Request
+from ditserve.request import AudioTrack, Request
 
 #: what a request produces: a list of PIL images, or a list of uint8 videos (frames x H x W x 3)
 RequestMedia = list[Any]
@@ -93,10 +93,12 @@ BranchCall = Callable[[str, Sequence["RequestState"]], torch.Tensor]
 
 class TransformerCall(Protocol):
     """How an adapter calls a transformer for some requests of the step batch (their rows, in order). The runner
-    provides it: it names the requests for the caches, and a multi-device runner wraps it (CFG-parallel)."""
+    provides it: it names the requests for the caches, and a multi-device runner wraps it (CFG-parallel). It
+    answers the transformer's output: its one tensor, or the tuple of its streams where it has several (LTX-2's
+    video and audio)."""
 
     def __call__(self, branch: str, states: Sequence[RequestState], transformer_name: str = "transformer",
-                 **kwargs: Any) -> torch.Tensor: ...
+                 **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]: ...
 
 
 @dataclass
@@ -331,6 +333,10 @@ class LoopAdapter(ModelAdapter):
     @abstractmethod
     def decode(self, state: RequestState) -> RequestMedia:
         """A finished request's latents to its images or videos."""
+
+    def decode_audio(self, state: RequestState) -> list[AudioTrack]:
+        """A finished request's sound tracks, one per video, where its pipeline makes them (LTX-2); none here."""
+        return []
 
 
 def request_generator(request: Request) -> torch.Generator:

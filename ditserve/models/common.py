@@ -1,10 +1,12 @@
-"""Helpers several families share (flow-matching shift, per-request schedulers)."""
+"""Helpers several families share (flow-matching shift, per-request schedulers, video frame counts)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from ditserve.errors import InvalidParameterError
 
 
 def flow_match_shift(pipeline: Any, image_seq_len: int) -> float:
@@ -23,3 +25,13 @@ def fresh_scheduler(pipeline: Any) -> Any:
     """A scheduler of its own for each request: schedulers are stateful (step index, multistep history), the
     pipeline's is shared."""
     return type(pipeline.scheduler).from_config(pipeline.scheduler.config)
+
+
+def check_num_frames(num_frames: int, temporal: int) -> None:
+    """A causal video VAE keeps the first frame and folds every ``temporal`` further frames into one latent frame:
+    any other count would come back shorter than asked."""
+    if (num_frames - 1) % temporal:
+        examples = ", ".join(str(temporal * k + 1) for k in range(1, 4))
+        raise InvalidParameterError(
+            f"num_frames={num_frames} must be {temporal}k+1 (e.g. {examples}, ...): the VAE compresses time by "
+            f"{temporal}", param="num_frames")

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ditserve.models.base import ModelAdapter
 
 #: the family folders under ditserve/models/ (the generic path, generic/, serves every other pipeline)
-FAMILY_FOLDERS = ("flux", "qwen_image", "sd3", "wan", "z_image", "ovis_image", "longcat_image")
+FAMILY_FOLDERS = ("flux", "qwen_image", "sd3", "wan", "z_image", "ovis_image", "longcat_image", "ltx2")
 
 
 @functools.cache

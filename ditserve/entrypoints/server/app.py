@@ -31,7 +31,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.engine.engine import DiffusionEngine
-from ditserve.entrypoints.media import LOSSY_FORMATS, MEDIA_TYPES, image_bytes, image_format, video_bytes
+from ditserve.entrypoints.media import (
+    LOSSY_FORMATS,
+    MEDIA_TYPES,
+    image_bytes,
+    image_format,
+    output_video_bytes,
+)
 from ditserve.entrypoints.server.connections import BodyTimeoutMiddleware, ConnectionLimits
 from ditserve.entrypoints.server.errors import APIError, install_error_handlers
 from ditserve.entrypoints.server.image_urls import RemoteImagePolicy, image_url_bytes
@@ -459,15 +465,16 @@ def last_user_message(messages: list[ChatMessage]) -> tuple[str, list[tuple[str,
     return prompt, urls
 
 
-def _encode_videos(videos: list[Any], fps: int) -> list[str]:
-    return [base64.b64encode(video_bytes(frames, fps)).decode("ascii") for frames in videos]
+def _encode_videos(output: RequestOutput) -> list[str]:
+    return [base64.b64encode(output_video_bytes(output, index, DEFAULT_FPS)).decode("ascii")
+            for index in range(len(output.videos))]
 
 
 async def chat_answer(state: ServerState, fields: ChatCompletionRequest, output: RequestOutput,
                       output_format: str, request_id: str) -> ChatCompletionResponse:
     parts: list[ChatImagePart | ChatVideoPart]
     if output.videos:
-        encoded = await run_in_threadpool(_encode_videos, output.videos, output.fps or DEFAULT_FPS)
+        encoded = await run_in_threadpool(_encode_videos, output)
         parts = [ChatVideoPart(video_url=ChatVideoURL(url=f"data:video/mp4;base64,{b64}")) for b64 in encoded]
     else:
         encoded = await run_in_threadpool(_encode_images, output.images, output_format, fields.output_compression)
@@ -698,7 +705,7 @@ def add_routes(app: FastAPI) -> None:
                                 "input_reference")
         if output is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        data = await run_in_threadpool(video_bytes, output.videos[0], output.fps or DEFAULT_FPS)
+        data = await run_in_threadpool(output_video_bytes, output, 0, DEFAULT_FPS)
         name = f"{request_id_of(http_request.scope)}.mp4"
         return Response(data, media_type="video/mp4", headers={"Content-Disposition": f'attachment; filename="{name}"'})
 

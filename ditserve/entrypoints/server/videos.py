@@ -37,7 +37,7 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 
 from ditserve.engine.engine import DiffusionEngine
-from ditserve.entrypoints.media import video_bytes
+from ditserve.entrypoints.media import output_video_bytes
 from ditserve.entrypoints.server.errors import APIError, api_error_from_engine
 from ditserve.entrypoints.server.protocol import VIDEO_ID_PATTERN, VideoObject, json_safe
 from ditserve.errors import DitServeError, InvalidParameterError, RequestAbortedError
@@ -361,7 +361,7 @@ class VideoJobRunner:
 
     async def _store_output(self, video_id: str, output: RequestOutput) -> None:
         try:
-            data = await run_in_threadpool(video_bytes, output.videos[0], output.fps or 16)
+            data = await run_in_threadpool(output_video_bytes, output)
         except Exception:  # noqa: BLE001 - an encoder failure ends the job like any other
             logger.exception("video job %s could not be encoded", video_id)
             self._fail(video_id, "internal_error", "the generated frames could not be encoded as MP4")

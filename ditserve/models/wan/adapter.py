@@ -26,7 +26,7 @@ from ditserve.models.base import (
     request_generator,
     stack_rows,
 )
-from ditserve.models.common import fresh_scheduler
+from ditserve.models.common import check_num_frames, fresh_scheduler
 from ditserve.request import Request
 
 
@@ -59,19 +59,12 @@ class WanAdapter(LoopAdapter):
 
     def validate_params(self, params: Any) -> None:
         super().validate_params(params)
-        self._validate_num_frames(params.num_frames)
+        check_num_frames(params.num_frames, self.pipeline.vae_scale_factor_temporal)
         self._validate_experts(params)
         if params.negative_prompt is not None and params.guidance_scale <= 1:
             raise InvalidParameterError(
                 f"negative_prompt needs guidance_scale > 1 (got {params.guidance_scale}): Wan only runs the "
                 "negative branch with classifier-free guidance", param="negative_prompt")
-
-    def _validate_num_frames(self, num_frames: int) -> None:
-        temporal = self.pipeline.vae_scale_factor_temporal
-        if (num_frames - 1) % temporal:
-            raise InvalidParameterError(
-                f"num_frames={num_frames} must be {temporal}k+1 (e.g. {', '.join(str(temporal * k + 1) for k in range(1, 4))}"
-                f", ..., 81): the VAE compresses time by {temporal}", param="num_frames")
 
     def _validate_experts(self, params: Any) -> None:
         if params.boundary_ratio is not None and not self.has_two_experts:
