@@ -106,17 +106,26 @@ def test_calibration_fits_writes_and_is_picked_up(private_flux_dir: str) -> None
     assert stats["config"]["coefficients_source"].startswith("calibration file")
 
 
-def test_calibration_serves_sd3(tmp_path: Path) -> None:
-    """SD3 has no published coefficients: calibration fits them per guidance branch, and MagCache, which needs
-    ratios, starts from them."""
-    model_dir = tmp_path / "sd3"
-    shutil.copytree(tiny_pipeline_dir("sd3"), model_dir)
-    params = {**PARAMS, "num_inference_steps": 4, "max_sequence_length": 32, "seed": 0}
+#: families with no published coefficients, and what their calibration fits (every transformer and branch)
+CALIBRATED = {
+    "sd3": ("SD3Transformer2DModel", {"max_sequence_length": 32}),
+    "ovis_image": ("OvisImageTransformer2DModel", {"max_sequence_length": 128}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CALIBRATED))
+def test_calibration_serves_families_without_published_coefficients(family: str, tmp_path: Path) -> None:
+    """Calibration fits their coefficients per guidance branch, and MagCache, which needs ratios, starts from
+    them."""
+    transformer_class, options = CALIBRATED[family]
+    model_dir = tmp_path / family
+    shutil.copytree(tiny_pipeline_dir(family), model_dir)
+    params = {**PARAMS, "num_inference_steps": 4, **options, "seed": 0}
     with pytest.raises(CacheConfigError, match="ditserve calibrate"):
         Omni(str(model_dir), cache_backend="mag_cache")
     with Omni(str(model_dir)) as omni:
         data, _ = calibrate(omni, ["a red cat", "a blue dog"], params, {"cache_dit": (0.0,)})
-    assert data["transformer_class"] == "SD3Transformer2DModel"
+    assert data["transformer_class"] == transformer_class
     assert set(data["mag_cache"]["mag_ratios"]) == {"cond", "uncond"}
     assert data["quality_table"]["cache_dit"]["rows"][0]["psnr_min"] == 100.0
     with Omni(str(model_dir), cache_backend="mag_cache") as omni:

@@ -33,7 +33,13 @@ import torch
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError, UnsupportedModelError
 from ditserve.forward_context import ForwardContext, RowOwner, forward_context, move_current
-from ditserve.models.base import ModelAdapter, RequestMedia, StageTimings, request_generator
+from ditserve.models.base import (
+    FAMILY_ONLY_PARAMS,
+    ModelAdapter,
+    RequestMedia,
+    StageTimings,
+    request_generator,
+)
 from ditserve.request import Request
 
 logger = logging.getLogger(__name__)
@@ -64,6 +70,8 @@ class GenericAdapter(ModelAdapter):
                 f"{self.pipeline_class_name}.__call__ takes no {', '.join(missing)}: the generic path needs "
                 f"{' and '.join(REQUIRED_CALL_PARAMS)} (each request's own seed)", param="model")
         self.kind = self._infer_kind()
+        # a pipeline of another family may take them too: its own __call__ says
+        self.own_params = tuple(name for name in FAMILY_ONLY_PARAMS if name in self._call_params)
         self.reports_steps = STEP_CALLBACK in self._call_params
         if not self.reports_steps:
             logger.warning("%s.__call__ takes no %s: progress is reported only when a request finishes, an abort "
