@@ -189,7 +189,8 @@ class ServerState:
 
     async def read_uploads(self, uploads: list[Any], field: str) -> list[Image.Image]:
         check_upload_count(uploads, field, self.accepted_uploads(), self.settings.served_model_name, self.kind)
-        return await read_images(uploads, field, self.engine.config.limits.max_image_size, self.decoding)
+        return await read_images(uploads, field, self.engine.config.limits.max_image_size, self.decoding,
+                                 self.engine.adapter.input_image_mode.value)
 
     async def read_image_urls(self, urls: list[tuple[str, str]]) -> list[Image.Image]:
         """Images given as (field, URL) pairs, fetched (data URLs decoded) one at a time and then decoded; the
@@ -197,7 +198,8 @@ class ServerState:
         images = []
         for name, url in urls:
             data = await image_url_bytes(url, name, self.settings.remote_images)
-            images.append(await decode_blob(data, name, self.engine.config.limits.max_image_size, self.decoding))
+            images.append(await decode_blob(data, name, self.engine.config.limits.max_image_size, self.decoding,
+                                            self.engine.adapter.input_image_mode.value))
         return images
 
     def auto_size(self, images: list[Image.Image]) -> dict[str, int]:

@@ -1,8 +1,8 @@
-"""Loading the edit pipelines' Qwen2VLProcessor without its video part.
+"""Loading the edit and layered pipelines' Qwen2VLProcessor without its video part.
 
 transformers builds a Qwen2VLProcessor's video processor from torchvision, which some machines lack (no CPU
-build matches ours), and then refuses to load the processor at all. The Qwen-Image edit pipelines only feed it
-images, so where torchvision is missing the processor is assembled from the folder's image processor and
+build matches ours), and then refuses to load the processor at all. The Qwen-Image edit and layered pipelines only
+feed it images, so where torchvision is missing the processor is assembled from the folder's image processor and
 tokenizer alone.
 """
 
@@ -38,3 +38,11 @@ def load_processor_without_video(folder: str | Path) -> Any:
 
     return _image_only_processor_class()(image_processor=AutoImageProcessor.from_pretrained(folder),
                                          tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=None)
+
+
+def processor_components(path: str) -> dict[str, Any]:
+    """The components to hand to ``from_pretrained`` for a pipeline folder with a ``processor/``: the processor,
+    where transformers cannot load it (no torchvision); nothing where it can."""
+    if torchvision_available():
+        return {}
+    return {"processor": load_processor_without_video(Path(path) / "processor")}
