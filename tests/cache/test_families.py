@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ditserve import Omni
 from ditserve.cache.spec import cache_spec_for
@@ -66,17 +67,35 @@ SKIPPING = {
 }
 
 
-@pytest.mark.parametrize("family", ["sd3", "ovis_image"])
-@pytest.mark.parametrize("backend", sorted(SKIPPING))
+def _layered_input(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 64, 4), dtype=np.uint8), "RGBA")
+
+
+#: what a request of each family needs besides its prompt: Qwen-Image-Layered decomposes an input image, and
+#: guides only when asked (true CFG); its layers are few, its resolution the smallest
+SKIP_FAMILIES = {
+    "sd3": ({}, ()),
+    "ovis_image": ({}, ()),
+    "qwen_image_layered": ({"layers": 1, "true_cfg_scale": 4.0}, (_layered_input(0), _layered_input(1))),
+}
+SKIP_CASES = [(family, backend) for family in ("sd3", "ovis_image") for backend in sorted(SKIPPING)] + [
+    ("qwen_image_layered", backend) for backend in ("cache_dit", "mag_cache", "tea_cache")]
+
+
+@pytest.mark.parametrize(("family", "backend"), SKIP_CASES)
 def test_skips_for_real_and_batched_equals_solo(family: str, backend: str) -> None:
     model = tiny_pipeline_dir(family)
-    params = {**FAMILY_PARAMS[family], "num_inference_steps": 5, "seed": 2}
+    options, images = SKIP_FAMILIES[family]
+    params = {**FAMILY_PARAMS.get(family, {}), **options, "num_inference_steps": 5, "seed": 2}
+    prompts = [{"prompt": text, "multi_modal_data": {"image": image}} for text, image in
+               zip(("a red cat", "a blue dog"), images, strict=True)] if images else ["a red cat", "a blue dog"]
     # both with a negative prompt: cache-dit batches only requests of equal params but prompt and seed
-    pair = [("a red cat", {**params, "negative_prompt": "blue"}), ("a blue dog", {**params, "seed": 3,
-                                                                                "negative_prompt": "red"})]
+    pair = [(prompts[0], {**params, "negative_prompt": "blue"}), (prompts[1], {**params, "seed": 3,
+                                                                             "negative_prompt": "red"})]
+    config = {"tea_cache": {"rel_l1_thresh": 10.0}, **SKIPPING}[backend]
     with Omni(model) as omni:
         reference = omni.generate(*pair[0])[0]
-    with Omni(model, cache_backend=backend, cache_config=SKIPPING[backend]) as omni:
+    with Omni(model, cache_backend=backend, cache_config=config) as omni:
         transformer = omni.engine.runner.model.pipeline.transformer
         # the last block: cache-dit (Fn=1, Bn=0) always runs the first one, so count the one it may skip
         last_block = cache_spec_for(transformer, backend).blocks(transformer)[-1][0]
@@ -92,7 +111,7 @@ def test_skips_for_real_and_batched_equals_solo(family: str, backend: str) -> No
                 handle.remove()
     linears = sum(isinstance(m, torch.nn.Linear) for m in last_block.modules())
     stats = solo[0].cache_stats
-    assert set(stats["branches"]) == {"cond", "uncond"}  # both guide by default: two calls a step
+    assert set(stats["branches"]) == {"cond", "uncond"}  # all guide here: two calls a step
     assert stats["skipped_steps"] > 0
     assert solo_calls == linears * sum(o.cache_stats["computed_steps"] for o in solo)
     assert counter.calls == linears * together[0].cache_stats["computed_steps"]  # one batch: its rows run together

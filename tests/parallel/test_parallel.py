@@ -176,6 +176,12 @@ KONTEXT_CASES = [Case(f"flux_kontext-{method}", tiny_pipeline_dir("flux_kontext"
                       {"num_inference_steps": 2, "seed": 1, "max_sequence_length": 64, "guidance_scale": 2.5,
                        **GUIDED}, images=(KONTEXT_IMAGE,))
                  for method, degrees in METHODS.items()]
+# Qwen-Image-Layered: a square RGBA input (an even token count per image, so the sequence splits), true CFG, the
+# layers and the condition image in one sequence; the methods Qwen-Image has but tensor parallelism
+LAYERED_IMAGE = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 4), dtype=np.uint8), "RGBA")
+LAYERED_CASES = [Case(f"qwen_image_layered-{method}", tiny_pipeline_dir("qwen_image_layered"), METHODS[method], PROMPT,
+                      {"num_inference_steps": 2, "layers": 1, "seed": 1, **GUIDED}, images=(LAYERED_IMAGE,))
+                 for method in ("cfg", "ulysses", "ring")]
 # CFG-parallel on a request without guidance: the uncond rank must receive the cond output
 UNGUIDED_FLUX = Case("flux-cfg-unguided", tiny_pipeline_dir("flux"), METHODS["cfg"], PROMPT,
                      {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 1})
@@ -197,8 +203,8 @@ CACHED = {(family, method): Case(f"{family}-{method}-tea_cache", tiny_pipeline_d
 
 @pytest.fixture(scope="module")
 def parity_results() -> tuple[dict[str, CaseResult], int | None]:
-    return run_parity_group([*CASES, *I2V_CASES, *KONTEXT_CASES, UNGUIDED_FLUX, *GUIDED_CFG.values(),
-                             *CACHED.values()])
+    return run_parity_group([*CASES, *I2V_CASES, *KONTEXT_CASES, *LAYERED_CASES, UNGUIDED_FLUX,
+                             *GUIDED_CFG.values(), *CACHED.values()])
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +215,8 @@ def references() -> dict[str, CaseResult]:
                                                    I2V_CASES[0].params, images=I2V_CASES[0].images))
     refs["flux_kontext"] = single_process_run(Case("flux_kontext", KONTEXT_CASES[0].model_dir, {}, PROMPT,
                                                    KONTEXT_CASES[0].params, images=KONTEXT_CASES[0].images))
+    refs["qwen_image_layered"] = single_process_run(Case("qwen_image_layered", LAYERED_CASES[0].model_dir, {}, PROMPT,
+                                                         LAYERED_CASES[0].params, images=LAYERED_CASES[0].images))
     refs["flux-unguided"] = single_process_run(UNGUIDED_FLUX)
     for family, case in GUIDED_CFG.items():
         refs[family] = single_process_run(Case(family, case.model_dir, {}, PROMPT, case.params))
@@ -220,7 +228,7 @@ def references() -> dict[str, CaseResult]:
     return refs
 
 
-@pytest.mark.parametrize("case", [*CASES, *I2V_CASES, *KONTEXT_CASES], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [*CASES, *I2V_CASES, *KONTEXT_CASES, *LAYERED_CASES], ids=lambda c: c.name)
 def test_two_ranks_equal_one_process(case: Case, parity_results, references) -> None:
     results, _ = parity_results
     expected = references[case.name.split("-")[0]].latents

@@ -31,7 +31,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.engine.engine import DiffusionEngine
-from ditserve.entrypoints.media import LOSSY_FORMATS, MEDIA_TYPES, image_bytes, image_format, video_bytes
+from ditserve.entrypoints.media import (
+    LOSSY_FORMATS,
+    MEDIA_TYPES,
+    check_alpha_format,
+    image_bytes,
+    image_format,
+    video_bytes,
+)
 from ditserve.entrypoints.server.connections import BodyTimeoutMiddleware, ConnectionLimits
 from ditserve.entrypoints.server.errors import APIError, install_error_handlers
 from ditserve.entrypoints.server.image_urls import RemoteImagePolicy, image_url_bytes
@@ -92,7 +99,7 @@ from ditserve.entrypoints.server.videos import VideoJob, VideoJobRunner, VideoSt
 from ditserve.errors import DitServeError, InvalidParameterError, check_text
 from ditserve.lora.manager import LoadedLoRA, LoRAManager
 from ditserve.lora.request import LoRARequest
-from ditserve.models.base import InputImages
+from ditserve.models.base import ImageMode, InputImages
 from ditserve.request import Request, RequestOutput
 
 ImageFields = ImageGenerationRequest | ImageEditFields | ChatCompletionRequest
@@ -207,6 +214,9 @@ class ServerState:
         budget, in its multiple), shrunk to fit ``--max-image-size`` when it is over; {} keeps the model's own
         choice untouched."""
         adapter = self.engine.adapter
+        if not adapter.takes_output_size:
+            # the model sizes its output from the input itself (and refuses a size)
+            return {}
         chosen = adapter.complete_params(Request(prompt="", params=self.defaults, images=images))
         width, height, limit = chosen.width, chosen.height, self.engine.config.limits.max_image_size
         if not width or not height or max(width, height) <= limit:
@@ -262,7 +272,7 @@ State = Annotated[ServerState, Depends(get_state)]
 # ---------------------------------------------------------------------------------------------- helpers
 #: request fields that are sampling params under the same name
 PASSED_THROUGH = ("seed", "num_inference_steps", "guidance_scale", "true_cfg_scale", "negative_prompt",
-                  "max_sequence_length", "guidance_scale_2", "boundary_ratio")
+                  "max_sequence_length", "guidance_scale_2", "boundary_ratio", "layers", "resolution")
 
 
 def sampling_params(options: GenerationOptions, dimensions: dict[str, int], **extra: Any) -> OmniDiffusionSamplingParams:
@@ -289,7 +299,7 @@ def check_fields(state: ServerState, fields: GenerationOptions, prompt: str) -> 
     state.check_texts(prompt, fields)
     fields.refuse_unsupported()
     if isinstance(fields, OpenAIImageFields):
-        fields.refuse_unhonourable()
+        fields.refuse_unhonourable(state.engine.adapter.output_image_mode is ImageMode.RGBA)
 
 
 def json_form_fields(values: dict[str, str]) -> dict[str, Any]:
@@ -379,8 +389,13 @@ async def generate_images(http_request: HTTPRequest, state: ServerState, fields:
     """Generate for an image route (``extra``: more sampling params); returns the output (None: the client went
     away) and the output format."""
     output_format = output_format_of(fields)
-    if getattr(fields, "response_format", None) == "file" and fields.n != 1:
-        raise APIError(400, f"response_format='file' returns the bytes of one image; n={fields.n} needs "
+    if state.engine.adapter.output_image_mode is ImageMode.RGBA:
+        check_alpha_format(output_format)
+    # a layered model makes one image per layer of each output
+    layers = fields.layers or state.defaults.layers or 1
+    if getattr(fields, "response_format", None) == "file" and fields.n * layers != 1:
+        made = f"n={fields.n}" + (f" outputs of {layers} layers" if layers != 1 else "")
+        raise APIError(400, f"response_format='file' returns the bytes of one image; {made} needs "
                             "response_format='b64_json'", param="response_format", code="invalid_parameter")
     params = sampling_params(fields, dimensions, num_outputs_per_prompt=fields.n, **extra)
     return await generate(http_request, state, fields, prompt, params, images), output_format
