@@ -1,4 +1,4 @@
-"""Any other diffusers pipeline: run its own ``__call__`` (LongCat-Image, Ovis-Image, LTX-2, ...).
+"""Any other diffusers pipeline: run its own ``__call__`` (LongCat-Image, LTX-2, ...).
 
 What this path can do: every sampling param the pipeline's ``__call__`` accepts, per-request seeds, progress,
 abort between steps (from ``callback_on_step_end``), stage timings, and caches that hook the transformer.
@@ -13,9 +13,9 @@ reported once, when the request finishes; an abort stops a request that has not 
 answers its caller at once and runs to its end with its output dropped; residual caches, which need the step
 index, are refused at start-up.
 
-Outputs: images, or for video pipelines frames. A pipeline that returns several images per output (Qwen-Image-
-Layered: a list of layers for each image) is flattened image-major: every layer of the first image in the
-pipeline's order, then every layer of the next.
+Outputs: images, or for video pipelines frames. A pipeline that returns several images per output (a list of
+layers for each image, as Qwen-Image-Layered's does) is flattened image-major: every layer of the first image in
+the pipeline's order, then every layer of the next.
 """
 
 from __future__ import annotations
