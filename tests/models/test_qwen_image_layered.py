@@ -165,3 +165,15 @@ def test_other_families_refuse_layers_and_resolution() -> None:
             with pytest.raises(InvalidParameterError, match="Qwen-Image-Layered") as error:
                 omni.generate("a red cat", {"height": 64, "width": 64, name: value})
             assert error.value.param == name
+
+
+def test_inputs_resized_to_the_same_condition_share_steps(omni: Omni) -> None:
+    adapter, engine = omni.engine.adapter, omni.engine
+
+    def key(image: Image.Image, **params) -> tuple:
+        return adapter.step_key(engine.make_request("x", OmniDiffusionSamplingParams(**params), images=[image]))
+
+    # 64x48 and 128x96 are both resized to 736x544; another aspect ratio or layer count is another shape
+    assert key(rgba_image(0)) == key(rgba_image(1, (128, 96)))
+    assert key(rgba_image(0)) != key(rgba_image(0, (48, 64)))
+    assert key(rgba_image(0)) != key(rgba_image(0), layers=3)

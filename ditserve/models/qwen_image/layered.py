@@ -78,6 +78,11 @@ class QwenImageLayeredAdapter(QwenImageAdapter):
         # the layers are images of the sequence: another count is another shape
         return (*super().step_key(request), request.params.layers)
 
+    def input_image_sizes(self, request: Request) -> tuple[tuple[int, int], ...]:
+        # the input is resized to its resolution bucket: inputs of one aspect ratio batch together
+        height, width = self.condition_size(request)
+        return ((width, height),)
+
     def prompt_cache_key(self, request: Request) -> tuple[Any, ...] | None:
         # a captioned prompt depends on the image
         return None if self.captions(request) else super().prompt_cache_key(request)
