@@ -52,6 +52,10 @@ def _path_list(name: str, value: Any) -> list[str]:
     return list(value)
 
 
+#: the most layers one Qwen-Image-Layered request may ask for
+MAX_LAYERS = 16
+
+
 @dataclass
 class OmniDiffusionSamplingParams:
     """How to sample one request. ``None`` means "the model family's default" (the same default diffusers'
@@ -75,6 +79,10 @@ class OmniDiffusionSamplingParams:
     #: Wan2.2 A14B: guidance of the low-noise expert, and the boundary between the two experts
     guidance_scale_2: float | None = None
     boundary_ratio: float | None = None
+    #: Qwen-Image-Layered: how many RGBA layers the input image is decomposed into, and the resolution bucket
+    #: (640 or 1024) its condition and layers are made at (vLLM-Omni's names)
+    layers: int | None = None
+    resolution: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,6 +110,12 @@ class OmniDiffusionSamplingParams:
             _check_int("fps", self.fps, 1, 240)
         if self.max_sequence_length is not None:
             _check_int("max_sequence_length", self.max_sequence_length, 1, 4096)
+        if self.layers is not None:
+            # each layer adds an image's worth of tokens to every step: bounded as frames are, so that one request
+            # cannot hold an engine for hours
+            _check_int("layers", self.layers, 1, MAX_LAYERS)
+        if self.resolution is not None:
+            _check_int("resolution", self.resolution, 1, 65536)
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -17,6 +17,8 @@ IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 #: formats whose encoder takes a quality (0-100); PNG is lossless and has none
 LOSSY_FORMATS = frozenset({"JPEG", "WEBP"})
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+#: formats that keep an alpha channel (JPEG has none: Pillow refuses to write RGBA as JPEG)
+ALPHA_FORMATS = frozenset({"PNG", "WEBP"})
 
 
 def image_format(output_format: str) -> str:
@@ -28,9 +30,19 @@ def image_format(output_format: str) -> str:
     return fmt
 
 
+def check_alpha_format(output_format: str) -> None:
+    """Refuse a format that would drop the transparency of RGBA outputs (Qwen-Image-Layered's layers)."""
+    if image_format(output_format) not in ALPHA_FORMATS:
+        allowed = sorted(name for name, fmt in IMAGE_FORMATS.items() if fmt in ALPHA_FORMATS)
+        raise InvalidParameterError(f"output_format={output_format!r} has no alpha channel, and this model makes "
+                                    f"transparent (RGBA) images: use one of {allowed}", param="output_format")
+
+
 def image_bytes(image: Image.Image, output_format: str = "png", quality: int | None = None) -> bytes:
     """The encoded image; ``quality`` (0-100) applies to JPEG and WebP only (None: Pillow's default)."""
     fmt = image_format(output_format)
+    if image.mode == "RGBA":
+        check_alpha_format(output_format)
     options = {"quality": quality} if quality is not None and fmt in LOSSY_FORMATS else {}
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)

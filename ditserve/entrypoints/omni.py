@@ -24,23 +24,25 @@ from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
 from ditserve.engine.engine import DiffusionEngine
 from ditserve.errors import InvalidParameterError, InvalidTypeError, check_keys
 from ditserve.lora.request import LoRARequest
+from ditserve.models.base import ImageMode
 from ditserve.request import Request, RequestOutput
 
 PROMPT_KEYS = ("prompt", "negative_prompt", "multi_modal_data")
 MULTI_MODAL_KEYS = ("image",)
 
 
-def as_pil_images(value: Any) -> list[Image.Image]:
-    """``multi_modal_data["image"]``: a PIL image, an HxWx3 uint8 array, a file path, or a list of those."""
+def as_pil_images(value: Any, mode: ImageMode) -> list[Image.Image]:
+    """``multi_modal_data["image"]``: a PIL image, an HxWx3 (or x4) uint8 array, a file path, or a list of those,
+    as PIL images in ``mode`` (the model's)."""
     items = value if isinstance(value, (list, tuple)) else [value]
     images = []
     for item in items:
         if isinstance(item, Image.Image):
-            images.append(item.convert("RGB"))
+            images.append(item.convert(mode.value))
         elif isinstance(item, np.ndarray):
-            images.append(Image.fromarray(np.asarray(item, dtype=np.uint8)).convert("RGB"))
+            images.append(Image.fromarray(np.asarray(item, dtype=np.uint8)).convert(mode.value))
         elif isinstance(item, str):
-            images.append(Image.open(item).convert("RGB"))
+            images.append(Image.open(item).convert(mode.value))
         else:
             raise InvalidTypeError(f"image must be a PIL image, a uint8 array or a path, got {type(item).__name__}",
                                    param="image")
@@ -144,7 +146,7 @@ class Omni:
                 raise InvalidTypeError("multi_modal_data must be a dict", param="multi_modal_data")
             check_keys("multi_modal_data", multi_modal.keys(), MULTI_MODAL_KEYS)
             if "image" in multi_modal:
-                images = as_pil_images(multi_modal["image"])
+                images = as_pil_images(multi_modal["image"], self.engine.adapter.input_image_mode)
             prompt = item["prompt"]
         else:
             prompt = item

@@ -37,6 +37,19 @@ class InputImages(enum.Enum):
     REQUIRED = "required"
 
 
+class ImageMode(enum.Enum):
+    """The PIL mode of a family's input or output images."""
+
+    RGB = "RGB"
+    #: with an alpha channel (Qwen-Image-Layered reads and makes transparent images)
+    RGBA = "RGBA"
+
+
+#: sampling params that only some families take -> which: refused by every adapter that does not list them in
+#: ``own_params`` (a family written before them refuses them without knowing they exist)
+FAMILY_ONLY_PARAMS = {"layers": "Qwen-Image-Layered", "resolution": "Qwen-Image-Layered"}
+
+
 @dataclass
 class StageTimings:
     encode_s: float = 0.0
@@ -168,6 +181,16 @@ class ModelAdapter(ABC):
     unsupported_params: ClassVar[tuple[str, ...]] = ()
     #: how this family is guided, said in the error for an unsupported param
     guidance_note: ClassVar[str] = ""
+    #: the ``FAMILY_ONLY_PARAMS`` this family takes
+    own_params: ClassVar[tuple[str, ...]] = ()
+    #: whether height and width are request params; where not, the family sets the output size itself (from its
+    #: input image) in ``complete_params``
+    takes_output_size: ClassVar[bool] = True
+    #: how the output size is chosen, said in the error for height or width where ``takes_output_size`` is False
+    output_size_note: ClassVar[str] = ""
+    #: the mode input images are converted to before the family sees them, and the mode of its outputs
+    input_image_mode: ClassVar[ImageMode] = ImageMode.RGB
+    output_image_mode: ClassVar[ImageMode] = ImageMode.RGB
     #: whether every Linear of the transformer sees the batch's rows along its first dimension, so a LoRA can be
     #: chosen per row; a family where that is not known to hold batches only requests of the same LoRA and scale
     lora_per_row: ClassVar[bool] = True
@@ -220,6 +243,16 @@ class ModelAdapter(ABC):
         return request.params
 
     def validate_params(self, params: OmniDiffusionSamplingParams) -> None:
+        for name, owner in FAMILY_ONLY_PARAMS.items():
+            if name not in self.own_params and getattr(params, name) is not None:
+                raise InvalidParameterError(
+                    f"{name} is a parameter of {owner}, not of {self.pipeline_class_name}", param=name)
+        if not self.takes_output_size:
+            for name in ("height", "width"):
+                if getattr(params, name) is not None:
+                    raise InvalidParameterError(
+                        f"{name} cannot be set for {self.pipeline_class_name}: its output size follows its input "
+                        f"image ({self.output_size_note})", param=name)
         for name in self.unsupported_params:
             if getattr(params, name) is not None:
                 raise InvalidParameterError(

@@ -1,36 +1,11 @@
-"""Pipelines for the generic path (diffusers' own ``__call__``): a tiny random Ovis-Image pipeline
-(OvisImagePipeline, no ditserve family adapter), and a minimal in-memory pipeline with no step callback and
-layered outputs."""
+"""A pipeline for the generic path (diffusers' own ``__call__``): a minimal in-memory pipeline with no step callback
+and layered outputs."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-
-from ditserve.testing.common import sensitize, tiny_image_vae
-from ditserve.testing.z_image import tiny_qwen3_encoder, tiny_qwen_tokenizer
-
-
-def build_tiny_ovis_image(path: Path, seed: int = 0) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
-
-    torch.manual_seed(seed)
-    tokenizer = tiny_qwen_tokenizer()
-    # FLUX-like packing: 4 latent channels x 2x2 patches = 16 input channels
-    transformer = OvisImageTransformer2DModel(
-        patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)).eval()
-    sensitize(transformer)
-    pipeline = OvisImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
-                                                  max_image_seq_len=256, base_shift=0.5, max_shift=1.15),
-        vae=tiny_image_vae(), text_encoder=tiny_qwen3_encoder(tokenizer), tokenizer=tokenizer,
-        transformer=transformer)
-    pipeline.save_pretrained(path)
-    return path
-
 
 
 def stepless_pipeline(seed: int = 0) -> Any:
@@ -73,3 +48,28 @@ def stepless_pipeline(seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     return SteplessLayeredPipeline(TinyDenoiser().eval(), FlowMatchEulerDiscreteScheduler())
+
+
+def generic_runner(pipeline: Any, **config: Any) -> Any:
+    """A CPU model runner that serves ``pipeline`` through the generic path (its own ``__call__``) whatever its
+    family, with engine options ``config``: the generic path's tests run real pipelines whose family has an
+    adapter, and in-memory ones diffusers cannot load from a folder."""
+    from ditserve.config import OmniDiffusionConfig
+    from ditserve.engine.runner import ModelRunner
+    from ditserve.models.generic import GenericAdapter
+    from ditserve.models.loader import LoadedModel
+
+    name = type(pipeline).__name__
+    loaded = LoadedModel(name=name, path=name, pipeline=pipeline, adapter=GenericAdapter(pipeline),
+                         device=torch.device("cpu"), dtype=torch.float32)
+    return ModelRunner(OmniDiffusionConfig(model=name, device="cpu", **config), model=loaded)
+
+
+def generic_engine(pipeline: Any, **config: Any) -> Any:
+    """A CPU engine over ``generic_runner(pipeline, **config)``."""
+    from ditserve.config import OmniDiffusionConfig
+    from ditserve.engine.engine import DiffusionEngine
+
+    name = type(pipeline).__name__
+    return DiffusionEngine(OmniDiffusionConfig(model=name, device="cpu", **config),
+                           runner=generic_runner(pipeline, **config))

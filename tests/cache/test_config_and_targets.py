@@ -106,21 +106,41 @@ def test_calibration_fits_writes_and_is_picked_up(private_flux_dir: str) -> None
     assert stats["config"]["coefficients_source"].startswith("calibration file")
 
 
-def test_calibration_serves_sd3(tmp_path: Path) -> None:
-    """SD3 has no published coefficients: calibration fits them per guidance branch, and MagCache, which needs
-    ratios, starts from them."""
-    model_dir = tmp_path / "sd3"
-    shutil.copytree(tiny_pipeline_dir("sd3"), model_dir)
-    params = {**PARAMS, "num_inference_steps": 4, "max_sequence_length": 32, "seed": 0}
+def _layered_items() -> list[dict]:
+    """Qwen-Image-Layered's calibration prompts: each decomposes an input image, guided against a negative prompt."""
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 4), dtype=np.uint8), "RGBA")
+    return [{"prompt": p, "negative_prompt": " ", "multi_modal_data": {"image": image}} for p in ("a red cat", "a dog")]
+
+
+#: families with no published coefficients: their transformer, their request params, and their calibration
+#: prompts (None: plain text)
+CALIBRATED = {
+    "sd3": ("SD3Transformer2DModel", {**PARAMS, "max_sequence_length": 32}, None),
+    "ovis_image": ("OvisImageTransformer2DModel", {**PARAMS, "max_sequence_length": 128}, None),
+    "qwen_image_layered": ("QwenImageTransformer2DModel", {"layers": 1, "true_cfg_scale": 4.0}, _layered_items),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CALIBRATED))
+def test_calibration_serves_families_without_published_coefficients(family: str, tmp_path: Path) -> None:
+    """Calibration fits their coefficients per guidance branch, and MagCache, which needs ratios, starts from
+    them."""
+    transformer_class, options, make_items = CALIBRATED[family]
+    items = make_items() if make_items is not None else ["a red cat", "a blue dog"]
+    model_dir = tmp_path / family
+    shutil.copytree(tiny_pipeline_dir(family), model_dir)
+    params = {**options, "num_inference_steps": 4, "seed": 0}
     with pytest.raises(CacheConfigError, match="ditserve calibrate"):
         Omni(str(model_dir), cache_backend="mag_cache")
     with Omni(str(model_dir)) as omni:
-        data, _ = calibrate(omni, ["a red cat", "a blue dog"], params, {"cache_dit": (0.0,)})
-    assert data["transformer_class"] == "SD3Transformer2DModel"
+        data, _ = calibrate(omni, items, params, {"cache_dit": (0.0,)})
+    assert data["transformer_class"] == transformer_class
     assert set(data["mag_cache"]["mag_ratios"]) == {"cond", "uncond"}
     assert data["quality_table"]["cache_dit"]["rows"][0]["psnr_min"] == 100.0
     with Omni(str(model_dir), cache_backend="mag_cache") as omni:
-        stats = omni.generate("a red cat", params)[0].cache_stats
+        stats = omni.generate(items[0], params)[0].cache_stats
     assert stats["config"]["mag_ratios_source"].startswith("calibration file")
 
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ditserve import Omni
 from ditserve.cache.spec import cache_spec_for
+from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import CacheConfigError
+from ditserve.request import RequestOutput
 from ditserve.testing import tiny_pipeline_dir
+from ditserve.testing.generic import generic_engine, generic_runner
 from tests.cache.helpers import WorkCounter, count_block_work, media
 
 FAMILY_PARAMS = {
@@ -18,6 +22,8 @@ FAMILY_PARAMS = {
     "sd3": {"height": 64, "width": 64, "max_sequence_length": 32},
     "z_image": {"height": 64, "width": 64},
     "wan": {"height": 32, "width": 32, "num_frames": 5},
+    # Ovis spells its system prompt letter by letter with the tiny tokenizer: the prompt needs room after it
+    "ovis_image": {"height": 64, "width": 64, "max_sequence_length": 128},
 }
 
 
@@ -61,16 +67,35 @@ SKIPPING = {
 }
 
 
-@pytest.mark.parametrize("backend", sorted(SKIPPING))
-def test_sd3_skips_for_real_and_batched_equals_solo(backend: str) -> None:
-    model = tiny_pipeline_dir("sd3")
-    params = {**FAMILY_PARAMS["sd3"], "num_inference_steps": 5, "seed": 2}
+def _layered_input(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 64, 4), dtype=np.uint8), "RGBA")
+
+
+#: what a request of each family needs besides its prompt: Qwen-Image-Layered decomposes an input image, and
+#: guides only when asked (true CFG); its layers are few, its resolution the smallest
+SKIP_FAMILIES = {
+    "sd3": ({}, ()),
+    "ovis_image": ({}, ()),
+    "qwen_image_layered": ({"layers": 1, "true_cfg_scale": 4.0}, (_layered_input(0), _layered_input(1))),
+}
+SKIP_CASES = [(family, backend) for family in ("sd3", "ovis_image") for backend in sorted(SKIPPING)] + [
+    ("qwen_image_layered", backend) for backend in ("cache_dit", "mag_cache", "tea_cache")]
+
+
+@pytest.mark.parametrize(("family", "backend"), SKIP_CASES)
+def test_skips_for_real_and_batched_equals_solo(family: str, backend: str) -> None:
+    model = tiny_pipeline_dir(family)
+    options, images = SKIP_FAMILIES[family]
+    params = {**FAMILY_PARAMS.get(family, {}), **options, "num_inference_steps": 5, "seed": 2}
+    prompts = [{"prompt": text, "multi_modal_data": {"image": image}} for text, image in
+               zip(("a red cat", "a blue dog"), images, strict=True)] if images else ["a red cat", "a blue dog"]
     # both with a negative prompt: cache-dit batches only requests of equal params but prompt and seed
-    pair = [("a red cat", {**params, "negative_prompt": "blue"}), ("a blue dog", {**params, "seed": 3,
-                                                                                "negative_prompt": "red"})]
+    pair = [(prompts[0], {**params, "negative_prompt": "blue"}), (prompts[1], {**params, "seed": 3,
+                                                                             "negative_prompt": "red"})]
+    config = {"tea_cache": {"rel_l1_thresh": 10.0}, **SKIPPING}[backend]
     with Omni(model) as omni:
         reference = omni.generate(*pair[0])[0]
-    with Omni(model, cache_backend=backend, cache_config=SKIPPING[backend]) as omni:
+    with Omni(model, cache_backend=backend, cache_config=config) as omni:
         transformer = omni.engine.runner.model.pipeline.transformer
         # the last block: cache-dit (Fn=1, Bn=0) always runs the first one, so count the one it may skip
         last_block = cache_spec_for(transformer, backend).blocks(transformer)[-1][0]
@@ -86,7 +111,7 @@ def test_sd3_skips_for_real_and_batched_equals_solo(backend: str) -> None:
                 handle.remove()
     linears = sum(isinstance(m, torch.nn.Linear) for m in last_block.modules())
     stats = solo[0].cache_stats
-    assert set(stats["branches"]) == {"cond", "uncond"}  # SD3 guides by default: two calls a step
+    assert set(stats["branches"]) == {"cond", "uncond"}  # all guide here: two calls a step
     assert stats["skipped_steps"] > 0
     assert solo_calls == linears * sum(o.cache_stats["computed_steps"] for o in solo)
     assert counter.calls == linears * together[0].cache_stats["computed_steps"]  # one batch: its rows run together
@@ -97,22 +122,31 @@ def test_sd3_skips_for_real_and_batched_equals_solo(backend: str) -> None:
     assert np.abs(media(solo[0]).astype(int) - media(reference).astype(int)).max() > 3
 
 
+def _generic_ovis_run(params: dict, **config) -> tuple[RequestOutput, WorkCounter]:
+    """Ovis-Image through the generic path (its own __call__): the output of ``params`` and the block work it
+    ran."""
+    from diffusers import OvisImagePipeline
+
+    engine = generic_engine(OvisImagePipeline.from_pretrained(tiny_pipeline_dir("ovis_image")), **config)
+    try:
+        transformer = engine.runner.model.pipeline.transformer
+        with count_block_work(transformer, config.get("cache_backend", "tea_cache")) as counter:
+            output = engine.generate([engine.make_request("a red cat", OmniDiffusionSamplingParams(**params))])[0]
+    finally:
+        engine.close()
+    return output, counter
+
+
 @pytest.mark.parametrize("backend", ["tea_cache", "mag_cache"])
-def test_ovis_image_on_the_generic_path_skips_for_real(backend: str) -> None:
-    """Ovis-Image runs its own __call__, which makes its two guidance passes as two calls a step: each keeps its
-    own state (labels "cond" and "cond/call1"), and the counted block work follows the statistics."""
-    model = tiny_pipeline_dir("ovis_image")
-    params = {"height": 64, "width": 64, "max_sequence_length": 128, "num_inference_steps": 5, "seed": 2}
+def test_caches_skip_for_real_on_the_generic_path(backend: str) -> None:
+    """Ovis-Image run through its own __call__ makes its two guidance passes as two calls a step out of our sight:
+    each keeps its own state (labels "cond" and "cond/call1"), and the counted block work follows the
+    statistics."""
+    params = {**FAMILY_PARAMS["ovis_image"], "num_inference_steps": 5, "seed": 2}
     config = {"tea_cache": {"rel_l1_thresh": 10.0}, **SKIPPING}[backend]
-    with Omni(model) as omni:
-        transformer = omni.engine.runner.model.pipeline.transformer
-        with count_block_work(transformer) as one_step:
-            omni.generate("a red cat", {**params, "num_inference_steps": 1})
-        reference = omni.generate("a red cat", params)[0]
-    with Omni(model, cache_backend=backend, cache_config=config) as omni:
-        transformer = omni.engine.runner.model.pipeline.transformer
-        with count_block_work(transformer, backend) as counter:
-            skipping = omni.generate("a red cat", params)[0]
+    _, one_step = _generic_ovis_run({**params, "num_inference_steps": 1})
+    reference, _ = _generic_ovis_run(params)
+    skipping, counter = _generic_ovis_run(params, cache_backend=backend, cache_config=config)
     stats = skipping.cache_stats
     assert set(stats["branches"]) == {"cond", "cond/call1"}
     assert stats["skipped_steps"] > 0
@@ -121,8 +155,11 @@ def test_ovis_image_on_the_generic_path_skips_for_real(backend: str) -> None:
 
 
 def test_cache_dit_is_refused_on_the_generic_path() -> None:
+    from diffusers import OvisImagePipeline
+
+    pipeline = OvisImagePipeline.from_pretrained(tiny_pipeline_dir("ovis_image"))
     with pytest.raises(CacheConfigError, match="OvisImagePipeline on the generic path"):
-        Omni(tiny_pipeline_dir("ovis_image"), cache_backend="cache_dit")
+        generic_runner(pipeline, cache_backend="cache_dit")
 
 
 @pytest.mark.parametrize("backend", ["tea_cache", "mag_cache"])

@@ -9,21 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
+from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.engine.engine import DiffusionEngine
-from ditserve.engine.runner import ModelRunner
 from ditserve.errors import CacheConfigError, RequestAbortedError, UnsupportedModelError
 from ditserve.models.generic import GenericAdapter
-from ditserve.models.loader import LoadedModel
-from ditserve.testing.generic import stepless_pipeline
+from ditserve.testing.generic import generic_engine, generic_runner, stepless_pipeline
 
 PROMPT = "a red cat"
-
-
-def _runner(pipeline, **config) -> ModelRunner:
-    loaded = LoadedModel(name="stepless", path="stepless", pipeline=pipeline, adapter=GenericAdapter(pipeline),
-                         device=torch.device("cpu"), dtype=torch.float32)
-    return ModelRunner(OmniDiffusionConfig(model="stepless", device="cpu", **config), model=loaded)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +25,7 @@ def pipeline():
 
 @pytest.fixture()
 def engine(pipeline):
-    engine = DiffusionEngine(OmniDiffusionConfig(model="stepless", device="cpu"), runner=_runner(pipeline))
+    engine = generic_engine(pipeline)
     yield engine
     engine.close()
 
@@ -90,7 +82,7 @@ def test_abort_of_a_running_request_answers_at_once_and_the_engine_goes_on(engin
 
 def test_step_caches_are_refused_at_start_up(pipeline) -> None:
     with pytest.raises(CacheConfigError, match="callback_on_step_end"):
-        _runner(pipeline, cache_backend="tea_cache")
+        generic_runner(pipeline, cache_backend="tea_cache")
 
 
 def test_a_pipeline_without_a_generator_is_refused_when_loaded() -> None:

@@ -176,6 +176,12 @@ KONTEXT_CASES = [Case(f"flux_kontext-{method}", tiny_pipeline_dir("flux_kontext"
                       {"num_inference_steps": 2, "seed": 1, "max_sequence_length": 64, "guidance_scale": 2.5,
                        **GUIDED}, images=(KONTEXT_IMAGE,))
                  for method, degrees in METHODS.items()]
+# Qwen-Image-Layered: a square RGBA input (an even token count per image, so the sequence splits), true CFG, the
+# layers and the condition image in one sequence; the methods Qwen-Image has but tensor parallelism
+LAYERED_IMAGE = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 4), dtype=np.uint8), "RGBA")
+LAYERED_CASES = [Case(f"qwen_image_layered-{method}", tiny_pipeline_dir("qwen_image_layered"), METHODS[method], PROMPT,
+                      {"num_inference_steps": 2, "layers": 1, "seed": 1, **GUIDED}, images=(LAYERED_IMAGE,))
+                 for method in ("cfg", "ulysses", "ring")]
 # CFG-parallel on a request without guidance: the uncond rank must receive the cond output
 UNGUIDED_FLUX = Case("flux-cfg-unguided", tiny_pipeline_dir("flux"), METHODS["cfg"], PROMPT,
                      {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 1})
@@ -183,6 +189,11 @@ UNGUIDED_FLUX = Case("flux-cfg-unguided", tiny_pipeline_dir("flux"), METHODS["cf
 SD3_CFG = Case("sd3-cfg", tiny_pipeline_dir("sd3"), METHODS["cfg"], PROMPT,
                {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 1, "max_sequence_length": 32,
                 "negative_prompt": "blue"})
+# Ovis-Image: classic CFG (its default guidance_scale 5.0) against a negative prompt, its branches on two ranks
+OVIS_CFG = Case("ovis_image-cfg", tiny_pipeline_dir("ovis_image"), METHODS["cfg"], PROMPT,
+                {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 1, "max_sequence_length": 128,
+                 "negative_prompt": "blue"})
+GUIDED_CFG = {"sd3": SD3_CFG, "ovis_image": OVIS_CFG}
 # TeaCache with a threshold so high that every middle step skips: both ranks must follow the same decisions
 CACHED = {(family, method): Case(f"{family}-{method}-tea_cache", tiny_pipeline_dir(family), METHODS[method], PROMPT,
                                  {**PARAMS[family], "num_inference_steps": 4},
@@ -192,7 +203,8 @@ CACHED = {(family, method): Case(f"{family}-{method}-tea_cache", tiny_pipeline_d
 
 @pytest.fixture(scope="module")
 def parity_results() -> tuple[dict[str, CaseResult], int | None]:
-    return run_parity_group([*CASES, *I2V_CASES, *KONTEXT_CASES, UNGUIDED_FLUX, SD3_CFG, *CACHED.values()])
+    return run_parity_group([*CASES, *I2V_CASES, *KONTEXT_CASES, *LAYERED_CASES, UNGUIDED_FLUX,
+                             *GUIDED_CFG.values(), *CACHED.values()])
 
 
 @pytest.fixture(scope="module")
@@ -203,17 +215,20 @@ def references() -> dict[str, CaseResult]:
                                                    I2V_CASES[0].params, images=I2V_CASES[0].images))
     refs["flux_kontext"] = single_process_run(Case("flux_kontext", KONTEXT_CASES[0].model_dir, {}, PROMPT,
                                                    KONTEXT_CASES[0].params, images=KONTEXT_CASES[0].images))
+    refs["qwen_image_layered"] = single_process_run(Case("qwen_image_layered", LAYERED_CASES[0].model_dir, {}, PROMPT,
+                                                         LAYERED_CASES[0].params, images=LAYERED_CASES[0].images))
     refs["flux-unguided"] = single_process_run(UNGUIDED_FLUX)
-    refs["sd3"] = single_process_run(Case("sd3", SD3_CFG.model_dir, {}, PROMPT, SD3_CFG.params))
-    refs["sd3-unguided"] = single_process_run(Case("sd3", SD3_CFG.model_dir, {}, PROMPT,
-                                                   {**SD3_CFG.params, "negative_prompt": None, "guidance_scale": 1.0}))
+    for family, case in GUIDED_CFG.items():
+        refs[family] = single_process_run(Case(family, case.model_dir, {}, PROMPT, case.params))
+        refs[f"{family}-unguided"] = single_process_run(Case(family, case.model_dir, {}, PROMPT, {
+            **case.params, "negative_prompt": None, "guidance_scale": 1.0}))
     # the single-process cached run depends on the family only
     refs |= {f"{family}-tea_cache": single_process_run(case) for (family, method), case in CACHED.items()
              if method == "ulysses"}
     return refs
 
 
-@pytest.mark.parametrize("case", [*CASES, *I2V_CASES, *KONTEXT_CASES], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [*CASES, *I2V_CASES, *KONTEXT_CASES, *LAYERED_CASES], ids=lambda c: c.name)
 def test_two_ranks_equal_one_process(case: Case, parity_results, references) -> None:
     results, _ = parity_results
     expected = references[case.name.split("-")[0]].latents
@@ -239,11 +254,12 @@ def test_cfg_parallel_without_guidance_still_equals_one_process(parity_results, 
     assert _relative_error(references["flux"].latents, references["flux-unguided"].latents) > 1e-2
 
 
-def test_sd3_cfg_parallel_equals_one_process(parity_results, references) -> None:
+@pytest.mark.parametrize("family", sorted(GUIDED_CFG))
+def test_classic_cfg_parallel_equals_one_process(family: str, parity_results, references) -> None:
     results, _ = parity_results
-    assert _relative_error(results[SD3_CFG.name].latents, references["sd3"].latents) < 1e-4
+    assert _relative_error(results[GUIDED_CFG[family].name].latents, references[family].latents) < 1e-4
     # guidance changes the result, so the branch each rank computed mattered
-    assert _relative_error(references["sd3"].latents, references["sd3-unguided"].latents) > 1e-2
+    assert _relative_error(references[family].latents, references[f"{family}-unguided"].latents) > 1e-2
 
 
 @pytest.mark.parametrize(("family", "method"), sorted(CACHED))

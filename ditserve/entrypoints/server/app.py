@@ -34,6 +34,7 @@ from ditserve.engine.engine import DiffusionEngine
 from ditserve.entrypoints.media import (
     LOSSY_FORMATS,
     MEDIA_TYPES,
+    check_alpha_format,
     image_bytes,
     image_format,
     output_video_bytes,
@@ -98,7 +99,7 @@ from ditserve.entrypoints.server.videos import VideoJob, VideoJobRunner, VideoSt
 from ditserve.errors import DitServeError, InvalidParameterError, check_text
 from ditserve.lora.manager import LoadedLoRA, LoRAManager
 from ditserve.lora.request import LoRARequest
-from ditserve.models.base import InputImages
+from ditserve.models.base import ImageMode, InputImages
 from ditserve.request import Request, RequestOutput
 
 ImageFields = ImageGenerationRequest | ImageEditFields | ChatCompletionRequest
@@ -195,7 +196,8 @@ class ServerState:
 
     async def read_uploads(self, uploads: list[Any], field: str) -> list[Image.Image]:
         check_upload_count(uploads, field, self.accepted_uploads(), self.settings.served_model_name, self.kind)
-        return await read_images(uploads, field, self.engine.config.limits.max_image_size, self.decoding)
+        return await read_images(uploads, field, self.engine.config.limits.max_image_size, self.decoding,
+                                 self.engine.adapter.input_image_mode.value)
 
     async def read_image_urls(self, urls: list[tuple[str, str]]) -> list[Image.Image]:
         """Images given as (field, URL) pairs, fetched (data URLs decoded) one at a time and then decoded; the
@@ -203,7 +205,8 @@ class ServerState:
         images = []
         for name, url in urls:
             data = await image_url_bytes(url, name, self.settings.remote_images)
-            images.append(await decode_blob(data, name, self.engine.config.limits.max_image_size, self.decoding))
+            images.append(await decode_blob(data, name, self.engine.config.limits.max_image_size, self.decoding,
+                                            self.engine.adapter.input_image_mode.value))
         return images
 
     def auto_size(self, images: list[Image.Image]) -> dict[str, int]:
@@ -211,6 +214,9 @@ class ServerState:
         budget, in its multiple), shrunk to fit ``--max-image-size`` when it is over; {} keeps the model's own
         choice untouched."""
         adapter = self.engine.adapter
+        if not adapter.takes_output_size:
+            # the model sizes its output from the input itself (and refuses a size)
+            return {}
         chosen = adapter.complete_params(Request(prompt="", params=self.defaults, images=images))
         width, height, limit = chosen.width, chosen.height, self.engine.config.limits.max_image_size
         if not width or not height or max(width, height) <= limit:
@@ -266,7 +272,7 @@ State = Annotated[ServerState, Depends(get_state)]
 # ---------------------------------------------------------------------------------------------- helpers
 #: request fields that are sampling params under the same name
 PASSED_THROUGH = ("seed", "num_inference_steps", "guidance_scale", "true_cfg_scale", "negative_prompt",
-                  "max_sequence_length", "guidance_scale_2", "boundary_ratio")
+                  "max_sequence_length", "guidance_scale_2", "boundary_ratio", "layers", "resolution")
 
 
 def sampling_params(options: GenerationOptions, dimensions: dict[str, int], **extra: Any) -> OmniDiffusionSamplingParams:
@@ -293,7 +299,7 @@ def check_fields(state: ServerState, fields: GenerationOptions, prompt: str) -> 
     state.check_texts(prompt, fields)
     fields.refuse_unsupported()
     if isinstance(fields, OpenAIImageFields):
-        fields.refuse_unhonourable()
+        fields.refuse_unhonourable(state.engine.adapter.output_image_mode is ImageMode.RGBA)
 
 
 def json_form_fields(values: dict[str, str]) -> dict[str, Any]:
@@ -383,8 +389,13 @@ async def generate_images(http_request: HTTPRequest, state: ServerState, fields:
     """Generate for an image route (``extra``: more sampling params); returns the output (None: the client went
     away) and the output format."""
     output_format = output_format_of(fields)
-    if getattr(fields, "response_format", None) == "file" and fields.n != 1:
-        raise APIError(400, f"response_format='file' returns the bytes of one image; n={fields.n} needs "
+    if state.engine.adapter.output_image_mode is ImageMode.RGBA:
+        check_alpha_format(output_format)
+    # a layered model makes one image per layer of each output
+    layers = fields.layers or state.defaults.layers or 1
+    if getattr(fields, "response_format", None) == "file" and fields.n * layers != 1:
+        made = f"n={fields.n}" + (f" outputs of {layers} layers" if layers != 1 else "")
+        raise APIError(400, f"response_format='file' returns the bytes of one image; {made} needs "
                             "response_format='b64_json'", param="response_format", code="invalid_parameter")
     params = sampling_params(fields, dimensions, num_outputs_per_prompt=fields.n, **extra)
     return await generate(http_request, state, fields, prompt, params, images), output_format

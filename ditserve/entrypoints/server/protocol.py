@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from ditserve.config import MAX_TEXT_CHARS
+from ditserve.config import MAX_LAYERS, MAX_TEXT_CHARS
 from ditserve.entrypoints.server.errors import APIError
 from ditserve.lora.request import MAX_ABS_SCALE, NAME_PATTERN
 
@@ -71,8 +71,6 @@ class StrictRequest(BaseModel):
 UNSUPPORTED_FIELDS = {
     "flow_shift": "the scheduler's shift comes from the model folder's scheduler config; this engine does not "
                   "change it per request",
-    "layers": "it is a parameter of Qwen-Image-Layered pipelines, which this server does not run",
-    "resolution": "it is a parameter of Qwen-Image-Layered pipelines, which this server does not run",
 }
 
 
@@ -116,8 +114,10 @@ class GenerationOptions(StrictRequest):
     extra_params: dict[str, Any] | None = Field(
         None, description="named pipeline arguments beyond these fields; none is accepted yet (an empty object is)")
     flow_shift: float | None = Field(None, description="refused: " + UNSUPPORTED_FIELDS["flow_shift"])
-    layers: int | None = Field(None, description="refused: " + UNSUPPORTED_FIELDS["layers"])
-    resolution: int | None = Field(None, description="refused: " + UNSUPPORTED_FIELDS["resolution"])
+    layers: int | None = Field(None, ge=1, le=MAX_LAYERS,
+                               description="Qwen-Image-Layered: how many RGBA layers the input image is split into "
+                                           "(one data entry each)")
+    resolution: int | None = Field(None, description="Qwen-Image-Layered: 640 or 1024, the layers' size bucket")
 
     @field_validator("generator_device")
     @classmethod
@@ -148,19 +148,24 @@ class OpenAIImageFields(StrictRequest):
     quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = Field(
         None, description="accepted and ignored: quality follows num_inference_steps")
     background: Literal["transparent", "opaque", "auto"] | None = Field(
-        None, description="the models served here make opaque images: transparent is refused")
+        None, description="transparent for models that make RGBA images (Qwen-Image-Layered), opaque for the others")
     output_compression: int | None = Field(None, ge=0, le=100,
                                            description="JPEG/WebP quality; ignored for PNG (lossless)")
     stream: bool | None = Field(None, description="false only: streaming is not implemented")
 
-    def refuse_unhonourable(self) -> None:
+    def refuse_unhonourable(self, transparent_output: bool) -> None:
+        """``transparent_output``: whether the served model makes RGBA images (its background is always
+        transparent where its layers are) rather than opaque RGB ones."""
         if self.stream:
             raise APIError(400, "stream=true is not supported yet: send stream=false (or omit it) and receive the "
                                 "whole answer at once", param="stream", code="unsupported_parameter")
-        if self.background == "transparent":
-            raise APIError(400, "background='transparent' needs a model that makes RGBA images; the models served "
-                                "here make opaque RGB images: use 'opaque' or 'auto'", param="background",
+        if self.background == "transparent" and not transparent_output:
+            raise APIError(400, "background='transparent' needs a model that makes RGBA images; this model makes "
+                                "opaque RGB images: use 'opaque' or 'auto'", param="background",
                            code="unsupported_parameter")
+        if self.background == "opaque" and transparent_output:
+            raise APIError(400, "background='opaque': this model makes transparent RGBA layers: use 'transparent' "
+                                "or 'auto'", param="background", code="unsupported_parameter")
 
 
 class ImageGenerationRequest(OpenAIImageFields, GenerationOptions):

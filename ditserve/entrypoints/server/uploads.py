@@ -82,8 +82,9 @@ async def read_form(request: Request, file_fields: tuple[str, ...], max_part_byt
     return Form(fields, dict(files), dict(lists))
 
 
-def decode_image(data: bytes, field: str, max_side: int) -> Image.Image:
-    """An uploaded PNG/JPEG/WebP as an RGB image; anything else, or a side over ``max_side``, is a 400."""
+def decode_image(data: bytes, field: str, max_side: int, mode: str) -> Image.Image:
+    """An uploaded PNG/JPEG/WebP in ``mode`` (the model's: RGB, or RGBA for a model that reads transparency);
+    anything else, or a side over ``max_side``, is a 400."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns for large images; a server must refuse them before decoding
@@ -94,7 +95,7 @@ def decode_image(data: bytes, field: str, max_side: int) -> Image.Image:
                 raise APIError(400, f"{field} is {width}x{height}; the largest side allowed is {max_side}",
                                param=field, code="invalid_image")
             image.load()
-            return image.convert("RGB")
+            return image.convert(mode)
     except APIError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning,
@@ -122,8 +123,8 @@ def check_upload_count(uploads: Sequence[object], field: str, accepted: int, mod
     raise APIError(400, message, param=field, code="invalid_parameter")
 
 
-async def read_images(uploads: list[UploadFile], field: str, max_side: int,
-                      decoding: asyncio.Semaphore) -> list[Image.Image]:
+async def read_images(uploads: list[UploadFile], field: str, max_side: int, decoding: asyncio.Semaphore,
+                      mode: str) -> list[Image.Image]:
     """Decode uploads (counted by the caller) while holding ``decoding``: its permits bound the memory that
     concurrent requests' uploads take while they are being decoded."""
     images = []
@@ -131,11 +132,12 @@ async def read_images(uploads: list[UploadFile], field: str, max_side: int,
         async with decoding:
             data: Any = await upload.read()
             # decoding is CPU work: keep it off the event loop
-            images.append(await run_in_threadpool(decode_image, data, field, max_side))
+            images.append(await run_in_threadpool(decode_image, data, field, max_side, mode))
     return images
 
 
-async def decode_blob(data: bytes, field: str, max_side: int, decoding: asyncio.Semaphore) -> Image.Image:
+async def decode_blob(data: bytes, field: str, max_side: int, decoding: asyncio.Semaphore,
+                      mode: str) -> Image.Image:
     """``read_images`` for one image that arrived as bytes (a data URL, a fetched URL)."""
     async with decoding:
-        return await run_in_threadpool(decode_image, data, field, max_side)
+        return await run_in_threadpool(decode_image, data, field, max_side, mode)

@@ -47,6 +47,8 @@ class FluxAdapter(LoopAdapter):
     #: FluxPipeline lets a scheduler configured with ``use_flow_sigmas`` compute its own sigmas; pipelines that
     #: always pass their linear sigmas (FluxKontextPipeline) say False
     schedulers_may_choose_sigmas: ClassVar[bool] = True
+    #: the longest text diffusers' pipeline accepts
+    max_sequence_length_limit: ClassVar[int] = 512
 
     def family_defaults(self) -> dict[str, Any]:
         size = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
@@ -57,9 +59,10 @@ class FluxAdapter(LoopAdapter):
         super().validate_params(params)
         from ditserve.errors import InvalidParameterError
 
-        if params.max_sequence_length is not None and params.max_sequence_length > 512:
+        limit = self.max_sequence_length_limit
+        if params.max_sequence_length is not None and params.max_sequence_length > limit:
             raise InvalidParameterError(
-                f"max_sequence_length={params.max_sequence_length} must be <= 512 for FLUX",
+                f"max_sequence_length={params.max_sequence_length} must be <= {limit} for {self.pipeline_class_name}",
                 param="max_sequence_length")
 
     @staticmethod
@@ -107,13 +110,17 @@ class FluxAdapter(LoopAdapter):
         timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas,
                                           mu=flow_match_shift(pipe, latents.noise.shape[1]))
         scheduler.set_begin_index(0)
-        guidance = None
-        if pipe.transformer.config.guidance_embeds:
-            guidance = torch.full([latents.noise.shape[0]], p.guidance_scale, device=self.device,
-                                  dtype=torch.float32)
-        conditioning = {**embeddings, "image_ids": latents.ids, "context": latents.context, "guidance": guidance}
+        conditioning = {**embeddings, "image_ids": latents.ids, "context": latents.context,
+                        "guidance": self.embedded_guidance(request)}
         return RequestState(request=request, latents=latents.noise, scheduler=scheduler, timesteps=timesteps,
                             conditioning=conditioning)
+
+    def embedded_guidance(self, request: Request) -> torch.Tensor | None:
+        """The guidance scale the transformer embeds (FLUX.1-dev), one per output row; None for models without."""
+        if not self.pipeline.transformer.config.guidance_embeds:
+            return None
+        return torch.full([request.num_outputs], request.params.guidance_scale, device=self.device,
+                          dtype=torch.float32)
 
     def _branch_inputs(self, batch: StepBatch, branch: str, states: Sequence[RequestState]) -> dict[str, Any]:
         """The text inputs of one guidance branch for ``states``, and their context tokens, stacked once while

@@ -1,4 +1,4 @@
-"""Any other diffusers pipeline: run its own ``__call__`` (Ovis-Image, LTX-2, ...).
+"""Any other diffusers pipeline: run its own ``__call__``.
 
 What this path can do: every sampling param the pipeline's ``__call__`` accepts, per-request seeds, progress,
 abort between steps (from ``callback_on_step_end``), stage timings, and caches that hook the transformer.
@@ -13,9 +13,9 @@ reported once, when the request finishes; an abort stops a request that has not 
 answers its caller at once and runs to its end with its output dropped; residual caches, which need the step
 index, are refused at start-up.
 
-Outputs: images, or for video pipelines frames. A pipeline that returns several images per output (Qwen-Image-
-Layered: a list of layers for each image) is flattened image-major: every layer of the first image in the
-pipeline's order, then every layer of the next.
+Outputs: images, or for video pipelines frames. A pipeline that returns several images per output (a list of
+layers for each image, as Qwen-Image-Layered's does) is flattened image-major: every layer of the first image in
+the pipeline's order, then every layer of the next.
 """
 
 from __future__ import annotations
@@ -33,7 +33,13 @@ import torch
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError, UnsupportedModelError
 from ditserve.forward_context import ForwardContext, RowOwner, forward_context, move_current
-from ditserve.models.base import ModelAdapter, RequestMedia, StageTimings, request_generator
+from ditserve.models.base import (
+    FAMILY_ONLY_PARAMS,
+    ModelAdapter,
+    RequestMedia,
+    StageTimings,
+    request_generator,
+)
 from ditserve.request import Request
 
 logger = logging.getLogger(__name__)
@@ -64,6 +70,8 @@ class GenericAdapter(ModelAdapter):
                 f"{self.pipeline_class_name}.__call__ takes no {', '.join(missing)}: the generic path needs "
                 f"{' and '.join(REQUIRED_CALL_PARAMS)} (each request's own seed)", param="model")
         self.kind = self._infer_kind()
+        # a pipeline of another family may take them too: its own __call__ says
+        self.own_params = tuple(name for name in FAMILY_ONLY_PARAMS if name in self._call_params)
         self.reports_steps = STEP_CALLBACK in self._call_params
         if not self.reports_steps:
             logger.warning("%s.__call__ takes no %s: progress is reported only when a request finishes, an abort "

@@ -2,8 +2,8 @@
 
 The same layout as FLUX.1: dual-stream blocks then single-stream blocks, both taking (hidden_states,
 encoder_hidden_states) and returning (encoder_hidden_states, hidden_states); the first dual-stream block's
-``norm1`` is an AdaLayerNormZero as FLUX's, so TeaCache compares the same modulated image input. The pipeline
-runs its guidance passes itself, as two transformer calls per step: the caches keep one state for each.
+``norm1`` is an AdaLayerNormZero as FLUX's, so TeaCache compares the same modulated image input. The adapter runs
+the two guidance passes as two transformer calls per step: the caches keep one state for each.
 """
 
 from __future__ import annotations

@@ -150,10 +150,12 @@ class QwenImageAdapter(LoopAdapter):
         """The latent grid of every image the transformer sees for this request (output first)."""
         return [self.latent_grid(*self.output_size(request))]
 
-    def _timesteps(self, scheduler: Any, num_steps: int, image_seq_len: int) -> torch.Tensor:
+    def _timesteps(self, scheduler: Any, num_steps: int, noise: torch.Tensor,
+                   image_latents: torch.Tensor | None) -> torch.Tensor:
+        """The request's schedule, shifted by the noisy latents' token count."""
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         timesteps, _ = retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas,
-                                          mu=flow_match_shift(self.pipeline, image_seq_len))
+                                          mu=flow_match_shift(self.pipeline, noise.shape[1]))
         scheduler.set_begin_index(0)
         return timesteps
 
@@ -168,7 +170,8 @@ class QwenImageAdapter(LoopAdapter):
         conditioning = {**embeddings, "image_latents": image_latents,
                         "guidance": self._guidance(noise.shape[0], request.params)}
         return RequestState(request=request, latents=noise, scheduler=scheduler, conditioning=conditioning,
-                            timesteps=self._timesteps(scheduler, request.params.num_inference_steps, noise.shape[1]))
+                            timesteps=self._timesteps(scheduler, request.params.num_inference_steps, noise,
+                                                      image_latents))
 
     # ------------------------------------------------------------------ denoise
     def _branch_inputs(self, batch: StepBatch, branch: str, states: Sequence[RequestState]) -> dict[str, Any]:
@@ -184,9 +187,14 @@ class QwenImageAdapter(LoopAdapter):
             return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask,
                     "img_shapes": [self.image_shapes(s.request) for s in states for _ in range(s.num_rows)],
                     "guidance": None if guidance[0] is None else torch.cat(guidance),
-                    "image_latents": None if image_latents[0] is None else torch.cat(image_latents)}
+                    "image_latents": None if image_latents[0] is None else torch.cat(image_latents),
+                    **self._extra_inputs(states)}
 
         return batch.remember(branch, states, build)
+
+    def _extra_inputs(self, states: Sequence[RequestState]) -> dict[str, Any]:
+        """Transformer inputs a variant of the family adds for the rows of ``states`` (none here)."""
+        return {}
 
     def _call_branch(self, batch: StepBatch, branch: str, states: Sequence[RequestState]) -> torch.Tensor:
         inputs = dict(self._branch_inputs(batch, branch, states))

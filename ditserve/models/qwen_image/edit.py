@@ -11,7 +11,6 @@ image at about one megapixel whatever the output size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,12 +18,20 @@ from PIL import Image
 
 from ditserve.models.base import request_generator
 from ditserve.models.qwen_image.adapter import QwenImageAdapter
-from ditserve.models.qwen_image.processor import load_processor_without_video, torchvision_available
+from ditserve.models.qwen_image.processor import processor_components
 from ditserve.request import Request
 
 #: pixel areas diffusers resizes input images to (its module constants, not configurable)
 VAE_IMAGE_AREA = 1024 * 1024
 PLUS_CONDITION_IMAGE_AREA = 384 * 384
+
+
+def calculated_size(image: Image.Image, area: int) -> tuple[int, int]:
+    """(height, width) of about ``area`` pixels at the image's aspect ratio, multiples of 32 (diffusers)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+    width, height, *_ = calculate_dimensions(area, image.size[0] / image.size[1])
+    return height, width
 
 
 @dataclass
@@ -48,9 +55,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
     def preloaded_components(cls, path: str) -> dict[str, Any]:
         """Components the loader should pass to ``from_pretrained`` instead of letting it load them: the
         processor, where transformers cannot load it (no torchvision)."""
-        if torchvision_available():
-            return {}
-        return {"processor": load_processor_without_video(Path(path) / "processor")}
+        return processor_components(path)
 
     # ------------------------------------------------------------------ params
     def family_defaults(self) -> dict[str, Any]:
@@ -62,20 +67,12 @@ class QwenImageEditAdapter(QwenImageAdapter):
         return None
 
     # ------------------------------------------------------------------ sizes and images
-    @staticmethod
-    def calculated_size(image: Image.Image, area: int) -> tuple[int, int]:
-        """(height, width) of about ``area`` pixels at the image's aspect ratio, multiples of 32 (diffusers)."""
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
-
-        width, height, *_ = calculate_dimensions(area, image.size[0] / image.size[1])
-        return height, width
-
     def size_reference_image(self, request: Request) -> Image.Image:
         """The input image whose aspect ratio sets the default output size."""
         return request.images[0]
 
     def output_size(self, request: Request) -> tuple[int, int]:
-        height, width = self.calculated_size(self.size_reference_image(request), VAE_IMAGE_AREA)
+        height, width = calculated_size(self.size_reference_image(request), VAE_IMAGE_AREA)
         height = request.params.height or height
         width = request.params.width or width
         multiple = self.pipeline.vae_scale_factor * 2
@@ -87,7 +84,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
 
     def vae_sizes(self, request: Request) -> list[tuple[int, int]]:
         """(height, width) at which the VAE sees each input image."""
-        return [self.calculated_size(image, VAE_IMAGE_AREA) for image in request.images[:1]]
+        return [calculated_size(image, VAE_IMAGE_AREA) for image in request.images[:1]]
 
     def image_shapes(self, request: Request) -> list[tuple[int, int, int]]:
         return super().image_shapes(request) + [self.latent_grid(h, w) for h, w in self.vae_sizes(request)]
@@ -135,13 +132,13 @@ class QwenImageEditPlusAdapter(QwenImageEditAdapter):
         return request.images[-1]
 
     def vae_sizes(self, request: Request) -> list[tuple[int, int]]:
-        return [self.calculated_size(image, VAE_IMAGE_AREA) for image in request.images]
+        return [calculated_size(image, VAE_IMAGE_AREA) for image in request.images]
 
     def edit_inputs(self, request: Request) -> EditInputs:
         image_processor = self.pipeline.image_processor
         prompt_images = []
         for image in request.images:
-            height, width = self.calculated_size(image, PLUS_CONDITION_IMAGE_AREA)
+            height, width = calculated_size(image, PLUS_CONDITION_IMAGE_AREA)
             prompt_images.append(image_processor.resize(image, height, width))
         # unlike Qwen-Image-Edit, the VAE images are preprocessed from the originals
         vae_images = [image_processor.preprocess(image, height, width).unsqueeze(2)

@@ -1,9 +1,9 @@
-"""Loading the edit pipelines' Qwen2VLProcessor without its video part.
+"""Loading the edit and layered pipelines' Qwen2VLProcessor without its video part.
 
 transformers builds a Qwen2VLProcessor's video processor from torchvision, which some machines lack (no CPU
-build matches ours), and then refuses to load the processor at all. The Qwen-Image edit pipelines and LongCat-Image
-only feed it images and text, so where torchvision is missing the processor is assembled from the folder's image
-processor, tokenizer and chat template alone.
+build matches ours), and then refuses to load the processor at all. The Qwen-Image edit and layered pipelines and
+LongCat-Image only feed it images and text, so where torchvision is missing the processor is assembled from the
+folder's image processor, tokenizer and chat template alone.
 """
 
 from __future__ import annotations
@@ -42,3 +42,11 @@ def load_processor_without_video(folder: str | Path) -> Any:
     return processor_class(image_processor=AutoImageProcessor.from_pretrained(folder),
                            tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=None,
                            chat_template=chat_template)
+
+
+def processor_components(path: str) -> dict[str, Any]:
+    """The components to hand to ``from_pretrained`` for a pipeline folder with a ``processor/``: the processor,
+    where transformers cannot load it (no torchvision); nothing where it can."""
+    if torchvision_available():
+        return {}
+    return {"processor": load_processor_without_video(Path(path) / "processor")}

@@ -1,4 +1,4 @@
-"""Sequence parallelism for Qwen-Image and its edit variants (QwenImageTransformer2DModel).
+"""Sequence parallelism for Qwen-Image and its edit and layered variants (QwenImageTransformer2DModel).
 
 Sharded: the image tokens (``hidden_states`` dim 1: the noisy latents, then the input images' latents of edit
 models), their rotary frequencies (the first output of ``pos_embed``, dim 0) and, for zero-cond models, the
@@ -68,7 +68,8 @@ class QwenImageSequenceParallelProcessor:
 
 
 class QwenImagePlan(FamilyPlan):
-    pipeline_class_names = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+    pipeline_class_names = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
+                            "QwenImageLayeredPipeline")
 
     def output_shape(self, transformer: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[int, ...]:
         return token_output_shape(transformer, kwargs)
@@ -77,7 +78,8 @@ class QwenImagePlan(FamilyPlan):
         return int(transformer.config.num_attention_heads)
 
     def sharded_tokens(self, adapter: Any, params: OmniDiffusionSamplingParams) -> int:
-        # the output's tokens; an edit model's input-image tokens are checked when the batch is sharded
+        # one output image's tokens (Layered's layers each have as many); an edit model's input-image tokens are
+        # checked when the batch is sharded
         _, rows, columns = adapter.latent_grid(params.height, params.width)
         return rows * columns
 

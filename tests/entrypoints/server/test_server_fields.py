@@ -84,7 +84,7 @@ def test_accepted_mirrored_fields(image_server: ServerThread) -> None:
     same = ok(generate(image_server, generator_device="cpu", extra_params={}))
     assert same["data"][0]["b64_json"] == plain["data"][0]["b64_json"]
     # max_sequence_length reaches the engine: FLUX's own bound answers, not the HTTP schema
-    assert_400(generate(image_server, max_sequence_length=600), "max_sequence_length", "512 for FLUX")
+    assert_400(generate(image_server, max_sequence_length=600), "max_sequence_length", "512 for FluxPipeline")
 
 
 def test_n_up_to_the_server_limit(image_server: ServerThread) -> None:

@@ -18,9 +18,9 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     real = uploads.decode_image
     fields: list[str] = []
 
-    def counting(data: bytes, field: str, max_side: int):
+    def counting(data: bytes, field: str, max_side: int, mode: str):
         fields.append(field)
-        return real(data, field, max_side)
+        return real(data, field, max_side, mode)
 
     monkeypatch.setattr(uploads, "decode_image", counting)
     yield fields
