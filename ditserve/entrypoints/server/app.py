@@ -59,6 +59,7 @@ from ditserve.entrypoints.server.protocol import (
     ModelCard,
     ModelList,
     OpenAIImageFields,
+    StageMetrics,
     VideoCreateFields,
     VideoDeleted,
     VideoList,
@@ -88,7 +89,14 @@ from ditserve.entrypoints.server.uploads import (
     read_form,
     read_images,
 )
-from ditserve.entrypoints.server.videos import VideoJob, VideoJobRunner, VideoStore, new_video_id
+from ditserve.entrypoints.server.videos import (
+    VideoJob,
+    VideoJobRunner,
+    VideoStore,
+    accelerator_peak_mb,
+    new_video_id,
+    stage_durations,
+)
 from ditserve.errors import DitServeError, InvalidParameterError, check_text
 from ditserve.lora.manager import LoadedLoRA, LoRAManager
 from ditserve.lora.request import LoRARequest
@@ -473,11 +481,13 @@ async def chat_answer(state: ServerState, fields: ChatCompletionRequest, output:
         encoded = await run_in_threadpool(_encode_images, output.images, output_format, fields.output_compression)
         media_type = MEDIA_TYPES[image_format(output_format)]
         parts = [ChatImagePart(image_url=ChatImageURL(url=f"data:{media_type};base64,{b64}")) for b64 in encoded]
+    metrics = (StageMetrics(stage_durations=stage_durations(output.timings), peak_memory_mb=accelerator_peak_mb())
+               if fields.return_stage_metrics else None)
     return ChatCompletionResponse(
         id=f"chatcmpl-{request_id}", created=int(time.time()), model=fields.model or state.settings.served_model_name,
         choices=[ChatChoice(message=ChatResponseMessage(content=parts))], seed=output.seed,
         timings=json_safe(output.timings), cache_stats=json_safe(output.cache_stats),
-        ignored_fields=ignored_fields(fields, output_format))
+        ignored_fields=ignored_fields(fields, output_format), metrics=metrics)
 
 
 async def read_json_object(http_request: HTTPRequest) -> dict[str, Any]:

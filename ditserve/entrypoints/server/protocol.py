@@ -266,6 +266,9 @@ class ChatCompletionRequest(OpenAIImageFields, GenerationOptions):
     metadata: dict[str, str] | None = Field(None, max_length=16, description="accepted and ignored")
     extra_body: dict[str, Any] | None = Field(
         None, description="generation fields nested as curl users send them; merged into the top level")
+    return_stage_metrics: bool | None = Field(
+        None, description="true: the answer carries metrics (stage_durations, peak_memory_mb), as the mirrored "
+                          "system's benchmark asks")
 
     @model_validator(mode="before")
     @classmethod
@@ -330,8 +333,9 @@ class VideoObject(GenerationInfo):
     inference_time_s: float | None = None
     #: seconds per stage of the generation: encode, denoise, decode
     stage_durations: dict[str, float] | None = None
-    #: the accelerator's peak allocated memory in this server process when the job finished (None on CPU)
-    peak_memory_mb: float | None = None
+    #: the accelerator's peak allocated memory in this server process when the job finished; 0 when none was
+    #: measured (CPU, or a job not finished): the mirrored system's clients read it as a number
+    peak_memory_mb: float = 0.0
     file_name: str | None = None
     #: when the finished job and its file are removed (None: kept until deleted)
     expires_at: int | None = None
@@ -391,6 +395,15 @@ class ChatUsage(BaseModel):
     total_tokens: int = 0
 
 
+class StageMetrics(BaseModel):
+    """What the mirrored system's benchmark reads from a chat answer's ``metrics`` (``return_stage_metrics``)."""
+
+    #: seconds per stage of the generation: encode, denoise, decode
+    stage_durations: dict[str, float]
+    #: as a video job's ``peak_memory_mb``: the process's accelerator peak, 0 when none was measured
+    peak_memory_mb: float
+
+
 class ChatCompletionResponse(GenerationInfo):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -398,6 +411,8 @@ class ChatCompletionResponse(GenerationInfo):
     model: str
     choices: list[ChatChoice]
     usage: ChatUsage = Field(default_factory=ChatUsage)
+    #: only when the request asked for it (``return_stage_metrics``)
+    metrics: StageMetrics | None = None
 
 
 class ModelCard(BaseModel):
