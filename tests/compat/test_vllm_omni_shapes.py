@@ -113,6 +113,19 @@ def test_image_edit_curl_multipart(edit_server: ServerThread) -> None:
     assert response.json()["data"][0]["b64_json"]
 
 
+def test_image_edit_as_the_serving_benchmark_sends_it(edit_server: ServerThread) -> None:
+    """The serving benchmark's ``/v1/images/edits`` endpoint: a multipart form with model, prompt, size,
+    response_format, steps, seed and ``bot_task=think`` (its default), the input as an ``image`` file."""
+    response = httpx.post(f"{edit_server.url}/v1/images/edits", files=[
+        ("model", (None, "Qwen-Image-Edit")), ("prompt", (None, "Random prompt 0 for benchmarking")),
+        ("size", (None, "64x64")), ("response_format", (None, "b64_json")), ("num_inference_steps", (None, "2")),
+        ("seed", (None, "0")), ("bot_task", (None, "think")),
+        ("image", ("random_image_0.png", png_bytes(), "image/png"))], timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["ignored_fields"] == ["bot_task"]
+    assert Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))).size == (64, 64)
+
+
 def test_chat_with_stage_metrics_as_the_serving_benchmark_asks(t2i_server: ServerThread) -> None:
     """The serving benchmark's ``--return-stage-metrics``: ``extra_body.return_stage_metrics`` and the answer's
     ``metrics.stage_durations`` / ``metrics.peak_memory_mb`` read as numbers."""

@@ -163,8 +163,28 @@ class OpenAIImageFields(StrictRequest):
                            code="unsupported_parameter")
 
 
-class ImageGenerationRequest(OpenAIImageFields, GenerationOptions):
-    ignored_when_set = ("user", "quality", "style", "moderation")
+#: the mirrored system's system-prompt presets (HunyuanImage-3's prompt templates)
+SystemPromptType = Literal["dynamic", "en_vanilla", "en_recaption", "en_think_recaption", "en_unified", "custom"]
+#: its prompting knobs, in the order ``ignored_fields`` names them
+PROMPT_MODE_FIELDS = ("bot_task", "use_system_prompt", "sys_type", "system_prompt")
+
+
+class PromptModeFields(StrictRequest):
+    """The mirrored system's prompting knobs for models that rewrite or reason over their prompt before drawing
+    (HunyuanImage-3: ``bot_task`` think/recaption/vanilla, a system-prompt preset or text). Its serving benchmark
+    sends ``bot_task`` with every edit. No model served here has such a stage, so they are accepted and named in
+    ``ignored_fields``."""
+
+    bot_task: str | None = Field(None, max_length=64, description="accepted and ignored: no model served here "
+                                                                   "has a prompt-reasoning stage")
+    use_system_prompt: SystemPromptType | None = Field(None, description="accepted and ignored")
+    sys_type: SystemPromptType | None = Field(None, description="accepted and ignored (edits' name for "
+                                                                "use_system_prompt)")
+    system_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="accepted and ignored")
+
+
+class ImageGenerationRequest(OpenAIImageFields, PromptModeFields, GenerationOptions):
+    ignored_when_set = ("user", "quality", "style", "moderation", *PROMPT_MODE_FIELDS)
 
     prompt: str = Field(max_length=MAX_TEXT_CHARS)
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
@@ -177,10 +197,10 @@ class ImageGenerationRequest(OpenAIImageFields, GenerationOptions):
     moderation: Literal["low", "auto"] | None = Field(None, description="accepted and ignored")
 
 
-class ImageEditFields(OpenAIImageFields, GenerationOptions):
+class ImageEditFields(OpenAIImageFields, PromptModeFields, GenerationOptions):
     """The text fields of ``/v1/images/edits`` (the images arrive as file parts or ``url`` data URLs)."""
 
-    ignored_when_set = ("user", "quality")
+    ignored_when_set = ("user", "quality", *PROMPT_MODE_FIELDS)
 
     prompt: str = Field(max_length=MAX_TEXT_CHARS)
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
@@ -231,14 +251,14 @@ class ChatMessage(StrictRequest):
     name: str | None = Field(None, max_length=256)
 
 
-class ChatCompletionRequest(OpenAIImageFields, GenerationOptions):
+class ChatCompletionRequest(OpenAIImageFields, PromptModeFields, GenerationOptions):
     """``/v1/chat/completions`` for diffusion models: the last user message is the prompt (its text parts) and
     the input images (its ``image_url`` parts); generation fields at the top level or in ``extra_body``. Video
     models answer with ``video_url`` parts (MP4 data URLs)."""
 
     ignored_when_set = ("user", "quality", "temperature", "top_p", "max_tokens", "max_completion_tokens",
                         "modalities", "presence_penalty", "frequency_penalty", "stop", "logprobs", "stream_options",
-                        "store", "metadata")
+                        "store", "metadata", *PROMPT_MODE_FIELDS)
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=64)
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)

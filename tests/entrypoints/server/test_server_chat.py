@@ -129,6 +129,13 @@ def test_return_stage_metrics_adds_the_stage_durations(image_server: ServerThrea
     assert body["ignored_fields"] is None and body["choices"] == plain["choices"]
 
 
+def test_prompt_mode_fields_in_extra_body_are_named(image_server: ServerThread) -> None:
+    body = chat(image_server, {"messages": [{"role": "user", "content": "x"}],
+                               "extra_body": {**SMALL, "bot_task": "think", "use_system_prompt": "dynamic"}})
+    assert body.status_code == 200, body.text[:300]
+    assert body.json()["ignored_fields"] == ["bot_task", "use_system_prompt"]
+
+
 def test_stream_is_a_clear_400(image_server: ServerThread, connect: Connect) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         connect(image_server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
