@@ -211,6 +211,30 @@ class ImageEditFields(OpenAIImageFields, PromptModeFields, GenerationOptions):
     output_format: OutputFormatField | None = None
 
 
+class ImageReference(StrictRequest):
+    """The mirrored system's typed image input of a video request: ``{"image_url": ...}`` or ``{"file_id": ...}``
+    (in a form, the same object as JSON text)."""
+
+    image_url: str | None = Field(None, description="a data URL (data:image/png;base64,...), or http(s) with "
+                                                    "--allow-remote-images")
+    file_id: str | None = Field(None, max_length=256, description="refused: this server keeps no uploaded files")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageReference:
+        if (self.image_url is None) == (self.file_id is None):
+            raise ValueError("give exactly one of image_url or file_id")
+        return self
+
+
+#: the mirrored system's video-request inputs that no model served here can take, and why: a conditioning input
+#: that were dropped would make a different video than the one asked for, so they are refused, never ignored
+UNSUPPORTED_VIDEO_INPUTS = {
+    "video_reference": "no model served here generates from an input video (video-to-video); image-to-video "
+                       "models take a first frame as input_reference or image_reference",
+    "audio_reference": "no model served here generates video from speech or audio",
+}
+
+
 class VideoCreateFields(GenerationOptions):
     ignored_when_set = ("user",)
 
@@ -223,6 +247,19 @@ class VideoCreateFields(GenerationOptions):
     num_frames: int | None = Field(None, ge=1)
     fps: int | None = Field(None, ge=1, le=240)
     user: str | None = Field(None, max_length=512, description="accepted and ignored")
+    image_reference: ImageReference | None = Field(
+        None, description="image-to-video models: the first frame, instead of input_reference")
+    video_reference: dict[str, Any] | None = Field(
+        None, description="refused: " + UNSUPPORTED_VIDEO_INPUTS["video_reference"])
+    audio_reference: dict[str, Any] | None = Field(
+        None, description="refused: " + UNSUPPORTED_VIDEO_INPUTS["audio_reference"])
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        for name, reason in UNSUPPORTED_VIDEO_INPUTS.items():
+            if getattr(self, name) is not None:
+                raise APIError(400, f"{name} is not supported by this server: {reason}", param=name,
+                               code="unsupported_parameter")
 
 
 # ---------------------------------------------------------------------------------------------- chat

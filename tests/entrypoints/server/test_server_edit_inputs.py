@@ -76,3 +76,12 @@ def test_prompt_mode_fields_are_accepted_and_named(edit_server: ServerThread, pn
     assert knobs.json()["ignored_fields"] == list(sent)
     assert first_image(knobs).tobytes() == first_image(plain).tobytes()
 
+
+def test_a_reference_image_is_refused_with_its_reason(edit_server: ServerThread, png: Png) -> None:
+    image = [("image", ("in.png", png(), "image/png"))]
+    for extra, files in (({"reference_image": data_url(png())}, image),
+                         ({}, [*image, ("reference_image", ("ref.png", png(), "image/png"))])):
+        response = edit(edit_server, {**STEPS, **extra}, files)
+        assert response.status_code == 400, response.text[:300]
+        error = response.json()["error"]
+        assert error["param"] == "reference_image" and "no separate reference image" in error["message"], error

@@ -5,6 +5,7 @@ extra fields."""
 from __future__ import annotations
 
 import io
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -116,3 +117,24 @@ def test_a_folder_of_an_older_server_gains_the_new_columns(tmp_path: Path) -> No
                               seconds="1", peak_memory_mb=12.5))
     finally:
         store.close()
+
+
+def test_video_and_audio_references_are_refused_with_their_reason(video_server: ServerThread) -> None:
+    references = {"video_reference": ({"video_url": "data:video/mp4;base64,AAAA"}, "video-to-video"),
+                  "audio_reference": ({"audio_url": "data:audio/wav;base64,AAAA"}, "speech")}
+    for name, (value, reason) in references.items():
+        as_json = {"prompt": "a ball", "width": 32, "height": 32, "num_frames": 5, name: value}
+        as_form = {**TINY, name: json.dumps(value)}
+        for response in (httpx.post(f"{video_server.url}/v1/videos", json=as_json, timeout=60),
+                         httpx.post(f"{video_server.url}/v1/videos/sync", data=as_form, timeout=60)):
+            assert response.status_code == 400, response.text[:300]
+            error = response.json()["error"]
+            assert error["param"] == name and reason in error["message"], error
+
+
+def test_an_image_reference_on_a_text_to_video_model_is_refused(video_server: ServerThread) -> None:
+    reference = json.dumps({"image_url": "data:image/png;base64,AAAA"})
+    response = httpx.post(f"{video_server.url}/v1/videos", data={**TINY, "image_reference": reference}, timeout=60)
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert error["param"] == "image_reference.image_url" and "takes no input image" in error["message"], error
