@@ -67,6 +67,7 @@ from ditserve.entrypoints.server.protocol import (
     form_schema,
     json_safe,
     parse_size,
+    standalone_schema,
     validate_fields,
 )
 from ditserve.entrypoints.server.request_ids import RequestIdMiddleware, request_id_of
@@ -618,7 +619,7 @@ EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data"
                       "mask": _BINARY}, ())}}}}
 def json_video_schema() -> dict[str, Any]:
     """A JSON video request: the form's fields, and ``input_reference`` as a data URL."""
-    schema = VideoCreateFields.model_json_schema()
+    schema = standalone_schema(VideoCreateFields)
     schema["properties"]["input_reference"] = {**_URL, "description": "the first frame (image-to-video models)"}
     return schema
 

@@ -528,10 +528,30 @@ def parse_size(size: str | None) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
+def standalone_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its nested models written out in place. Pydantic refers to them as
+    ``#/$defs/...``, which inside an OpenAPI document points at the document's root, where nothing is: schema
+    readers (and the fuzzer) could not resolve the body and skipped it. The request models nest no model in
+    itself, so the inlining ends."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return inline(schema)
+
+
 def form_schema(fields_model: type[BaseModel], file_fields: dict[str, dict[str, Any]],
                 required_files: tuple[str, ...]) -> dict[str, Any]:
     """The multipart/form-data schema of a route whose text fields are ``fields_model`` (for OpenAPI)."""
-    schema = fields_model.model_json_schema()
+    schema = standalone_schema(fields_model)
     properties = {**schema.get("properties", {}), **file_fields}
     required = [*schema.get("required", []), *required_files]
     return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
