@@ -66,6 +66,7 @@ from ditserve.entrypoints.server.protocol import (
     ModelCard,
     ModelList,
     OpenAIImageFields,
+    StageMetrics,
     VideoCreateFields,
     VideoDeleted,
     VideoList,
@@ -73,6 +74,7 @@ from ditserve.entrypoints.server.protocol import (
     form_schema,
     json_safe,
     parse_size,
+    standalone_schema,
     validate_fields,
 )
 from ditserve.entrypoints.server.request_ids import RequestIdMiddleware, request_id_of
@@ -95,7 +97,14 @@ from ditserve.entrypoints.server.uploads import (
     read_form,
     read_images,
 )
-from ditserve.entrypoints.server.videos import VideoJob, VideoJobRunner, VideoStore, new_video_id
+from ditserve.entrypoints.server.videos import (
+    VideoJob,
+    VideoJobRunner,
+    VideoStore,
+    accelerator_peak_mb,
+    new_video_id,
+    stage_durations,
+)
 from ditserve.errors import DitServeError, InvalidParameterError, check_text
 from ditserve.lora.manager import LoadedLoRA, LoRAManager
 from ditserve.lora.request import LoRARequest
@@ -117,7 +126,15 @@ DEFAULT_VIDEO_TTL_S = 24 * 3600.0
 EXPIRY_SWEEP_S = 600.0
 DEFAULT_OUTPUT_FORMAT = "png"
 #: form fields that carry a JSON object as text (multipart and urlencoded bodies have only strings)
-JSON_FORM_FIELDS = ("extra_params", "lora")
+JSON_FORM_FIELDS = ("extra_params", "lora", "image_reference", "video_reference", "audio_reference")
+#: edit inputs of the mirrored system that no model family served here takes, and why (refused: an edit that
+#: dropped them would not be the edit asked for)
+EDIT_INPUTS_REFUSED = {
+    "mask": "edits from the prompt and takes no mask (no model family served here inpaints)",
+    "mask_image": "edits from the prompt and takes no mask (no model family served here inpaints)",
+    "reference_image": "takes no separate reference image (no model family served here uses one); give every "
+                       "image to edit as image or url",
+}
 
 
 @dataclass
@@ -303,7 +320,7 @@ def check_fields(state: ServerState, fields: GenerationOptions, prompt: str) -> 
 
 
 def json_form_fields(values: dict[str, str]) -> dict[str, Any]:
-    """A form's text fields, with those that carry a JSON object (``extra_params``, ``lora``) decoded."""
+    """A form's text fields, with those that carry a JSON object (``JSON_FORM_FIELDS``) decoded."""
     decoded: dict[str, Any] = dict(values)
     for name in JSON_FORM_FIELDS:
         if name in values:
@@ -491,11 +508,13 @@ async def chat_answer(state: ServerState, fields: ChatCompletionRequest, output:
         encoded = await run_in_threadpool(_encode_images, output.images, output_format, fields.output_compression)
         media_type = MEDIA_TYPES[image_format(output_format)]
         parts = [ChatImagePart(image_url=ChatImageURL(url=f"data:{media_type};base64,{b64}")) for b64 in encoded]
+    metrics = (StageMetrics(stage_durations=stage_durations(output.timings), peak_memory_mb=accelerator_peak_mb())
+               if fields.return_stage_metrics else None)
     return ChatCompletionResponse(
         id=f"chatcmpl-{request_id}", created=int(time.time()), model=fields.model or state.settings.served_model_name,
         choices=[ChatChoice(message=ChatResponseMessage(content=parts))], seed=output.seed,
         timings=json_safe(output.timings), cache_stats=json_safe(output.cache_stats),
-        ignored_fields=ignored_fields(fields, output_format))
+        ignored_fields=ignored_fields(fields, output_format), metrics=metrics)
 
 
 async def read_json_object(http_request: HTTPRequest) -> dict[str, Any]:
@@ -530,32 +549,57 @@ def new_video_job(state: ServerState, video_id: str, request: Request) -> VideoJ
 
 
 async def read_video_request(http_request: HTTPRequest, state: ServerState) -> tuple[VideoCreateFields,
-                                                                                     list[Image.Image]]:
-    """A video request's fields and input images, from a JSON, multipart or urlencoded body."""
+                                                                                     list[Image.Image], str]:
+    """A video request's fields, its input images and the field they came from (``input_reference`` or
+    ``image_reference``), from a JSON, multipart or urlencoded body."""
     content_type = http_request.headers.get("content-type", "")
-    images: list[Image.Image] = []
     if content_type.startswith("application/json"):
         body = await read_json_object(http_request)
         # JSON cannot carry a file: there the first frame is a data URL (or a fetched URL, where allowed)
         reference = body.pop("input_reference", None)
         fields = validate_fields(VideoCreateFields, body, strict=True)
         check_fields(state, fields, fields.prompt)
-        if reference is not None:
-            if not isinstance(reference, str):
-                raise APIError(400, "input_reference: in a JSON body, the first frame is a data URL string "
-                                    "(data:image/png;base64,...); upload a file with a multipart body",
-                               param="input_reference", code="invalid_parameter")
-            check_upload_count([reference], "input_reference", state.accepted_uploads(),
-                               state.settings.served_model_name, state.kind)
-            images = await state.read_image_urls([("input_reference", reference)])
-        return fields, images
+        if reference is not None and not isinstance(reference, str):
+            raise APIError(400, "input_reference: in a JSON body, the first frame is a data URL string "
+                                "(data:image/png;base64,...); upload a file with a multipart body",
+                           param="input_reference", code="invalid_parameter")
+        urls = [("input_reference", reference)] if reference is not None else []
+        return fields, await read_reference_urls(state, fields, urls), reference_field(fields)
     form = await read_form(http_request, ("input_reference",), state.settings.max_body_bytes,
                            encodings=(MULTIPART, URLENCODED))
     fields = validate_fields(VideoCreateFields, json_form_fields(form.fields), strict=False)
     check_fields(state, fields, fields.prompt)
-    if form.files.get("input_reference"):
-        images = await state.read_uploads(form.files["input_reference"], "input_reference")
-    return fields, images
+    uploads = form.files.get("input_reference", [])
+    if uploads:
+        if fields.image_reference is not None:
+            raise APIError(400, "give the first frame once: as input_reference or as image_reference, not both",
+                           param="image_reference", code="invalid_parameter")
+        return fields, await state.read_uploads(uploads, "input_reference"), "input_reference"
+    return fields, await read_reference_urls(state, fields, []), reference_field(fields)
+
+
+def reference_field(fields: VideoCreateFields) -> str:
+    """The field that names a video request's input image in errors."""
+    return "image_reference" if fields.image_reference is not None else "input_reference"
+
+
+async def read_reference_urls(state: ServerState, fields: VideoCreateFields,
+                              urls: list[tuple[str, str]]) -> list[Image.Image]:
+    """A video request's input image given as a URL: ``input_reference`` (``urls``) or ``image_reference``."""
+    if fields.image_reference is not None:
+        if fields.image_reference.file_id is not None:
+            raise APIError(400, "image_reference.file_id: this server keeps no uploaded files; give the image as "
+                                "image_reference.image_url (a data URL) or upload it as input_reference",
+                           param="image_reference.file_id", code="unsupported_parameter")
+        if urls:
+            raise APIError(400, "give the first frame once: as input_reference or as image_reference, not both",
+                           param="image_reference", code="invalid_parameter")
+        urls = [("image_reference.image_url", fields.image_reference.image_url or "")]
+    if not urls:
+        return []
+    check_upload_count([url for _, url in urls], urls[0][0], state.accepted_uploads(),
+                       state.settings.served_model_name, state.kind)
+    return await state.read_image_urls(urls)
 
 
 def video_params(state: ServerState, fields: VideoCreateFields) -> OmniDiffusionSamplingParams:
@@ -593,7 +637,7 @@ EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data"
                       "mask": _BINARY}, ())}}}}
 def json_video_schema() -> dict[str, Any]:
     """A JSON video request: the form's fields, and ``input_reference`` as a data URL."""
-    schema = VideoCreateFields.model_json_schema()
+    schema = standalone_schema(VideoCreateFields)
     schema["properties"]["input_reference"] = {**_URL, "description": "the first frame (image-to-video models)"}
     return schema
 
@@ -659,12 +703,13 @@ def add_routes(app: FastAPI) -> None:
     async def edit_images(http_request: HTTPRequest, state: State) -> Any:
         # the kind is the server's, not the request's: a model that edits nothing refuses before reading the body
         state.require_kind("edit", "POST /v1/images/edits")
-        form = await read_form(http_request, ("image", "mask", "mask_image"), state.settings.max_body_bytes,
-                               list_fields=("url",))
-        for mask in ("mask", "mask_image"):
-            if mask in form.files or mask in form.fields:
-                raise APIError(400, f"{mask}: {state.settings.served_model_name!r} edits from the prompt and takes "
-                                    "no mask (no model family served here inpaints)", param=mask,
+        # the refused inputs are read as files or as (URL) text, as the mirrored system takes them, so that both
+        # shapes get the reason
+        form = await read_form(http_request, ("image", *EDIT_INPUTS_REFUSED), state.settings.max_body_bytes,
+                               list_fields=("url", *EDIT_INPUTS_REFUSED))
+        for name, reason in EDIT_INPUTS_REFUSED.items():
+            if name in form.files or name in form.lists:
+                raise APIError(400, f"{name}: {state.settings.served_model_name!r} {reason}", param=name,
                                code="invalid_parameter")
         fields = validate_fields(ImageEditFields, json_form_fields(form.fields), strict=False)
         check_fields(state, fields, fields.prompt)
@@ -692,7 +737,7 @@ def add_routes(app: FastAPI) -> None:
     @app.post("/v1/videos", response_model=VideoObject, openapi_extra=VIDEO_BODY)
     async def create_video(http_request: HTTPRequest, state: State) -> VideoObject:
         state.require_kind("video", "POST /v1/videos")
-        fields, images = await read_video_request(http_request, state)
+        fields, images, image_field = await read_video_request(http_request, state)
         videos = state.videos
         assert videos is not None  # a video model's server always has its job runner (require_kind above)
         video_id = new_video_id()
@@ -700,7 +745,7 @@ def add_routes(app: FastAPI) -> None:
             request = await make_request(state.engine, fields, fields.prompt, video_params(state, fields), images,
                                          request_id=video_id, progress_callback=videos.progress_callback(video_id))
         except DitServeError as error:
-            raise http_param(error, "input_reference") from None
+            raise http_param(error, image_field) from None
         logger.info("request %s is video job %s", request_id_of(http_request.scope), video_id)
         job = new_video_job(state, video_id, request)
         videos.start(job, request)
@@ -711,9 +756,9 @@ def add_routes(app: FastAPI) -> None:
     async def create_video_sync(http_request: HTTPRequest, state: State) -> Response:
         """Generate and answer with the MP4 itself: no job is recorded (the mirrored system's benchmark route)."""
         state.require_kind("video", "POST /v1/videos/sync")
-        fields, images = await read_video_request(http_request, state)
+        fields, images, image_field = await read_video_request(http_request, state)
         output = await generate(http_request, state, fields, fields.prompt, video_params(state, fields), images,
-                                "input_reference")
+                                image_field)
         if output is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         data = await run_in_threadpool(output_video_bytes, output, 0, DEFAULT_FPS)

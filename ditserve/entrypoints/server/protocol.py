@@ -168,8 +168,28 @@ class OpenAIImageFields(StrictRequest):
                                 "or 'auto'", param="background", code="unsupported_parameter")
 
 
-class ImageGenerationRequest(OpenAIImageFields, GenerationOptions):
-    ignored_when_set = ("user", "quality", "style", "moderation")
+#: the mirrored system's system-prompt presets (HunyuanImage-3's prompt templates)
+SystemPromptType = Literal["dynamic", "en_vanilla", "en_recaption", "en_think_recaption", "en_unified", "custom"]
+#: its prompting knobs, in the order ``ignored_fields`` names them
+PROMPT_MODE_FIELDS = ("bot_task", "use_system_prompt", "sys_type", "system_prompt")
+
+
+class PromptModeFields(StrictRequest):
+    """The mirrored system's prompting knobs for models that rewrite or reason over their prompt before drawing
+    (HunyuanImage-3: ``bot_task`` think/recaption/vanilla, a system-prompt preset or text). Its serving benchmark
+    sends ``bot_task`` with every edit. No model served here has such a stage, so they are accepted and named in
+    ``ignored_fields``."""
+
+    bot_task: str | None = Field(None, max_length=64, description="accepted and ignored: no model served here "
+                                                                   "has a prompt-reasoning stage")
+    use_system_prompt: SystemPromptType | None = Field(None, description="accepted and ignored")
+    sys_type: SystemPromptType | None = Field(None, description="accepted and ignored (edits' name for "
+                                                                "use_system_prompt)")
+    system_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="accepted and ignored")
+
+
+class ImageGenerationRequest(OpenAIImageFields, PromptModeFields, GenerationOptions):
+    ignored_when_set = ("user", "quality", "style", "moderation", *PROMPT_MODE_FIELDS)
 
     prompt: str = Field(max_length=MAX_TEXT_CHARS)
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
@@ -182,10 +202,10 @@ class ImageGenerationRequest(OpenAIImageFields, GenerationOptions):
     moderation: Literal["low", "auto"] | None = Field(None, description="accepted and ignored")
 
 
-class ImageEditFields(OpenAIImageFields, GenerationOptions):
+class ImageEditFields(OpenAIImageFields, PromptModeFields, GenerationOptions):
     """The text fields of ``/v1/images/edits`` (the images arrive as file parts or ``url`` data URLs)."""
 
-    ignored_when_set = ("user", "quality")
+    ignored_when_set = ("user", "quality", *PROMPT_MODE_FIELDS)
 
     prompt: str = Field(max_length=MAX_TEXT_CHARS)
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
@@ -195,6 +215,30 @@ class ImageEditFields(OpenAIImageFields, GenerationOptions):
                                          "diffusers' square default)")
     response_format: Literal["b64_json", "file"] | None = None
     output_format: OutputFormatField | None = None
+
+
+class ImageReference(StrictRequest):
+    """The mirrored system's typed image input of a video request: ``{"image_url": ...}`` or ``{"file_id": ...}``
+    (in a form, the same object as JSON text)."""
+
+    image_url: str | None = Field(None, description="a data URL (data:image/png;base64,...), or http(s) with "
+                                                    "--allow-remote-images")
+    file_id: str | None = Field(None, max_length=256, description="refused: this server keeps no uploaded files")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageReference:
+        if (self.image_url is None) == (self.file_id is None):
+            raise ValueError("give exactly one of image_url or file_id")
+        return self
+
+
+#: the mirrored system's video-request inputs that no model served here can take, and why: a conditioning input
+#: that were dropped would make a different video than the one asked for, so they are refused, never ignored
+UNSUPPORTED_VIDEO_INPUTS = {
+    "video_reference": "no model served here generates from an input video (video-to-video); image-to-video "
+                       "models take a first frame as input_reference or image_reference",
+    "audio_reference": "no model served here generates video from speech or audio",
+}
 
 
 class VideoCreateFields(GenerationOptions):
@@ -209,6 +253,19 @@ class VideoCreateFields(GenerationOptions):
     num_frames: int | None = Field(None, ge=1)
     fps: int | None = Field(None, ge=1, le=240)
     user: str | None = Field(None, max_length=512, description="accepted and ignored")
+    image_reference: ImageReference | None = Field(
+        None, description="image-to-video models: the first frame, instead of input_reference")
+    video_reference: dict[str, Any] | None = Field(
+        None, description="refused: " + UNSUPPORTED_VIDEO_INPUTS["video_reference"])
+    audio_reference: dict[str, Any] | None = Field(
+        None, description="refused: " + UNSUPPORTED_VIDEO_INPUTS["audio_reference"])
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        for name, reason in UNSUPPORTED_VIDEO_INPUTS.items():
+            if getattr(self, name) is not None:
+                raise APIError(400, f"{name} is not supported by this server: {reason}", param=name,
+                               code="unsupported_parameter")
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -237,14 +294,14 @@ class ChatMessage(StrictRequest):
     name: str | None = Field(None, max_length=256)
 
 
-class ChatCompletionRequest(OpenAIImageFields, GenerationOptions):
+class ChatCompletionRequest(OpenAIImageFields, PromptModeFields, GenerationOptions):
     """``/v1/chat/completions`` for diffusion models: the last user message is the prompt (its text parts) and
     the input images (its ``image_url`` parts); generation fields at the top level or in ``extra_body``. Video
     models answer with ``video_url`` parts (MP4 data URLs)."""
 
     ignored_when_set = ("user", "quality", "temperature", "top_p", "max_tokens", "max_completion_tokens",
                         "modalities", "presence_penalty", "frequency_penalty", "stop", "logprobs", "stream_options",
-                        "store", "metadata")
+                        "store", "metadata", *PROMPT_MODE_FIELDS)
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=64)
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
@@ -272,6 +329,9 @@ class ChatCompletionRequest(OpenAIImageFields, GenerationOptions):
     metadata: dict[str, str] | None = Field(None, max_length=16, description="accepted and ignored")
     extra_body: dict[str, Any] | None = Field(
         None, description="generation fields nested as curl users send them; merged into the top level")
+    return_stage_metrics: bool | None = Field(
+        None, description="true: the answer carries metrics (stage_durations, peak_memory_mb), as the mirrored "
+                          "system's benchmark asks")
 
     @model_validator(mode="before")
     @classmethod
@@ -336,8 +396,9 @@ class VideoObject(GenerationInfo):
     inference_time_s: float | None = None
     #: seconds per stage of the generation: encode, denoise, decode
     stage_durations: dict[str, float] | None = None
-    #: the accelerator's peak allocated memory in this server process when the job finished (None on CPU)
-    peak_memory_mb: float | None = None
+    #: the accelerator's peak allocated memory in this server process when the job finished; 0 when none was
+    #: measured (CPU, or a job not finished): the mirrored system's clients read it as a number
+    peak_memory_mb: float = 0.0
     file_name: str | None = None
     #: when the finished job and its file are removed (None: kept until deleted)
     expires_at: int | None = None
@@ -397,6 +458,15 @@ class ChatUsage(BaseModel):
     total_tokens: int = 0
 
 
+class StageMetrics(BaseModel):
+    """What the mirrored system's benchmark reads from a chat answer's ``metrics`` (``return_stage_metrics``)."""
+
+    #: seconds per stage of the generation: encode, denoise, decode
+    stage_durations: dict[str, float]
+    #: as a video job's ``peak_memory_mb``: the process's accelerator peak, 0 when none was measured
+    peak_memory_mb: float
+
+
 class ChatCompletionResponse(GenerationInfo):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -404,6 +474,8 @@ class ChatCompletionResponse(GenerationInfo):
     model: str
     choices: list[ChatChoice]
     usage: ChatUsage = Field(default_factory=ChatUsage)
+    #: only when the request asked for it (``return_stage_metrics``)
+    metrics: StageMetrics | None = None
 
 
 class ModelCard(BaseModel):
@@ -462,10 +534,30 @@ def parse_size(size: str | None) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
+def standalone_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its nested models written out in place. Pydantic refers to them as
+    ``#/$defs/...``, which inside an OpenAPI document points at the document's root, where nothing is: schema
+    readers (and the fuzzer) could not resolve the body and skipped it. The request models nest no model in
+    itself, so the inlining ends."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return inline(schema)
+
+
 def form_schema(fields_model: type[BaseModel], file_fields: dict[str, dict[str, Any]],
                 required_files: tuple[str, ...]) -> dict[str, Any]:
     """The multipart/form-data schema of a route whose text fields are ``fields_model`` (for OpenAPI)."""
-    schema = fields_model.model_json_schema()
+    schema = standalone_schema(fields_model)
     properties = {**schema.get("properties", {}), **file_fields}
     required = [*schema.get("required", []), *required_files]
     return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}

@@ -72,14 +72,21 @@ def new_video_id() -> str:
     return f"video_{secrets.token_hex(16)}"
 
 
-def accelerator_peak_mb() -> float | None:
-    """The CUDA device's peak allocated memory in this process, in MiB; None without CUDA. Requests share
-    steps (batching), so a per-request peak does not exist: this is the process's peak so far."""
+def accelerator_peak_mb() -> float:
+    """The CUDA device's peak allocated memory in this process, in MiB; 0 without CUDA (no accelerator memory
+    was used). Requests share steps (batching), so a per-request peak does not exist: this is the process's
+    peak so far."""
     import torch
 
     if not torch.cuda.is_available():
-        return None
+        return 0.0
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def stage_durations(timings: dict[str, float] | None) -> dict[str, float]:
+    """Seconds per stage (``STAGES``) from the engine's ``<stage>_s`` timings."""
+    timings = timings or {}
+    return {stage: timings[f"{stage}_s"] for stage in STAGES if f"{stage}_s" in timings}
 
 
 def check_video_id(video_id: str) -> str:
@@ -116,10 +123,11 @@ class VideoJob:
         """The job as the API shows it; ``ttl_s``: the store's retention (sets ``expires_at`` once finished)."""
         error = {"code": self.error_code, "message": self.error_message or ""} if self.error_code else None
         values = {k: v for k, v in asdict(self).items() if k not in ("error_code", "error_message", "seq")}
-        timings = self.timings or {}
-        stages = {stage: timings[f"{stage}_s"] for stage in STAGES if f"{stage}_s" in timings} or None
+        # a job not finished, or finished by a server that did not record it, has no measured peak: 0
+        values["peak_memory_mb"] = self.peak_memory_mb or 0.0
         expires_at = int(self.completed_at + ttl_s) if ttl_s is not None and self.completed_at is not None else None
-        return VideoObject(**values, error=error, stage_durations=stages, expires_at=expires_at,
+        return VideoObject(**values, error=error, stage_durations=stage_durations(self.timings) or None,
+                           expires_at=expires_at,
                            file_name=f"{self.id}.mp4" if self.status == "completed" else None,
                            ignored_fields=ignored_fields)
 

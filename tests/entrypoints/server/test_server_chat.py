@@ -115,6 +115,27 @@ def test_chat_fields_without_meaning_are_accepted_and_named(image_server: Server
     assert_400(chat(image_server, {"messages": message, "guidance_rescale": 0.7}), "guidance_rescale")
 
 
+def test_return_stage_metrics_adds_the_stage_durations(image_server: ServerThread) -> None:
+    # the mirrored system's serving benchmark (--return-stage-metrics) reads metrics.stage_durations and
+    # metrics.peak_memory_mb, both as numbers
+    message = [{"role": "user", "content": "x"}]
+    plain = chat(image_server, {"messages": message, **SMALL}).json()
+    assert plain["metrics"] is None
+    body = chat(image_server, {"messages": message, "extra_body": {**SMALL, "return_stage_metrics": True}}).json()
+    metrics = body["metrics"]
+    assert set(metrics["stage_durations"]) == {"encode", "denoise", "decode"}
+    assert metrics["stage_durations"]["denoise"] == body["timings"]["denoise_s"] > 0
+    assert metrics["peak_memory_mb"] == 0.0  # a CPU server measured no accelerator memory
+    assert body["ignored_fields"] is None and body["choices"] == plain["choices"]
+
+
+def test_prompt_mode_fields_in_extra_body_are_named(image_server: ServerThread) -> None:
+    body = chat(image_server, {"messages": [{"role": "user", "content": "x"}],
+                               "extra_body": {**SMALL, "bot_task": "think", "use_system_prompt": "dynamic"}})
+    assert body.status_code == 200, body.text[:300]
+    assert body.json()["ignored_fields"] == ["bot_task", "use_system_prompt"]
+
+
 def test_stream_is_a_clear_400(image_server: ServerThread, connect: Connect) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         connect(image_server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],

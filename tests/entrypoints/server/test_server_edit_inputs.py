@@ -63,3 +63,25 @@ def test_image_count_covers_files_and_urls_and_masks_are_refused(edit_server: Se
     assert masked.status_code == 400 and masked.json()["error"]["param"] == "mask_image"
     bad = edit(edit_server, {**STEPS, "url": "data:image/png;base64,!!"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "url[0]"
+
+
+def test_prompt_mode_fields_are_accepted_and_named(edit_server: ServerThread, png: Png) -> None:
+    # the mirrored system's serving benchmark sends bot_task=think with every edit (sys_type and system_prompt
+    # when its dataset gives them): no model here has a prompt-reasoning stage, so they change nothing
+    image = [("image", ("in.png", png(64, 64, 3), "image/png"))]
+    plain = edit(edit_server, {**STEPS, "size": "64x64"}, image)
+    sent = {"bot_task": "think", "sys_type": "en_unified", "system_prompt": "Describe, then draw."}
+    knobs = edit(edit_server, {**STEPS, "size": "64x64", **sent}, image)
+    assert knobs.status_code == 200, knobs.text[:300]
+    assert knobs.json()["ignored_fields"] == list(sent)
+    assert first_image(knobs).tobytes() == first_image(plain).tobytes()
+
+
+def test_a_reference_image_is_refused_with_its_reason(edit_server: ServerThread, png: Png) -> None:
+    image = [("image", ("in.png", png(), "image/png"))]
+    for extra, files in (({"reference_image": data_url(png())}, image),
+                         ({}, [*image, ("reference_image", ("ref.png", png(), "image/png"))])):
+        response = edit(edit_server, {**STEPS, **extra}, files)
+        assert response.status_code == 400, response.text[:300]
+        error = response.json()["error"]
+        assert error["param"] == "reference_image" and "no separate reference image" in error["message"], error

@@ -44,6 +44,18 @@ def test_openai_fields_without_meaning_are_accepted_and_named(image_server: Serv
     assert body["data"][0]["b64_json"] == plain["data"][0]["b64_json"]  # they changed nothing
 
 
+def test_prompt_mode_fields_are_accepted_and_named(image_server: ServerThread) -> None:
+    # the mirrored system's knobs for a prompt-reasoning stage (HunyuanImage-3), which no model here has
+    plain = ok(generate(image_server))
+    sent = {"bot_task": "think", "use_system_prompt": "en_unified", "sys_type": "en_vanilla",
+            "system_prompt": "You are an artist."}
+    body = ok(generate(image_server, **sent))
+    assert body["ignored_fields"] == list(sent)
+    assert body["data"][0]["b64_json"] == plain["data"][0]["b64_json"]  # they changed nothing
+    # a preset the mirrored system does not define is refused there too
+    assert_400(generate(image_server, use_system_prompt="en_bogus"), "use_system_prompt")
+
+
 def test_output_compression_shrinks_jpeg_and_is_named_ignored_for_png(image_server: ServerThread) -> None:
     low = ok(generate(image_server, output_format="jpeg", output_compression=5))
     high = ok(generate(image_server, output_format="jpeg", output_compression=95))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -153,3 +154,40 @@ def test_chat_with_an_image_url_part_equals_the_video_route(i2v_server: ServerTh
                                                                "input_reference": data_url(first)}, timeout=60)
     assert sync.status_code == 200
     assert mean_difference(frames_of(mp4), frames_of(sync.content)) <= SAME_VIDEO_MEAN
+
+
+def test_image_reference_is_the_first_frame_in_json_and_forms(i2v_server: ServerThread,
+                                                                png: Callable[..., bytes]) -> None:
+    """The mirrored system's typed ``image_reference`` ({"image_url": ...}; in a form, the same object as JSON
+    text) gives the video the same first frame as an ``input_reference`` upload."""
+    first = png(48, 40, 4)
+    uploaded = httpx.post(f"{i2v_server.url}/v1/videos/sync", data=FIELDS, files=upload(first), timeout=60)
+    reference = {"image_url": data_url(first)}
+    as_json = {**FIELDS, "num_frames": 5, "fps": 4, "num_inference_steps": 2, "seed": 6, "image_reference": reference}
+    in_json = httpx.post(f"{i2v_server.url}/v1/videos/sync", json=as_json, timeout=60)
+    in_form = httpx.post(f"{i2v_server.url}/v1/videos/sync", data={**FIELDS, "image_reference": json.dumps(reference)},
+                         timeout=60)
+    assert uploaded.status_code == in_json.status_code == in_form.status_code == 200, (in_json.text, in_form.text)
+    frames = frames_of(uploaded.content)
+    assert mean_difference(frames, frames_of(in_json.content)) <= SAME_VIDEO_MEAN
+    assert mean_difference(frames, frames_of(in_form.content)) <= SAME_VIDEO_MEAN
+    # and it really reached the model: another image makes another video
+    other = {**as_json, "image_reference": {"image_url": data_url(png(48, 40, 5))}}
+    moved = httpx.post(f"{i2v_server.url}/v1/videos/sync", json=other, timeout=60)
+    assert mean_difference(frames, frames_of(moved.content)) > 3 * SAME_VIDEO_MEAN
+
+
+def test_image_reference_refusals_name_the_field(i2v_server: ServerThread, png: Callable[..., bytes]) -> None:
+    as_json = {"prompt": "a ball", "size": "32x32", "num_frames": 5}
+    url = data_url(png())
+    cases = [({"image_reference": {"file_id": "file-1"}}, "image_reference.file_id", "no uploaded files"),
+             ({"image_reference": {}}, "image_reference", "exactly one"),
+             ({"image_reference": {"image_url": url}, "input_reference": url}, "image_reference", "not both")]
+    for extra, param, words in cases:
+        response = httpx.post(f"{i2v_server.url}/v1/videos", json={**as_json, **extra}, timeout=60)
+        assert response.status_code == 400, response.text[:300]
+        error = response.json()["error"]
+        assert error["param"] == param and words in error["message"], error
+    both = httpx.post(f"{i2v_server.url}/v1/videos", data={**FIELDS, "image_reference": json.dumps({"image_url": url})},
+                      files=upload(png()), timeout=60)
+    assert both.status_code == 400 and both.json()["error"]["param"] == "image_reference", both.text[:300]
