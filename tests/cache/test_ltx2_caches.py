@@ -25,12 +25,11 @@ def audio(output) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def uncached():
-    with Omni(tiny_pipeline_dir("ltx2")) as omni:
-        transformer = omni.engine.runner.model.pipeline.transformer
-        with count_block_work(transformer) as one_step:
-            omni.generate("a red cat", {**PARAMS, "num_inference_steps": 1})
-        yield omni.generate("a red cat", PARAMS)[0], one_step.calls
+def uncached(ltx2_omni: Omni):
+    transformer = ltx2_omni.engine.runner.model.pipeline.transformer
+    with count_block_work(transformer) as one_step:
+        ltx2_omni.generate("a red cat", {**PARAMS, "num_inference_steps": 1})
+    return ltx2_omni.generate("a red cat", PARAMS)[0], one_step.calls
 
 
 @pytest.mark.parametrize("backend", sorted(SKIPPING))

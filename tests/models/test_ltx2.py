@@ -40,13 +40,6 @@ def diffusers_ltx2() -> LTX2Pipeline:
     return diffusers_pipeline(tiny_pipeline_dir("ltx2"))
 
 
-@pytest.fixture(scope="module")
-def ltx2_omni():
-    omni = Omni(model=tiny_pipeline_dir("ltx2"), max_batch_size=4)
-    yield omni
-    omni.close()
-
-
 def reference(pipe: LTX2Pipeline, prompt: str = PROMPT, seed: int = 0, fps: int = 24,
               **overrides) -> tuple[list[np.ndarray], np.ndarray]:
     kwargs = {**BASE, **overrides}
