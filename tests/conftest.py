@@ -28,3 +28,13 @@ def flux_omni(tiny_flux_dir: str):
     yield omni
     omni.close()
 
+
+
+@pytest.fixture(scope="session")
+def ltx2_omni():
+    """The tiny 2-block LTX2Pipeline (diffusers' default STG block is absent, so no STG pass runs)."""
+    from ditserve import Omni
+
+    omni = Omni(model=tiny_pipeline_dir("ltx2"), max_batch_size=4)
+    yield omni
+    omni.close()

@@ -25,12 +25,11 @@ def audio(output) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def uncached():
-    with Omni(tiny_pipeline_dir("ltx2")) as omni:
-        transformer = omni.engine.runner.model.pipeline.transformer
-        with count_block_work(transformer) as one_step:
-            omni.generate("a red cat", {**PARAMS, "num_inference_steps": 1})
-        yield omni.generate("a red cat", PARAMS)[0], one_step.calls
+def uncached(ltx2_omni: Omni):
+    transformer = ltx2_omni.engine.runner.model.pipeline.transformer
+    with count_block_work(transformer) as one_step:
+        ltx2_omni.generate("a red cat", {**PARAMS, "num_inference_steps": 1})
+    return ltx2_omni.generate("a red cat", PARAMS)[0], one_step.calls
 
 
 @pytest.mark.parametrize("backend", sorted(SKIPPING))
@@ -50,7 +49,8 @@ def test_residual_caches_skip_both_streams_for_real(backend: str, uncached) -> N
             pair = omni.generate(["a red cat", "a blue dog"], pair_params)
     assert np.array_equal(media(exact), media(reference)) and np.array_equal(audio(exact), audio(reference))
     stats = skipping.cache_stats
-    assert set(stats["branches"]) == {"cond", "uncond", "stg", "modality"}
+    # the tiny transformer lacks diffusers' STG block: no STG pass runs (test_ltx2 proves it)
+    assert set(stats["branches"]) == {"cond", "uncond", "modality"}
     assert stats["skipped_steps"] > 0
     assert counter.calls == stats["computed_steps"] * one_step_calls // len(stats["branches"])
     # the skipped steps reused a residual on both streams: both moved away from the uncached run

@@ -1,6 +1,8 @@
-"""LTX-2 text-to-video parity: ditserve's shared loop equals diffusers' own LTX2Pipeline on the tiny random pipeline
-(video frames and the sound track, with every guidance pass diffusers runs by default), ``fps`` reaches it as
-``frame_rate``, several outputs per prompt, batched == solo."""
+"""LTX-2 text-to-video parity: ditserve's shared loop equals diffusers' own LTX2Pipeline on tiny random pipelines
+(video frames and the sound track). On the one that reaches diffusers' default STG block (28) every guidance pass
+diffusers runs by default runs, the perturbed one included; on the 2-block one, which lacks it, the STG pass is
+skipped and the output is still diffusers'. ``fps`` reaches it as ``frame_rate``, several outputs per prompt,
+batched == solo."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from ditserve.errors import InvalidParameterError
 from ditserve.forward_context import current_forward_context
 from ditserve.models.ltx2.adapter import Branch, LTX2Adapter
 from ditserve.models.wan.adapter import to_uint8_video
+from ditserve.request import RequestOutput
 from ditserve.testing import tiny_pipeline_dir
 from ditserve.testing.compare import max_abs_diff
 
@@ -26,18 +29,15 @@ BASE = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 3, "m
 AUDIO_TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def diffusers_ltx2() -> LTX2Pipeline:
-    pipe = LTX2Pipeline.from_pretrained(tiny_pipeline_dir("ltx2"))
+def diffusers_pipeline(model: str) -> LTX2Pipeline:
+    pipe = LTX2Pipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @pytest.fixture(scope="module")
-def ltx2_omni():
-    omni = Omni(model=tiny_pipeline_dir("ltx2"), max_batch_size=4)
-    yield omni
-    omni.close()
+def diffusers_ltx2() -> LTX2Pipeline:
+    return diffusers_pipeline(tiny_pipeline_dir("ltx2"))
 
 
 def reference(pipe: LTX2Pipeline, prompt: str = PROMPT, seed: int = 0, fps: int = 24,
@@ -53,6 +53,49 @@ def audio_diff(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.abs(ours - theirs).max())
 
 
+def generate_counting_branches(omni: Omni, **params) -> tuple[RequestOutput, Counter[str]]:
+    """One output of ``PROMPT``, and how many transformer calls each guidance branch made."""
+    transformer = omni.engine.runner.model.pipeline.transformer
+    branches: Counter[str] = Counter()
+    handle = transformer.register_forward_pre_hook(lambda *_: branches.update([current_forward_context().branch]))
+    try:
+        out = omni.generate(PROMPT, **params)[0]
+    finally:
+        handle.remove()
+    return out, branches
+
+
+def test_the_default_stg_pass_runs_and_matches_diffusers() -> None:
+    """The 29-block transformer has perturbed attention and diffusers' default STG block (28): the STG pass perturbs,
+    so it runs every step, and so do the unconditional and the modality-isolation passes; the output is diffusers',
+    and not diffusers' without the STG term."""
+    model = tiny_pipeline_dir("ltx2_stg")
+    with Omni(model=model) as omni:
+        assert omni.engine.adapter.stg_perturbs
+        out, branches = generate_counting_branches(omni, seed=5, **BASE)
+    assert branches == {branch.value: BASE["num_inference_steps"] for branch in Branch}
+    pipe = diffusers_pipeline(model)
+    videos, audio = reference(pipe, seed=5)
+    assert max_abs_diff(out.videos[0], videos[0]) <= 3
+    assert audio_diff(out.audio[0].samples, audio[0]) <= AUDIO_TOLERANCE
+    # the perturbed block is the last one: the term moves the video by a few /255 at most, the audio by ~3e-4
+    _, audio = reference(pipe, seed=5, stg_scale=0.0, audio_stg_scale=0.0)
+    assert audio_diff(out.audio[0].samples, audio[0]) > 10 * AUDIO_TOLERANCE
+
+
+def test_without_the_stg_block_the_stg_pass_is_skipped_and_matches_diffusers(
+        ltx2_omni: Omni, diffusers_ltx2: LTX2Pipeline) -> None:
+    """The 2-block transformer lacks diffusers' default STG block: the STG pass would equal the conditional one, so
+    it does not run, while diffusers runs it; the unconditional pass runs with the video's guidance off (the audio's
+    guidance scale is 7), and modality isolation runs."""
+    assert not ltx2_omni.engine.adapter.stg_perturbs
+    out, branches = generate_counting_branches(ltx2_omni, seed=5, guidance_scale=1.0, **BASE)
+    assert branches == {branch.value: BASE["num_inference_steps"] for branch in Branch if branch is not Branch.STG}
+    videos, audio = reference(diffusers_ltx2, seed=5, guidance_scale=1.0)
+    assert max_abs_diff(out.videos[0], videos[0]) <= 3
+    assert audio_diff(out.audio[0].samples, audio[0]) <= AUDIO_TOLERANCE
+
+
 def test_output_is_a_video_with_its_sound_track(ltx2_omni: Omni) -> None:
     assert isinstance(ltx2_omni.engine.adapter, LTX2Adapter)
     out = ltx2_omni.generate(PROMPT, seed=1, **BASE)[0]
@@ -64,8 +107,8 @@ def test_output_is_a_video_with_its_sound_track(ltx2_omni: Omni) -> None:
     assert out.fps == 24  # diffusers' frame_rate default
 
 
-@pytest.mark.parametrize("params", [{}, {"negative_prompt": "a blue dog"}, {"guidance_scale": 1.0},
-                                    {"fps": 12}], ids=["defaults", "negative", "video-cfg-off", "fps-12"])
+@pytest.mark.parametrize("params", [{}, {"negative_prompt": "a blue dog"}, {"fps": 12}],
+                         ids=["defaults", "negative", "fps-12"])
 def test_matches_diffusers(ltx2_omni: Omni, diffusers_ltx2: LTX2Pipeline, params: dict) -> None:
     out = ltx2_omni.generate(PROMPT, seed=5, **{**BASE, **params})[0]
     fps = params.pop("fps", 24)
@@ -100,19 +143,6 @@ def test_parity_oracle_detects_wrong_prompt_seed_and_steps(ltx2_omni: Omni, diff
         videos, audio = reference(diffusers_ltx2, **{"seed": 5, **wrong})
         assert max_abs_diff(out.videos[0], videos[0]) > 15
         assert audio_diff(out.audio[0].samples, audio[0]) > 100 * AUDIO_TOLERANCE
-
-
-def test_each_step_runs_every_guidance_pass_diffusers_runs(ltx2_omni: Omni) -> None:
-    """The tiny transformer has perturbed attention and a block 28: the spatio-temporal pass perturbs, so it runs,
-    and so do the unconditional pass (the audio's guidance scale is 7) and the modality-isolation pass."""
-    transformer = ltx2_omni.engine.runner.model.pipeline.transformer
-    branches: Counter[str] = Counter()
-    handle = transformer.register_forward_pre_hook(lambda *_: branches.update([current_forward_context().branch]))
-    try:
-        ltx2_omni.generate(PROMPT, seed=1, guidance_scale=1.0, **BASE)
-    finally:
-        handle.remove()
-    assert branches == {branch.value: BASE["num_inference_steps"] for branch in Branch}
 
 
 def test_batched_equals_solo(ltx2_omni: Omni) -> None:

@@ -19,6 +19,7 @@ FAMILY = ModelFamily(
     },
     tiny_pipelines={
         "ltx2": "ditserve.testing.ltx2:build_tiny_ltx2",
+        "ltx2_stg": "ditserve.testing.ltx2:build_tiny_ltx2_stg",
         "ltx2_i2v": "ditserve.testing.ltx2:build_tiny_ltx2_i2v",
     },
 )
