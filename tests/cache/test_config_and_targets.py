@@ -13,6 +13,7 @@ import torch
 from ditserve import Omni
 from ditserve.cache.calibrate import calibrate
 from ditserve.cache.calibration import CALIBRATION_FILE, load_calibration
+from ditserve.cache.search import Knob, SearchSpace
 from ditserve.cache.selector import build_cache_backend
 from ditserve.cache.spec import cache_spec_for
 from ditserve.errors import CacheConfigError, UnknownKeyError
@@ -87,16 +88,22 @@ def test_target_without_a_calibration_says_to_calibrate(private_flux_dir: str) -
 
 
 def test_calibration_fits_writes_and_is_picked_up(private_flux_dir: str) -> None:
+    spaces = {"tea_cache": SearchSpace((Knob("rel_l1_thresh", (0.0, 5.0)),), ({"rel_l1_thresh": 0.0},)),
+              "mag_cache": SearchSpace((Knob("magcache_thresh", (0.0, 0.01)),), ({"magcache_thresh": 0.0},))}
     with Omni(private_flux_dir) as omni:
-        data, path = calibrate(omni, ["a red cat", "a blue dog"], {**PARAMS, "seed": 0},
-                               {"tea_cache": (0.0, 5.0), "mag_cache": (0.0,)})
-    assert path == str(Path(private_flux_dir, CALIBRATION_FILE))
+        run = calibrate(omni, ["a red cat", "a blue dog"], ["a green cat"], {**PARAMS, "seed": 0},
+                        ["tea_cache", "mag_cache"], budget=20, spaces=spaces)
+    assert run.path == str(Path(private_flux_dir, CALIBRATION_FILE))
     stored = load_calibration(private_flux_dir)
-    assert stored["tea_cache"]["coefficients"] == data["tea_cache"]["coefficients"]
+    assert stored["format"] == 2 and stored["holdout_prompts"] == ["a green cat"]
+    assert stored["tea_cache"]["coefficients"] == run.data["tea_cache"]["coefficients"]
     assert len(stored["mag_cache"]["mag_ratios"]["cond"]) == PARAMS["num_inference_steps"]
-    rows = stored["quality_table"]["tea_cache"]["rows"]
-    assert rows[0]["work_fraction"] == 1.0 and rows[0]["psnr_min"] == 100.0
-    assert rows[1]["work_fraction"] < 1.0 and rows[1]["psnr_min"] < 100.0
+    points = stored["quality_table"]["tea_cache"]["points"]
+    # the uncached end and the skipping end are both on the front, measured on the held-out prompt
+    assert [p["config"]["rel_l1_thresh"] for p in points] == [5.0, 0.0]
+    assert points[1]["work_fraction"] == 1.0 and points[1]["psnr_min"] == 100.0
+    assert points[0]["work_fraction"] < 1.0 and points[0]["psnr_min"] < 100.0 and points[0]["on_front"]
+    assert stored["quality_table"]["tea_cache"]["search"]["generations"] == 4
     with Omni(private_flux_dir, cache_backend="mag_cache") as omni:
         stats = omni.generate("a red cat", {**PARAMS, "seed": 0})[0].cache_stats
     assert stats["config"]["mag_ratios_source"].startswith("calibration file")
@@ -134,11 +141,13 @@ def test_calibration_serves_families_without_published_coefficients(family: str,
     params = {**options, "num_inference_steps": 4, "seed": 0}
     with pytest.raises(CacheConfigError, match="ditserve calibrate"):
         Omni(str(model_dir), cache_backend="mag_cache")
+    space = SearchSpace((Knob("residual_diff_threshold", (0.0, 0.01)),), ({"residual_diff_threshold": 0.0},))
     with Omni(str(model_dir)) as omni:
-        data, _ = calibrate(omni, items, params, {"cache_dit": (0.0,)})
+        data = calibrate(omni, items[:1], items[1:], params, ["cache_dit"], budget=2,
+                         spaces={"cache_dit": space}).data
     assert data["transformer_class"] == transformer_class
     assert set(data["mag_cache"]["mag_ratios"]) == {"cond", "uncond"}
-    assert data["quality_table"]["cache_dit"]["rows"][0]["psnr_min"] == 100.0
+    assert data["quality_table"]["cache_dit"]["points"][0]["psnr_min"] == 100.0
     with Omni(str(model_dir), cache_backend="mag_cache") as omni:
         stats = omni.generate(items[0], params)[0].cache_stats
     assert stats["config"]["mag_ratios_source"].startswith("calibration file")
@@ -155,10 +164,12 @@ def test_calibration_serves_wan_image_to_video(tmp_path: Path) -> None:
     items = [{"prompt": p, "multi_modal_data": {"image": image}} for p in ("a red cat", "a blue dog")]
     params = {"num_inference_steps": 4, "height": 32, "width": 32, "num_frames": 5, "max_sequence_length": 32,
               "seed": 0}
+    space = SearchSpace((Knob("rel_l1_thresh", (0.0, 0.01)),), ({"rel_l1_thresh": 0.0},))
     with Omni(str(model_dir)) as omni:
-        data, _ = calibrate(omni, items, params, {"tea_cache": (0.0,)})
+        data = calibrate(omni, items[:1], items[1:], params, ["tea_cache"], budget=1,
+                         spaces={"tea_cache": space}).data
     assert set(data["mag_cache"]["mag_ratios"]) == {"cond", "uncond", "transformer_2:cond", "transformer_2:uncond"}
-    assert data["quality_table"]["tea_cache"]["rows"][0]["psnr_min"] == 100.0
+    assert data["quality_table"]["tea_cache"]["points"][0]["psnr_min"] == 100.0
     with Omni(str(model_dir), cache_backend="mag_cache") as omni:
         stats = omni.generate(items[0], params)[0].cache_stats
     assert stats["config"]["mag_ratios_source"].startswith("calibration file")
