@@ -13,6 +13,7 @@ import torch
 from ditserve import Omni
 from ditserve.cache.calibrate import calibrate
 from ditserve.cache.calibration import CALIBRATION_FILE, load_calibration
+from ditserve.cache.quality_table import quality_table
 from ditserve.cache.search import Knob, SearchSpace
 from ditserve.cache.selector import build_cache_backend
 from ditserve.cache.spec import cache_spec_for
@@ -173,3 +174,57 @@ def test_calibration_serves_wan_image_to_video(tmp_path: Path) -> None:
     with Omni(str(model_dir), cache_backend="mag_cache") as omni:
         stats = omni.generate(items[0], params)[0].cache_stats
     assert stats["config"]["mag_ratios_source"].startswith("calibration file")
+
+
+def _write_v2_mag_table(model_dir: str) -> None:
+    def point(thresh: float, k: int, retention: float, work: float, psnr_min: float, on_front: bool) -> dict:
+        return {"config": {"magcache_thresh": thresh, "magcache_K": k, "retention_ratio": retention},
+                "work_fraction": work, "psnr_mean": psnr_min + 3, "psnr_min": psnr_min,
+                "search_work_fraction": work, "search_psnr_min": psnr_min + 1, "on_front": on_front}
+
+    table = {"knobs": ["magcache_thresh", "magcache_K", "retention_ratio"], "search": {"generations": 9},
+             "points": [point(0.24, 8, 0.05, 0.25, 29.0, True), point(0.12, 6, 0.1, 0.3, 32.0, True),
+                        point(0.06, 2, 0.2, 0.45, 40.0, True), point(0.12, 2, 0.2, 0.4, 31.0, False)]}
+    Path(model_dir, CALIBRATION_FILE).write_text(json.dumps({"format": 2, "quality_table": {"mag_cache": table}}))
+
+
+def test_a_target_sets_every_searched_knob_from_the_fastest_front_point_meeting_it(private_flux_dir: str) -> None:
+    _write_v2_mag_table(private_flux_dir)
+    with Omni(private_flux_dir, cache_backend="mag_cache", cache_config={"quality": "balanced"}) as omni:
+        stats = omni.generate("a red cat", {**PARAMS, "seed": 1})[0].cache_stats
+    assert (stats["config"]["magcache_thresh"], stats["config"]["magcache_K"],
+            stats["config"]["retention_ratio"]) == (0.12, 6, 0.1)
+    assert stats["resolved_from"]["config"]["magcache_K"] == 6 and stats["resolved_from"]["table_psnr_min"] == 32.0
+
+
+def test_a_hand_given_knob_wins_and_the_target_picks_among_points_measured_with_it(private_flux_dir: str) -> None:
+    _write_v2_mag_table(private_flux_dir)
+    backend = build_cache_backend("mag_cache", {"target_psnr": 30, "magcache_K": 2})
+    backend.resolve_quality_target(private_flux_dir)
+    # the off-front point with K=2 is faster than the front one with K=2 and still meets 30 dB
+    assert (backend.config["magcache_thresh"], backend.config["magcache_K"]) == (0.12, 2)
+    with pytest.raises(CacheConfigError, match=r"magcache_K.*measured values") as error:
+        build_cache_backend("mag_cache", {"target_psnr": 30, "magcache_K": 5}).resolve_quality_target(private_flux_dir)
+    assert error.value.param == "magcache_K"
+    # an option the search does not move is left alone and does not restrict the choice
+    backend = build_cache_backend("mag_cache", {"target_psnr": 30, "mag_ratios": [1.0, 0.9, 0.8]})
+    backend.resolve_quality_target(private_flux_dir)
+    assert backend.config["magcache_K"] == 6
+
+
+def test_a_calibration_file_of_an_unknown_format_is_refused_naming_the_field(private_flux_dir: str) -> None:
+    Path(private_flux_dir, CALIBRATION_FILE).write_text(json.dumps({"format": 9, "quality_table": {}}))
+    with pytest.raises(CacheConfigError, match="format 9") as error:
+        build_cache_backend("tea_cache", {"target_psnr": 30}).resolve_quality_target(private_flux_dir)
+    assert error.value.param == "format"
+
+
+def test_format_1_rows_become_single_knob_points_with_their_front_marked() -> None:
+    rows = [{"value": 0.1, "work_fraction": 0.8, "speedup": 1.0, "psnr_mean": 40.0, "psnr_min": 38.0},
+            {"value": 0.2, "work_fraction": 0.8, "speedup": 1.0, "psnr_mean": 35.0, "psnr_min": 33.0},
+            {"value": 0.4, "work_fraction": 0.5, "speedup": 1.0, "psnr_mean": 33.0, "psnr_min": 31.0}]
+    table = quality_table({"format": 1, "quality_table": {"tea_cache": {"knob": "rel_l1_thresh", "rows": rows}}},
+                          "tea_cache")
+    assert table.knobs == ("rel_l1_thresh",)
+    assert [(p.config, p.on_front) for p in table.points] == [
+        ({"rel_l1_thresh": 0.4}, True), ({"rel_l1_thresh": 0.1}, True), ({"rel_l1_thresh": 0.2}, False)]
