@@ -176,9 +176,14 @@ def dominates(a: Evaluation, b: Evaluation) -> bool:
 
 
 def pareto_front(evaluations: Sequence[Evaluation]) -> list[Evaluation]:
-    """The complete evaluations no other one dominates, least work first."""
+    """The complete evaluations no other one dominates, least work first. Of points with equal figures (knobs that
+    changed nothing) only the first one given stays: the others add nothing and would each be expanded."""
     complete = [e for e in evaluations if e.status is EvaluationStatus.COMPLETE]
-    front = [e for e in complete if not any(dominates(other, e) for other in complete)]
+    front: list[Evaluation] = []
+    for e in complete:
+        tie = any(f.work_fraction == e.work_fraction and f.psnr_min == e.psnr_min for f in front)
+        if not tie and not any(dominates(other, e) for other in complete):
+            front.append(e)
     return sorted(front, key=lambda e: (e.work_fraction, -e.psnr_min))
 
 

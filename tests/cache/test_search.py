@@ -83,12 +83,14 @@ def grid_front() -> list[tuple[float, float]]:
 
 
 def test_dominance_needs_both_axes_at_least_as_good_and_one_better() -> None:
-    def point(work: float, psnr: float) -> Evaluation:
-        return Evaluation({"w": work, "p": psnr}, {0: PromptMeasurement(work, psnr)})
+    def point(work: float, psnr: float, name: str = "") -> Evaluation:
+        return Evaluation({"w": work, "p": psnr, "name": name}, {0: PromptMeasurement(work, psnr)})
 
-    fast_good, slow_good, fast_bad, same = point(0.3, 40), point(0.5, 40), point(0.3, 30), point(0.3, 40)
-    front = pareto_front([slow_good, fast_bad, fast_good, same])
-    assert [(e.work_fraction, e.psnr_min) for e in front] == [(0.3, 40), (0.3, 40)]
+    fast_good, slow_good, fast_bad = point(0.3, 40), point(0.5, 40), point(0.3, 30)
+    same = point(0.3, 40, "same figures")
+    # of two points with equal figures the first given stays
+    assert [e.config for e in pareto_front([slow_good, fast_bad, fast_good, same])] == [fast_good.config]
+    assert [e.config for e in pareto_front([same, fast_good])] == [same.config]
     # a pruned (incomplete) point is never on the front, however good it looks on the prompts it ran
     pruned = point(0.1, 90)
     pruned.status = EvaluationStatus.PRUNED
