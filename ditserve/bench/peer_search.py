@@ -20,7 +20,6 @@ from ditserve.bench.systems import DiffusersSystem, ImageResult
 from ditserve.cache.cache_dit import CacheDiTBackend
 from ditserve.cache.magcache import MagCacheBackend
 from ditserve.cache.search import (
-    DEFAULT_FLOOR_DB,
     Config,
     Evaluator,
     Knob,
@@ -97,8 +96,8 @@ def search_peer(setup: PeerSetup, system: str, method: str, budget: int,
 
 
 def front_configs(result: SearchResult) -> list[Config]:
-    """The configs of the search's front that are not under the floor (as ours: too damaged for any preset)."""
-    return [e.config for e in result.front() if e.psnr_min >= DEFAULT_FLOOR_DB]
+    """The configs of the search's front that a target can resolve to, as ours keep."""
+    return [e.config for e in result.useful_front()]
 
 
 def diffusers_hooks(pipeline: Any, method: str, num_steps: int,

@@ -28,6 +28,7 @@ from ditserve.cache.calibration import (
     RecordingPolicy,
     StepSeries,
     fit_rescale_polynomial,
+    load_calibration,
     magnitude_ratios,
     model_path_of,
     psnr,
@@ -36,7 +37,6 @@ from ditserve.cache.calibration import (
 from ditserve.cache.quality_table import QualityPoint, QualityTable, mark_front
 from ditserve.cache.residual_backend import ResidualCacheBackend
 from ditserve.cache.search import (
-    DEFAULT_FLOOR_DB,
     Config,
     EvaluationStatus,
     Evaluator,
@@ -180,8 +180,8 @@ def search_backend(omni: Any, name: str, space: SearchSpace, budget: int, prompt
                    holdout_reference: Sequence[np.ndarray]) -> BackendCalibration:
     """The search on ``prompts``, then its front measured on ``holdout`` (the table's figures)."""
     result = ParetoSearch(space, EngineEvaluator(omni, name, prompts, params, reference), budget).run()
-    # points under the floor are too damaged for any quality preset: not worth their held-out generations
-    front = [e for e in result.front() if e.psnr_min >= DEFAULT_FLOOR_DB]
+    # only the points a target can resolve to are worth their held-out generations
+    front = result.useful_front()
     held = list(remeasure(EngineEvaluator(omni, name, holdout, params, holdout_reference), [e.config for e in front]))
     points = [QualityPoint(h.config, h.work_fraction, h.psnr_mean, h.psnr_min, s.work_fraction, s.psnr_min)
               for s, h in zip(front, held, strict=True)]
@@ -191,6 +191,15 @@ def search_backend(omni: Any, name: str, space: SearchSpace, budget: int, prompt
                **{status.value: result.count(status) for status in EvaluationStatus}}
     table = QualityTable(name, tuple(k.name for k in space.knobs), tuple(mark_front(points)), summary)
     return BackendCalibration(result, table)
+
+
+def kept_tables(previous: Mapping[str, Any] | None, data: Mapping[str, Any],
+                backends: Sequence[str]) -> dict[str, Any]:
+    """The previous file's tables of the backends not searched now, when they were measured the same way (same
+    format, params and prompt sets), so a backend can be searched again without losing the others."""
+    if not previous or any(previous.get(k) != data[k] for k in ("format", "params", "prompts", "holdout_prompts")):
+        return {}
+    return {name: table for name, table in previous.get("quality_table", {}).items() if name not in backends}
 
 
 def calibrate(omni: Any, prompts: Sequence[Any], holdout: Sequence[Any], params: Mapping[str, Any],
@@ -210,6 +219,7 @@ def calibrate(omni: Any, prompts: Sequence[Any], holdout: Sequence[Any], params:
     data: dict[str, Any] = {"format": FORMAT_VERSION, "model": omni.engine.runner.model.name,
                             "params": dict(params), "prompts": [str(p) for p in prompts],
                             "holdout_prompts": [str(p) for p in holdout], **fits, "quality_table": {}}
+    data["quality_table"] = kept_tables(load_calibration(model_path), data, backends)
     run = CalibrationRun(data, str(save_calibration(model_path, data)))
     for name in backends:
         space = (spaces or {}).get(name) or search_space(name)

@@ -4,8 +4,10 @@ Every point of the knob space costs one generation per prompt, so the space (lad
 thousands of combinations for Cache-DiT) is never swept. A Pareto local search instead: evaluate the seeds (the
 backend's defaults with its main threshold at a few values), then, round after round, the neighbours of every
 point on the current front (one knob moved one step along its ladder), until no front point has a neighbour left
-to try or the budget of generations is spent. Dominated points are never expanded, nor are points whose worst
-prompt falls below ``floor_db`` (too damaged for any quality preset), so the budget goes where targets resolve.
+to try or the budget of generations is spent. Dominated points are never expanded, nor are points that no quality
+target can resolve to: those whose worst prompt falls below ``floor_db`` (too damaged for any preset), and those
+slower than a front point already above ``ceiling_db`` (every target up to the ceiling prefers that one). So
+the budget goes where targets resolve.
 
 A candidate is measured prompt by prompt, the prompt that has been hardest so far first, and dropped as soon as
 the front already beats it: its worst PSNR can only fall as prompts are added, so only its work (a mean over
@@ -37,6 +39,8 @@ logger = logging.getLogger(__name__)
 Config = dict[str, Any]
 #: worst-prompt PSNR (dB) under which a point is neither expanded nor measured further: the presets are 25-35 dB
 DEFAULT_FLOOR_DB = 20.0
+#: the highest target the search serves: of the points at or above it only the fastest is expanded
+DEFAULT_CEILING_DB = 45.0
 
 
 @dataclass(frozen=True)
@@ -196,16 +200,33 @@ class SearchResult:
     def front(self) -> list[Evaluation]:
         return pareto_front(self.evaluations)
 
+    def useful_front(self, floor_db: float = DEFAULT_FLOOR_DB, ceiling_db: float = DEFAULT_CEILING_DB) -> list[Evaluation]:
+        return target_front(self.front(), floor_db, ceiling_db)
+
+
+def target_front(front: Sequence[Evaluation], floor_db: float, ceiling_db: float) -> list[Evaluation]:
+    """The points of a front (least work first) that some target between ``floor_db`` and ``ceiling_db`` resolves
+    to: not under the floor, and none slower than the fastest point at or above the ceiling."""
+    useful = []
+    for e in front:
+        if e.psnr_min >= floor_db:
+            useful.append(e)
+            if e.psnr_min >= ceiling_db:
+                break
+    return useful
+
     def count(self, status: EvaluationStatus) -> int:
         return sum(e.status is status for e in self.evaluations)
 
 
 class ParetoSearch:
     def __init__(self, space: SearchSpace, evaluator: Evaluator, budget: int, prune: bool = True,
-                 floor_db: float = DEFAULT_FLOOR_DB) -> None:
+                 floor_db: float = DEFAULT_FLOOR_DB, ceiling_db: float = DEFAULT_CEILING_DB) -> None:
         if budget < 1:
             raise InvalidParameterError(f"search budget={budget} must be >= 1 generation", param="budget")
-        self.floor_db = floor_db
+        if not floor_db < ceiling_db:
+            raise InvalidParameterError(f"floor_db={floor_db} must be under ceiling_db={ceiling_db}", param="floor_db")
+        self.floor_db, self.ceiling_db = floor_db, ceiling_db
         self.space = space
         self.evaluator = evaluator
         self.budget = budget
@@ -225,7 +246,8 @@ class ParetoSearch:
                 if self.generations >= self.budget:
                     break
                 self._evaluate(config)
-            front = [e for e in self._front if config_key(e.config) not in expanded and e.psnr_min >= self.floor_db]
+            useful = target_front(self._front, self.floor_db, self.ceiling_db)
+            front = [e for e in useful if config_key(e.config) not in expanded]
             expanded.update(config_key(e.config) for e in front)
             # round robin over the front's points, so a budget that runs out mid-round has explored all of it evenly
             per_point = [self.space.neighbours(e.config) for e in front]

@@ -73,7 +73,8 @@ def test_peers_are_searched_on_our_calibration_prompts_and_run_their_fronts(tiny
     assert all(record["generations"] <= 4 for record in results["peer_search"].values())
     searched = results["peer_search"]["diffusers FirstBlockCache"]["front"]
     rows = [r for r in results["records"] if r["method"] == "FirstBlockCache"]
-    assert [r["config"] for r in rows] == [p["config"] for p in searched if p["psnr_min"] >= 20.0]
+    # the rows are the points a target can resolve to: here (random weights skip nothing) the fastest one alone
+    assert [r["config"] for r in rows] == [searched[0]["config"]] and searched[0]["psnr_min"] >= 45.0
     ours = [r for r in results["records"] if r["method"] == "TeaCache"]
     assert [r["config"] for r in ours] == [{"rel_l1_thresh": 2.0}]
     with pytest.raises(ValueError, match="steps"):

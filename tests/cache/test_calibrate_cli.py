@@ -55,4 +55,12 @@ def test_calibrate_writes_a_format_2_table_and_the_search_log(private_flux_dir: 
     assert len(logged) == table["search"]["evaluated"] and {e["status"] for e in logged} <= {
         "complete", "pruned", "out_of_budget", "infeasible"}
     assert "front on the held-out prompts" in capsys.readouterr().out
+    # searching another backend the same way keeps this one's table; other params drop it (measured otherwise)
+    same = ["calibrate", private_flux_dir, "--steps", "4", "--num-prompts", "2", "--height", "64", "--width", "64",
+            "--holdout-prompts", "1", "--budget", "1"]
+    assert main([*same, "--backends", "mag_cache"]) == 0
+    assert set(json.loads(Path(private_flux_dir, CALIBRATION_FILE).read_text())["quality_table"]) == {
+        "tea_cache", "mag_cache"}
+    assert main([*same, "--seed", "3", "--backends", "mag_cache"]) == 0
+    assert set(json.loads(Path(private_flux_dir, CALIBRATION_FILE).read_text())["quality_table"]) == {"mag_cache"}
     assert main(["calibrate", private_flux_dir, "--budget", "0"]) == 2
