@@ -203,6 +203,9 @@ class SearchResult:
     def useful_front(self, floor_db: float = DEFAULT_FLOOR_DB, ceiling_db: float = DEFAULT_CEILING_DB) -> list[Evaluation]:
         return target_front(self.front(), floor_db, ceiling_db)
 
+    def count(self, status: EvaluationStatus) -> int:
+        return sum(e.status is status for e in self.evaluations)
+
 
 def target_front(front: Sequence[Evaluation], floor_db: float, ceiling_db: float) -> list[Evaluation]:
     """The points of a front (least work first) that some target between ``floor_db`` and ``ceiling_db`` resolves
@@ -214,9 +217,6 @@ def target_front(front: Sequence[Evaluation], floor_db: float, ceiling_db: float
             if e.psnr_min >= ceiling_db:
                 break
     return useful
-
-    def count(self, status: EvaluationStatus) -> int:
-        return sum(e.status is status for e in self.evaluations)
 
 
 class ParetoSearch:
