@@ -131,9 +131,9 @@ def format_report(run: CalibrationRun) -> str:
     for name, calibrated in run.backends.items():
         table = calibrated.table
         lines.append(f"{name}: search {json.dumps(table.search)}")
-        lines.append("  front on the held-out prompts: work (1/work), PSNR mean / worst (dB), worst on the search "
-                     "prompts; knobs off their defaults")
+        lines.append("  front over the search and held-out prompts: work (1/work), worst prompt of both sets (dB); "
+                     "held-out mean / worst, search worst; knobs off their defaults")
         for p in table.front():
-            lines.append(f"  work={p.work_fraction:.3f} ({1 / p.work_fraction:.2f}x) psnr={p.psnr_mean:.2f}/"
-                         f"{p.psnr_min:.2f} search_worst={p.search_psnr_min:.2f}  {changed_knobs(name, p.config)}")
+            lines.append(f"  work={p.work:.3f} ({1 / p.work:.2f}x) worst={p.worst_db:.2f}; held-out {p.psnr_mean:.2f}/"
+                         f"{p.psnr_min:.2f}, search {p.search_psnr_min:.2f}  {changed_knobs(name, p.config)}")
     return "\n".join(lines)

@@ -93,7 +93,7 @@ def resolve_target(model_path: str | None, backend: str, target_psnr: float,
             f"a quality target needs the quality table of {backend} for {model_path}, and there is none: run "
             f"'ditserve calibrate {model_path}' first, or set the cache's options directly", param="target_psnr")
     chosen = choose_point(table, target_psnr, fixed)
-    return Resolution(target_psnr, dict(chosen.config), chosen.psnr_min, chosen.psnr_mean, chosen.work_fraction,
+    return Resolution(target_psnr, dict(chosen.config), chosen.worst_db, chosen.psnr_mean, chosen.work,
                       calibration.get("_file"))
 
 

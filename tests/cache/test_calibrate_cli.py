@@ -54,7 +54,7 @@ def test_calibrate_writes_a_format_2_table_and_the_search_log(private_flux_dir: 
     logged = json.loads(log.read_text())["tea_cache"]
     assert len(logged) == table["search"]["evaluated"] and {e["status"] for e in logged} <= {
         "complete", "pruned", "out_of_budget", "infeasible"}
-    assert "front on the held-out prompts" in capsys.readouterr().out
+    assert "front over the search and held-out prompts" in capsys.readouterr().out
     # searching another backend the same way keeps this one's table; other params drop it (measured otherwise)
     same = ["calibrate", private_flux_dir, "--steps", "4", "--num-prompts", "2", "--height", "64", "--width", "64",
             "--holdout-prompts", "1", "--budget", "1"]

@@ -13,7 +13,7 @@ import torch
 from ditserve import Omni
 from ditserve.cache.calibrate import calibrate
 from ditserve.cache.calibration import CALIBRATION_FILE, load_calibration
-from ditserve.cache.quality_table import quality_table
+from ditserve.cache.quality_table import choose_point, quality_table
 from ditserve.cache.search import Knob, SearchSpace
 from ditserve.cache.selector import build_cache_backend
 from ditserve.cache.spec import cache_spec_for
@@ -217,6 +217,23 @@ def test_a_calibration_file_of_an_unknown_format_is_refused_naming_the_field(pri
     with pytest.raises(CacheConfigError, match="format 9") as error:
         build_cache_backend("tea_cache", {"target_psnr": 30}).resolve_quality_target(private_flux_dir)
     assert error.value.param == "format"
+
+
+def test_a_point_is_judged_by_its_worst_prompt_over_the_held_out_and_the_search_prompts() -> None:
+    def point(work: float, held_out_worst: float, search_worst: float) -> dict:
+        return {"config": {"rel_l1_thresh": work}, "work_fraction": work, "psnr_mean": 40.0,
+                "psnr_min": held_out_worst, "search_work_fraction": work + 0.02, "search_psnr_min": search_worst,
+                "on_front": True}
+
+    # the fast point's held-out prompts were easy (31 dB) but a search prompt fell to 28: it misses 30 dB
+    data = {"format": 2, "quality_table": {"tea_cache": {"knobs": ["rel_l1_thresh"], "search": {}, "points": [
+        point(0.15, 31.0, 28.0), point(0.2, 33.0, 32.0)]}}}
+    table = quality_table(data, "tea_cache")
+    assert [p.worst_db for p in table.points] == [28.0, 32.0] and table.points[0].work == pytest.approx(0.16)
+    assert choose_point(table, 30.0, {}).config == {"rel_l1_thresh": 0.2}
+    # stored front marks are redone by the rule targets resolve by
+    data["quality_table"]["tea_cache"]["points"].append(point(0.3, 27.0, 27.0))
+    assert [p.on_front for p in quality_table(data, "tea_cache").points] == [True, True, False]
 
 
 def test_format_1_rows_become_single_knob_points_with_their_front_marked() -> None:
