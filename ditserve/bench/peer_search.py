@@ -70,9 +70,11 @@ class PeerSetup:
 
 
 class PeerEvaluator(Evaluator):
-    def __init__(self, setup: PeerSetup, system: str, method: str,
-                 applied: Callable[[Config], contextlib.AbstractContextManager[Any]]) -> None:
-        self.setup, self.system, self.method, self.applied = setup, system, method, applied
+    """A peer applied with a config to its pipeline: each prompt's counted work against its uncached run, and its
+    PSNR against the uncached image."""
+
+    def __init__(self, setup: PeerSetup, applied: Callable[[Config], contextlib.AbstractContextManager[Any]]) -> None:
+        self.setup, self.applied = setup, applied
 
     @property
     def num_prompts(self) -> int:
@@ -92,7 +94,7 @@ class PeerEvaluator(Evaluator):
 
 def search_peer(setup: PeerSetup, system: str, method: str, budget: int,
                 applied: Callable[[Config], contextlib.AbstractContextManager[Any]]) -> SearchResult:
-    return ParetoSearch(PEER_SPACES[(system, method)], PeerEvaluator(setup, system, method, applied), budget).run()
+    return ParetoSearch(PEER_SPACES[(system, method)], PeerEvaluator(setup, applied), budget).run()
 
 
 def front_configs(result: SearchResult) -> list[Config]:
