@@ -18,6 +18,7 @@ from ditserve.bench import peers
 from ditserve.bench.metrics import psnr_db
 from ditserve.bench.systems import DiffusersSystem, ImageResult
 from ditserve.cache.cache_dit import CacheDiTBackend
+from ditserve.cache.calibrate import DEFAULT_BUDGET, default_budget
 from ditserve.cache.magcache import MagCacheBackend
 from ditserve.cache.search import (
     Config,
@@ -94,7 +95,10 @@ class PeerEvaluator(Evaluator):
 
 def search_peer(setup: PeerSetup, system: str, method: str, budget: int,
                 applied: Callable[[Config], contextlib.AbstractContextManager[Any]]) -> SearchResult:
-    return ParetoSearch(PEER_SPACES[(system, method)], PeerEvaluator(setup, applied), budget).run()
+    """The peer's search with ``budget`` scaled as ours is for its number of knobs (``default_budget``)."""
+    space = PEER_SPACES[(system, method)]
+    scaled = budget * default_budget(space) // DEFAULT_BUDGET
+    return ParetoSearch(space, PeerEvaluator(setup, applied), scaled).run()
 
 
 def front_configs(result: SearchResult) -> list[Config]:

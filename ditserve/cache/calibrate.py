@@ -51,8 +51,15 @@ from ditserve.cache.spec import CacheSpec
 
 logger = logging.getLogger(__name__)
 
-#: generations each backend's search may spend (one per prompt measured), unless told otherwise
+#: generations a backend's search may spend (one per prompt measured), unless told otherwise: a round of the
+#: search costs about (front points x neighbours per point), and a point has two neighbours per knob, so a space
+#: of many knobs (Cache-DiT's 9) gets twice the budget of a few (on the demo 100 stopped it one round short)
 DEFAULT_BUDGET = 100
+MANY_KNOBS = 4
+
+
+def default_budget(space: SearchSpace) -> int:
+    return 2 * DEFAULT_BUDGET if len(space.knobs) >= MANY_KNOBS else DEFAULT_BUDGET
 
 
 def search_space(name: str) -> SearchSpace:
@@ -203,9 +210,10 @@ def kept_tables(previous: Mapping[str, Any] | None, data: Mapping[str, Any],
 
 
 def calibrate(omni: Any, prompts: Sequence[Any], holdout: Sequence[Any], params: Mapping[str, Any],
-              backends: Sequence[str], budget: int = DEFAULT_BUDGET,
+              backends: Sequence[str], budget: int | None = None,
               spaces: Mapping[str, SearchSpace] | None = None) -> CalibrationRun:
-    """Fit, save, search each backend (over ``spaces[name]`` or its declared knobs), save after each."""
+    """Fit, save, search each backend (over ``spaces[name]`` or its declared knobs, spending ``budget`` or its
+    default budget), save after each."""
     model_path = model_path_of(omni.engine.runner.model.pipeline)
     for name in backends:
         backend_class(name)  # an unknown name is an error naming the known ones, before any generation
@@ -223,8 +231,8 @@ def calibrate(omni: Any, prompts: Sequence[Any], holdout: Sequence[Any], params:
     run = CalibrationRun(data, str(save_calibration(model_path, data)))
     for name in backends:
         space = (spaces or {}).get(name) or search_space(name)
-        calibrated = search_backend(omni, name, space, budget, prompts, holdout, params, reference,
-                                    holdout_reference)
+        calibrated = search_backend(omni, name, space, budget or default_budget(space), prompts, holdout, params,
+                                    reference, holdout_reference)
         run.backends[name] = calibrated
         data["quality_table"][name] = calibrated.table.to_json()
         run.path = str(save_calibration(model_path, data))

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ditserve.cache.calibrate import DEFAULT_BUDGET, CalibrationRun, calibrate
+from ditserve.cache.calibrate import DEFAULT_BUDGET, MANY_KNOBS, CalibrationRun, calibrate
 from ditserve.cache.search import config_key
 from ditserve.cache.selector import available_backends, backend_class
 from ditserve.errors import InvalidParameterError
@@ -37,8 +37,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--num-prompts", type=int, default=4, help="prompts the search steers by")
     parser.add_argument("--holdout-prompts", type=int, default=4,
                         help="other prompts the front is measured on (the table's figures)")
-    parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
-                        help="generations each backend's search may spend (one per prompt measured)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help=f"generations each backend's search may spend (one per prompt measured; default "
+                             f"{DEFAULT_BUDGET}, twice that for backends of {MANY_KNOBS} knobs or more)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
@@ -87,7 +88,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise InvalidParameterError("calibrate runs the model uncached and searches every backend itself: "
                                     "drop --cache-backend / --cache-config", param="cache_backend")
     for flag in ("num_prompts", "holdout_prompts", "budget"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InvalidParameterError(f"--{flag.replace('_', '-')} must be >= 1", param=flag)
     params = {"num_inference_steps": args.steps, "seed": args.seed}
     params |= {k: getattr(args, k) for k in ("height", "width") if getattr(args, k) is not None}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ditserve.cache.calibrate import DEFAULT_BUDGET, default_budget, search_space
 from ditserve.cache.calibrate_cli import DEMO_PROMPT_SEED, calibration_prompts, chosen_backends
 from ditserve.cache.calibration import CALIBRATION_FILE
 from ditserve.entrypoints.cli import main
@@ -27,6 +28,11 @@ def test_the_demo_searches_and_holds_out_disjoint_prompts_that_the_bench_never_u
     assert search + holdout == heldout_prompts(8, seed=DEMO_PROMPT_SEED)
     # the bench draws the demo's prompts with seed 0
     assert not set(search + holdout) & set(heldout_prompts(4, seed=0))
+
+
+def test_spaces_of_many_knobs_get_twice_the_default_budget() -> None:
+    assert default_budget(search_space("tea_cache")) == default_budget(search_space("mag_cache")) == DEFAULT_BUDGET
+    assert default_budget(search_space("cache_dit")) == 2 * DEFAULT_BUDGET
 
 
 def test_too_few_prompts_and_unknown_backends_are_refused_naming_the_flag(tmp_path: Path) -> None:
