@@ -35,6 +35,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--cpu-threads", type=int, default=None,
                         help="torch CPU threads for every system (default: torch's own choice)")
+    parser.add_argument("--search-peers", type=int, default=0, metavar="BUDGET",
+                        help="search the knobs of the peers that expose them (diffusers' FirstBlockCache, MagCache, "
+                             "TaylorSeerCache; the cache-dit library) on our calibration's search prompts, BUDGET "
+                             "generations each (twice that for the cache-dit library's 9 knobs, as ours get in 'ditserve calibrate'; "
+                             "0: their fixed sweeps, the default), and run their fronts")
     parser.add_argument("--only", nargs="*", default=[], help="run only settings whose label has one of these words")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run in seconds on a tiny random FLUX model (unless MODEL is given)")
@@ -64,6 +69,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
     from ditserve.bench.runner import BenchOptions
 
     _check_at_least_one("--cpu-threads", args.cpu_threads)
+    if args.search_peers < 0:
+        raise InvalidParameterError(f"--search-peers={args.search_peers} must be >= 0", param="search_peers")
     model = args.model
     if args.quick and model is None:
         from ditserve.testing import tiny_pipeline_dir
@@ -72,14 +79,14 @@ def options_from_args(args: argparse.Namespace) -> Any:
     return BenchOptions(
         model=model, seed=args.seed, device=args.device, dtype=args.dtype, true_cfg_scale=args.true_cfg_scale,
         negative_prompt=args.negative_prompt, quick=args.quick, show_progress=args.progress,
-        only=tuple(args.only), cpu_threads=args.cpu_threads, **_sized_options(args))
+        only=tuple(args.only), cpu_threads=args.cpu_threads, search_peers=args.search_peers, **_sized_options(args))
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, rebuilt from the parsed options (recorded with the results)."""
     words = ["ditserve", "bench"] + ([args.model] if args.model else [])
     for flag in ("steps", "num_prompts", "repeats", "seed", "height", "width", "true_cfg_scale",
-                 "negative_prompt", "dtype", "device", "cpu_threads"):
+                 "negative_prompt", "dtype", "device", "cpu_threads", "search_peers"):
         value = getattr(args, flag)
         if value is not None:
             words += ["--" + flag.removeprefix("num_").replace("_", "-"), str(value)]

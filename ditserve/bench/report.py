@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from collections.abc import Sequence
@@ -23,20 +24,44 @@ def ok_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["status"] == "ok"]
 
 
-def best_at(records: Sequence[dict[str, Any]], which: str, level_db: float) -> dict[str, Any] | None:
-    """The fastest setting of one side whose mean PSNR reaches ``level_db`` (uncached counts: it is a setting)."""
-    eligible = [r for r in ok_records(records) if side(r) == which and r["psnr_db"] >= level_db]
-    return max(eligible, key=lambda r: r["speedup"], default=None)
+class QualityMeasure(enum.Enum):
+    """Which PSNR of a setting a frontier reads: over the prompts, the mean or the worst prompt's."""
+
+    WORST = "psnr_min_db"
+    MEAN = "psnr_db"
+
+    @property
+    def label(self) -> str:
+        return "worst-prompt PSNR" if self is QualityMeasure.WORST else "mean PSNR"
+
+
+class SpeedBasis(enum.Enum):
+    """Which speed-up a frontier reads: wall time against diffusers uncached, or counted work (1 / compute
+    fraction), which a busy machine cannot skew."""
+
+    WALL = "speedup"
+    WORK = "work_speedup"
+
+
+def best_at(records: Sequence[dict[str, Any]], which: str, level_db: float,
+            measure: QualityMeasure = QualityMeasure.MEAN, basis: SpeedBasis = SpeedBasis.WALL) -> dict[str, Any] | None:
+    """The fastest setting of one side whose ``measure`` reaches ``level_db`` (uncached counts: it is a setting)."""
+    eligible = [r for r in ok_records(records) if side(r) == which and r[measure.value] >= level_db]
+    return max(eligible, key=lambda r: r[basis.value], default=None)
 
 
 def summary_lines(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per quality measure (worst prompt first) and level: each side's best setting by wall time and by work."""
     lines = []
-    for level in QUALITY_LEVELS_DB:
-        ours, peer = best_at(records, "ours", level), best_at(records, "peers", level)
-        ratio = ours["speedup"] / peer["speedup"] if ours and peer else None
-        lines.append({"psnr_at_least_db": level, "ours_speedup": ours and ours["speedup"],
-                      "ours_setting": ours and ours["label"], "peer_speedup": peer and peer["speedup"],
-                      "peer_setting": peer and peer["label"], "ratio": ratio})
+    for measure in QualityMeasure:
+        for level in QUALITY_LEVELS_DB:
+            line: dict[str, Any] = {"quality": measure.name.lower(), "psnr_at_least_db": level}
+            for basis, prefix in ((SpeedBasis.WALL, ""), (SpeedBasis.WORK, "work_")):
+                ours, peer = (best_at(records, which, level, measure, basis) for which in ("ours", "peers"))
+                line |= {f"ours_{prefix}speedup": ours and ours[basis.value], f"ours_{prefix}setting": ours and ours["label"],
+                         f"peer_{prefix}speedup": peer and peer[basis.value], f"peer_{prefix}setting": peer and peer["label"],
+                         f"{prefix}ratio": ours[basis.value] / peer[basis.value] if ours and peer else None}
+            lines.append(line)
     return lines
 
 
@@ -44,10 +69,15 @@ def summary_text(line: dict[str, Any]) -> str:
     def speed(value: float | None) -> str:
         return "none" if value is None else f"{value:.2f}x"
 
-    ratio = "n/a" if line["ratio"] is None else f"{line['ratio']:.2f}"
-    return (f"PSNR >= {line['psnr_at_least_db']:.0f} dB: ours {speed(line['ours_speedup'])} "
+    def ratio(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    measure = QualityMeasure[line["quality"].upper()]
+    return (f"{measure.label} >= {line['psnr_at_least_db']:.0f} dB: ours {speed(line['ours_speedup'])} "
             f"[{line['ours_setting']}], best peer {speed(line['peer_speedup'])} [{line['peer_setting']}], "
-            f"ratio {ratio}")
+            f"ratio {ratio(line['ratio'])}; by counted work: ours {speed(line['ours_work_speedup'])} "
+            f"[{line['ours_work_setting']}], best peer {speed(line['peer_work_speedup'])} "
+            f"[{line['peer_work_setting']}], ratio {ratio(line['work_ratio'])}")
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -60,29 +90,31 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
 
 
 def write_pareto(records: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """One panel per quality measure (worst prompt, mean): each side's settings and frontier."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 5.5))
-    for which, colour, marker in (("ours", "tab:blue", "o"), ("peers", "tab:orange", "s")):
-        points = [(r["psnr_db"], r["speedup"]) for r in ok_records(records) if side(r) == which]
-        if not points:
-            continue
-        xs, ys = zip(*points, strict=True)
-        axes.scatter(xs, ys, c=colour, marker=marker, label=f"{which} (settings)", alpha=0.7)
-        front = pareto_front(points)
-        axes.step([p[0] for p in front], [p[1] for p in front], where="post", c=colour, lw=1.8,
-                  label=f"{which} frontier")
-    for level in QUALITY_LEVELS_DB:
-        axes.axvline(level, c="grey", ls=":", lw=0.8)
-    axes.set_xlabel(f"PSNR vs uncached, same seed (dB; {PSNR_IDENTICAL_DB:.0f} = identical)")
-    axes.set_ylabel("speed-up vs diffusers uncached (wall time per image)")
-    axes.invert_xaxis()
-    axes.set_title(title, fontsize=10)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    figure, panels = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for axes, measure in zip(panels, QualityMeasure, strict=True):
+        for which, colour, marker in (("ours", "tab:blue", "o"), ("peers", "tab:orange", "s")):
+            points = [(r[measure.value], r["speedup"]) for r in ok_records(records) if side(r) == which]
+            if not points:
+                continue
+            xs, ys = zip(*points, strict=True)
+            axes.scatter(xs, ys, c=colour, marker=marker, label=f"{which} (settings)", alpha=0.7)
+            front = pareto_front(points)
+            axes.step([p[0] for p in front], [p[1] for p in front], where="post", c=colour, lw=1.8,
+                      label=f"{which} frontier")
+        for level in QUALITY_LEVELS_DB:
+            axes.axvline(level, c="grey", ls=":", lw=0.8)
+        axes.set_xlabel(f"{measure.label} vs uncached, same seed (dB; {PSNR_IDENTICAL_DB:.0f} = identical)")
+        axes.invert_xaxis()
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    panels[0].set_ylabel("speed-up vs diffusers uncached (wall time per image)")
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -117,21 +149,22 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
                     for k, values in results["baseline_median_s_per_pass"].items()),
         "",
         "Times are medians per image (warm-up excluded); speed-ups are wall-time ratios; compute fraction is the",
-        "share of block attention/MLP bodies that really ran (counted with forward pre-hooks); quality is against",
-        "the uncached image of the same seed made by the same system.",
+        "share of block attention/MLP bodies that really ran (counted with forward pre-hooks), and the speed-up by",
+        "work is its inverse; quality is against the uncached image of the same seed made by the same system.",
         "", "## Summary", "",
     ]
     lines += [f"- {summary_text(line)}" for line in results["summary"]]
     lines += ["", "## Runs", "",
               "| system | method | config | s/img | denoise s | speed-up vs diffusers | vs ditserve | compute "
-              "counted | compute reported | PSNR dB (min) | SSIM | adherence |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "counted | by work | compute reported | PSNR dB (min) | SSIM | adherence |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ok_records(records):
         counted = _fmt(r["compute_fraction"], 3) + ("" if r.get("counted_reliably", True) else " (unreliable)")
         lines.append(
             f"| {r['system']} | {r['method']} | {_config_text(r['config'])} | {_fmt(r['median_s'], 3)} | "
             f"{_fmt(r['denoise_median_s'], 3)} | {_fmt(r['speedup_vs_diffusers_uncached'], 2, 'x')} | "
-            f"{_fmt(r['speedup_vs_ditserve_uncached'], 2, 'x')} | {counted} | {_fmt(r.get('reported_work_fraction'), 3)} | "
+            f"{_fmt(r['speedup_vs_ditserve_uncached'], 2, 'x')} | {counted} | {_fmt(r.get('work_speedup'), 2, 'x')} | "
+            f"{_fmt(r.get('reported_work_fraction'), 3)} | "
             f"{_fmt(r['psnr_db'], 1)} ({_fmt(r['psnr_min_db'], 1)}) | {_fmt(r['ssim'], 3)} | {_fmt(r['adherence'], 3)} |")
     skipped = [r for r in records if r["status"] != "ok"]
     if skipped:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -25,10 +26,10 @@ import torch
 
 from ditserve.bench import peers
 from ditserve.bench.metrics import mean, median, psnr_db, ssim
-from ditserve.bench.plan import RunSpec, full_plan, quick_plan
+from ditserve.bench.plan import OUR_METHODS, OurFronts, PeerFronts, RunSpec, full_plan, quick_plan
 from ditserve.bench.systems import DiffusersSystem, DitserveSystem, ImageResult
 from ditserve.config import OmniDiffusionSamplingParams
-from ditserve.errors import DitServeError
+from ditserve.errors import DitServeError, InvalidParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class BenchOptions:
     #: torch CPU threads for every system (None: torch's default); fewer threads than cores keep timings
     #: steadier on a machine shared with other work
     cpu_threads: int | None = None
+    #: generations each peer's knob search may spend (0: no search, the peers run their fixed sweeps)
+    search_peers: int = 0
 
 
 @dataclass
@@ -89,8 +92,9 @@ def interleave(ours: Sequence[RunSpec], others: Sequence[RunSpec]) -> list[RunSp
     return [spec for pair in pairs for spec in pair if spec is not None]
 
 
-def select_plan(options: BenchOptions) -> list[RunSpec]:
-    plan = quick_plan() if options.quick else full_plan()
+def select_plan(options: BenchOptions, ours: OurFronts | None = None,
+                searched_peers: PeerFronts | None = None) -> list[RunSpec]:
+    plan = quick_plan() if options.quick else full_plan(ours, searched_peers)
     if options.only:
         words = [w.lower() for w in options.only]
         plan = [s for s in plan if s.group == "baseline" or any(w in s.label.lower() for w in words)]
@@ -124,6 +128,8 @@ class Bench:
         self.records: list[dict[str, Any]] = []
         self._mag_ratios: list[float] | None = None
         self._cache_dit_pipeline: DiffusersSystem | None = None
+        #: what each peer's knob search did (None when the peers were not searched)
+        self.search_records: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ set-up
     def _sampling(self, system: DitserveSystem) -> OmniDiffusionSamplingParams:
@@ -195,6 +201,63 @@ class Bench:
             self.progress.advance()
         return self._mag_ratios
 
+    # ------------------------------------------------------------------ searched fronts
+    def _calibration(self) -> dict[str, Any]:
+        from ditserve.cache.calibration import load_calibration
+
+        return load_calibration(self.loaded.path) or {}
+
+    def _calibrated_fronts(self) -> dict[str, list[dict[str, Any]]]:
+        """Each of our backends' front from the model's calibration file (searched, format 2), by backend."""
+        from ditserve.cache.quality_table import quality_table
+
+        calibration = self._calibration()
+        fronts = {}
+        for backend in OUR_METHODS:
+            table = quality_table(calibration, backend) if calibration.get("format", 1) >= 2 else None
+            if table is not None:
+                fronts[backend] = [p.config for p in table.front()]
+        return fronts
+
+    def _search_peers(self) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """The knob search of every peer that exposes knobs, on our calibration's search prompts and seeds."""
+        from ditserve.bench import peer_search
+
+        calibration = self._calibration()
+        if calibration.get("format", 1) < 2 or "prompts" not in calibration:
+            raise InvalidParameterError(
+                f"--search-peers searches on the prompts of our own search, and {self.loaded.path} has no searched "
+                "calibration: run 'ditserve calibrate' first", param="search_peers")
+        steps = calibration["params"]["num_inference_steps"]
+        if steps != self.params.num_inference_steps:
+            raise InvalidParameterError(
+                f"--steps {self.params.num_inference_steps}, but our calibration was searched at {steps} steps: "
+                "the peers must be searched at the steps ours were", param="steps")
+        # the search's generations are not in the progress bar: their number is known only at the end
+        self.progress = Progress(0, enabled=False)
+        base_seed = calibration["params"].get("seed", 0)
+        prompts = list(calibration["prompts"])
+        params = [self.params.replace(seed=base_seed + i) for i in range(len(prompts))]
+        uncached = [self.diffusers.generate(p, q) for p, q in zip(prompts, params, strict=True)]
+        steps = self.params.num_inference_steps
+        self.search_records = {}
+        fronts = {}
+        for system, method in peer_search.PEER_SPACES:
+            if system == "cache-dit":
+                pipeline = self._cache_dit_system()
+                applied = peer_search.cache_dit_library(pipeline.pipeline, steps, self._true_cfg_active())
+            else:
+                pipeline = self.diffusers
+                applied = peer_search.diffusers_hooks(pipeline.pipeline, method, steps, self._diffusers_mag_ratios)
+            setup = peer_search.PeerSetup(pipeline, prompts, params, uncached)
+            result = peer_search.search_peer(setup, system, method, self.options.search_peers, applied)
+            fronts[(system, method)] = peer_search.front_configs(result)
+            self.search_records[f"{system} {method}"] = {
+                "generations": result.generations, "evaluated": len(result.evaluations),
+                "front": [{"config": e.config, "work_fraction": e.work_fraction, "psnr_min": e.psnr_min,
+                           "psnr_mean": e.psnr_mean} for e in result.front()]}
+        return fronts
+
     # ------------------------------------------------------------------ records
     def _quality(self, samples: Samples, reference: Samples) -> dict[str, Any]:
         pairs = list(zip(samples.first_repeat(), reference.first_repeat(), strict=True))
@@ -257,8 +320,12 @@ class Bench:
         self.diffusers = DiffusersSystem(loaded.path, loaded.device, loaded.dtype)
         self.baseline_systems = {"ditserve": ditserve_plain, "diffusers": self.diffusers}
         ignored = self.diffusers.call_arguments(self.params)[1]
-        calibration = any(s.system == "diffusers" and s.method == "MagCache" for s in self.plan)
-        cache_dit_warmup = any(s.system == "cache-dit" for s in self.plan)
+        if not self.options.quick:
+            searched = self._search_peers() if self.options.search_peers else {}
+            self.plan = select_plan(self.options, self._calibrated_fronts(), searched)
+        calibration = self._mag_ratios is None and any(
+            s.system == "diffusers" and s.method == "MagCache" for s in self.plan)
+        cache_dit_warmup = self._cache_dit_pipeline is None and any(s.system == "cache-dit" for s in self.plan)
         final_baseline_pass = len(self.baseline_systems) * len(self.prompts)
         self.progress = Progress(len(self.plan) * self.options.repeats * self.images_per_round()
                                  + BASELINE_EXTRA_WARMUPS * 2 + final_baseline_pass + calibration + cache_dit_warmup,
@@ -355,6 +422,9 @@ class Bench:
                         baseline[system]["denoise_median_s"] / record["denoise_median_s"])
             # the common reference: the time a user of plain diffusers starts from
             record["speedup"] = record["speedup_vs_diffusers_uncached"]
+            # what the wall time would give with the skipped work free: steady on a busy machine
+            fraction = record["compute_fraction"]
+            record["work_speedup"] = 1 / fraction if fraction and not math.isnan(fraction) else None
 
     def _results(self, loaded: Any, started: float, drift: dict[str, list[float]], parity: dict[str, Any],
                  ignored: list[str]) -> dict[str, Any]:
@@ -372,6 +442,7 @@ class Bench:
             "baseline_median_s_per_pass": drift, "uncached_parity": parity, "prompt_embed_cache": False,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
             "duration_s": time.time() - started, "records": self.records,
+            "peer_search": self.search_records,
         }
 
 

@@ -6,7 +6,8 @@ the model raises ``CacheConfigError`` from ``enable`` (at ``Omni(...)``), never 
 
 Config handling is shared: every backend declares its options with defaults and checks; unknown keys are an
 error listing the allowed ones; ``target_psnr`` / ``quality`` are resolved against the model's calibration
-table (``ditserve.cache.calibration``) to the fastest setting that met the target.
+table (``ditserve.cache.quality_table``) to the fastest point of its front whose worst calibration prompt met
+the target, which sets every knob the search moved (``search_knobs``) that the user did not give by hand.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
+from ditserve.cache.search import Knob
 from ditserve.errors import CacheConfigError, InvalidTypeError, check_keys
 
 logger = logging.getLogger(__name__)
@@ -97,8 +99,13 @@ class CacheBackend(ABC):
     defaults: ClassVar[dict[str, Any]] = {}
     #: option name -> check
     checks: ClassVar[dict[str, OptionCheck]] = {}
-    #: the option a quality target tunes (a calibration table sweeps it)
+    #: the option a quality target tunes first (the threshold every skip decision compares with)
     main_knob: ClassVar[str] = ""
+    #: the options ``ditserve calibrate`` searches (main knob first), each with its ladder of values; a quality
+    #: target sets all of them from the point it resolves to
+    search_knobs: ClassVar[tuple[Knob, ...]] = ()
+    #: main-knob values the search starts from (the other knobs at their defaults)
+    search_seeds: ClassVar[tuple[float, ...]] = ()
     #: False for backends that never skip by design (calibration's recorder): no "skipped nothing" warning
     expected_to_skip: ClassVar[bool] = True
     #: True when skip decisions and state are kept per request (a request may join or leave a running batch
@@ -166,13 +173,17 @@ class CacheBackend(ABC):
         return shown
 
     def resolve_quality_target(self, model_path: str | None) -> None:
-        """Set ``main_knob`` from the model's calibration table when a quality target was asked for."""
+        """Set the searched knobs from the model's calibration table when a quality target was asked for; the
+        knobs the user gave stay as given and restrict the choice to points measured with them."""
         if self.target_psnr is None:
             return
         from ditserve.cache.calibration import resolve_target
 
-        value, self.resolution = resolve_target(model_path, self.name, self.main_knob, self.target_psnr)
-        self.config[self.main_knob] = value
+        resolution = resolve_target(model_path, self.name, self.target_psnr, self.user_options)
+        for key, value in resolution.config.items():
+            if key not in self.user_options:
+                self.config[key] = self.checks[key](key, value) if key in self.checks else value
+        self.resolution = resolution.to_stats()
 
     @abstractmethod
     def recover(self, pipeline: Any) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from ditserve.cache.base import CacheBackend, boolean, integer_in, number_in, one_of
 from ditserve.cache.residual_backend import denoising_transformers
+from ditserve.cache.search import Knob
 from ditserve.cache.spec import CacheSpec, cache_spec_for
 from ditserve.errors import CacheConfigError
 from ditserve.forward_context import current_forward_context
@@ -56,6 +57,18 @@ class CacheDiTBackend(CacheBackend):
               "max_continuous_cached_steps": integer_in(-1, 10000), "max_cached_steps": integer_in(-1, 10000),
               "enable_separate_cfg": boolean, "enable_taylorseer": boolean, "taylorseer_order": integer_in(1, 4),
               "scm_steps_mask_policy": one_of(None, *SCM_POLICIES), "scm_steps_policy": one_of("dynamic", "static")}
+    # every DBCache / TaylorSeer / SCM option that trades speed for quality; Fn/Bn ladders beyond the model's
+    # block count are refused at enable and recorded as infeasible by the search
+    search_knobs = (Knob("residual_diff_threshold", (0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24, 0.32, 0.48, 0.64)),
+                    Knob("max_warmup_steps", (0, 1, 2, 4, 6, 8)),
+                    Knob("max_continuous_cached_steps", (1, 2, 3, 4, 6, 8, 12, -1)),
+                    Knob("Fn_compute_blocks", (1, 2, 3)),
+                    Knob("Bn_compute_blocks", (0, 1, 2)),
+                    Knob("enable_taylorseer", (False, True)),
+                    Knob("taylorseer_order", (1, 2, 3), depends_on="enable_taylorseer"),
+                    Knob("scm_steps_mask_policy", (None, *SCM_POLICIES)),
+                    Knob("scm_steps_policy", ("dynamic", "static"), depends_on="scm_steps_mask_policy"))
+    search_seeds = (0.08, 0.12, 0.24)
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)

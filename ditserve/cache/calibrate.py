@@ -1,47 +1,73 @@
-"""Run a model over a prompt set to calibrate its caches (see ``ditserve.cache.calibration`` for the file).
+"""Run a model over prompt sets to calibrate its caches (see ``ditserve.cache.calibration`` for the file).
 
-1. Uncached runs with a recording policy: the reference images, and per step the modulated-input change, the
-   block-loop output change and the residual magnitude.
-2. Fits: TeaCache's rescale polynomial, MagCache's magnitude ratios (written before the sweep, so the swept
+1. Uncached runs with a recording policy on the search prompts: the reference images, and per step the
+   modulated-input change, the block-loop output change and the residual magnitude; plain uncached runs of the
+   held-out prompts.
+2. Fits: TeaCache's rescale polynomial, MagCache's magnitude ratios (written before the search, so the searched
    backends use them).
-3. Sweep: for each backend, each value of its main knob: fraction of work done, wall-clock speed-up of the
-   denoising stage (medians), and PSNR against the reference (mean and worst over the prompts).
+3. Search: for each backend, a Pareto local search over its knobs (``ditserve.cache.search``) on the search
+   prompts, then its front measured again on the held-out prompts, which the search never saw: the quality table
+   holds those figures (work fraction, mean and worst-prompt PSNR against the uncached image).
+
+Prompt i of a set runs with seed ``seed + i``, so the worst prompt is also drawn over several noises.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import statistics
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ditserve.cache.base import CacheBackend
 from ditserve.cache.calibration import (
     FORMAT_VERSION,
     RecordingPolicy,
     StepSeries,
     fit_rescale_polynomial,
+    load_calibration,
     magnitude_ratios,
     model_path_of,
     psnr,
     save_calibration,
 )
+from ditserve.cache.quality_table import QualityPoint, QualityTable, mark_front
 from ditserve.cache.residual_backend import ResidualCacheBackend
+from ditserve.cache.search import (
+    Config,
+    EvaluationStatus,
+    Evaluator,
+    ParetoSearch,
+    PromptMeasurement,
+    SearchResult,
+    SearchSpace,
+    remeasure,
+)
 from ditserve.cache.selector import backend_class, build_cache_backend
 from ditserve.cache.spec import CacheSpec
 
 logger = logging.getLogger(__name__)
 
-#: main knob values swept per backend, cautious to aggressive
-DEFAULT_SWEEPS: dict[str, tuple[float, ...]] = {
-    "tea_cache": (0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.2),
-    "mag_cache": (0.01, 0.03, 0.06, 0.1, 0.2, 0.4, 0.8),
-    "cache_dit": (0.02, 0.05, 0.08, 0.12, 0.24, 0.4, 0.8),
-}
+#: generations a backend's search may spend (one per prompt measured), unless told otherwise: a round of the
+#: search costs about (front points x neighbours per point), and a point has two neighbours per knob, so a space
+#: of many knobs (Cache-DiT's 9) gets twice the budget of a few (on the demo 100 stopped it one round short)
+DEFAULT_BUDGET = 100
+MANY_KNOBS = 4
+
+
+def default_budget(space: SearchSpace) -> int:
+    return 2 * DEFAULT_BUDGET if len(space.knobs) >= MANY_KNOBS else DEFAULT_BUDGET
+
+
+def search_space(name: str) -> SearchSpace:
+    """A backend's declared knobs, seeded from its defaults with the main threshold at each seed value."""
+    cls = backend_class(name)
+    defaults = {knob.name: cls.defaults[knob.name] for knob in cls.search_knobs}
+    seeds = tuple({**defaults, cls.main_knob: value} for value in cls.search_seeds)
+    return SearchSpace(cls.search_knobs, seeds)
 
 
 class RecordingBackend(ResidualCacheBackend):
@@ -74,32 +100,20 @@ class RecordingBackend(ResidualCacheBackend):
         return found
 
 
-@dataclass
-class RunResult:
-    media: np.ndarray
-    denoise_s: float
-    stats: dict[str, Any] | None
-
-
 def output_array(output: Any) -> np.ndarray:
     return np.asarray(output.videos[0] if output.videos else output.images[0])
 
 
-def run_prompts(omni: Any, backend: CacheBackend | None, prompts: Sequence[Any], params: Mapping[str, Any]) -> list[RunResult]:
-    """Each prompt alone (cache-dit decides per batch), with ``backend`` as the engine's cache."""
-    runner = omni.engine.runner
-    runner.cache = backend
-    results = []
-    try:
-        for prompt in prompts:
-            output = omni.generate(prompt, dict(params))[0]
-            results.append(RunResult(output_array(output), output.timings["denoise_s"], output.cache_stats))
-    finally:
-        runner.cache = None
-    return results
+def seeded(params: Mapping[str, Any], index: int) -> dict[str, Any]:
+    return {**params, "seed": params.get("seed", 0) + index}
 
 
-def record_reference(omni: Any, prompts: Sequence[Any], params: Mapping[str, Any]) -> tuple[list[RunResult], dict]:
+def run_uncached(omni: Any, prompts: Sequence[Any], params: Mapping[str, Any]) -> list[np.ndarray]:
+    """Each prompt's uncached output."""
+    return [output_array(omni.generate(prompt, seeded(params, index))[0]) for index, prompt in enumerate(prompts)]
+
+
+def record_reference(omni: Any, prompts: Sequence[Any], params: Mapping[str, Any]) -> tuple[list[np.ndarray], dict]:
     """Uncached outputs (recording never skips) and the fitted TeaCache and MagCache data."""
     runner = omni.engine.runner
     recorder = RecordingBackend()
@@ -108,9 +122,9 @@ def record_reference(omni: Any, prompts: Sequence[Any], params: Mapping[str, Any
     results = []
     try:
         runner.cache = recorder
-        for prompt in prompts:
-            output = omni.generate(prompt, dict(params))[0]
-            results.append(RunResult(output_array(output), output.timings["denoise_s"], None))
+        for index, prompt in enumerate(prompts):
+            output = omni.generate(prompt, seeded(params, index))[0]
+            results.append(output_array(output))
             for label, series in recorder.recorded.pop(output.request_id).items():
                 by_branch[label].append(series)
     finally:
@@ -122,43 +136,104 @@ def record_reference(omni: Any, prompts: Sequence[Any], params: Mapping[str, Any
     return results, fits
 
 
-def sweep_backend(omni: Any, name: str, values: Sequence[float], prompts: Sequence[Any],
-                  params: Mapping[str, Any], reference: Sequence[RunResult]) -> dict[str, Any]:
-    pipeline, adapter = omni.engine.runner.model.pipeline, omni.engine.runner.adapter
-    base_time = statistics.median(r.denoise_s for r in reference)
-    knob = backend_class(name).main_knob
-    rows = []
-    for value in values:
-        backend = build_cache_backend(name, {knob: value})
-        backend.enable(pipeline, adapter)
+class EngineEvaluator(Evaluator):
+    """One of our backends on the engine: each prompt's work fraction (from the cache's statistics) and its PSNR
+    against the uncached image of the same prompt and seed."""
+
+    def __init__(self, omni: Any, backend: str, prompts: Sequence[Any], params: Mapping[str, Any],
+                 reference: Sequence[np.ndarray]) -> None:
+        self.omni, self.backend, self.prompts, self.params = omni, backend, list(prompts), dict(params)
+        self.reference = list(reference)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts)
+
+    @contextlib.contextmanager
+    def session(self, config: Config) -> Iterator[Callable[[int], PromptMeasurement]]:
+        runner = self.omni.engine.runner
+        backend = build_cache_backend(self.backend, config)
+        backend.enable(runner.model.pipeline, runner.adapter)
+        runner.cache = backend
         try:
-            results = run_prompts(omni, backend, prompts, params)
+            yield self._measure
         finally:
-            backend.disable(pipeline)
-        scores = [psnr(ref.media, r.media) for ref, r in zip(reference, results, strict=True)]
-        row = {"value": value, "work_fraction": statistics.mean(r.stats["work_fraction"] for r in results),
-               "speedup": base_time / statistics.median(r.denoise_s for r in results),
-               "psnr_mean": statistics.mean(scores), "psnr_min": min(scores)}
-        logger.info("%s %s=%s: %s", name, knob, value, row)
-        rows.append(row)
-    return {"knob": knob, "rows": rows}
+            runner.cache = None
+            backend.disable(runner.model.pipeline)
+
+    def _measure(self, index: int) -> PromptMeasurement:
+        output = self.omni.generate(self.prompts[index], seeded(self.params, index))[0]
+        return PromptMeasurement(output.cache_stats["work_fraction"],
+                                 psnr(self.reference[index], output_array(output)))
 
 
-def calibrate(omni: Any, prompts: Sequence[Any], params: Mapping[str, Any],
-              sweeps: Mapping[str, Sequence[float]]) -> tuple[dict[str, Any], str]:
-    """Fit, save, sweep, save again; returns the calibration data and the file it was written to."""
+@dataclass
+class BackendCalibration:
+    """One backend's search and the table made from it."""
+
+    search: SearchResult
+    table: QualityTable
+
+
+@dataclass
+class CalibrationRun:
+    data: dict[str, Any]
+    path: str
+    backends: dict[str, BackendCalibration] = field(default_factory=dict)
+
+
+def search_backend(omni: Any, name: str, space: SearchSpace, budget: int, prompts: Sequence[Any],
+                   holdout: Sequence[Any], params: Mapping[str, Any], reference: Sequence[np.ndarray],
+                   holdout_reference: Sequence[np.ndarray]) -> BackendCalibration:
+    """The search on ``prompts``, then its front measured on ``holdout`` (the table's figures)."""
+    result = ParetoSearch(space, EngineEvaluator(omni, name, prompts, params, reference), budget).run()
+    # only the points a target can resolve to are worth their held-out generations
+    front = result.useful_front()
+    held = list(remeasure(EngineEvaluator(omni, name, holdout, params, holdout_reference), [e.config for e in front]))
+    points = [QualityPoint(h.config, h.work_fraction, h.psnr_mean, h.psnr_min, s.work_fraction, s.psnr_min)
+              for s, h in zip(front, held, strict=True)]
+    summary = {"prompts": len(prompts), "holdout_prompts": len(holdout), "budget": budget,
+               "generations": result.generations, "holdout_generations": len(front) * len(holdout),
+               "evaluated": len(result.evaluations),
+               **{status.value: result.count(status) for status in EvaluationStatus}}
+    table = QualityTable(name, tuple(k.name for k in space.knobs), tuple(mark_front(points)), summary)
+    return BackendCalibration(result, table)
+
+
+def kept_tables(previous: Mapping[str, Any] | None, data: Mapping[str, Any],
+                backends: Sequence[str]) -> dict[str, Any]:
+    """The previous file's tables of the backends not searched now, when they were measured the same way (same
+    format, params and prompt sets), so a backend can be searched again without losing the others."""
+    if not previous or any(previous.get(k) != data[k] for k in ("format", "params", "prompts", "holdout_prompts")):
+        return {}
+    return {name: table for name, table in previous.get("quality_table", {}).items() if name not in backends}
+
+
+def calibrate(omni: Any, prompts: Sequence[Any], holdout: Sequence[Any], params: Mapping[str, Any],
+              backends: Sequence[str], budget: int | None = None,
+              spaces: Mapping[str, SearchSpace] | None = None) -> CalibrationRun:
+    """Fit, save, search each backend (over ``spaces[name]`` or its declared knobs, spending ``budget`` or its
+    default budget), save after each."""
     model_path = model_path_of(omni.engine.runner.model.pipeline)
+    for name in backends:
+        backend_class(name)  # an unknown name is an error naming the known ones, before any generation
     recorded, fits = record_reference(omni, prompts, params)
-    # timings of a plain uncached pass, after the recording pass warmed everything up
-    reference = run_prompts(omni, None, prompts, params)
-    if any(not np.array_equal(r.media, p.media) for r, p in zip(recorded, reference, strict=True)):
+    # a plain uncached pass, to check that recording changed nothing
+    reference = run_uncached(omni, prompts, params)
+    if any(not np.array_equal(r, p) for r, p in zip(recorded, reference, strict=True)):
         raise RuntimeError("the recording pass changed the output: calibration would be wrong")
+    holdout_reference = run_uncached(omni, holdout, params)
     # the model as the user named it: a machine's absolute path would travel with a shipped file
     data: dict[str, Any] = {"format": FORMAT_VERSION, "model": omni.engine.runner.model.name,
-                            "params": dict(params),
-                            "prompts": [str(p) for p in prompts], **fits, "quality_table": {}}
-    path = save_calibration(model_path, data)
-    for name, values in sweeps.items():
-        data["quality_table"][name] = sweep_backend(omni, name, values, prompts, params, reference)
-        path = save_calibration(model_path, data)
-    return data, str(path)
+                            "params": dict(params), "prompts": [str(p) for p in prompts],
+                            "holdout_prompts": [str(p) for p in holdout], **fits, "quality_table": {}}
+    data["quality_table"] = kept_tables(load_calibration(model_path), data, backends)
+    run = CalibrationRun(data, str(save_calibration(model_path, data)))
+    for name in backends:
+        space = (spaces or {}).get(name) or search_space(name)
+        calibrated = search_backend(omni, name, space, budget or default_budget(space), prompts, holdout, params,
+                                    reference, holdout_reference)
+        run.backends[name] = calibrated
+        data["quality_table"][name] = calibrated.table.to_json()
+        run.path = str(save_calibration(model_path, data))
+    return run

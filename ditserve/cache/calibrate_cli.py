@@ -1,7 +1,7 @@
-"""``ditserve calibrate MODEL``: fit a model's cache coefficients and measure its quality table.
+"""``ditserve calibrate MODEL``: fit a model's cache coefficients and search its quality table.
 
-    ditserve calibrate path/to/model --steps 50 --num-prompts 8
-    ditserve calibrate ditserve-shapes            # the demo model: prompts from its training language
+    ditserve calibrate path/to/model --steps 50 --num-prompts 4 --holdout-prompts 4
+    ditserve calibrate ditserve-shapes            # the demo model: held-out prompts of its language
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ditserve.cache.calibrate import DEFAULT_SWEEPS, calibrate
+from ditserve.cache.calibrate import DEFAULT_BUDGET, MANY_KNOBS, CalibrationRun, calibrate
+from ditserve.cache.search import config_key
+from ditserve.cache.selector import available_backends, backend_class
 from ditserve.errors import InvalidParameterError
 
 #: used for models other than the demo model when no --prompts file is given
@@ -20,47 +22,62 @@ GENERIC_PROMPTS = (
     "a large red square at the top left", "a painting of a cat and a dog", "a blue triangle at the bottom right",
     "a green circle and a red square", "a small cat in the center of a large square",
 )
+#: the demo's calibration prompts are drawn from its held-out split (never trained on) with this seed; the bench
+#: draws its own with seed 0, so the bench checks the calibration on prompts it never saw
+DEMO_PROMPT_SEED = 1
 
 
 def register(subparsers: Any) -> None:
     from ditserve.entrypoints.cli import add_engine_arguments
 
-    parser = subparsers.add_parser("calibrate", help="fit cache coefficients and measure the quality table")
+    parser = subparsers.add_parser("calibrate", help="fit cache coefficients and search the quality table")
     parser.add_argument("model", help="diffusers folder, hub id, or ditserve-shapes")
-    parser.add_argument("--prompts", default=None, help="text file, one prompt per line")
-    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--prompts", default=None, help="text file, one prompt per line (search prompts first, "
+                                                        "then the held-out ones)")
+    parser.add_argument("--num-prompts", type=int, default=4, help="prompts the search steers by")
+    parser.add_argument("--holdout-prompts", type=int, default=4,
+                        help="other prompts the front is measured on (the table's figures)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help=f"generations each backend's search may spend (one per prompt measured; default "
+                             f"{DEFAULT_BUDGET}, twice that for backends of {MANY_KNOBS} knobs or more)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="prompt i of each set runs with seed + i")
     parser.add_argument("--image", action="append", default=[], help="input image for edit models; repeatable")
-    parser.add_argument("--backends", default=",".join(DEFAULT_SWEEPS),
-                        help="backends whose quality table to measure (comma-separated; empty: fits only)")
+    parser.add_argument("--backends", default=",".join(available_backends()),
+                        help="backends whose knobs to search (comma-separated; empty: fits only)")
+    parser.add_argument("--search-log", type=Path, default=None,
+                        help="JSON file for every point the search measured (pruned ones included)")
     add_engine_arguments(parser)
     parser.set_defaults(func=run_calibrate)
 
 
-def calibration_prompts(args: argparse.Namespace) -> list[str]:
+def calibration_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The search prompts and the held-out prompts, disjoint."""
+    wanted = args.num_prompts + args.holdout_prompts
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     elif args.model == "ditserve-shapes":
-        from ditserve.demo import sample_prompts
+        from ditserve.demo import heldout_prompts
 
-        prompts = sample_prompts(args.num_prompts, seed=args.seed)
+        prompts = heldout_prompts(wanted, seed=DEMO_PROMPT_SEED)
     else:
         prompts = list(GENERIC_PROMPTS)
-    if not prompts:
-        raise InvalidParameterError("the prompt set is empty", param="prompts")
-    return prompts[:args.num_prompts]
+    if len(prompts) < wanted:
+        raise InvalidParameterError(f"{len(prompts)} prompts for --num-prompts {args.num_prompts} + "
+                                    f"--holdout-prompts {args.holdout_prompts}: give more with --prompts",
+                                    param="prompts")
+    return prompts[:args.num_prompts], prompts[args.num_prompts:wanted]
 
 
-def chosen_sweeps(text: str) -> dict[str, tuple[float, ...]]:
+def chosen_backends(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in DEFAULT_SWEEPS]
+    unknown = [n for n in names if n not in available_backends()]
     if unknown:
-        raise InvalidParameterError(f"--backends: unknown {unknown}; choose from {list(DEFAULT_SWEEPS)}",
+        raise InvalidParameterError(f"--backends: unknown {unknown}; choose from {available_backends()}",
                                     param="backends")
-    return {n: DEFAULT_SWEEPS[n] for n in names}
+    return names
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -68,29 +85,56 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from ditserve.entrypoints.omni import Omni
 
     if args.cache_backend is not None or args.cache_config is not None:
-        raise InvalidParameterError("calibrate runs the model uncached and sweeps every backend itself: "
+        raise InvalidParameterError("calibrate runs the model uncached and searches every backend itself: "
                                     "drop --cache-backend / --cache-config", param="cache_backend")
+    for flag in ("num_prompts", "holdout_prompts", "budget"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise InvalidParameterError(f"--{flag.replace('_', '-')} must be >= 1", param=flag)
     params = {"num_inference_steps": args.steps, "seed": args.seed}
     params |= {k: getattr(args, k) for k in ("height", "width") if getattr(args, k) is not None}
-    prompt_items: list[Any] = calibration_prompts(args)
+    search, holdout = calibration_prompts(args)
+    items: tuple[list[Any], list[Any]] = (list(search), list(holdout))
     if args.image:
-        prompt_items = [{"prompt": p, "multi_modal_data": {"image": args.image}} for p in prompt_items]
+        items = tuple([{"prompt": p, "multi_modal_data": {"image": args.image}} for p in part] for part in items)
     with Omni(**engine_kwargs(args)) as omni:
-        data, path = calibrate(omni, prompt_items, params, chosen_sweeps(args.backends))
-    print(format_report(data, path))
+        run = calibrate(omni, items[0], items[1], params, chosen_backends(args.backends), args.budget)
+    if args.search_log is not None:
+        write_search_log(run, args.search_log)
+    print(format_report(run))
     return 0
 
 
-def format_report(data: dict[str, Any], path: str) -> str:
+def write_search_log(run: CalibrationRun, path: Path) -> None:
+    log = {name: [{"config": e.config, "status": e.status.value, "reason": e.reason,
+                   "measurements": {str(i): vars(m) for i, m in sorted(e.measurements.items())}}
+                  for e in calibrated.search.evaluations]
+           for name, calibrated in run.backends.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(log, indent=1) + "\n")
+
+
+def changed_knobs(name: str, config: dict[str, Any]) -> str:
+    """The point's knobs that differ from the backend's defaults (the main threshold always shown)."""
+    cls = backend_class(name)
+    shown = {k: v for k, v in config.items()
+             if k == cls.main_knob or config_key({k: v}) != config_key({k: cls.defaults.get(k)})}
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def format_report(run: CalibrationRun) -> str:
+    data = run.data
     tea, mag = data["tea_cache"], data["mag_cache"]
-    lines = [f"calibration written to {path}",
+    lines = [f"calibration written to {run.path}",
              f"tea_cache polynomial (degree {tea['fit']['degree']}, {tea['fit']['points']} points): "
              f"R^2={tea['fit']['r2']:.4f} rmse={tea['fit']['rmse']:.4g}",
              f"mag_cache ratios for {sorted(mag['mag_ratios'])}: mean std across prompts "
              f"{json.dumps({k: round(v, 5) for k, v in mag['fit']['mean_std_across_prompts'].items()})}"]
-    for name, table in data["quality_table"].items():
-        lines.append(f"{name}: {table['knob']} -> work, speed-up, PSNR mean/min (dB)")
-        for row in table["rows"]:
-            lines.append(f"  {row['value']:<6} work={row['work_fraction']:.3f} speedup={row['speedup']:.2f}x "
-                         f"psnr={row['psnr_mean']:.2f}/{row['psnr_min']:.2f}")
+    for name, calibrated in run.backends.items():
+        table = calibrated.table
+        lines.append(f"{name}: search {json.dumps(table.search)}")
+        lines.append("  front over the search and held-out prompts: work (1/work), worst prompt of both sets (dB); "
+                     "held-out mean / worst, search worst; knobs off their defaults")
+        for p in table.front():
+            lines.append(f"  work={p.work:.3f} ({1 / p.work:.2f}x) worst={p.worst_db:.2f}; held-out {p.psnr_mean:.2f}/"
+                         f"{p.psnr_min:.2f}, search {p.search_psnr_min:.2f}  {changed_knobs(name, p.config)}")
     return "\n".join(lines)

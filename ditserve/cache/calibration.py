@@ -2,9 +2,10 @@
 
 ``ditserve calibrate MODEL`` (``calibrate_cli``) runs the uncached model, records per step the change of the
 first block's modulated input, the change of the block loop's output and the magnitude of its residual, and
-fits from them TeaCache's rescale polynomial and MagCache's magnitude ratios. It also sweeps each backend's
-main knob and measures work and PSNR against the uncached output: the quality table that ``target_psnr`` and
-``quality`` resolve against. The file sits in the model folder (``ditserve_calibration.json``) when that is
+fits from them TeaCache's rescale polynomial and MagCache's magnitude ratios. It also searches each backend's
+knobs for the Pareto front of work against worst-prompt PSNR (``ditserve.cache.search``) and measures that front
+on held-out prompts: the quality table (``ditserve.cache.quality_table``) that ``target_psnr`` and ``quality``
+resolve against. The file sits in the model folder (``ditserve_calibration.json``) when that is
 writable, else in the user cache directory keyed by the model id.
 """
 
@@ -24,10 +25,12 @@ import numpy as np
 import torch
 
 from ditserve.cache.hooks import Decision, SkipPolicy, relative_l1
+from ditserve.cache.quality_table import Resolution, choose_point, quality_table
 from ditserve.errors import CacheConfigError
 
 CALIBRATION_FILE = "ditserve_calibration.json"
-FORMAT_VERSION = 1
+#: written by ``ditserve calibrate``; format 1 files (one knob swept) are still read (``quality_table``)
+FORMAT_VERSION = 2
 #: PSNR reported for identical images (JSON has no infinity)
 PSNR_CAP = 100.0
 
@@ -80,25 +83,18 @@ def save_calibration(model_path: str, data: Mapping[str, Any]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def resolve_target(model_path: str | None, backend: str, knob: str, target_psnr: float) -> tuple[float, dict]:
-    """The fastest ``knob`` value whose worst PSNR over the calibration prompts met ``target_psnr``."""
+def resolve_target(model_path: str | None, backend: str, target_psnr: float,
+                   fixed: Mapping[str, Any]) -> Resolution:
+    """The config of the fastest calibrated point whose worst prompt met ``target_psnr`` (see ``choose_point``)."""
     calibration = load_calibration(model_path) or {}
-    table = calibration.get("quality_table", {}).get(backend)
-    if not table or not table.get("rows"):
+    table = quality_table(calibration, backend) if calibration else None
+    if table is None or not table.points:
         raise CacheConfigError(
             f"a quality target needs the quality table of {backend} for {model_path}, and there is none: run "
-            f"'ditserve calibrate {model_path}' first, or set {knob} directly", param="target_psnr")
-    rows = table["rows"]
-    meeting = [r for r in rows if r["psnr_min"] >= target_psnr]
-    if not meeting:
-        best = max(rows, key=lambda r: r["psnr_min"])
-        raise CacheConfigError(
-            f"target_psnr={target_psnr} dB is out of reach for {backend} on this model: the best setting in the "
-            f"calibration table ({knob}={best['value']}) reached {best['psnr_min']:.2f} dB", param="target_psnr")
-    chosen = min(meeting, key=lambda r: (r["work_fraction"], -r["psnr_min"]))
-    resolution = {"target_psnr": target_psnr, knob: chosen["value"], "table_psnr_min": chosen["psnr_min"],
-                  "table_work_fraction": chosen["work_fraction"], "table_file": calibration.get("_file")}
-    return chosen["value"], resolution
+            f"'ditserve calibrate {model_path}' first, or set the cache's options directly", param="target_psnr")
+    chosen = choose_point(table, target_psnr, fixed)
+    return Resolution(target_psnr, dict(chosen.config), chosen.worst_db, chosen.psnr_mean, chosen.work,
+                      calibration.get("_file"))
 
 
 # ---------------------------------------------------------------------------------------------- recording

@@ -18,6 +18,7 @@ import torch
 from ditserve.cache.base import integer_in, number_in
 from ditserve.cache.hooks import Decision, SkipPolicy
 from ditserve.cache.residual_backend import ResidualCacheBackend
+from ditserve.cache.search import Knob
 from ditserve.cache.spec import CacheSpec
 from ditserve.errors import CacheConfigError, InvalidTypeError
 
@@ -96,6 +97,12 @@ class MagCacheBackend(ResidualCacheBackend):
     defaults = {"magcache_thresh": 0.06, "magcache_K": 3, "retention_ratio": 0.2, "mag_ratios": None}
     checks = {"magcache_thresh": number_in(0.0, 100.0), "magcache_K": integer_in(0, 1000),
               "retention_ratio": number_in(0.0, 1.0), "mag_ratios": check_mag_ratios}
+    # K and the retention share cap the skipping whatever the threshold allows (3 and 0.2 stop at 40 % of the
+    # work), so the search moves them too
+    search_knobs = (Knob("magcache_thresh", (0.01, 0.02, 0.03, 0.06, 0.09, 0.12, 0.18, 0.24, 0.36, 0.5, 0.8)),
+                    Knob("magcache_K", (1, 2, 3, 4, 6, 8, 12, 16)),
+                    Knob("retention_ratio", (0.0, 0.05, 0.1, 0.2, 0.3)))
+    search_seeds = (0.03, 0.06, 0.12, 0.24)
 
     def configure(self, spec: CacheSpec, calibration: dict[str, Any] | None) -> None:
         measured = (calibration or {}).get("mag_cache", {}).get("mag_ratios")

@@ -17,6 +17,7 @@ import torch
 from ditserve.cache.base import number_in, number_list
 from ditserve.cache.hooks import Decision, SkipPolicy, relative_l1
 from ditserve.cache.residual_backend import ResidualCacheBackend
+from ditserve.cache.search import Knob
 from ditserve.cache.spec import CacheSpec, polynomial
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class TeaCacheBackend(ResidualCacheBackend):
     main_knob = "rel_l1_thresh"
     defaults = {"rel_l1_thresh": 0.2, "coefficients": None}
     checks = {"rel_l1_thresh": number_in(0.0, 100.0), "coefficients": number_list}
+    # the threshold is TeaCache's only knob that trades speed for quality
+    search_knobs = (Knob("rel_l1_thresh", (0.03, 0.05, 0.07, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)),)
+    search_seeds = (0.05, 0.1, 0.2, 0.3, 0.4)
 
     def configure(self, spec: CacheSpec, calibration: dict[str, Any] | None) -> None:
         fitted = (calibration or {}).get("tea_cache", {}).get("coefficients")

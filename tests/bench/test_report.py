@@ -3,13 +3,23 @@ from pathlib import Path
 
 import pytest
 
-from ditserve.bench.report import best_at, pareto_front, summary_lines, write_outputs
+from ditserve.bench.report import (
+    QualityMeasure,
+    SpeedBasis,
+    best_at,
+    pareto_front,
+    summary_lines,
+    summary_text,
+    write_outputs,
+)
 
 
-def _record(system: str, psnr: float, speedup: float, method: str = "m", status: str = "ok") -> dict:
+def _record(system: str, psnr: float, speedup: float, method: str = "m", status: str = "ok",
+            worst: float | None = None, work_speedup: float | None = None) -> dict:
     return {"system": system, "method": method, "group": "baseline" if method == "uncached" else "x",
             "config": {}, "label": f"{system} {method} {speedup}", "status": status, "reason": "r",
-            "psnr_db": psnr, "psnr_min_db": psnr, "ssim": 0.9, "speedup": speedup,
+            "psnr_db": psnr, "psnr_min_db": psnr if worst is None else worst, "ssim": 0.9, "speedup": speedup,
+            "work_speedup": speedup if work_speedup is None else work_speedup,
             "speedup_vs_diffusers_uncached": speedup, "speedup_vs_ditserve_uncached": speedup,
             "median_s": 1 / speedup, "denoise_median_s": None, "compute_fraction": 0.5, "adherence": None}
 
@@ -34,8 +44,24 @@ def test_best_at_takes_the_fastest_setting_of_a_side_that_reaches_the_level() ->
     assert best_at(RECORDS, "ours", 101.0) is None
 
 
+def test_worst_prompt_and_work_frontiers_pick_their_own_best_settings() -> None:
+    records = [_record("diffusers", 100.0, 1.0, "uncached"),
+               # mean 33 dB but a worst prompt at 27: counts at 30 dB by the mean only
+               _record("ditserve", 33.0, 4.0, worst=27.0, work_speedup=5.0),
+               _record("ditserve", 32.0, 3.0, worst=30.5, work_speedup=6.0),
+               _record("diffusers", 31.0, 2.0, worst=30.0, work_speedup=2.5)]
+    assert best_at(records, "ours", 30.0, QualityMeasure.MEAN)["speedup"] == 4.0
+    assert best_at(records, "ours", 30.0, QualityMeasure.WORST)["speedup"] == 3.0
+    assert best_at(records, "ours", 30.0, QualityMeasure.MEAN, SpeedBasis.WORK)["work_speedup"] == 6.0
+    lines = {(line["quality"], line["psnr_at_least_db"]): line for line in summary_lines(records)}
+    worst = lines[("worst", 30.0)]
+    assert (worst["ours_speedup"], worst["peer_speedup"], worst["ratio"]) == (3.0, 2.0, 1.5)
+    assert (worst["ours_work_speedup"], worst["work_ratio"]) == (6.0, pytest.approx(6.0 / 2.5))
+    assert summary_text(worst).startswith("worst-prompt PSNR >= 30 dB: ours 3.00x")
+
+
 def test_summary_gives_ours_the_peers_and_the_ratio_per_level() -> None:
-    lines = {line["psnr_at_least_db"]: line for line in summary_lines(RECORDS)}
+    lines = {line["psnr_at_least_db"]: line for line in summary_lines(RECORDS) if line["quality"] == "mean"}
     assert lines[25.0]["ratio"] == pytest.approx(4.0 / 2.5)
     assert lines[30.0]["ratio"] == pytest.approx(3.0 / 1.5)
     assert lines[35.0]["ours_speedup"] == 2.0 and lines[35.0]["peer_speedup"] == 1.0
@@ -49,7 +75,8 @@ def test_write_outputs_makes_json_markdown_and_plot(tmp_path: Path) -> None:
                "records": RECORDS}
     paths = write_outputs(results, tmp_path / "out", command="ditserve bench --quick")
     loaded = json.loads(paths["json"].read_text())
-    assert len(loaded["summary"]) == 3 and loaded["command"] == "ditserve bench --quick"
+    assert len(loaded["summary"]) == 6 and loaded["command"] == "ditserve bench --quick"
     text = paths["markdown"].read_text()
-    assert "PSNR >= 30 dB: ours 3.00x" in text and "| failed | r |" in text
+    assert "worst-prompt PSNR >= 30 dB: ours 3.00x" in text and "mean PSNR >= 30 dB" in text
+    assert "| failed | r |" in text
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"

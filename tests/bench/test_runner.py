@@ -47,3 +47,37 @@ def test_diffusers_hooks_still_run_after_the_cache_dit_library_in_a_later_round(
     assert records[("cache-dit", "DBCache+TaylorSeer")]["status"] == "ok"
     assert records[("diffusers", "FirstBlockCache")]["status"] == "ok"
     assert records[("diffusers", "FirstBlockCache")]["samples"] == 2
+
+
+def test_peers_are_searched_on_our_calibration_prompts_and_run_their_fronts(tiny_flux_dir: str, tmp_path) -> None:
+    """--search-peers: each peer with knobs gets the search on the prompts and seeds our calibration searched on,
+    and its rows are its front; our rows are our calibrated front, every searched knob set."""
+    import json
+    import shutil
+
+    from ditserve.bench.peer_search import PEER_SPACES
+    from ditserve.bench.runner import run_bench
+    from ditserve.cache.calibration import CALIBRATION_FILE
+
+    model = tmp_path / "flux"
+    shutil.copytree(tiny_flux_dir, model)
+    point = {"config": {"rel_l1_thresh": 2.0}, "work_fraction": 0.5, "psnr_mean": 30.0, "psnr_min": 28.0,
+             "search_work_fraction": 0.5, "search_psnr_min": 29.0, "on_front": True}
+    (model / CALIBRATION_FILE).write_text(json.dumps({
+        "format": 2, "params": {"num_inference_steps": 3, "seed": 5}, "prompts": ["a red cat", "a blue dog"],
+        "quality_table": {"tea_cache": {"knobs": ["rel_l1_thresh"], "search": {}, "points": [point]}}}))
+    options = BenchOptions(model=str(model), steps=3, num_prompts=1, repeats=1, height=64, width=64,
+                           show_progress=False, search_peers=4, only=("TeaCache", "FirstBlockCache"))
+    results = run_bench(options)
+    assert set(results["peer_search"]) == {f"{system} {method}" for system, method in PEER_SPACES}
+    # the same budget as ours per knob count: the cache-dit library's 9 knobs get twice the generations
+    assert all(record["generations"] <= (8 if name == "cache-dit DBCache" else 4)
+               for name, record in results["peer_search"].items())
+    searched = results["peer_search"]["diffusers FirstBlockCache"]["front"]
+    rows = [r for r in results["records"] if r["method"] == "FirstBlockCache"]
+    # the rows are the points a target can resolve to: here (random weights skip nothing) the fastest one alone
+    assert [r["config"] for r in rows] == [searched[0]["config"]] and searched[0]["psnr_min"] >= 45.0
+    ours = [r for r in results["records"] if r["method"] == "TeaCache"]
+    assert [r["config"] for r in ours] == [{"rel_l1_thresh": 2.0}]
+    with pytest.raises(ValueError, match="steps"):
+        run_bench(BenchOptions(**{**vars(options), "steps": 4}))

@@ -13,6 +13,8 @@ import torch
 from ditserve import Omni
 from ditserve.cache.calibrate import calibrate
 from ditserve.cache.calibration import CALIBRATION_FILE, load_calibration
+from ditserve.cache.quality_table import choose_point, quality_table
+from ditserve.cache.search import Knob, SearchSpace
 from ditserve.cache.selector import build_cache_backend
 from ditserve.cache.spec import cache_spec_for
 from ditserve.errors import CacheConfigError, UnknownKeyError
@@ -87,16 +89,22 @@ def test_target_without_a_calibration_says_to_calibrate(private_flux_dir: str) -
 
 
 def test_calibration_fits_writes_and_is_picked_up(private_flux_dir: str) -> None:
+    spaces = {"tea_cache": SearchSpace((Knob("rel_l1_thresh", (0.0, 5.0)),), ({"rel_l1_thresh": 0.0},)),
+              "mag_cache": SearchSpace((Knob("magcache_thresh", (0.0, 0.01)),), ({"magcache_thresh": 0.0},))}
     with Omni(private_flux_dir) as omni:
-        data, path = calibrate(omni, ["a red cat", "a blue dog"], {**PARAMS, "seed": 0},
-                               {"tea_cache": (0.0, 5.0), "mag_cache": (0.0,)})
-    assert path == str(Path(private_flux_dir, CALIBRATION_FILE))
+        run = calibrate(omni, ["a red cat", "a blue dog"], ["a green cat"], {**PARAMS, "seed": 0},
+                        ["tea_cache", "mag_cache"], budget=20, spaces=spaces)
+    assert run.path == str(Path(private_flux_dir, CALIBRATION_FILE))
     stored = load_calibration(private_flux_dir)
-    assert stored["tea_cache"]["coefficients"] == data["tea_cache"]["coefficients"]
+    assert stored["format"] == 2 and stored["holdout_prompts"] == ["a green cat"]
+    assert stored["tea_cache"]["coefficients"] == run.data["tea_cache"]["coefficients"]
     assert len(stored["mag_cache"]["mag_ratios"]["cond"]) == PARAMS["num_inference_steps"]
-    rows = stored["quality_table"]["tea_cache"]["rows"]
-    assert rows[0]["work_fraction"] == 1.0 and rows[0]["psnr_min"] == 100.0
-    assert rows[1]["work_fraction"] < 1.0 and rows[1]["psnr_min"] < 100.0
+    points = stored["quality_table"]["tea_cache"]["points"]
+    # the uncached end and the skipping end are both on the front, measured on the held-out prompt
+    assert [p["config"]["rel_l1_thresh"] for p in points] == [5.0, 0.0]
+    assert points[1]["work_fraction"] == 1.0 and points[1]["psnr_min"] == 100.0
+    assert points[0]["work_fraction"] < 1.0 and points[0]["psnr_min"] < 100.0 and points[0]["on_front"]
+    assert stored["quality_table"]["tea_cache"]["search"]["generations"] == 4
     with Omni(private_flux_dir, cache_backend="mag_cache") as omni:
         stats = omni.generate("a red cat", {**PARAMS, "seed": 0})[0].cache_stats
     assert stats["config"]["mag_ratios_source"].startswith("calibration file")
@@ -134,11 +142,13 @@ def test_calibration_serves_families_without_published_coefficients(family: str,
     params = {**options, "num_inference_steps": 4, "seed": 0}
     with pytest.raises(CacheConfigError, match="ditserve calibrate"):
         Omni(str(model_dir), cache_backend="mag_cache")
+    space = SearchSpace((Knob("residual_diff_threshold", (0.0, 0.01)),), ({"residual_diff_threshold": 0.0},))
     with Omni(str(model_dir)) as omni:
-        data, _ = calibrate(omni, items, params, {"cache_dit": (0.0,)})
+        data = calibrate(omni, items[:1], items[1:], params, ["cache_dit"], budget=2,
+                         spaces={"cache_dit": space}).data
     assert data["transformer_class"] == transformer_class
     assert set(data["mag_cache"]["mag_ratios"]) == {"cond", "uncond"}
-    assert data["quality_table"]["cache_dit"]["rows"][0]["psnr_min"] == 100.0
+    assert data["quality_table"]["cache_dit"]["points"][0]["psnr_min"] == 100.0
     with Omni(str(model_dir), cache_backend="mag_cache") as omni:
         stats = omni.generate(items[0], params)[0].cache_stats
     assert stats["config"]["mag_ratios_source"].startswith("calibration file")
@@ -155,10 +165,83 @@ def test_calibration_serves_wan_image_to_video(tmp_path: Path) -> None:
     items = [{"prompt": p, "multi_modal_data": {"image": image}} for p in ("a red cat", "a blue dog")]
     params = {"num_inference_steps": 4, "height": 32, "width": 32, "num_frames": 5, "max_sequence_length": 32,
               "seed": 0}
+    space = SearchSpace((Knob("rel_l1_thresh", (0.0, 0.01)),), ({"rel_l1_thresh": 0.0},))
     with Omni(str(model_dir)) as omni:
-        data, _ = calibrate(omni, items, params, {"tea_cache": (0.0,)})
+        data = calibrate(omni, items[:1], items[1:], params, ["tea_cache"], budget=1,
+                         spaces={"tea_cache": space}).data
     assert set(data["mag_cache"]["mag_ratios"]) == {"cond", "uncond", "transformer_2:cond", "transformer_2:uncond"}
-    assert data["quality_table"]["tea_cache"]["rows"][0]["psnr_min"] == 100.0
+    assert data["quality_table"]["tea_cache"]["points"][0]["psnr_min"] == 100.0
     with Omni(str(model_dir), cache_backend="mag_cache") as omni:
         stats = omni.generate(items[0], params)[0].cache_stats
     assert stats["config"]["mag_ratios_source"].startswith("calibration file")
+
+
+def _write_v2_mag_table(model_dir: str) -> None:
+    def point(thresh: float, k: int, retention: float, work: float, psnr_min: float, on_front: bool) -> dict:
+        return {"config": {"magcache_thresh": thresh, "magcache_K": k, "retention_ratio": retention},
+                "work_fraction": work, "psnr_mean": psnr_min + 3, "psnr_min": psnr_min,
+                "search_work_fraction": work, "search_psnr_min": psnr_min + 1, "on_front": on_front}
+
+    table = {"knobs": ["magcache_thresh", "magcache_K", "retention_ratio"], "search": {"generations": 9},
+             "points": [point(0.24, 8, 0.05, 0.25, 29.0, True), point(0.12, 6, 0.1, 0.3, 32.0, True),
+                        point(0.06, 2, 0.2, 0.45, 40.0, True), point(0.12, 2, 0.2, 0.4, 31.0, False)]}
+    Path(model_dir, CALIBRATION_FILE).write_text(json.dumps({"format": 2, "quality_table": {"mag_cache": table}}))
+
+
+def test_a_target_sets_every_searched_knob_from_the_fastest_front_point_meeting_it(private_flux_dir: str) -> None:
+    _write_v2_mag_table(private_flux_dir)
+    with Omni(private_flux_dir, cache_backend="mag_cache", cache_config={"quality": "balanced"}) as omni:
+        stats = omni.generate("a red cat", {**PARAMS, "seed": 1})[0].cache_stats
+    assert (stats["config"]["magcache_thresh"], stats["config"]["magcache_K"],
+            stats["config"]["retention_ratio"]) == (0.12, 6, 0.1)
+    assert stats["resolved_from"]["config"]["magcache_K"] == 6 and stats["resolved_from"]["table_psnr_min"] == 32.0
+
+
+def test_a_hand_given_knob_wins_and_the_target_picks_among_points_measured_with_it(private_flux_dir: str) -> None:
+    _write_v2_mag_table(private_flux_dir)
+    backend = build_cache_backend("mag_cache", {"target_psnr": 30, "magcache_K": 2})
+    backend.resolve_quality_target(private_flux_dir)
+    # the off-front point with K=2 is faster than the front one with K=2 and still meets 30 dB
+    assert (backend.config["magcache_thresh"], backend.config["magcache_K"]) == (0.12, 2)
+    with pytest.raises(CacheConfigError, match=r"magcache_K.*measured values") as error:
+        build_cache_backend("mag_cache", {"target_psnr": 30, "magcache_K": 5}).resolve_quality_target(private_flux_dir)
+    assert error.value.param == "magcache_K"
+    # an option the search does not move is left alone and does not restrict the choice
+    backend = build_cache_backend("mag_cache", {"target_psnr": 30, "mag_ratios": [1.0, 0.9, 0.8]})
+    backend.resolve_quality_target(private_flux_dir)
+    assert backend.config["magcache_K"] == 6
+
+
+def test_a_calibration_file_of_an_unknown_format_is_refused_naming_the_field(private_flux_dir: str) -> None:
+    Path(private_flux_dir, CALIBRATION_FILE).write_text(json.dumps({"format": 9, "quality_table": {}}))
+    with pytest.raises(CacheConfigError, match="format 9") as error:
+        build_cache_backend("tea_cache", {"target_psnr": 30}).resolve_quality_target(private_flux_dir)
+    assert error.value.param == "format"
+
+
+def test_a_point_is_judged_by_its_worst_prompt_over_the_held_out_and_the_search_prompts() -> None:
+    def point(work: float, held_out_worst: float, search_worst: float) -> dict:
+        return {"config": {"rel_l1_thresh": work}, "work_fraction": work, "psnr_mean": 40.0,
+                "psnr_min": held_out_worst, "search_work_fraction": work + 0.02, "search_psnr_min": search_worst,
+                "on_front": True}
+
+    # the fast point's held-out prompts were easy (31 dB) but a search prompt fell to 28: it misses 30 dB
+    data = {"format": 2, "quality_table": {"tea_cache": {"knobs": ["rel_l1_thresh"], "search": {}, "points": [
+        point(0.15, 31.0, 28.0), point(0.2, 33.0, 32.0)]}}}
+    table = quality_table(data, "tea_cache")
+    assert [p.worst_db for p in table.points] == [28.0, 32.0] and table.points[0].work == pytest.approx(0.16)
+    assert choose_point(table, 30.0, {}).config == {"rel_l1_thresh": 0.2}
+    # stored front marks are redone by the rule targets resolve by
+    data["quality_table"]["tea_cache"]["points"].append(point(0.3, 27.0, 27.0))
+    assert [p.on_front for p in quality_table(data, "tea_cache").points] == [True, True, False]
+
+
+def test_format_1_rows_become_single_knob_points_with_their_front_marked() -> None:
+    rows = [{"value": 0.1, "work_fraction": 0.8, "speedup": 1.0, "psnr_mean": 40.0, "psnr_min": 38.0},
+            {"value": 0.2, "work_fraction": 0.8, "speedup": 1.0, "psnr_mean": 35.0, "psnr_min": 33.0},
+            {"value": 0.4, "work_fraction": 0.5, "speedup": 1.0, "psnr_mean": 33.0, "psnr_min": 31.0}]
+    table = quality_table({"format": 1, "quality_table": {"tea_cache": {"knob": "rel_l1_thresh", "rows": rows}}},
+                          "tea_cache")
+    assert table.knobs == ("rel_l1_thresh",)
+    assert [(p.config, p.on_front) for p in table.points] == [
+        ({"rel_l1_thresh": 0.4}, True), ({"rel_l1_thresh": 0.1}, True), ({"rel_l1_thresh": 0.2}, False)]

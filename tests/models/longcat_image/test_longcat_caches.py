@@ -12,6 +12,7 @@ import torch
 
 from ditserve import Omni
 from ditserve.cache.calibrate import calibrate
+from ditserve.cache.search import Knob, SearchSpace
 from ditserve.cache.spec import cache_spec_for
 from ditserve.errors import CacheConfigError
 from ditserve.testing import tiny_pipeline_dir
@@ -107,12 +108,14 @@ def test_calibration_serves_longcat(folder: str, tmp_path: Path) -> None:
     params = {**PARAMS, "num_inference_steps": 4}
     with pytest.raises(CacheConfigError, match="ditserve calibrate"):
         Omni(model_dir, cache_backend="mag_cache")
+    space = SearchSpace((Knob("rel_l1_thresh", (0.0, 0.01)),), ({"rel_l1_thresh": 0.0},))
     with Omni(model_dir) as omni:
-        data, _ = calibrate(omni, ["a red cat", "a blue dog"], params, {"tea_cache": (0.0,)})
+        data = calibrate(omni, ["a red cat"], ["a blue dog"], params, ["tea_cache"], budget=1,
+                         spaces={"tea_cache": space}).data
     assert data["transformer_class"] == "LongCatImageTransformer2DModel"
     assert set(data["mag_cache"]["mag_ratios"]) == {"cond", "uncond"}
     assert all(len(ratios) == 4 for ratios in data["mag_cache"]["mag_ratios"].values())
-    assert data["quality_table"]["tea_cache"]["rows"][0]["psnr_min"] == 100.0
+    assert data["quality_table"]["tea_cache"]["points"][0]["psnr_min"] == 100.0
     with Omni(model_dir, cache_backend="mag_cache") as omni:
         stats = omni.generate("a red cat", params)[0].cache_stats
     assert stats["config"]["mag_ratios_source"].startswith("calibration file")

@@ -1,0 +1,72 @@
+"""``ditserve calibrate``: prompt sets, flags, the written file and the search log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from ditserve.cache.calibrate import DEFAULT_BUDGET, default_budget, search_space
+from ditserve.cache.calibrate_cli import DEMO_PROMPT_SEED, calibration_prompts, chosen_backends
+from ditserve.cache.calibration import CALIBRATION_FILE
+from ditserve.entrypoints.cli import main
+from ditserve.errors import InvalidParameterError
+
+
+def _args(**given) -> argparse.Namespace:
+    return argparse.Namespace(**{"prompts": None, "model": "ditserve-shapes", "num_prompts": 4,
+                                 "holdout_prompts": 4, **given})
+
+
+def test_the_demo_searches_and_holds_out_disjoint_prompts_that_the_bench_never_uses() -> None:
+    from ditserve.demo import heldout_prompts
+
+    search, holdout = calibration_prompts(_args())
+    assert len(search) == 4 and len(holdout) == 4 and not set(search) & set(holdout)
+    assert search + holdout == heldout_prompts(8, seed=DEMO_PROMPT_SEED)
+    # the bench draws the demo's prompts with seed 0
+    assert not set(search + holdout) & set(heldout_prompts(4, seed=0))
+
+
+def test_spaces_of_many_knobs_get_twice_the_default_budget() -> None:
+    assert default_budget(search_space("tea_cache")) == default_budget(search_space("mag_cache")) == DEFAULT_BUDGET
+    assert default_budget(search_space("cache_dit")) == 2 * DEFAULT_BUDGET
+
+
+def test_too_few_prompts_and_unknown_backends_are_refused_naming_the_flag(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nb\nc\n")
+    with pytest.raises(InvalidParameterError, match="3 prompts") as error:
+        calibration_prompts(_args(prompts=str(prompts), num_prompts=2, holdout_prompts=2))
+    assert error.value.param == "prompts"
+    with pytest.raises(InvalidParameterError, match="fast_cache") as error:
+        chosen_backends("tea_cache,fast_cache")
+    assert error.value.param == "backends"
+
+
+def test_calibrate_writes_a_format_2_table_and_the_search_log(private_flux_dir: str, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    log = tmp_path / "log.json"
+    code = main(["calibrate", private_flux_dir, "--steps", "4", "--num-prompts", "2", "--height", "64", "--width", "64",
+                 "--holdout-prompts", "1", "--budget", "3", "--backends", "tea_cache",
+                 "--search-log", str(log)])
+    assert code == 0
+    stored = json.loads(Path(private_flux_dir, CALIBRATION_FILE).read_text())
+    assert stored["format"] == 2 and len(stored["prompts"]) == 2 and len(stored["holdout_prompts"]) == 1
+    table = stored["quality_table"]["tea_cache"]
+    assert table["knobs"] == ["rel_l1_thresh"] and table["search"]["generations"] <= 3
+    logged = json.loads(log.read_text())["tea_cache"]
+    assert len(logged) == table["search"]["evaluated"] and {e["status"] for e in logged} <= {
+        "complete", "pruned", "out_of_budget", "infeasible"}
+    assert "front over the search and held-out prompts" in capsys.readouterr().out
+    # searching another backend the same way keeps this one's table; other params drop it (measured otherwise)
+    same = ["calibrate", private_flux_dir, "--steps", "4", "--num-prompts", "2", "--height", "64", "--width", "64",
+            "--holdout-prompts", "1", "--budget", "1"]
+    assert main([*same, "--backends", "mag_cache"]) == 0
+    assert set(json.loads(Path(private_flux_dir, CALIBRATION_FILE).read_text())["quality_table"]) == {
+        "tea_cache", "mag_cache"}
+    assert main([*same, "--seed", "3", "--backends", "mag_cache"]) == 0
+    assert set(json.loads(Path(private_flux_dir, CALIBRATION_FILE).read_text())["quality_table"]) == {"mag_cache"}
+    assert main(["calibrate", private_flux_dir, "--budget", "0"]) == 2
