@@ -14,7 +14,15 @@ from ditserve.demo.edit_language import (
     parse_instruction,
     sample_edits,
 )
-from ditserve.demo.language import COLORS, POSITIONS, SHAPES, Scene, is_in_language, parse_prompt, sample_prompts
+from ditserve.demo.language import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    is_in_language,
+    parse_prompt,
+    sample_prompts,
+)
 from ditserve.demo.model import build_clip_tokenizer, build_t5_tokenizer
 from ditserve.errors import InvalidParameterError
 
