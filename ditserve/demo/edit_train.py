@@ -67,12 +67,13 @@ class EditTrainConfig:
     init_from: str = ""
     device: str = "auto"
     seed: int = 0
+    # The defaults are the run of the shipped weights (model card); its time budget, not the step count, ends it.
     steps: int = 100_000
     batch: int = 16
-    lr: float = 6e-4
+    lr: float = 5e-4
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    ema_decay: float = 0.995
+    ema_decay: float = 0.998
     # Dropped instructions ("") keep the edited target: the unconditional branch of true CFG (negative_prompt "")
     # then predicts an average edit of the input, and CFG pushes toward the named one.
     prompt_dropout: float = 0.1
@@ -82,7 +83,7 @@ class EditTrainConfig:
     log_every: int = 25
     # Wall-clock budget in minutes (0: none); the learning-rate schedule ends with whichever runs out first,
     # steps or minutes. A resumed run counts the minutes its checkpoint had already spent.
-    max_minutes: float = 60.0
+    max_minutes: float = 75.0
 
 
 def load_edit_pipeline(init_from: str | Path) -> FluxKontextPipeline:
