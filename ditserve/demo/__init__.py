@@ -19,6 +19,8 @@ from ditserve.demo.language import (
 from ditserve.demo.render import render
 
 DEMO_MODEL_NAME = "ditserve-shapes"
+# The instruction-editing model trained from it (FluxKontextPipeline), with its own instruction language.
+DEMO_EDIT_MODEL_NAME = f"{DEMO_MODEL_NAME}-edit"
 # The trained LoRA shipped beside the model (a PEFT folder): it teaches the shape word language.NEW_SHAPE.
 DEMO_LORA_NAME = f"{DEMO_MODEL_NAME}-lora-{NEW_SHAPE}"
 
@@ -28,16 +30,23 @@ def demo_model_path() -> Path:
     return Path(__file__).resolve().parent / DEMO_MODEL_NAME
 
 
+def demo_edit_model_path() -> Path:
+    """Folder of the bundled diffusers-format edit model (FluxKontextPipeline)."""
+    return Path(__file__).resolve().parent / DEMO_EDIT_MODEL_NAME
+
+
 def demo_lora_path() -> Path:
     """Folder of the bundled demo LoRA (PEFT format), for ``LoRARequest(lora_path=...)``."""
     return Path(__file__).resolve().parent / DEMO_LORA_NAME
 
 
 __all__ = [
+    "DEMO_EDIT_MODEL_NAME",
     "DEMO_LORA_NAME",
     "DEMO_MODEL_NAME",
     "NEW_SHAPE",
     "PromptOutsideLanguageError",
+    "demo_edit_model_path",
     "demo_lora_path",
     "demo_model_path",
     "evaluate",

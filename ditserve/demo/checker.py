@@ -110,6 +110,14 @@ def label_colors(pixels: np.ndarray) -> np.ndarray:
     return labels
 
 
+def label_image(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
+    """``label_colors`` of a square picture."""
+    pixels = _to_array(image)
+    if pixels.shape[0] != pixels.shape[1]:
+        raise InvalidParameterError(f"image must be square, got {pixels.shape[1]}x{pixels.shape[0]}", param="image")
+    return label_colors(pixels)
+
+
 def _window(center: tuple[float, float], half: float, side: int) -> tuple[slice, slice]:
     cx, cy = center
     x0, x1 = max(0, round((cx - half) * side)), min(side, round((cx + half) * side))
@@ -159,31 +167,32 @@ def _score_object(labels: np.ndarray, obj: ShapeObject) -> ObjectScore:
     return ObjectScore(obj, present=True, shape_ok=_classify_shape(region) == obj.shape, size_ok=size == obj.size)
 
 
-def _count_extra_objects(labels: np.ndarray, scene: Scene, background: int) -> int:
+def extra_positions(labels: np.ndarray, scene: Scene) -> list[str]:
+    """The positions the scene leaves empty whose inner square (that no neighbour reaches) is mostly not the
+    background's colour: an object the prompt does not have."""
     occupied = {obj.position for obj in scene.objects}
-    extra = 0
+    background = COLORS.index(scene.background_color)
+    extra = []
     for index, position in enumerate(POSITIONS):
         if position in occupied:
             continue
         inner = labels[_window(cell_center(*divmod(index, 3)), INNER_HALF, labels.shape[0])]
-        extra += int((inner != background).mean() > MAX_FOREIGN_FRACTION)
+        if (inner != background).mean() > MAX_FOREIGN_FRACTION:
+            extra.append(position)
     return extra
 
 
 def score(image: Image.Image | np.ndarray | torch.Tensor, prompt: str | Scene) -> PromptScore:
     """Score one square image against its prompt."""
     scene = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    pixels = _to_array(image)
-    if pixels.shape[0] != pixels.shape[1]:
-        raise InvalidParameterError(f"image must be square, got {pixels.shape[1]}x{pixels.shape[0]}", param="image")
-    labels = label_colors(pixels)
+    labels = label_image(image)
     background = COLORS.index(scene.background_color)
     known = labels[labels >= 0]
     dominant = int(np.bincount(known, minlength=len(COLORS)).argmax()) if known.size else -1
     return PromptScore(
         objects=tuple(_score_object(labels, obj) for obj in scene.objects),
         background_ok=dominant == background,
-        extra_objects=_count_extra_objects(labels, scene, background),
+        extra_objects=len(extra_positions(labels, scene)),
     )
 
 

@@ -18,6 +18,13 @@ DOCS_DIR = Path("docs/demo")
 EVAL_STEPS = (50, 20)
 
 
+class Task(str, enum.Enum):
+    """Which demo model a command is about: the text-to-image one or the instruction-editing one."""
+
+    IMAGE = "image"
+    EDIT = "edit"
+
+
 class PromptSet(str, enum.Enum):
     """Which held-out prompts ``eval`` scores: the base language's, or those with the LoRA's new shape."""
 
@@ -63,23 +70,55 @@ def write_defaults(model_dir: Path, true_cfg_scale: float) -> None:
     (model_dir / "ditserve_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
 
 
+def _given_options(args: argparse.Namespace, config_class) -> dict:
+    """The config fields given on the command line; an option of the other task's config is refused by name."""
+    from ditserve.demo.edit_train import EditTrainConfig
+    from ditserve.demo.train import TrainConfig
+
+    own = {f.name for f in fields(config_class)}
+    for field in {f.name for c in (TrainConfig, EditTrainConfig) for f in fields(c)} - own:
+        if getattr(args, field, None) is not None:
+            raise InvalidParameterError(f"--{field.replace('_', '-')} is not an option of --task {args.task}",
+                                        param=field)
+    return {name: getattr(args, name) for name in own if getattr(args, name, None) is not None}
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
+    if Task(args.task) is Task.EDIT:
+        _cmd_train_edit(args)
+        return
     from ditserve.demo.train import TrainConfig, train
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    config = TrainConfig(**overrides)
+    config = TrainConfig(**_given_options(args, TrainConfig))
     run_dir = Path(config.run_dir)
     has_checkpoint = (run_dir / "vae.pt").exists() or (run_dir / "transformer.pt").exists()
     if has_checkpoint and not args.resume:
         raise InvalidParameterError(
             f"{run_dir} holds checkpoints: pass --resume to continue them, or choose another --run-dir", param="resume"
         )
-    output = Path(args.output)
+    output = Path(args.output or "runs/ditserve-shapes/final")
     if output.exists():
         shutil.rmtree(output)
     train(config, output)
     write_defaults(output, args.cfg_scale)
     print(f"trained pipeline written to {output}")
+
+
+def _cmd_train_edit(args: argparse.Namespace) -> None:
+    from ditserve.demo.edit_evaluation import write_edit_defaults
+    from ditserve.demo.edit_train import EditTrainConfig, train_edit
+
+    config = EditTrainConfig(**_given_options(args, EditTrainConfig))
+    if (Path(config.run_dir) / "edit.pt").exists() and not args.resume:
+        raise InvalidParameterError(
+            f"{config.run_dir} holds a checkpoint: pass --resume to continue it, or choose another --run-dir",
+            param="resume")
+    output = Path(args.output or "runs/ditserve-shapes-edit/final")
+    if output.exists():
+        shutil.rmtree(output)
+    train_edit(config, output)
+    write_edit_defaults(output, args.cfg_scale)
+    print(f"trained edit pipeline written to {output}")
 
 
 def _cmd_train_lora(args: argparse.Namespace) -> None:
@@ -91,6 +130,9 @@ def _cmd_train_lora(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    if Task(args.task) is Task.EDIT:
+        _cmd_eval_edit(args)
+        return
     from ditserve.demo.checker import evaluate, kind_accuracy_key
     from ditserve.demo.evaluation import (
         adherence,
@@ -105,7 +147,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     model_dir = _model_path(args)
     defaults = load_sampling_defaults(model_dir)
     pipe = load_pipeline(model_dir, args.device, args.lora)
-    prompts = PROMPT_SETS[PromptSet(args.prompt_set)](args.prompts, args.prompt_seed)
+    prompts = PROMPT_SETS[PromptSet(args.prompt_set)](args.prompts or 64, args.prompt_seed)
     scales = _parse_scales(args.cfg_sweep) if args.cfg_sweep else [defaults["true_cfg_scale"], 1.0]
     settings = [(steps, scale) for steps in EVAL_STEPS for scale in scales]
     results = adherence(pipe, prompts, settings, seed=args.seed, max_sequence_length=defaults.get("max_sequence_length"))
@@ -128,6 +170,48 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.select_cfg:
         best = max((r for r in results if r["num_inference_steps"] == 50), key=lambda r: (r["prompt_accuracy"], r["object_accuracy"]))
         write_defaults(model_dir, best["true_cfg_scale"])
+        print(f"true_cfg_scale {best['true_cfg_scale']} written to {model_dir / 'ditserve_defaults.json'}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _cmd_eval_edit(args: argparse.Namespace) -> None:
+    from ditserve.demo import demo_edit_model_path
+    from ditserve.demo.edit_checker import evaluate_edits
+    from ditserve.demo.edit_evaluation import (
+        decoded_edit_targets,
+        edit_adherence,
+        load_edit_pipeline,
+        write_edit_defaults,
+    )
+    from ditserve.demo.edit_language import EditKind, heldout_edits
+    from ditserve.demo.evaluation import load_sampling_defaults
+
+    for option in ("lora", "prompt_set"):
+        if getattr(args, option) not in (None, PromptSet.HELDOUT.value):
+            raise InvalidParameterError(f"--{option.replace('_', '-')} is not an option of --task edit", param=option)
+    model_dir = Path(args.model) if args.model else demo_edit_model_path()
+    defaults = load_sampling_defaults(model_dir)
+    pipe = load_edit_pipeline(model_dir, args.device)
+    edits = heldout_edits(args.prompts or 100, args.prompt_seed)
+    scales = _parse_scales(args.cfg_sweep) if args.cfg_sweep else [defaults["true_cfg_scale"]]
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else list(EVAL_STEPS)
+    results = edit_adherence(pipe, edits, [(n, scale) for n in steps for scale in scales], seed=args.seed)
+    kinds = [kind.value for kind in EditKind]
+    print(f"{'steps':>5} {'cfg':>5} {'pass':>6} {'applied':>7} {'kept':>6} " + " ".join(f"{k:>10}" for k in kinds))
+    for r in results:
+        print(f"{r['num_inference_steps']:>5} {r['true_cfg_scale']:>5.2f} {r['pass_rate']:>6.3f} "
+              f"{r['applied_rate']:>7.3f} {r['kept_rate']:>6.3f} "
+              + " ".join(f"{r[k + '_pass_rate']:>10.3f}" for k in kinds))
+    ceiling = evaluate_edits(decoded_edit_targets(pipe, edits), edits)
+    print(f"decoded true targets (the checker's ceiling for this VAE): pass {ceiling['pass_rate']:.3f}")
+    report = {"model": str(model_dir), "task": Task.EDIT.value, "heldout_edits": len(edits),
+              "edit_seed": args.prompt_seed, "seed": args.seed, "results": results, "decoded_targets": ceiling}
+    if args.select_cfg:
+        best = max((r for r in results if r["num_inference_steps"] == max(steps)),
+                   key=lambda r: (r["pass_rate"], r["applied_rate"]))
+        write_edit_defaults(model_dir, best["true_cfg_scale"])
         print(f"true_cfg_scale {best['true_cfg_scale']} written to {model_dir / 'ditserve_defaults.json'}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -184,9 +268,12 @@ def _cmd_redundancy(args: argparse.Namespace) -> None:
     print(f"median change {sorted(changes)[len(changes) // 2]:.4f}; wrote {output_dir}/step_change.png and .json")
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
-    """One option per field of a training config dataclass, left None unless given."""
+def _add_config_arguments(parser: argparse.ArgumentParser, config_class, skip: set[str] = frozenset()) -> None:
+    """One option per field of a training config dataclass (but those in ``skip``, already added by another
+    config), left None unless given. The help shows this config's default."""
     for field in fields(config_class):
+        if field.name in skip:
+            continue
         # booleans read as --flag / --no-flag; type=bool would take any text, "0" included, as True
         parsing = ({"action": argparse.BooleanOptionalAction} if isinstance(field.default, bool)
                    else {"type": type(field.default)})
@@ -195,12 +282,19 @@ def _add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None
 
 
 def _add_train_parser(subparsers) -> None:
+    from ditserve.demo.edit_train import EditTrainConfig
     from ditserve.demo.train import TrainConfig
 
-    parser = subparsers.add_parser("train", help="train the demo model (VAE, decoder, text encoders, transformer, decoder adaptation)")
+    parser = subparsers.add_parser("train", help="train the demo model (VAE, decoder, text encoders, transformer, "
+                                   "decoder adaptation), or with --task edit the edit model from it")
+    parser.add_argument("--task", choices=[t.value for t in Task], default=Task.IMAGE.value,
+                        help="image: ditserve-shapes from scratch; edit: ditserve-shapes-edit from --init-from "
+                        "(default the bundled ditserve-shapes)")
     _add_config_arguments(parser, TrainConfig)
+    _add_config_arguments(parser, EditTrainConfig, skip={f.name for f in fields(TrainConfig)})
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run-dir")
-    parser.add_argument("--output", default="runs/ditserve-shapes/final", help="where to write the diffusers folder")
+    parser.add_argument("--output", default=None, help="where to write the diffusers folder (default "
+                        "runs/ditserve-shapes/final, or runs/ditserve-shapes-edit/final with --task edit)")
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="true_cfg_scale written to ditserve_defaults.json")
     parser.set_defaults(handler=_cmd_train)
 
@@ -224,11 +318,17 @@ def register(subparsers) -> None:
 
     evaluate = commands.add_parser("eval", help="prompt adherence on held-out prompts (50/20 steps, with/without CFG)")
     _add_model_arguments(evaluate)
-    evaluate.add_argument("--prompts", type=int, default=64, help="number of held-out prompts")
+    evaluate.add_argument("--task", choices=[t.value for t in Task], default=Task.IMAGE.value,
+                          help="image: prompt adherence of ditserve-shapes; edit: held-out edits of "
+                          "ditserve-shapes-edit (FluxKontextPipeline), pass = instruction applied and the rest kept")
+    evaluate.add_argument("--prompts", type=int, default=None,
+                          help="number of held-out prompts (default 64), or of held-out edits (default 100)")
+    evaluate.add_argument("--steps", default=None,
+                          help="--task edit: comma-separated step counts (default 50,20)")
     evaluate.add_argument("--prompt-set", choices=[s.value for s in PromptSet], default=PromptSet.HELDOUT.value,
                           help=f"held-out prompts of the base language, or with one {NEW_SHAPE!r} each")
     evaluate.add_argument("--lora", default=None, help="fuse this LoRA (PEFT folder or file) into the transformer")
-    evaluate.add_argument("--prompt-seed", type=int, default=0)
+    evaluate.add_argument("--prompt-seed", type=int, default=0, help="seed of the held-out prompts or edits")
     evaluate.add_argument("--cfg-sweep", default=None, help="comma-separated true_cfg_scale values to compare")
     evaluate.add_argument("--select-cfg", action="store_true", help="write the best 50-step scale into the defaults")
     evaluate.add_argument("--output", default=None, help="also write the figures as JSON here")

@@ -31,34 +31,48 @@ def _bpe_segment(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[
     return symbols
 
 
-def build_clip_tokenizer() -> CLIPTokenizer:
-    """Byte-pair tokenizer whose merges spell every word of the language as one token.
-
-    A word's merges are appended until it segments into one token; merges added later rank below every
-    earlier one, so they never change the segmentation of words already done.
-    """
-    words = vocabulary()
-    vocab: dict[str, int] = {"<|startoftext|>": CLIP_BOS, "<|endoftext|>": CLIP_EOS}
+def _add_bpe_words(words: list[str], vocab: dict[str, int], ranks: dict[tuple[str, str], int]) -> None:
+    """Add the words' new letters, then the merges that spell each word as one token, after everything in
+    ``vocab`` and ``ranks`` already."""
+    known = set(vocab)
     for char in sorted(set("".join(words))):
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(char + "</w>", len(vocab))
-    ranks: dict[tuple[str, str], int] = {}
+        if char not in known:
+            vocab.setdefault(char, len(vocab))
+            vocab.setdefault(char + "</w>", len(vocab))
     for word in words:
         symbols = _bpe_segment([*word[:-1], word[-1] + "</w>"], ranks)
         while len(symbols) > 1:
             ranks[(symbols[0], symbols[1])] = len(ranks)
             vocab.setdefault(symbols[0] + symbols[1], len(vocab))
             symbols = _bpe_segment(symbols, ranks)
+
+
+def build_clip_tokenizer(extra_words: tuple[str, ...] = ()) -> CLIPTokenizer:
+    """Byte-pair tokenizer whose merges spell every word of the language as one token.
+
+    A word's merges are appended until it segments into one token; merges added later rank below every
+    earlier one, so they never change the segmentation of words already done. ``extra_words`` (the edit
+    model's instruction words) come after the whole base vocabulary, letters included, so every base token
+    keeps its id and the trained text encoders read base prompts as before.
+    """
+    words = vocabulary()
+    vocab: dict[str, int] = {"<|startoftext|>": CLIP_BOS, "<|endoftext|>": CLIP_EOS}
+    ranks: dict[tuple[str, str], int] = {}
+    _add_bpe_words(words, vocab, ranks)
+    _add_bpe_words([w for w in extra_words if w not in words], vocab, ranks)
     merges = sorted(ranks, key=ranks.__getitem__)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_SEQUENCE_LENGTH)
 
 
-def build_t5_tokenizer() -> T5Tokenizer:
-    """Unigram tokenizer with one piece per word; letters as low-score fallback pieces."""
+def build_t5_tokenizer(extra_words: tuple[str, ...] = ()) -> T5Tokenizer:
+    """Unigram tokenizer with one piece per word; letters as low-score fallback pieces. ``extra_words`` and
+    their new letters are appended after every base piece, so base pieces keep their ids."""
     words = vocabulary()
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += [("\u2581" + word, -1.0) for word in words]
     pieces += [("\u2581", -5.0)] + [(char, -10.0) for char in sorted(set("".join(words)))]
+    pieces += [("\u2581" + word, -1.0) for word in extra_words]
+    pieces += [(char, -10.0) for char in sorted(set("".join(extra_words)) - set("".join(words)))]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=MAX_SEQUENCE_LENGTH)
 
 
