@@ -35,12 +35,23 @@ def demo_edit_model_path() -> Path:
     return Path(__file__).resolve().parent / DEMO_EDIT_MODEL_NAME
 
 
+#: the models served by name with no download (``ditserve serve ditserve-shapes-edit``)
+BUNDLED_MODELS = (DEMO_MODEL_NAME, DEMO_EDIT_MODEL_NAME)
+
+
+def bundled_model_path(name: str) -> Path | None:
+    """Folder of the bundled model called ``name``, or None when no bundled model has that name."""
+    return Path(__file__).resolve().parent / name if name in BUNDLED_MODELS else None
+
+
 def demo_lora_path() -> Path:
     """Folder of the bundled demo LoRA (PEFT format), for ``LoRARequest(lora_path=...)``."""
     return Path(__file__).resolve().parent / DEMO_LORA_NAME
 
 
 __all__ = [
+    "BUNDLED_MODELS",
+    "bundled_model_path",
     "DEMO_EDIT_MODEL_NAME",
     "DEMO_LORA_NAME",
     "DEMO_MODEL_NAME",

@@ -18,13 +18,15 @@ from ditserve.demo.render import render_batch, to_pil
 
 IMAGE_SIZE = 128
 # FluxKontextPipeline's own defaults would resize both the input (to one of its preferred resolutions, 672 px
-# and up) and the output (to max_area 1024**2): a 128x128 model must be called with these.
-KONTEXT_CALL_KWARGS = {"max_area": IMAGE_SIZE * IMAGE_SIZE, "_auto_resize": False}
+# and up) and the output (to max_area 1024**2): a 128x128 model must be called with these. The model folder
+# states them as the sampling defaults ditserve's Kontext adapter reads (``auto_resize`` is diffusers'
+# ``_auto_resize``).
+KONTEXT_SIZING = {"max_area": IMAGE_SIZE * IMAGE_SIZE, "auto_resize": False}
+KONTEXT_CALL_KWARGS = {"max_area": KONTEXT_SIZING["max_area"], "_auto_resize": KONTEXT_SIZING["auto_resize"]}
 
 
 def write_edit_defaults(model_dir: Path, true_cfg_scale: float) -> None:
-    """The sampling defaults the engine reads for this model, and the pipeline-call arguments it needs at 128 px
-    (not sampling params, so kept apart)."""
+    """The sampling defaults the engine reads for this model, with the Kontext sizing it needs at 128 px."""
     defaults = {
         "sampling_defaults": {
             "height": IMAGE_SIZE,
@@ -33,8 +35,8 @@ def write_edit_defaults(model_dir: Path, true_cfg_scale: float) -> None:
             "true_cfg_scale": true_cfg_scale,
             "negative_prompt": "",
             "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            **KONTEXT_SIZING,
         },
-        "pipeline_kwargs": KONTEXT_CALL_KWARGS,
     }
     (Path(model_dir) / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
 

@@ -54,14 +54,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_model_path(model: str | None) -> str:
-    """A local diffusers folder, the bundled demo model, or a hub id (left to diffusers to fetch)."""
-    if model is None or model == DEMO_MODEL_NAME:
-        from ditserve.demo import demo_model_path
+    """A local diffusers folder, a bundled demo model (by name), or a hub id (left to diffusers to fetch)."""
+    from ditserve.demo import bundled_model_path
 
-        path = demo_model_path()
-        if not (path / "model_index.json").is_file():
-            raise ModelNotFoundError(f"the bundled demo model is missing at {path}", param="model")
-        return str(path)
+    bundled = bundled_model_path(model or DEMO_MODEL_NAME)
+    if bundled is not None:
+        if not (bundled / "model_index.json").is_file():
+            raise ModelNotFoundError(f"the bundled model {bundled.name} is missing at {bundled}", param="model")
+        return str(bundled)
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():

@@ -5,7 +5,7 @@ import torch
 from diffusers import FluxKontextPipeline
 
 from ditserve.demo import demo_edit_model_path
-from ditserve.demo.edit_evaluation import KONTEXT_CALL_KWARGS, generate_edits, source_images
+from ditserve.demo.edit_evaluation import KONTEXT_SIZING, generate_edits, source_images
 from ditserve.demo.edit_language import heldout_edits
 from ditserve.demo.evaluation import load_sampling_defaults
 
@@ -15,7 +15,7 @@ def test_bundled_edit_model_loads_with_diffusers_and_edits_a_picture():
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "FluxKontextPipeline"
     defaults = load_sampling_defaults(folder)
     assert defaults["height"] == defaults["width"] == 128
-    assert json.loads((folder / "ditserve_defaults.json").read_text())["pipeline_kwargs"] == KONTEXT_CALL_KWARGS
+    assert {key: defaults[key] for key in KONTEXT_SIZING} == KONTEXT_SIZING
     pipe = FluxKontextPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     edit = heldout_edits(1)[0]
