@@ -35,7 +35,7 @@ def test_a_fresh_lora_leaves_the_model_unchanged_and_trains_only_itself(demo_pip
     trainable = [p for p in pipe.transformer.parameters() if p.requires_grad]
     assert trainable and {id(p) for p in trainable} == {id(p) for p in parameters}
     assert not any(p.requires_grad for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2) for p in m.parameters())
-    run = {"num_inference_steps": 2, "max_sequence_length": MAX_SEQUENCE_LENGTH}
+    run = {"num_inference_steps": 2, "max_sequence_length": MAX_SEQUENCE_LENGTH, "height": 64, "width": 64}
     ours = pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="np", **run).images
     base = demo_pipeline(PROMPT, generator=torch.Generator().manual_seed(0), output_type="np", **run).images
     assert np.array_equal(ours, base)  # PEFT starts lora_B at zero
