@@ -80,6 +80,8 @@ class CacheDiTBackend(CacheBackend):
         self._adapter: Any = None
         #: transformers whose library context still has to be rebuilt for the cohort that started
         self._pending: set[str] = set()
+        #: the cohort's denoising steps each transformer ran, in order (two experts split the steps between them)
+        self._steps_run: dict[str, list[int]] = {}
         self._hooks: list[Any] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -105,6 +107,13 @@ class CacheDiTBackend(CacheBackend):
         if self.config["enable_separate_cfg"] is None:
             self.config["enable_separate_cfg"] = self._default_runs_guidance(adapter)
         self._check_block_counts()
+        if len(transformers) > 1 and self.config["scm_steps_mask_policy"] is not None:
+            # each expert's library context counts only the steps it runs, so a mask over the request's steps
+            # would fall on the wrong ones
+            raise CacheConfigError(
+                f"scm_steps_mask_policy cannot serve {adapter.pipeline_class_name}: its transformers "
+                f"({', '.join(n for n, _ in transformers)}) split the steps between them, and cache-dit's steps "
+                "mask counts one transformer's steps", param="scm_steps_mask_policy")
         self._transformers = transformers
         self._attach(num_inference_steps=None)
         for name, module in transformers:
@@ -138,6 +147,11 @@ class CacheDiTBackend(CacheBackend):
             if name in self._pending:
                 self._pending.discard(name)
                 self._refresh_for_cohort(module)
+            ctx = current_forward_context()
+            if ctx is not None and ctx.owners:
+                steps = self._steps_run.setdefault(name, [])
+                if not steps or steps[-1] != ctx.owners[0].step_index:
+                    steps.append(ctx.owners[0].step_index)
 
         return before_call
 
@@ -153,7 +167,11 @@ class CacheDiTBackend(CacheBackend):
                 f"{'share one state between the two passes' if guided else 'count every other step as one'}; "
                 "leave enable_separate_cfg unset to follow each batch's guidance", param="enable_separate_cfg")
         self.config["enable_separate_cfg"] = guided
-        cache_config, calibrator = self._library_configs(self._num_steps)
+        # two experts (Wan2.2 A14B) each run a part of the steps: told the request's step count, the library would
+        # wait for a last step that expert never reaches before it publishes its statistics (so none would show);
+        # told none, it publishes them after every call, and the context rebuilt here restarts its counters
+        steps = self._num_steps if len(self._transformers) == 1 else None
+        cache_config, calibrator = self._library_configs(steps)
         refresh = {"cache_config": cache_config}
         if calibrator is not None:
             refresh["calibrator_config"] = calibrator
@@ -210,6 +228,7 @@ class CacheDiTBackend(CacheBackend):
         self._num_steps = num_inference_steps
         self._request_ids = tuple(request_ids)
         self._pending = {name for name, _ in self._transformers}
+        self._steps_run = {}
 
     def recover(self, pipeline: Any) -> None:
         """After a failed run: take the library's hooks off and put fresh ones on."""
@@ -247,17 +266,19 @@ class CacheDiTBackend(CacheBackend):
             stats = self._library_stats(module)
             if stats is None:
                 continue
+            # the library numbers a transformer's own calls; map them to the request's steps
+            steps_run = self._steps_run.get(name, [] if len(self._transformers) > 1 else list(range(self._num_steps)))
             series = [("cond", stats.cached_steps, stats.residual_diffs)]
             if self.config["enable_separate_cfg"]:
                 series.append(("uncond", stats.cfg_cached_steps, stats.cfg_residual_diffs))
             for label, cached_steps, diffs in series:
                 full_label = label if name == "transformer" else f"{name}:{label}"
-                cached = set(cached_steps)
-                decisions = [{"step": s, "decision": "skip" if s in cached else "compute",
-                              "distance": diffs.get(str(s))} for s in range(self._num_steps)]
-                branches[full_label] = {"computed": self._num_steps - len(cached), "skipped": len(cached),
+                cached = {i for i in cached_steps if i < len(steps_run)}
+                decisions = [{"step": step, "decision": "skip" if i in cached else "compute",
+                              "distance": diffs.get(str(i))} for i, step in enumerate(steps_run)]
+                branches[full_label] = {"computed": len(steps_run) - len(cached), "skipped": len(cached),
                                         "decisions": decisions}
-                computed_blocks += self._num_steps * self._num_blocks - len(cached) * cached_per_step
+                computed_blocks += len(steps_run) * self._num_blocks - len(cached) * cached_per_step
                 cached_blocks += len(cached) * cached_per_step
         computed = sum(b["computed"] for b in branches.values())
         skipped = sum(b["skipped"] for b in branches.values())

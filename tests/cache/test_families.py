@@ -196,3 +196,47 @@ def test_residual_caches_skip_for_real_on_wan_image_to_video(backend: str) -> No
     assert high.calls > 0 and low.calls > 0
     assert high.calls + low.calls == stats["computed_steps"] * one_step.calls // 2
     assert np.abs(media(skipping).astype(int) - media(reference).astype(int)).max() > 3
+
+
+def test_cache_dit_skips_for_real_on_wan_image_to_video() -> None:
+    """Wan2.2 I2V-A14B under Cache-DiT: each expert's library context runs only its share of the steps, so its
+    statistics are published after each call (not at a last step that expert never reaches); the skips counted on
+    both experts' last blocks follow them, step numbers are the request's, and a second request starts afresh."""
+    model = tiny_pipeline_dir("wan_i2v_a14b")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    request = {"prompt": "a red cat", "multi_modal_data": {"image": image}}
+    params = {**FAMILY_PARAMS["wan"], "num_inference_steps": 5, "seed": 2}
+    with Omni(model) as omni:
+        reference = omni.generate(request, params)[0]
+    with Omni(model, cache_backend="cache_dit", cache_config=SKIPPING["cache_dit"]) as omni:
+        pipeline = omni.engine.runner.model.pipeline
+        counter = WorkCounter()
+        last_blocks = [cache_spec_for(t, "cache_dit").blocks(t)[-1][0] for t in (pipeline.transformer,
+                                                                                  pipeline.transformer_2)]
+        linears = [m for block in last_blocks for m in block.modules() if isinstance(m, torch.nn.Linear)]
+        handles = [m.register_forward_pre_hook(counter) for m in linears]
+        try:
+            first = omni.generate(request, params)[0]
+            first_calls, counter.calls = counter.calls, 0
+            second = omni.generate(request, params)[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+    stats = first.cache_stats
+    assert set(stats["branches"]) == {"cond", "uncond", "transformer_2:cond", "transformer_2:uncond"}
+    high = [d["step"] for d in stats["branches"]["cond"]["decisions"]]
+    low = [d["step"] for d in stats["branches"]["transformer_2:cond"]["decisions"]]
+    assert high and low and high + low == list(range(5))  # the high-noise expert first, then the low-noise one
+    assert stats["branches"]["cond"]["skipped"] > 0 and stats["branches"]["transformer_2:cond"]["skipped"] > 0
+    assert stats["computed_steps"] + stats["skipped_steps"] == 10  # 5 steps, 2 guidance branches
+    per_block = len(linears) // 2  # the two experts' blocks are alike
+    assert first_calls == per_block * stats["computed_steps"]
+    assert second.cache_stats["branches"] == stats["branches"] and counter.calls == first_calls
+    assert np.array_equal(media(second), media(first))
+    assert np.abs(media(first).astype(int) - media(reference).astype(int)).max() > 3
+
+
+def test_cache_dit_steps_mask_is_refused_on_two_experts() -> None:
+    with pytest.raises(CacheConfigError, match="split the steps between them"):
+        Omni(tiny_pipeline_dir("wan_i2v_a14b"), cache_backend="cache_dit",
+             cache_config={"scm_steps_mask_policy": "fast"})
