@@ -154,6 +154,43 @@ def test_calibration_serves_families_without_published_coefficients(family: str,
     assert stats["config"]["mag_ratios_source"].startswith("calibration file")
 
 
+def _kontext_items() -> list[dict]:
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    return [{"prompt": p, "multi_modal_data": {"image": image}} for p in ("a red cat", "a blue dog")]
+
+
+#: families whose calibration goes through TeaCache's search: Cache-DiT is refused on LTX-2, and Kontext's
+#: MagCache already starts from FLUX's published ratios; (tiny pipeline, request params, calibration prompts,
+#: the guidance branches MagCache gets ratios for)
+CALIBRATED_BY_TEACACHE = {
+    "ltx2": ({"num_inference_steps": 4, "height": 32, "width": 32, "num_frames": 9},
+             lambda: ["a red cat", "a blue dog"], {"cond", "uncond", "modality"}),
+    "flux_kontext": ({"num_inference_steps": 4, "height": 32, "width": 32}, _kontext_items, {"cond"}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CALIBRATED_BY_TEACACHE))
+def test_calibration_serves_ltx2_and_kontext(family: str, tmp_path: Path) -> None:
+    """Calibration runs their requests (LTX-2's video and audio, Kontext's input image), fits MagCache ratios for
+    every guidance pass they run, and MagCache starts from the file it wrote."""
+    options, make_items, branches = CALIBRATED_BY_TEACACHE[family]
+    items = make_items()
+    model_dir = tmp_path / family
+    shutil.copytree(tiny_pipeline_dir(family), model_dir)
+    params = {**options, "seed": 0}
+    space = SearchSpace((Knob("rel_l1_thresh", (0.0, 0.01)),), ({"rel_l1_thresh": 0.0},))
+    with Omni(str(model_dir)) as omni:
+        data = calibrate(omni, items[:1], items[1:], params, ["tea_cache"], budget=1,
+                         spaces={"tea_cache": space}).data
+    assert set(data["mag_cache"]["mag_ratios"]) == branches
+    assert data["quality_table"]["tea_cache"]["points"][0]["psnr_min"] == 100.0
+    with Omni(str(model_dir), cache_backend="mag_cache") as omni:
+        stats = omni.generate(items[0], params)[0].cache_stats
+    assert stats["config"]["mag_ratios_source"].startswith("calibration file")
+
+
 def test_calibration_serves_wan_image_to_video(tmp_path: Path) -> None:
     """Wan2.2 I2V-A14B: calibration runs its prompts with their input image, fits each expert's guidance branches,
     and MagCache starts from the ratios it wrote."""
