@@ -82,6 +82,15 @@ def tiny_image_vae():
         use_quant_conv=False, use_post_quant_conv=False).eval()
 
 
+def declare_processor(folder: Path, component: str) -> None:
+    """Name ``component`` as a Qwen2VLProcessor in the folder's model_index.json: the tiny pipeline saves it as
+    None (it was built without torchvision), and the loader must know to build it."""
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index[component] = ["transformers", "Qwen2VLProcessor"]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
 def folder_with_defaults(source: str, destination: Path, defaults: dict[str, Any]) -> str:
     """A copy of the pipeline folder ``source`` whose ``ditserve_defaults.json`` holds ``defaults`` (its
     ``sampling_defaults``: defaults of the sampling params, and the model-level options some families read)."""

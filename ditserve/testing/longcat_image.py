@@ -13,13 +13,12 @@ prompts through ``apply_chat_template``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ditserve.models.qwen_image.processor import load_processor_without_video
-from ditserve.testing.common import sensitize
+from ditserve.testing.common import declare_processor, sensitize
 from ditserve.testing.qwen_text import tiny_qwen25_vl_encoder, tiny_qwen_tokenizer, write_processor_folder
 
 #: latent channels both LongCat pipelines hard-code
@@ -85,10 +84,7 @@ def _build(path: Path, pipeline_class_name: str, seed: int) -> Path:
         tokenizer=tokenizer, text_processor=load_processor_without_video(folder), transformer=_tiny_transformer())
     pipeline.register_modules(text_processor=None)
     pipeline.save_pretrained(path)
-    index_file = path / "model_index.json"
-    index = json.loads(index_file.read_text())
-    index["text_processor"] = ["transformers", "Qwen2VLProcessor"]
-    index_file.write_text(json.dumps(index, indent=2, sort_keys=True))
+    declare_processor(path, "text_processor")
     return path
 
 

@@ -11,12 +11,11 @@ layer-aware RoPE and the extra timestep condition of the real one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ditserve.testing.common import sensitize
+from ditserve.testing.common import declare_processor, sensitize
 from ditserve.testing.qwen_text import tiny_qwen25_vl_encoder, tiny_qwen_tokenizer, write_processor_folder
 
 #: latent channels of the tiny VAE (the real one has 16)
@@ -86,10 +85,7 @@ def _build(path: Path, pipeline_class_name: str, seed: int) -> Path:
     pipeline.save_pretrained(path)
     if is_edit:
         write_processor_folder(path / "processor", tokenizer)
-        index_file = path / "model_index.json"
-        index = json.loads(index_file.read_text())
-        index["processor"] = ["transformers", "Qwen2VLProcessor"]
-        index_file.write_text(json.dumps(index, indent=2, sort_keys=True))
+        declare_processor(path, "processor")
     return path
 
 
