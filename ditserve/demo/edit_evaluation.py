@@ -12,7 +12,7 @@ from PIL import Image
 
 from ditserve.demo.edit_checker import evaluate_edits
 from ditserve.demo.edit_language import Edit
-from ditserve.demo.evaluation import DEFAULTS_FILE
+from ditserve.demo.evaluation import DEFAULTS_FILE, seeded_chunks
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
 from ditserve.demo.render import render_batch, to_pil
 
@@ -57,9 +57,7 @@ def generate_edits(pipe: FluxKontextPipeline, edits: list[Edit], *, num_inferenc
     """One edited picture per edit; edit i always uses seed + i, whatever the batching."""
     inputs = source_images(edits)
     images: list[Image.Image] = []
-    for start in range(0, len(edits), batch_size):
-        chunk = edits[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+    for start, chunk, generators in seeded_chunks(edits, batch_size, seed):
         output = pipe(
             image=inputs[start : start + len(chunk)],
             prompt=[e.instruction for e in chunk],

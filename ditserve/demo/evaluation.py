@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -43,6 +44,14 @@ def load_pipeline(model_dir: str | Path, device: str | torch.device = "cpu", lor
     return pipe
 
 
+def seeded_chunks(items: list, batch_size: int, seed: int) -> Iterator[tuple[int, list, list[torch.Generator]]]:
+    """``items`` in batches, each with one CPU generator per item seeded ``seed + index``: item i gets the same
+    noise whatever the batching."""
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        yield start, chunk, [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+
+
 def generate(
     pipe: FluxPipeline,
     prompts: list[str],
@@ -57,9 +66,7 @@ def generate(
 ) -> list[Image.Image]:
     """One image per prompt; prompt i always uses seed + i, whatever the batching."""
     images: list[Image.Image] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+    for _start, chunk, generators in seeded_chunks(prompts, batch_size, seed):
         # negative_prompt="" enables true CFG only when the scale is above 1 (FluxPipeline's rule).
         extra = {"max_sequence_length": max_sequence_length} if max_sequence_length else {}
         output = pipe(
