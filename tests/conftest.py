@@ -8,11 +8,13 @@ import torch
 from ditserve.testing import tiny_pipeline_dir
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _deterministic_threads() -> None:
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> None:
     # Tiny models gain nothing from a second thread, and when the machine is shared a spinning OpenMP
-    # thread made a 10-step run 8x slower than one thread (measured: 1.3 s vs 10.5 s).
-    torch.set_num_threads(1)
+    # thread made a 10-step run 8x slower than one thread (measured: 1.3 s vs 10.5 s). Set before every test:
+    # code under test that takes a thread count (benches, parallel runners) may leave another one behind.
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

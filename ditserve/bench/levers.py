@@ -62,7 +62,8 @@ def _measure_one(measure: Any, options: BenchOptions, lever: dict[str, Any], pro
 
 
 def run_levers(options: BenchOptions) -> dict[str, Any]:
-    from ditserve.models.loader import DEMO_MODEL_NAME, resolve_device
+    from ditserve.demo import DEMO_MODEL_NAME
+    from ditserve.models.loader import resolve_device
 
     started = time.time()
     if options.cpu_threads is not None:

@@ -84,7 +84,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _register_generate(subparsers: Any) -> None:
     parser = subparsers.add_parser("generate", help="generate one image or video from a prompt")
     parser.add_argument("prompt")
-    parser.add_argument("-o", "--output", required=True, help="out.png / out.jpg / out.webp, or out.mp4 for video")
+    parser.add_argument("-o", "--output", required=True,
+                        help="out.png / out.jpg / out.webp (several images: out-0.png, ...), or out.mp4 for video")
     parser.add_argument("--model", default=None, help="diffusers folder or hub id (default: the bundled demo)")
     parser.add_argument("--steps", dest="num_inference_steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
@@ -96,13 +97,17 @@ def _register_generate(subparsers: Any) -> None:
     parser.add_argument("--num-frames", type=int, default=None)
     parser.add_argument("--fps", type=int, default=None)
     parser.add_argument("--image", action="append", default=[], help="input image (edit models); repeatable")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="RGBA layers to split the image into (Qwen-Image-Layered): out-0.png, out-1.png, ...")
+    parser.add_argument("--resolution", type=int, default=None, help="layer resolution, 640 or 1024 "
+                        "(Qwen-Image-Layered)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar over denoising steps")
     add_engine_arguments(parser)
     parser.set_defaults(func=_run_generate)
 
 
 SAMPLING_OPTIONS = ("num_inference_steps", "seed", "height", "width", "guidance_scale", "true_cfg_scale",
-                    "negative_prompt", "num_frames", "fps")
+                    "negative_prompt", "num_frames", "fps", "layers", "resolution")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -115,8 +120,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         prompt = {"prompt": args.prompt, "multi_modal_data": {"image": args.image}}
     with Omni(**engine_kwargs(args), show_progress=args.progress) as omni:
         output = omni.generate(prompt, sampling)[0]
-    saved = save_output(output, args.output)
-    summary = {"output": saved, "seed": output.seed, "timings": output.timings, "cache_stats": output.cache_stats}
+    summary = {"outputs": save_output(output, args.output), "seed": output.seed, "timings": output.timings,
+               "cache_stats": output.cache_stats}
     print(json.dumps(summary, default=str))
     return 0
 

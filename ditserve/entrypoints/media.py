@@ -107,17 +107,21 @@ def output_video_bytes(output: RequestOutput, index: int = 0, default_fps: int =
     return video_bytes(output.videos[index], output.fps or default_fps, audio)
 
 
-def save_output(output: RequestOutput, path: str) -> str:
-    """Write the first image or video of ``output`` to ``path`` (format from the extension)."""
+def save_output(output: RequestOutput, path: str) -> list[str]:
+    """Write ``output`` to ``path`` (format from the extension): its video, or its image; several images (layers,
+    ``num_outputs_per_prompt``) go to ``<stem>-<i><suffix>`` beside it, in the output's order. Returns the paths."""
     target = Path(path)
     suffix = target.suffix.lower().lstrip(".")
     if output.videos:
         if suffix != "mp4":
             raise InvalidParameterError(f"this model makes videos: use an .mp4 output, not .{suffix}", param="output")
         target.write_bytes(output_video_bytes(output))
-    else:
-        if suffix not in IMAGE_FORMATS:
-            raise InvalidParameterError(f"unknown image extension .{suffix}; use one of {sorted(IMAGE_FORMATS)}",
-                                        param="output")
-        target.write_bytes(image_bytes(output.images[0], suffix))
-    return str(target)
+        return [str(target)]
+    if suffix not in IMAGE_FORMATS:
+        raise InvalidParameterError(f"unknown image extension .{suffix}; use one of {sorted(IMAGE_FORMATS)}",
+                                    param="output")
+    targets = [target] if len(output.images) == 1 else [
+        target.with_name(f"{target.stem}-{index}{target.suffix}") for index in range(len(output.images))]
+    for image, image_path in zip(output.images, targets, strict=True):
+        image_path.write_bytes(image_bytes(image, suffix))
+    return [str(image_path) for image_path in targets]

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
+from ditserve.demo import DEMO_MODEL_NAME, bundled_model_path
 from ditserve.errors import InvalidParameterError, ModelNotFoundError, UnsupportedModelError
 from ditserve.models.base import ModelAdapter
 from ditserve.models.registry import adapter_class_for, supported_pipelines
 
 logger = logging.getLogger(__name__)
 
-DEMO_MODEL_NAME = "ditserve-shapes"
 #: a model folder may carry this file: {"sampling_defaults": {...}} overriding the family's defaults
 DEFAULTS_FILE = "ditserve_defaults.json"
 
@@ -55,8 +55,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def resolve_model_path(model: str | None) -> str:
     """A local diffusers folder, a bundled demo model (by name), or a hub id (left to diffusers to fetch)."""
-    from ditserve.demo import bundled_model_path
-
     bundled = bundled_model_path(model or DEMO_MODEL_NAME)
     if bundled is not None:
         if not (bundled / "model_index.json").is_file():

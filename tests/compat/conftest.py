@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 from ditserve.config import OmniDiffusionConfig
 from ditserve.engine.engine import DiffusionEngine
@@ -16,14 +15,6 @@ from ditserve.entrypoints.server.thread import ServerThread
 from ditserve.testing import tiny_pipeline_dir
 
 LIMITS = {"max_steps": 50, "max_image_size": 64, "max_n": 10, "max_frames": 9}
-
-
-@pytest.fixture(scope="package", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _serve(model_dir: str, names: list[str], output_dir: str) -> tuple[DiffusionEngine, ServerThread]:

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ditserve import OmniDiffusionSamplingParams
 from ditserve.entrypoints.cli import main
-from ditserve.entrypoints.media import image_bytes, video_bytes
+from ditserve.entrypoints.media import image_bytes, save_output, video_bytes
 from ditserve.errors import InvalidParameterError
+from ditserve.request import RequestOutput
 
 
 def test_generate_writes_a_png_and_reports_seed_and_timings(tiny_flux_dir: str, tmp_path, capsys) -> None:
@@ -22,6 +24,7 @@ def test_generate_writes_a_png_and_reports_seed_and_timings(tiny_flux_dir: str, 
     image = Image.open(out)
     assert image.size == (64, 64)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["outputs"] == [str(out)]
     assert summary["seed"] == 5
     assert summary["timings"]["denoise_s"] > 0
 
@@ -31,6 +34,25 @@ def test_generate_bad_input_is_one_line_not_a_traceback(tiny_flux_dir: str, tmp_
     assert code == 2
     err = capsys.readouterr().err
     assert "num_inference_steps" in err and "Traceback" not in err
+
+
+def test_layers_reach_the_sampling_params_and_a_family_without_them_names_the_field(tiny_flux_dir: str, tmp_path,
+                                                                                      capsys) -> None:
+    code = main(["generate", "a cat", "-o", str(tmp_path / "x.png"), "--model", tiny_flux_dir, "--layers", "2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "layers" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_several_images_are_written_numbered_in_order(tmp_path) -> None:
+    layers = [Image.new("RGBA", (8, 6), (index * 80, 0, 0, 255 - index * 100)) for index in range(3)]
+    output = RequestOutput("r", "p", 0, OmniDiffusionSamplingParams(), images=layers)
+    written = save_output(output, str(tmp_path / "layer.png"))
+    assert written == [str(tmp_path / f"layer-{index}.png") for index in range(3)]
+    for path, layer in zip(written, layers, strict=True):
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(layer))  # RGBA kept, order kept
+    assert not (tmp_path / "layer.png").exists()
 
 
 def test_video_bytes_is_a_decodable_mp4() -> None:

@@ -101,7 +101,7 @@ def served_model_names(args: argparse.Namespace) -> list[str]:
     if args.served_model_name:
         return list(dict.fromkeys(args.served_model_name))
     if args.model is None:
-        from ditserve.models.loader import DEMO_MODEL_NAME
+        from ditserve.demo import DEMO_MODEL_NAME
 
         return [DEMO_MODEL_NAME]
     path = Path(args.model.rstrip("/"))

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import openai
 import pytest
-import torch
 from PIL import Image
 
 from ditserve.config import OmniDiffusionConfig
@@ -70,15 +69,6 @@ def serve() -> Callable[..., ServerThread]:
 @pytest.fixture(scope="session")
 def api_key() -> str:
     return API_KEY
-
-
-@pytest.fixture(scope="package", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # the engine thread and the HTTP clients share two cores: a second intra-op thread only adds contention
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
