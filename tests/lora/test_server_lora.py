@@ -132,8 +132,8 @@ def test_serve_flags_become_the_lora_config(tiny_flux_dir: str, tmp_path: Path) 
 
 
 def test_multipart_forms_carry_the_lora_as_json() -> None:
-    from ditserve.entrypoints.server.app import json_form_fields
     from ditserve.entrypoints.server.errors import APIError
+    from ditserve.entrypoints.server.generation import json_form_fields
     from ditserve.entrypoints.server.protocol import ImageEditFields, VideoCreateFields, validate_fields
 
     form = {"prompt": "p", "n": "1", "lora": '{"name": "ink", "scale": 0.5}'}

@@ -18,9 +18,9 @@ HUB_CACHE_PREFIX = "models--"
 
 def register(subparsers: Any) -> None:
     from ditserve.config import Limits
-    from ditserve.entrypoints.server.app import DEFAULT_VIDEO_TTL_S
     from ditserve.entrypoints.server.connections import ConnectionLimits
     from ditserve.entrypoints.server.protocol import MAX_IMAGES_PER_REQUEST
+    from ditserve.entrypoints.server.state import DEFAULT_VIDEO_TTL_S
 
     limits = Limits()
     connections = ConnectionLimits()
@@ -148,8 +148,8 @@ def engine_config(args: argparse.Namespace) -> Any:
 
 
 def server_settings(args: argparse.Namespace) -> Any:
-    from ditserve.entrypoints.server.app import DEFAULT_OUTPUT_DIR, ServerSettings
     from ditserve.entrypoints.server.connections import ConnectionLimits
+    from ditserve.entrypoints.server.state import DEFAULT_OUTPUT_DIR, ServerSettings
     from ditserve.errors import InvalidParameterError
 
     if args.max_body_mb <= 0:
