@@ -205,6 +205,8 @@ class DiffusionParallelConfig:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "fp8", "gguf", "int8")
 SCHEDULING_MODES = ("step", "request")
+#: a shift of 0 would put every sigma at 0; published models use 1 to 17
+MIN_FLOW_SHIFT, MAX_FLOW_SHIFT = 0.01, 100.0
 
 
 @dataclass
@@ -226,6 +228,12 @@ class OmniDiffusionConfig:
     scheduling: str = "step"
     #: requests allowed to wait; beyond it new ones are refused (QueueFullError, HTTP 429). None: unbounded
     max_queue_size: int | None = None
+    #: a fixed timestep shift for the model's flow-matching scheduler (Wan's ``flow_shift``, FLUX-style ``shift``),
+    #: replacing a resolution-dependent one; ``None`` keeps the scheduler's own (vLLM-Omni's ``flow_shift``)
+    flow_shift: float | None = None
+    #: the default boundary between the two experts of Wan2.2 A14B (requests may still set their own); refused
+    #: at start-up by models without a second expert
+    boundary_ratio: float | None = None
     #: ``False`` compiles the family's repeated transformer blocks with torch.compile (regional compile);
     #: ``None`` is auto: compile on CUDA, eager on CPU (see ditserve/levers/compile.py for the figures)
     enforce_eager: bool | None = None
@@ -271,6 +279,10 @@ class OmniDiffusionConfig:
                                         param="cache_config")
         _check_int("max_batch_size", self.max_batch_size, 1, 256)
         check_choice("scheduling", self.scheduling, SCHEDULING_MODES)
+        if self.flow_shift is not None:
+            _check_float("flow_shift", self.flow_shift, MIN_FLOW_SHIFT, MAX_FLOW_SHIFT)
+        if self.boundary_ratio is not None:
+            _check_float("boundary_ratio", self.boundary_ratio, 0.0, 1.0)
         if self.enforce_eager is not None and not isinstance(self.enforce_eager, bool):
             raise InvalidTypeError("enforce_eager must be True, False or None (auto: compile on CUDA only)",
                                    param="enforce_eager")

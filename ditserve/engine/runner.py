@@ -31,7 +31,7 @@ from ditserve.forward_context import ForwardContext, forward_context
 from ditserve.levers import apply_levers, load_options
 from ditserve.lora.manager import LoRAManager, build_lora_manager, fuse_startup_loras
 from ditserve.models.base import LoopAdapter, RequestMedia, RequestState, StageTimings, StepBatch
-from ditserve.models.loader import LoadedModel, load_model
+from ditserve.models.loader import LoadedModel, apply_schedule_settings, load_model
 from ditserve.request import AudioTrack, Request, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class ModelRunner:
             apply_levers(model, config)
         else:
             fuse_startup_loras(config, model)
+        apply_schedule_settings(model, config.flow_shift, config.boundary_ratio)
         self.model: LoadedModel = model
         self.loras: LoRAManager | None = build_lora_manager(config, model)
         self.adapter = self.model.adapter

@@ -56,6 +56,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduling", default="step", choices=["step", "request"],
                         help="step: requests join and leave a running batch between denoising steps (default); "
                              "request: a batch forms when the engine is idle and runs to its end")
+    parser.add_argument("--flow-shift", type=float, default=None,
+                        help="a fixed timestep shift for the model's flow-matching scheduler (default: its own)")
+    parser.add_argument("--boundary-ratio", type=float, default=None,
+                        help="default boundary between the two experts (Wan2.2 A14B)")
     parser.add_argument("--cfg-parallel-size", type=int, default=1)
     parser.add_argument("--usp", "--ulysses-degree", dest="ulysses_degree", type=int, default=1)
     parser.add_argument("--ring", "--ring-degree", dest="ring_degree", type=int, default=1)
@@ -72,7 +76,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "enable_layerwise_offload": args.enable_layerwise_offload, "vae_use_slicing": args.vae_use_slicing,
         "vae_use_tiling": args.vae_use_tiling, "quantization": args.quantization, "gguf_model": args.gguf_model,
         "ignored_layers": args.ignored_layers.split(",") if args.ignored_layers else None,
-        "scheduling": args.scheduling,
+        "scheduling": args.scheduling, "flow_shift": args.flow_shift, "boundary_ratio": args.boundary_ratio,
         "parallel_config": {
             "cfg_parallel_size": args.cfg_parallel_size, "ulysses_degree": args.ulysses_degree,
             "ring_degree": args.ring_degree, "tensor_parallel_size": args.tensor_parallel_size,

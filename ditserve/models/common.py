@@ -27,6 +27,26 @@ def fresh_scheduler(pipeline: Any) -> Any:
     return type(pipeline.scheduler).from_config(pipeline.scheduler.config)
 
 
+#: the config keys that hold a flow-matching scheduler's fixed shift: UniPC / DPM-Solver with flow sigmas (Wan),
+#: then FlowMatchEulerDiscrete (FLUX, SD3, Qwen-Image, LTX-2, ...)
+FLOW_SHIFT_KEYS = ("flow_shift", "shift")
+
+
+def scheduler_with_flow_shift(scheduler: Any, shift: float) -> Any:
+    """``scheduler`` remade with the fixed timestep shift ``shift``; a resolution-dependent shift (dynamic
+    shifting from the image's token count) is turned off, since a fixed shift is what was asked for."""
+    config = scheduler.config
+    for key in FLOW_SHIFT_KEYS:
+        if key in config:
+            overrides: dict[str, Any] = {key: shift}
+            if "use_dynamic_shifting" in config:
+                overrides["use_dynamic_shifting"] = False
+            return type(scheduler).from_config(config, **overrides)
+    raise InvalidParameterError(
+        f"flow_shift: {type(scheduler).__name__} is not a flow-matching scheduler with a shift "
+        f"(its config has none of {list(FLOW_SHIFT_KEYS)})", param="flow_shift")
+
+
 def check_num_frames(num_frames: int, temporal: int) -> None:
     """A causal video VAE keeps the first frame and folds every ``temporal`` further frames into one latent frame:
     any other count would come back shorter than asked."""

@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
+from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.demo import DEMO_MODEL_NAME, bundled_model_path
 from ditserve.errors import InvalidParameterError, ModelNotFoundError, UnsupportedModelError
 from ditserve.models.base import ModelAdapter
+from ditserve.models.common import scheduler_with_flow_shift
 from ditserve.models.registry import adapter_class_for, supported_pipelines
 
 logger = logging.getLogger(__name__)
@@ -86,6 +88,17 @@ def read_model_defaults(path: str) -> dict[str, Any]:
     if not file.is_file():
         return {}
     return dict(json.loads(file.read_text()).get("sampling_defaults", {}))
+
+
+def apply_schedule_settings(model: LoadedModel, flow_shift: float | None, boundary_ratio: float | None) -> None:
+    """The engine's schedule settings on a loaded model. Every request's scheduler is made from the pipeline's,
+    so a shift set there holds for all of them; ``boundary_ratio`` becomes a model default, checked now so that a
+    model without a second expert refuses it at start-up rather than at each request."""
+    if flow_shift is not None:
+        model.pipeline.scheduler = scheduler_with_flow_shift(model.pipeline.scheduler, flow_shift)
+    if boundary_ratio is not None:
+        model.adapter.model_defaults["boundary_ratio"] = boundary_ratio
+        model.adapter.resolve_params(OmniDiffusionSamplingParams())
 
 
 def load_model(model: str | None, device: str = "auto", dtype: str = "auto", *, keep_on_cpu: bool = False,

@@ -27,6 +27,9 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     parser.add_argument("model", nargs="?", default=None,
                         help="diffusers folder or hub id (default: the bundled demo model)")
+    # vLLM's switch from its language-model engine to the diffusion one; ditserve has only the latter
+    parser.add_argument("--omni", action="store_true",
+                        help="accepted for vLLM-Omni command lines: ditserve always serves a diffusion model")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),

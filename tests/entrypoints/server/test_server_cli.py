@@ -30,6 +30,14 @@ def test_flags_become_engine_limits_and_settings(tiny_flux_dir: str, tmp_path: A
     assert (args.host, args.port, args.server_log_level) == ("127.0.0.1", 9001, "debug")
 
 
+def test_vllm_omni_recipe_flags_reach_the_engine(tiny_flux_dir: str) -> None:
+    # the mirrored system's recipes: `vllm serve MODEL --omni --flow-shift 1.0 --boundary-ratio 1.0 ...`
+    args = parse(tiny_flux_dir, "--omni", "--port", "8098", "--flow-shift", "1.0", "--boundary-ratio", "0.9",
+                 "--enforce-eager")
+    config = serve_cli.engine_config(args)
+    assert (config.flow_shift, config.boundary_ratio, config.enforce_eager) == (1.0, 0.9, True)
+
+
 def test_defaults_name_the_folder_and_read_the_key_from_the_environment(
         tiny_flux_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DITSERVE_API_KEY", "from-env")
