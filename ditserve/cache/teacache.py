@@ -68,8 +68,9 @@ class TeaCacheBackend(ResidualCacheBackend):
     checks = {"rel_l1_thresh": number_in(0.0, 100.0), "coefficients": number_list,
               FORECAST_KNOB: check_forecast_order}
     # the threshold trades speed for quality, its rungs closer between 0.2 and 0.4 where the 30 dB presets
-    # resolve (on the demo 0.25 and 0.3 lay 3 dB and 0.6x apart); a forecast errs less per skip where the
-    # residual drifts smoothly, so it may let a higher threshold keep the same quality
+    # resolve (on the demo 0.25 and 0.3 lay 3.2 dB and 0.9x apart); a forecast errs less per skip where the
+    # residual drifts smoothly, so on some model it may let a higher threshold keep the same quality (not on
+    # the demo, whose residual bends in the first steps)
     search_knobs = (Knob("rel_l1_thresh", (0.03, 0.05, 0.07, 0.1, 0.13, 0.16, 0.2, 0.22, 0.25, 0.26, 0.28, 0.3, 0.35,
                                            0.4, 0.5, 0.6, 0.8)),
                     Knob(FORECAST_KNOB, tuple(order.value for order in ForecastOrder)))
