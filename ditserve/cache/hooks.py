@@ -9,6 +9,11 @@ receive their own stored residual (one per stream where the blocks carry several
 and audio), so a request's output never depends on which other requests shared its
 batch, and a request's skip saves its share of the work even when its mates compute.
 
+Forecasting (``forecast_order`` 1): a skipped step gets, instead of the last residual as it was, the line through
+the key's last two computed residuals extended to the step (as TaylorSeer extrapolates features, first order
+here). The residual drifts smoothly between steps, so the line errs less than a constant the longer the run of
+skips; with one residual computed so far the step reuses it.
+
 State key: (guidance branch, request id). The branch label comes from the forward context ("cond",
 "uncond"); a second call within the same step and branch (a pipeline that runs its own guidance passes) or a
 batch that stacks several copies of each request (guidance concatenated in one call) gets its own label, so
@@ -17,6 +22,7 @@ each pass keeps its own history. Rows of one request (several outputs) decide to
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,6 +37,15 @@ from ditserve.forward_context import ForwardContext, RowOwner, current_forward_c
 HOOK_NAME = "ditserve_residual_cache"
 
 StateKey = tuple[str, str]  # (branch label, request id)
+
+
+class ForecastOrder(enum.IntEnum):
+    """What a skipped step adds to its rows: ``cache_config["forecast_order"]``."""
+
+    #: the residual of the last computed step, as it is
+    REUSE = 0
+    #: extrapolated along the line through the last two computed residuals
+    LINEAR = 1
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -72,6 +87,12 @@ class KeyRecord:
     policy_state: Any
     #: the loop's output minus its input the last time the key's rows were computed, per stream (main first)
     residuals: tuple[torch.Tensor, ...] | None = None
+    #: the request's step those residuals were computed at
+    residual_step: int | None = None
+    #: the residuals and step computed before those, kept only while forecasting (they cost the memory of one
+    #: more residual per key)
+    previous_residuals: tuple[torch.Tensor, ...] | None = None
+    previous_step: int | None = None
     decisions: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -99,6 +120,25 @@ class CallState:
         return sorted(row for key, rows in self.rows.items() if key not in self.skipped for row in rows)
 
 
+def _skip_residuals(record: KeyRecord, step: int) -> tuple[torch.Tensor, ...]:
+    """What a key skipping ``step`` adds: its last residuals, or their line through the ones before extended to
+    ``step`` (the key's own history only, so a request's output does not depend on its batch mates)."""
+    assert record.residuals is not None and record.residual_step is not None, "a skip needs a stored residual"
+    if record.previous_residuals is None:
+        return record.residuals
+    assert record.previous_step is not None
+    weight = (step - record.residual_step) / (record.residual_step - record.previous_step)
+    return tuple(_extrapolate(last, before, weight)
+                 for last, before in zip(record.residuals, record.previous_residuals, strict=True))
+
+
+def _extrapolate(last: torch.Tensor, before: torch.Tensor, weight: float) -> torch.Tensor:
+    """``last + (last - before) * weight`` computed in float32 (in bf16 the product and the sum would each round
+    to 8 bits of mantissa), returned in ``last``'s dtype."""
+    last32 = last.float()
+    return (last32 + (last32 - before.float()) * weight).to(last.dtype)
+
+
 def _row_index(rows: list[int], device: torch.device) -> slice | torch.Tensor:
     # a contiguous run is a view (no copy); otherwise an index tensor
     if rows == list(range(rows[0], rows[-1] + 1)):
@@ -109,10 +149,12 @@ def _row_index(rows: list[int], device: torch.device) -> slice | torch.Tensor:
 class ResidualReuseController:
     """The state of one transformer's residual cache for the running batch."""
 
-    def __init__(self, transformer_name: str, spec: CacheSpec, policy: SkipPolicy) -> None:
+    def __init__(self, transformer_name: str, spec: CacheSpec, policy: SkipPolicy,
+                 forecast_order: ForecastOrder = ForecastOrder.REUSE) -> None:
         self.transformer_name = transformer_name
         self.spec = spec
         self.policy = policy
+        self.forecast_order = ForecastOrder(forecast_order)
         self.records: dict[StateKey, KeyRecord] = {}
         self._calls_in_step: dict[tuple[str, str, int], int] = defaultdict(int)
         self.current: CallState | None = None
@@ -178,8 +220,10 @@ class ResidualReuseController:
                 decision = Decision(False, decision.distance, "no stored residual")
             if decision.skip:
                 skipped.add(key)
+            # previous residuals exist only while forecasting: a skip with them is forecast
             record.decisions.append({"step": owner.step_index, "decision": "skip" if decision.skip else "compute",
-                                     "distance": decision.distance, "reason": decision.reason})
+                                     "distance": decision.distance, "reason": decision.reason,
+                                     "forecast": decision.skip and record.previous_residuals is not None})
         rows = {key: key_rows for key, (_, key_rows) in keys.items()}
         steps = {key: owner.step_index for key, (owner, _) in keys.items()}
         self.current = CallState(steps, rows, skipped, streams_in)
@@ -199,7 +243,14 @@ class ResidualReuseController:
                 continue
             record = self.records[key]
             index = _row_index(key_rows, call.blocks_in.device)
-            record.residuals = residuals if len(call.rows) == 1 else tuple(r[index] for r in residuals)
+            stored = residuals if len(call.rows) == 1 else tuple(r[index] for r in residuals)
+            if self.forecast_order is ForecastOrder.LINEAR:
+                # a line needs two residuals of the same rows (a key whose shapes changed starts over)
+                same = record.residuals is not None and [r.shape for r in record.residuals] == [
+                    r.shape for r in stored]
+                record.previous_residuals = record.residuals if same else None
+                record.previous_step = record.residual_step if same else None
+            record.residuals, record.residual_step = stored, call.steps[key]
             self.policy.observe_computed(record.policy_state, call.steps[key], call.blocks_in[index],
                                          streams_out[0][index])
         if not call.skipped:
@@ -215,10 +266,11 @@ class ResidualReuseController:
 
     def _apply_stored(self, call: CallState, targets: tuple[torch.Tensor, ...],
                       rows: dict[StateKey, list[int]]) -> tuple[torch.Tensor, ...]:
-        """Add each key's stored residuals to its rows of ``targets`` (which hold the loop's input there)."""
+        """Add each key's stored (or forecast) residuals to its rows of ``targets`` (which hold the loop's input
+        there)."""
         for key, key_rows in rows.items():
             index = _row_index(key_rows, call.blocks_in.device)
-            for target, residual in zip(targets, self.records[key].residuals, strict=True):
+            for target, residual in zip(targets, _skip_residuals(self.records[key], call.steps[key]), strict=True):
                 target[index] += residual
         return targets
 

@@ -11,9 +11,28 @@ import torch
 
 from ditserve.cache.base import CacheBackend
 from ditserve.cache.calibration import load_calibration, model_path_of
-from ditserve.cache.hooks import ResidualReuseController, SkipPolicy, install_loop_hooks, remove_loop_hooks
+from ditserve.cache.hooks import (
+    ForecastOrder,
+    ResidualReuseController,
+    SkipPolicy,
+    install_loop_hooks,
+    remove_loop_hooks,
+)
 from ditserve.cache.spec import CacheSpec, cache_spec_for
 from ditserve.errors import CacheConfigError
+
+#: the option of the backends that may forecast a skipped step's residual (``ForecastOrder``)
+FORECAST_KNOB = "forecast_order"
+
+
+def check_forecast_order(name: str, value: Any) -> int:
+    """0 (reuse the last residual) or 1 (extrapolate from the last two), as a plain int (JSON-friendly)."""
+    allowed = {order.value: order.name.lower() for order in ForecastOrder}
+    # True and 1.0 compare equal to 1: only an int is taken
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        raise CacheConfigError(f"cache_config[{name!r}]={value!r} is not allowed; choose one of {allowed}",
+                               param=name)
+    return value
 
 
 def denoising_transformers(pipeline: Any, adapter: Any) -> list[tuple[str, torch.nn.Module]]:
@@ -59,7 +78,8 @@ class ResidualCacheBackend(CacheBackend):
             policy = self.make_policy()
             if self.policy_wrapper is not None:
                 policy = self.policy_wrapper(policy)
-            controller = ResidualReuseController(name, spec, policy)
+            controller = ResidualReuseController(
+                name, spec, policy, ForecastOrder(self.config.get(FORECAST_KNOB, ForecastOrder.REUSE)))
             install_loop_hooks(module, controller)
             self._controllers.append((module, controller))
         self.enabled = True
@@ -93,9 +113,13 @@ class ResidualCacheBackend(CacheBackend):
                 computed = sum(d["decision"] == "compute" for d in record.decisions)
                 full_label = label if name == "transformer" else f"{name}:{label}"
                 branches[full_label] = {"computed": computed, "skipped": len(record.decisions) - computed,
+                                        "forecast": sum(d["forecast"] for d in record.decisions),
                                         "decisions": list(record.decisions)}
         computed = sum(b["computed"] for b in branches.values())
         skipped = sum(b["skipped"] for b in branches.values())
         total = computed + skipped
+        # skips that added an extrapolated residual rather than the last one as it was
+        forecast = sum(b["forecast"] for b in branches.values())
         return {"num_steps": self._num_steps.get(request_id, 0), "computed_steps": computed, "skipped_steps": skipped,
-                "work_fraction": computed / total if total else 1.0, "branches": branches}
+                "forecast_steps": forecast, "work_fraction": computed / total if total else 1.0,
+                "branches": branches}

@@ -3,7 +3,8 @@
 Per step and state key: the relative L1 change of the first block's modulated input since the previous step,
 rescaled by a polynomial fitted per model (output change against input change), is accumulated; while the
 sum stays under ``rel_l1_thresh`` the block loop is skipped and the stored residual reused; when it reaches
-the threshold the loop runs and the sum restarts. The first and last steps always run.
+the threshold the loop runs and the sum restarts. The first and last steps always run. With ``forecast_order``
+1 a skipped step extrapolates the residual from the last two computed ones instead (``ditserve.cache.hooks``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 
 from ditserve.cache.base import number_in, number_list
-from ditserve.cache.hooks import Decision, SkipPolicy, relative_l1
-from ditserve.cache.residual_backend import ResidualCacheBackend
+from ditserve.cache.hooks import Decision, ForecastOrder, SkipPolicy, relative_l1
+from ditserve.cache.residual_backend import FORECAST_KNOB, ResidualCacheBackend, check_forecast_order
 from ditserve.cache.search import Knob
 from ditserve.cache.spec import CacheSpec, polynomial
 
@@ -63,10 +64,16 @@ class TeaCachePolicy(SkipPolicy):
 class TeaCacheBackend(ResidualCacheBackend):
     name = "tea_cache"
     main_knob = "rel_l1_thresh"
-    defaults = {"rel_l1_thresh": 0.2, "coefficients": None}
-    checks = {"rel_l1_thresh": number_in(0.0, 100.0), "coefficients": number_list}
-    # the threshold is TeaCache's only knob that trades speed for quality
-    search_knobs = (Knob("rel_l1_thresh", (0.03, 0.05, 0.07, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)),)
+    defaults = {"rel_l1_thresh": 0.2, "coefficients": None, FORECAST_KNOB: ForecastOrder.REUSE.value}
+    checks = {"rel_l1_thresh": number_in(0.0, 100.0), "coefficients": number_list,
+              FORECAST_KNOB: check_forecast_order}
+    # the threshold trades speed for quality, its rungs closer between 0.2 and 0.4 where the 30 dB presets
+    # resolve (on the demo 0.25 and 0.3 lay 3.2 dB and 0.9x apart); a forecast errs less per skip where the
+    # residual drifts smoothly, so on some model it may let a higher threshold keep the same quality (not on
+    # the demo, whose residual bends in the first steps)
+    search_knobs = (Knob("rel_l1_thresh", (0.03, 0.05, 0.07, 0.1, 0.13, 0.16, 0.2, 0.22, 0.25, 0.26, 0.28, 0.3, 0.35,
+                                           0.4, 0.5, 0.6, 0.8)),
+                    Knob(FORECAST_KNOB, tuple(order.value for order in ForecastOrder)))
     search_seeds = (0.05, 0.1, 0.2, 0.3, 0.4)
 
     def configure(self, spec: CacheSpec, calibration: dict[str, Any] | None) -> None:

@@ -38,7 +38,10 @@ def test_unknown_config_key_lists_the_allowed_ones(backend: str) -> None:
 
 @pytest.mark.parametrize(("config", "field"), [({"rel_l1_thresh": -1}, "rel_l1_thresh"),
                                                ({"quality": "extreme"}, "quality"),
-                                               ({"target_psnr": 30, "rel_l1_thresh": 0.1}, "rel_l1_thresh")])
+                                               ({"target_psnr": 30, "rel_l1_thresh": 0.1}, "rel_l1_thresh"),
+                                               ({"forecast_order": 2}, "forecast_order"),
+                                               ({"forecast_order": True}, "forecast_order"),
+                                               ({"forecast_order": 1.0}, "forecast_order")])
 def test_bad_values_name_their_field(config: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         build_cache_backend("tea_cache", config)
@@ -282,3 +285,30 @@ def test_format_1_rows_become_single_knob_points_with_their_front_marked() -> No
     assert table.knobs == ("rel_l1_thresh",)
     assert [(p.config, p.on_front) for p in table.points] == [
         ({"rel_l1_thresh": 0.4}, True), ({"rel_l1_thresh": 0.1}, True), ({"rel_l1_thresh": 0.2}, False)]
+
+
+def test_a_bad_forecast_order_names_the_allowed_values() -> None:
+    with pytest.raises(CacheConfigError, match=r"forecast_order.*0: 'reuse', 1: 'linear'") as error:
+        build_cache_backend("tea_cache", {"forecast_order": 3})
+    assert error.value.param == "forecast_order"
+
+
+def test_a_target_sets_the_forecast_order_from_the_file(private_flux_dir: str) -> None:
+    def point(thresh: float, order: int, work: float, psnr_min: float) -> dict:
+        return {"config": {"rel_l1_thresh": thresh, "forecast_order": order}, "work_fraction": work,
+                "psnr_mean": psnr_min + 3, "psnr_min": psnr_min, "search_work_fraction": work,
+                "search_psnr_min": psnr_min, "on_front": True}
+
+    table = {"knobs": ["rel_l1_thresh", "forecast_order"], "search": {"generations": 4},
+             "points": [point(0.4, 1, 0.18, 31.0), point(0.25, 0, 0.21, 32.0), point(0.1, 0, 0.4, 38.0)]}
+    Path(private_flux_dir, CALIBRATION_FILE).write_text(json.dumps({"format": 2, "quality_table": {"tea_cache": table}}))
+    loaded = quality_table(load_calibration(private_flux_dir), "tea_cache")
+    assert loaded.knobs == ("rel_l1_thresh", "forecast_order")
+    assert loaded.to_json() == table
+    with Omni(private_flux_dir, cache_backend="tea_cache", cache_config={"target_psnr": 30}) as omni:
+        stats = omni.generate("a red cat", {**PARAMS, "seed": 1})[0].cache_stats
+    assert (stats["config"]["rel_l1_thresh"], stats["config"]["forecast_order"]) == (0.4, 1)
+    # a hand-given order restricts the choice to the points measured with it
+    backend = build_cache_backend("tea_cache", {"target_psnr": 30, "forecast_order": 0})
+    backend.resolve_quality_target(private_flux_dir)
+    assert backend.config["rel_l1_thresh"] == 0.25

@@ -1,4 +1,5 @@
-"""TeaCache and MagCache on tiny FLUX: exactness when nothing may skip, real skips, no leaks, batching."""
+"""TeaCache and MagCache on tiny FLUX: exactness when nothing may skip, real skips, no leaks, batching; TeaCache
+with residual forecasting."""
 
 from __future__ import annotations
 
@@ -133,3 +134,57 @@ def test_a_long_run_that_skips_nothing_is_loud(tiny_flux_dir: str, caplog: pytes
     assert "skipped nothing in 20 steps" in long_run.cache_stats["warning"]
     assert any("skipped nothing" in r.message for r in caplog.records)
     assert "warning" not in short_run.cache_stats
+
+
+FORECASTING = {"rel_l1_thresh": 5.0, "forecast_order": 1}
+#: enough steps for skips after two computed steps at that threshold (forecasts need two residuals)
+FORECAST_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def forecasting_omni(tiny_flux_dir: str):
+    omni = Omni(tiny_flux_dir, cache_backend="tea_cache", cache_config=FORECASTING, max_batch_size=4)
+    yield omni
+    omni.close()
+
+
+def test_forecast_order_0_is_todays_reuse_bit_for_bit(skipping_omni: Omni, tiny_flux_dir: str) -> None:
+    if skipping_omni.engine.runner.cache.name != "tea_cache":
+        pytest.skip("the knob is TeaCache's")
+    params = {**PARAMS, "num_inference_steps": FORECAST_STEPS, "seed": 1}
+    today = skipping_omni.generate("a red cat", params)[0]
+    with Omni(tiny_flux_dir, cache_backend="tea_cache",
+              cache_config={**SKIPPING["tea_cache"], "forecast_order": 0}) as omni:
+        explicit = omni.generate("a red cat", params)[0]
+    assert today.cache_stats["skipped_steps"] > 0
+    assert np.array_equal(media(today), media(explicit))
+    assert today.cache_stats["forecast_steps"] == explicit.cache_stats["forecast_steps"] == 0
+
+
+def test_forecasting_changes_the_skipped_steps_and_says_so(forecasting_omni: Omni, skipping_omni: Omni) -> None:
+    if skipping_omni.engine.runner.cache.name != "tea_cache":
+        pytest.skip("compared with TeaCache reuse")
+    params = {**PARAMS, "num_inference_steps": FORECAST_STEPS, "seed": 1}
+    forecast = forecasting_omni.generate("a red cat", params)[0]
+    reused = skipping_omni.generate("a red cat", params)[0]
+    stats = forecast.cache_stats
+    decisions = stats["branches"]["cond"]["decisions"]
+    # the skips after two computed steps are forecast, the ones before reuse the first residual
+    first_two = [i for i, d in enumerate(decisions) if d["decision"] == "compute"][1]
+    assert [d["forecast"] for d in decisions] == [
+        d["decision"] == "skip" and i > first_two for i, d in enumerate(decisions)]
+    assert stats["forecast_steps"] == stats["branches"]["cond"]["forecast"] > 0
+    assert max_abs_diff(forecast.images[0], reused.images[0]) > 0
+
+
+def test_batched_equals_solo_with_forecasting_on(forecasting_omni: Omni) -> None:
+    prompts = ["a red cat", "a blue square on the left", "a green triangle"]
+    params = [{**PARAMS, "num_inference_steps": FORECAST_STEPS, "seed": s} for s in (11, 12, 13)]
+    solo = [forecasting_omni.generate(p, sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    batched = forecasting_omni.generate(prompts, params)
+    assert max(o.timings["batch_size"] for o in batched) > 1
+    assert all(o.cache_stats["forecast_steps"] > 0 for o in solo)
+    for one, many in zip(solo, batched, strict=True):
+        assert max_abs_diff(one.images[0], many.images[0]) <= 1
+        assert ([(d["decision"], d["forecast"]) for d in one.cache_stats["branches"]["cond"]["decisions"]]
+                == [(d["decision"], d["forecast"]) for d in many.cache_stats["branches"]["cond"]["decisions"]])
