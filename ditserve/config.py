@@ -22,6 +22,9 @@ from ditserve.errors import (
 )
 from ditserve.lora.request import DEFAULT_MAX_LORA_BYTES, LoRABackend
 
+#: a shift of 0 would put every sigma at 0; published models use 1 to 17
+MIN_FLOW_SHIFT, MAX_FLOW_SHIFT = 0.01, 100.0
+
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -79,6 +82,8 @@ class OmniDiffusionSamplingParams:
     #: Wan2.2 A14B: guidance of the low-noise expert, and the boundary between the two experts
     guidance_scale_2: float | None = None
     boundary_ratio: float | None = None
+    #: this request's fixed timestep shift (see ``OmniDiffusionConfig.flow_shift``); None: the engine's
+    flow_shift: float | None = None
     #: Qwen-Image-Layered: how many RGBA layers the input image is decomposed into, and the resolution bucket
     #: (640 or 1024) its condition and layers are made at (vLLM-Omni's names)
     layers: int | None = None
@@ -102,6 +107,8 @@ class OmniDiffusionSamplingParams:
                 _check_float(name, value, 0.0, 100.0)
         if self.boundary_ratio is not None:
             _check_float("boundary_ratio", self.boundary_ratio, 0.0, 1.0)
+        if self.flow_shift is not None:
+            _check_float("flow_shift", self.flow_shift, MIN_FLOW_SHIFT, MAX_FLOW_SHIFT)
         _check_optional_str("negative_prompt", self.negative_prompt)
         _check_int("num_outputs_per_prompt", self.num_outputs_per_prompt, 1)
         if self.num_frames is not None:
@@ -205,8 +212,6 @@ class DiffusionParallelConfig:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "fp8", "gguf", "int8")
 SCHEDULING_MODES = ("step", "request")
-#: a shift of 0 would put every sigma at 0; published models use 1 to 17
-MIN_FLOW_SHIFT, MAX_FLOW_SHIFT = 0.01, 100.0
 
 
 @dataclass

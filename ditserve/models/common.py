@@ -21,9 +21,11 @@ def flow_match_shift(pipeline: Any, image_seq_len: int) -> float:
     )
 
 
-def fresh_scheduler(pipeline: Any) -> Any:
+def fresh_scheduler(pipeline: Any, flow_shift: float | None = None) -> Any:
     """A scheduler of its own for each request: schedulers are stateful (step index, multistep history), the
-    pipeline's is shared."""
+    pipeline's is shared. ``flow_shift``: the request's own fixed shift (``scheduler_with_flow_shift``)."""
+    if flow_shift is not None:
+        return scheduler_with_flow_shift(pipeline.scheduler, flow_shift)
     return type(pipeline.scheduler).from_config(pipeline.scheduler.config)
 
 

@@ -1,5 +1,5 @@
-"""Engine-wide schedule settings on a loaded model: ``flow_shift`` replaces the scheduler's shift for every
-request (equal to diffusers' own pipeline given the same scheduler), ``boundary_ratio`` becomes the default
+"""Schedule settings: ``flow_shift`` for the engine (every request) or for one request replaces the scheduler's
+shift (equal to diffusers' own pipeline given the same scheduler), ``boundary_ratio`` becomes the default
 boundary of a two-expert model and is refused at start-up by the others."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDIMScheduler, FluxPipeline, WanPipeline
+from PIL import Image
 
 from ditserve import Omni
 from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
@@ -20,16 +21,33 @@ FLUX_BASE = {"height": 64, "width": 64, "num_inference_steps": 4, "max_sequence_
 WAN_BASE = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 4, "max_sequence_length": 32}
 
 
-def test_flow_shift_on_flux_equals_diffusers_with_that_fixed_shift(tiny_flux_dir: str, flux_omni: Omni) -> None:
+@pytest.fixture(scope="module")
+def shifted_reference(tiny_flux_dir: str) -> Image.Image:
+    """diffusers' FluxPipeline with a fixed shift of 3 instead of its resolution-dependent one."""
     pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=3.0, use_dynamic_shifting=False)
-    reference = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(3), **FLUX_BASE).images[0]
+    return pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(3), **FLUX_BASE).images[0]
+
+
+def test_flow_shift_on_flux_equals_diffusers_with_that_fixed_shift(tiny_flux_dir: str, flux_omni: Omni,
+                                                                    shifted_reference: Image.Image) -> None:
     with Omni(model=tiny_flux_dir, flow_shift=3.0) as shifted:
         ours = shifted.generate(PROMPT, seed=3, **FLUX_BASE)[0].images[0]
-    assert max_abs_diff(ours, reference) <= 3
+    assert max_abs_diff(ours, shifted_reference) <= 3
     # the oracle sees the shift: the resolution-dependent default gives another image
-    assert max_abs_diff(flux_omni.generate(PROMPT, seed=3, **FLUX_BASE)[0].images[0], reference) > 15
+    assert max_abs_diff(flux_omni.generate(PROMPT, seed=3, **FLUX_BASE)[0].images[0], shifted_reference) > 15
+
+
+def test_a_requests_own_flow_shift_equals_diffusers_and_leaves_its_batch_mate_alone(
+        flux_omni: Omni, shifted_reference: Image.Image) -> None:
+    plain_solo = flux_omni.generate("a blue square", seed=4, **FLUX_BASE)[0].images[0]
+    shifted, plain = flux_omni.generate([PROMPT, "a blue square"],
+                                        [OmniDiffusionSamplingParams(seed=3, flow_shift=3.0, **FLUX_BASE),
+                                         OmniDiffusionSamplingParams(seed=4, **FLUX_BASE)])
+    assert shifted.timings["batch_size"] == plain.timings["batch_size"] == 2
+    assert max_abs_diff(shifted.images[0], shifted_reference) <= 3
+    assert max_abs_diff(plain.images[0], plain_solo) <= 1
 
 
 def test_flow_shift_on_wan_sets_unipc_flow_shift_and_equals_diffusers() -> None:

@@ -59,7 +59,7 @@ JSON_FORM_FIELDS = ("extra_params", "lora", "image_reference", "video_reference"
 
 #: request fields that are sampling params under the same name
 PASSED_THROUGH = ("seed", "num_inference_steps", "guidance_scale", "true_cfg_scale", "negative_prompt",
-                  "max_sequence_length", "guidance_scale_2", "boundary_ratio", "layers", "resolution")
+                  "max_sequence_length", "guidance_scale_2", "boundary_ratio", "flow_shift", "layers", "resolution")
 
 
 #: OpenAPI schemas of an uploaded file and of an image given as a data URL

@@ -2,7 +2,7 @@
 
 Requests forbid unknown fields and reject NaN/infinity. Fields that OpenAI or the mirrored system (vLLM-Omni)
 define are accepted where they apply: honoured, or accepted and named in the response's ``ignored_fields`` (never
-silently dropped), or refused with a 400 that says why (``UNSUPPORTED_FIELDS``). Text fields have a hard ceiling here (pydantic refuses longer ones before anything else runs);
+silently dropped), or refused with a 400 that says why (``refuse_unsupported``). Text fields have a hard ceiling here (pydantic refuses longer ones before anything else runs);
 the engine's configurable limits (``Limits``) are checked next, in ``make_request``. JSON bodies are strict (``"n": "2"`` is a type error); multipart forms carry only strings, so
 they are validated with ``strict=False`` against the same models.
 """
@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from ditserve.config import MAX_LAYERS, MAX_TEXT_CHARS
+from ditserve.config import MAX_FLOW_SHIFT, MAX_LAYERS, MAX_TEXT_CHARS, MIN_FLOW_SHIFT
 from ditserve.entrypoints.server.errors import APIError
 from ditserve.lora.request import MAX_ABS_SCALE, NAME_PATTERN
 
@@ -68,12 +68,6 @@ class StrictRequest(BaseModel):
 
 
 #: fields of the mirrored system's requests that this server knows but cannot honour, and why
-UNSUPPORTED_FIELDS = {
-    "flow_shift": "the scheduler's shift comes from the model folder's scheduler config; this engine does not "
-                  "change it per request",
-}
-
-
 class LoRAField(StrictRequest):
     """A request's LoRA: a loaded (or start-up) adapter by name, or a new one from a path in an allowed folder."""
 
@@ -113,7 +107,9 @@ class GenerationOptions(StrictRequest):
     generator_device: str | None = Field(None, max_length=32, description='only "cpu": seeds drive CPU generators')
     extra_params: dict[str, Any] | None = Field(
         None, description="named pipeline arguments beyond these fields; none is accepted yet (an empty object is)")
-    flow_shift: float | None = Field(None, description="refused: " + UNSUPPORTED_FIELDS["flow_shift"])
+    flow_shift: float | None = Field(None, ge=MIN_FLOW_SHIFT, le=MAX_FLOW_SHIFT,
+                                     description="a fixed timestep shift for this request's flow-matching scheduler "
+                                                 "(Wan's flow_shift, FLUX-style shift); default: the engine's")
     layers: int | None = Field(None, ge=1, le=MAX_LAYERS,
                                description="Qwen-Image-Layered: how many RGBA layers the input image is split into "
                                            "(one data entry each)")
@@ -129,10 +125,6 @@ class GenerationOptions(StrictRequest):
 
     def refuse_unsupported(self) -> None:
         """A 400 naming the first field set here that this server cannot honour (never silently dropped)."""
-        for name, reason in UNSUPPORTED_FIELDS.items():
-            if getattr(self, name) is not None:
-                raise APIError(400, f"{name} is not supported by this server: {reason}", param=name,
-                               code="unsupported_parameter")
         if self.extra_params:
             first = sorted(self.extra_params)[0]
             raise APIError(400, f"extra_params.{first}: this server passes no extra arguments to its pipelines; "

@@ -101,7 +101,7 @@ class FluxAdapter(LoopAdapter):
     def prepare(self, request: Request, embeddings: dict[str, Any]) -> RequestState:
         pipe, p = self.pipeline, request.params
         latents = self.request_latents(request, embeddings["prompt_embeds"].dtype)
-        scheduler = fresh_scheduler(pipe)
+        scheduler = fresh_scheduler(pipe, p.flow_shift)
         steps = p.num_inference_steps
         sigmas = np.linspace(1.0, 1 / steps, steps)
         if self.schedulers_may_choose_sigmas and getattr(scheduler.config, "use_flow_sigmas", False):

@@ -128,7 +128,7 @@ class LongCatAdapterBase(LoopAdapter):
         return timesteps
 
     def _state(self, request: Request, latents: torch.Tensor, conditioning: dict[str, Any]) -> RequestState:
-        scheduler = fresh_scheduler(self.pipeline)
+        scheduler = fresh_scheduler(self.pipeline, request.params.flow_shift)
         return RequestState(request=request, latents=latents, scheduler=scheduler, conditioning=conditioning,
                             timesteps=self._timesteps(scheduler, request.params.num_inference_steps,
                                                       latents.shape[1]))

@@ -250,7 +250,7 @@ class LTX2Adapter(LoopAdapter):
         sigmas = np.linspace(1.0, 1 / p.num_inference_steps, p.num_inference_steps)
         schedulers = []
         for _ in range(2):
-            scheduler = fresh_scheduler(pipe)
+            scheduler = fresh_scheduler(pipe, p.flow_shift)
             scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=flow_match_shift(pipe, video.shape[1]))
             scheduler.set_begin_index(0)
             schedulers.append(scheduler)

@@ -166,7 +166,7 @@ class QwenImageAdapter(LoopAdapter):
 
     def prepare(self, request: Request, embeddings: dict[str, torch.Tensor]) -> RequestState:
         noise, image_latents = self.request_latents(request, embeddings["prompt_embeds"].dtype)
-        scheduler = fresh_scheduler(self.pipeline)
+        scheduler = fresh_scheduler(self.pipeline, request.params.flow_shift)
         conditioning = {**embeddings, "image_latents": image_latents,
                         "guidance": self._guidance(noise.shape[0], request.params)}
         return RequestState(request=request, latents=noise, scheduler=scheduler, conditioning=conditioning,

@@ -78,7 +78,7 @@ class StableDiffusion3Adapter(LoopAdapter):
         pipe, p = self.pipeline, request.params
         latents = pipe.prepare_latents(request.num_outputs, pipe.transformer.config.in_channels, p.height, p.width,
                                        embeddings["prompt_embeds"].dtype, self.device, request_generator(request))
-        scheduler = fresh_scheduler(pipe)
+        scheduler = fresh_scheduler(pipe, p.flow_shift)
         shift_kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", None):
             patch = pipe.transformer.config.patch_size

@@ -110,7 +110,7 @@ class WanAdapter(LoopAdapter):
     def prepare(self, request: Request, embeddings: dict[str, torch.Tensor]) -> RequestState:
         pipe, p = self.pipeline, request.params
         latents, extras = self.initial_latents(request)
-        scheduler = fresh_scheduler(pipe)
+        scheduler = fresh_scheduler(pipe, p.flow_shift)
         scheduler.set_timesteps(p.num_inference_steps, device=self.device)
         scheduler.set_begin_index(0)
         boundary = None

@@ -80,7 +80,7 @@ class ZImageAdapter(LoopAdapter):
         pipe, p = self.pipeline, request.params
         latents = pipe.prepare_latents(request.num_outputs, pipe.transformer.in_channels, p.height, p.width,
                                        torch.float32, self.device, request_generator(request))
-        scheduler = fresh_scheduler(pipe)
+        scheduler = fresh_scheduler(pipe, p.flow_shift)
         image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
         timesteps, _ = retrieve_timesteps(scheduler, p.num_inference_steps, self.device,
                                           sigmas=get_default_z_image_sigmas(p.num_inference_steps),

@@ -82,7 +82,7 @@ def test_refusals_name_the_field(image_server: ServerThread) -> None:
     assert_400(generate(image_server, stream=True), "stream", "not supported")
     assert_400(generate(image_server, background="transparent"), "background", "RGBA")
     assert_400(generate(image_server, n=11), "n")  # the API's ceiling, whatever --max-n says
-    assert_400(generate(image_server, flow_shift=3.0), "flow_shift", "scheduler")
+    assert_400(generate(image_server, flow_shift=0), "flow_shift")
     assert_400(generate(image_server, layers=4), "layers", "Layered")
     assert_400(generate(image_server, resolution=640), "resolution", "Layered")
     assert_400(generate(image_server, generator_device="cuda"), "generator_device", "CPU generator")
@@ -95,6 +95,11 @@ def test_accepted_mirrored_fields(image_server: ServerThread) -> None:
     plain = ok(generate(image_server))
     same = ok(generate(image_server, generator_device="cpu", extra_params={}))
     assert same["data"][0]["b64_json"] == plain["data"][0]["b64_json"]
+    # a request's flow_shift reaches its own scheduler only (one step starts at sigma 1 whatever the shift: two)
+    two_steps = ok(generate(image_server, num_inference_steps=2))
+    shifted = ok(generate(image_server, num_inference_steps=2, flow_shift=3.0))
+    assert shifted["data"][0]["b64_json"] != two_steps["data"][0]["b64_json"]
+    assert ok(generate(image_server, num_inference_steps=2))["data"][0]["b64_json"] == two_steps["data"][0]["b64_json"]
     # max_sequence_length reaches the engine: FLUX's own bound answers, not the HTTP schema
     assert_400(generate(image_server, max_sequence_length=600), "max_sequence_length", "512 for FluxPipeline")
 
