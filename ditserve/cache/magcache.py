@@ -5,12 +5,18 @@ it is measured once (``mag_ratios``, by ``ditserve calibrate``). Per step and st
 ratios since the last computed step drifts from 1; the accumulated drift ``sum |1 - product|`` is the error
 of reusing the stored residual. Skip while that error is under ``magcache_thresh`` and at most
 ``magcache_K`` steps in a row; the first ``retention_ratio`` of the steps always run.
+
+Guidance branches measured apart (cond, uncond) are accumulated apart, but every branch of a request decides on
+the largest of their errors, so all branches skip and compute at the same steps. The guided output is
+``uncond + scale * (cond - uncond)``: branches reusing residuals of different steps put a step's worth of drift
+into that difference, times the scale. On the demo (true CFG 3, 50 steps, 0.24/K6/r0.1) branches out of step
+lost 3 dB on the worst prompt (34.3 against 37.5 dB in step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +30,8 @@ from ditserve.errors import CacheConfigError, InvalidTypeError
 
 #: ``mag_ratios`` as the policy uses it: one sequence per branch ("*" = any branch)
 BranchRatios = dict[str, list[float]]
+#: what calibration puts between a further transformer's name and its branch label ("transformer_2:cond")
+TRANSFORMER_PREFIX = ":"
 
 
 def nearest_resample(ratios: Sequence[float], length: int) -> list[float]:
@@ -49,13 +57,16 @@ def check_mag_ratios(name: str, value: Any) -> BranchRatios:
 
 @dataclass
 class MagCacheState:
-    branch: str = "cond"
-    accumulated_ratio: float = 1.0
-    accumulated_error: float = 0.0
+    #: product of the ratios since the last computed step, per measured branch
+    accumulated_ratio: dict[str, float] = field(default_factory=dict)
+    #: sum of ``|1 - product|`` since the last computed step, per measured branch
+    accumulated_error: dict[str, float] = field(default_factory=dict)
     skipped_in_row: int = 0
 
     def restart(self) -> None:
-        self.accumulated_ratio, self.accumulated_error, self.skipped_in_row = 1.0, 0.0, 0
+        self.accumulated_ratio.clear()
+        self.accumulated_error.clear()
+        self.skipped_in_row = 0
 
 
 class MagCachePolicy(SkipPolicy):
@@ -64,28 +75,33 @@ class MagCachePolicy(SkipPolicy):
         self.max_skips = max_skips
         self.retention_ratio = retention_ratio
         self.ratios = ratios
-        self._resampled: dict[tuple[str, int], list[float]] = {}
+        self._resampled: dict[int, BranchRatios] = {}
 
     def new_state(self, label: str) -> MagCacheState:
-        return MagCacheState(branch=label)
+        # every branch's state sees every branch's ratios: the label does not matter
+        return MagCacheState()
 
-    def ratios_for(self, branch: str, num_steps: int) -> list[float]:
-        # ratios measured per branch when calibration saw several; otherwise one sequence for all
-        key = branch if branch in self.ratios else "*" if "*" in self.ratios else next(iter(self.ratios))
-        if (key, num_steps) not in self._resampled:
-            self._resampled[(key, num_steps)] = nearest_resample(self.ratios[key], num_steps)
-        return self._resampled[(key, num_steps)]
+    def ratios_at(self, num_steps: int) -> BranchRatios:
+        """Each measured branch's ratios over ``num_steps`` steps."""
+        if num_steps not in self._resampled:
+            # calibration names a second transformer's branches "transformer_2:cond"; its states are labelled
+            # "cond" like the first's, so every policy reads the unprefixed branches (as a per-label lookup did)
+            own = {b: r for b, r in self.ratios.items() if TRANSFORMER_PREFIX not in b} or self.ratios
+            self._resampled[num_steps] = {branch: nearest_resample(ratios, num_steps) for branch, ratios in own.items()}
+        return self._resampled[num_steps]
 
     def decide(self, state: MagCacheState, step: int, num_steps: int, modulated: torch.Tensor | None) -> Decision:
         if step == 0 or step < int(self.retention_ratio * num_steps):
             state.restart()
             return Decision(False, None, "retention")
-        state.accumulated_ratio *= self.ratios_for(state.branch, num_steps)[step]
-        state.accumulated_error += abs(1.0 - state.accumulated_ratio)
+        for branch, ratios in self.ratios_at(num_steps).items():
+            state.accumulated_ratio[branch] = state.accumulated_ratio.get(branch, 1.0) * ratios[step]
+            state.accumulated_error[branch] = (state.accumulated_error.get(branch, 0.0)
+                                               + abs(1.0 - state.accumulated_ratio[branch]))
+        error = max(state.accumulated_error.values())
         state.skipped_in_row += 1
-        if state.accumulated_error < self.threshold and state.skipped_in_row <= self.max_skips:
-            return Decision(True, state.accumulated_error, "under threshold")
-        error = state.accumulated_error
+        if error < self.threshold and state.skipped_in_row <= self.max_skips:
+            return Decision(True, error, "under threshold")
         reason = "threshold reached" if error >= self.threshold else "max consecutive skips"
         state.restart()
         return Decision(False, error, reason)

@@ -188,3 +188,21 @@ def test_batched_equals_solo_with_forecasting_on(forecasting_omni: Omni) -> None
         assert max_abs_diff(one.images[0], many.images[0]) <= 1
         assert ([(d["decision"], d["forecast"]) for d in one.cache_stats["branches"]["cond"]["decisions"]]
                 == [(d["decision"], d["forecast"]) for d in many.cache_stats["branches"]["cond"]["decisions"]])
+
+
+#: branch ratios that drift apart: cond never, uncond by 20 % a step (with K and the retention out of the way)
+DRIFTING_BRANCHES = {"magcache_thresh": 0.3, "magcache_K": 10, "retention_ratio": 0.0,
+                     "mag_ratios": {"cond": [1.0] * 6, "uncond": [1.0] + [1.2] * 5}}
+#: uncond's error after one skip is 0.2 (under 0.3), after two 0.2 + 0.44: every second step computes
+IN_STEP_DECISIONS = ["compute", "skip", "compute", "skip", "compute", "skip"]
+
+
+def test_magcache_guidance_branches_decide_together_on_the_larger_drift(tiny_flux_dir: str) -> None:
+    """Separate cond and uncond passes skip the same steps, at the pace of the branch that drifts more (cond's
+    ratios alone would skip every step after the first)."""
+    guided = {**PARAMS, "seed": 1, "true_cfg_scale": 2.0, "negative_prompt": "a blurry dog"}
+    with Omni(tiny_flux_dir, cache_backend="mag_cache", cache_config=DRIFTING_BRANCHES) as omni:
+        branches = omni.generate("a red cat", guided)[0].cache_stats["branches"]
+    assert set(branches) == {"cond", "uncond"}
+    for record in branches.values():
+        assert [d["decision"] for d in record["decisions"]] == IN_STEP_DECISIONS
