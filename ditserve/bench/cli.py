@@ -38,7 +38,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--search-peers", type=int, default=0, metavar="BUDGET",
                         help="search the knobs of the peers that expose them (diffusers' FirstBlockCache, MagCache, "
                              "TaylorSeerCache; the cache-dit library) on our calibration's search prompts, BUDGET "
-                             "generations each (twice that for the cache-dit library's 9 knobs, as ours get in 'ditserve calibrate'; "
+                             "generations each (twice that for spaces of 3 knobs or more, as ours get in 'ditserve "
+                             "calibrate'; "
                              "0: their fixed sweeps, the default), and run their fronts")
     parser.add_argument("--only", nargs="*", default=[], help="run only settings whose label has one of these words")
     parser.add_argument("--quick", action="store_true",
