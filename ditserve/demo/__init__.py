@@ -8,11 +8,11 @@ from pathlib import Path
 
 from ditserve.demo.checker import evaluate, score
 from ditserve.demo.language import (
-    NEW_SHAPE,
+    NEW_SIZE,
     PromptOutsideLanguageError,
     heldout_prompts,
     is_in_language,
-    new_shape_prompts,
+    new_size_prompts,
     parse_prompt,
     sample_prompts,
 )
@@ -21,8 +21,8 @@ from ditserve.demo.render import render
 DEMO_MODEL_NAME = "ditserve-shapes"
 # The instruction-editing model trained from it (FluxKontextPipeline), with its own instruction language.
 DEMO_EDIT_MODEL_NAME = f"{DEMO_MODEL_NAME}-edit"
-# The trained LoRA shipped beside the model (a PEFT folder): it teaches the shape word language.NEW_SHAPE.
-DEMO_LORA_NAME = f"{DEMO_MODEL_NAME}-lora-{NEW_SHAPE}"
+# The trained LoRA shipped beside the model (a PEFT folder): it teaches the size word language.NEW_SIZE.
+DEMO_LORA_NAME = f"{DEMO_MODEL_NAME}-lora-{NEW_SIZE}"
 
 
 def demo_model_path() -> Path:
@@ -55,7 +55,7 @@ __all__ = [
     "DEMO_EDIT_MODEL_NAME",
     "DEMO_LORA_NAME",
     "DEMO_MODEL_NAME",
-    "NEW_SHAPE",
+    "NEW_SIZE",
     "PromptOutsideLanguageError",
     "demo_edit_model_path",
     "demo_lora_path",
@@ -64,8 +64,8 @@ __all__ = [
     "heldout_prompts",
     "is_in_language",
     "parse_prompt",
+    "new_size_prompts",
     "render",
-    "new_shape_prompts",
     "sample_prompts",
     "score",
 ]

@@ -4,9 +4,10 @@ Every pixel is labelled with its nearest palette colour. For each object of the 
 the object's cell, for the largest connected region of the object's colour, then judges:
 
 * present (colour + position): the region is big enough and centred near the cell's centre;
-* size: the region's box side (every shape is as tall and as wide as its box) against the small/large cut;
-* shape: how much of its bounding box the region fills (square 1, disc pi/4, triangle and diamond 1/2), and
-  for those two where its mass sits: low for the triangle (apex up), half way down for the diamond.
+* size: the region's box side (every shape is as tall and as wide as its box) against the small/large cut,
+  or for the LoRA's medium size the band half way to either;
+* shape: how much of its bounding box the region fills (square 1, disc pi/4, triangle 1/2), and for the
+  triangle that its mass sits low (apex up).
 
 A prompt is correct when every object is, the background has the right colour, and no empty cell holds an
 extra object.
@@ -22,11 +23,11 @@ from PIL import Image
 from scipy import ndimage
 
 from ditserve.demo.language import (
-    ALL_SHAPES,
+    ALL_SIZES,
     COLORS,
-    NEW_SHAPE,
+    NEW_SIZE,
     POSITIONS,
-    SIZES,
+    SHAPES,
     Scene,
     ShapeObject,
     parse_prompt,
@@ -41,15 +42,18 @@ POSITION_TOLERANCE = MAX_JITTER + 0.06
 # Smallest region accepted as an object: 40 % of the smallest shape (small triangle, 0.02 S^2).
 MIN_AREA = 0.4 * BOX_SIDE["small"] ** 2 / 2
 SIZE_CUT = (BOX_SIDE["small"] + BOX_SIDE["large"]) / 2
+# A NEW_SIZE object's box side must lie half way or less from its own to either base size's. Only prompts with
+# the new size are judged by this band; base-size objects keep the single cut above, so base figures stay as
+# they were.
+NEW_SIZE_BAND = (
+    (BOX_SIDE["small"] + BOX_SIDE[NEW_SIZE]) / 2,
+    (BOX_SIDE[NEW_SIZE] + BOX_SIDE["large"]) / 2,
+)
 # Fill of the bounding box: square 1.0, disc 0.785, triangle 0.5; cuts half way.
 SQUARE_FILL_CUT = 0.89
 DISC_FILL_CUT = 0.64
 # A triangle's centroid is 2/3 of the way down its box; a disc's or square's is half way.
 APEX_UP_CUT = 0.58
-# A diamond's centroid is half way down its box; below this fill a region is too sparse to be one (a half-drawn
-# outline), so it stays "unknown". Base-shape prompts are judged as before: only "unknown" became "diamond".
-DIAMOND_DEPTH_TOLERANCE = 0.06
-DIAMOND_MIN_FILL = 0.38
 # Pixels farther than this (RGB distance) from every palette colour are left unlabelled.
 MAX_COLOR_DISTANCE = 90.0
 # An empty cell's inner square (that no neighbour reaches) may hold this fraction of non-background pixels.
@@ -143,11 +147,7 @@ def _classify_shape(region: np.ndarray) -> str:
     if fill > DISC_FILL_CUT:
         return "circle"
     centroid_depth = (rows.mean() - rows.min() + 0.5) / height
-    if centroid_depth > APEX_UP_CUT:
-        return "triangle"
-    if abs(centroid_depth - 0.5) <= DIAMOND_DEPTH_TOLERANCE and fill > DIAMOND_MIN_FILL:
-        return NEW_SHAPE
-    return "unknown"
+    return "triangle" if centroid_depth > APEX_UP_CUT else "unknown"
 
 
 def _score_object(labels: np.ndarray, obj: ShapeObject) -> ObjectScore:
@@ -163,8 +163,11 @@ def _score_object(labels: np.ndarray, obj: ShapeObject) -> ObjectScore:
     if max(abs(box_x - center[0]), abs(box_y - center[1])) > POSITION_TOLERANCE:
         return ObjectScore(obj, present=False, shape_ok=False, size_ok=False)
     box_side = ((rows.max() - rows.min() + 1) + (cols.max() - cols.min() + 1)) / 2 / side
-    size = "large" if box_side > SIZE_CUT else "small"
-    return ObjectScore(obj, present=True, shape_ok=_classify_shape(region) == obj.shape, size_ok=size == obj.size)
+    if obj.size == NEW_SIZE:
+        size_ok = NEW_SIZE_BAND[0] < box_side <= NEW_SIZE_BAND[1]
+    else:
+        size_ok = ("large" if box_side > SIZE_CUT else "small") == obj.size
+    return ObjectScore(obj, present=True, shape_ok=_classify_shape(region) == obj.shape, size_ok=size_ok)
 
 
 def extra_positions(labels: np.ndarray, scene: Scene) -> list[str]:
@@ -229,8 +232,8 @@ def _accuracy_by_kind(objects: list[ObjectScore]) -> dict[str, float]:
     """Object accuracy per size and shape (``small_triangle_accuracy``, ...), NaN for a kind with no object:
     where the misses are."""
     figures = {}
-    for size in SIZES:
-        for shape in ALL_SHAPES:
+    for size in ALL_SIZES:
+        for shape in SHAPES:
             kind = [o.correct for o in objects if (o.object.size, o.object.shape) == (size, shape)]
             figures[kind_accuracy_key(size, shape)] = _mean(kind) if kind else float("nan")
     return figures

@@ -10,7 +10,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ditserve.demo.language import ALL_SHAPES, NEW_SHAPE, SIZES, heldout_prompts, new_shape_prompts
+from ditserve.demo.language import ALL_SIZES, NEW_SIZE, SHAPES, heldout_prompts, new_size_prompts
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
 from ditserve.errors import InvalidParameterError
 
@@ -26,13 +26,13 @@ class Task(str, enum.Enum):
 
 
 class PromptSet(str, enum.Enum):
-    """Which held-out prompts ``eval`` scores: the base language's, or those with the LoRA's new shape."""
+    """Which held-out prompts ``eval`` scores: the base language's, or those with the LoRA's new size."""
 
     HELDOUT = "heldout"
-    NEW_SHAPE = "new-shape"
+    NEW_SIZE = "new-size"
 
 
-PROMPT_SETS = {PromptSet.HELDOUT: heldout_prompts, PromptSet.NEW_SHAPE: new_shape_prompts}
+PROMPT_SETS = {PromptSet.HELDOUT: heldout_prompts, PromptSet.NEW_SIZE: new_size_prompts}
 
 
 def _model_path(args: argparse.Namespace) -> Path:
@@ -157,8 +157,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
               f"{r['prompt_accuracy']:>7.3f} {r['heldout_object_accuracy']:>11.3f} {r['shape_accuracy']:>6.3f} "
               f"{r['size_accuracy']:>6.3f}")
     print("object accuracy by kind, per setting above:")
-    for size in SIZES:
-        for shape in ALL_SHAPES:
+    for size in ALL_SIZES:
+        for shape in SHAPES:
             key = kind_accuracy_key(size, shape)
             print(f"  {size + ' ' + shape:>14}: " + " ".join(f"{r[key]:.3f}" for r in results))
     ceiling = evaluate(decoded_ground_truth(pipe, prompts), prompts)
@@ -302,9 +302,9 @@ def _add_train_parser(subparsers) -> None:
 def _add_train_lora_parser(subparsers) -> None:
     from ditserve.demo.lora_train import LoRATrainConfig
 
-    parser = subparsers.add_parser("train-lora", help=f"train a LoRA that teaches the demo model the shape {NEW_SHAPE!r}")
+    parser = subparsers.add_parser("train-lora", help=f"train a LoRA that teaches the demo model the size {NEW_SIZE!r}")
     _add_config_arguments(parser, LoRATrainConfig)
-    parser.add_argument("--output", default=f"runs/ditserve-shapes-lora-{NEW_SHAPE}",
+    parser.add_argument("--output", default=f"runs/ditserve-shapes-lora-{NEW_SIZE}",
                         help="where to write the PEFT folder")
     parser.set_defaults(handler=_cmd_train_lora)
 
@@ -326,7 +326,7 @@ def register(subparsers) -> None:
     evaluate.add_argument("--steps", default=None,
                           help="--task edit: comma-separated step counts (default 50,20)")
     evaluate.add_argument("--prompt-set", choices=[s.value for s in PromptSet], default=PromptSet.HELDOUT.value,
-                          help=f"held-out prompts of the base language, or with one {NEW_SHAPE!r} each")
+                          help=f"held-out prompts of the base language, or with one {NEW_SIZE!r} object each")
     evaluate.add_argument("--lora", default=None, help="fuse this LoRA (PEFT folder or file) into the transformer")
     evaluate.add_argument("--prompt-seed", type=int, default=0, help="seed of the held-out prompts or edits")
     evaluate.add_argument("--cfg-sweep", default=None, help="comma-separated true_cfg_scale values to compare")

@@ -23,16 +23,17 @@ from typing import Literal
 from ditserve.errors import InvalidParameterError
 
 SIZES: tuple[str, ...] = ("small", "large")
+# A size word the base model never saw, taught by the demo LoRA (``lora_train.py``): half way between small and
+# large. It is kept out of SIZES (and so out of ``vocabulary()``, the tokenizers, the samplers and the held-out
+# prompts), so every base-model prompt, picture and evaluation figure stays what it was. A size, not a colour:
+# the frozen VAE decodes every colour outside the palette into a palette colour, but draws any size.
+NEW_SIZE = "medium"
+ALL_SIZES: tuple[str, ...] = (*SIZES, NEW_SIZE)
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-# A shape word the base model never saw, taught by the demo LoRA (``lora_train.py``): a square standing on a
-# corner. It is kept out of SHAPES (and so out of ``vocabulary()``, the tokenizers, the samplers and the held-out
-# prompts), so every base-model prompt, picture and evaluation figure stays what it was.
-NEW_SHAPE = "diamond"
-ALL_SHAPES: tuple[str, ...] = (*SHAPES, NEW_SHAPE)
-# The base tokenizers spell the new word letter by letter (8 T5 tokens instead of 1), so a new-shape prompt keeps
+# The base tokenizers spell the new word letter by letter (7 T5 tokens instead of 1), so a new-size prompt keeps
 # to one such object among at most this many, which fits the 32-token text padding untruncated.
-NEW_SHAPE_MAX_OBJECTS = 2
+NEW_SIZE_MAX_OBJECTS = 2
 POSITIONS: tuple[str, ...] = (
     "at the top left",
     "at the top",
@@ -99,8 +100,7 @@ class Scene:
 
 def is_heldout_triple(color: str, shape: str, position: str) -> bool:
     # The residue walks through all nine positions for a fixed (colour, shape), so each pair loses exactly one.
-    # ALL_SHAPES extends SHAPES, so the base shapes keep their split and the new shape gets one of its own.
-    return (COLORS.index(color) + 2 * ALL_SHAPES.index(shape) + POSITIONS.index(position)) % 9 == 4
+    return (COLORS.index(color) + 2 * SHAPES.index(shape) + POSITIONS.index(position)) % 9 == 4
 
 
 def _alternation(words: tuple[str, ...]) -> str:
@@ -109,7 +109,7 @@ def _alternation(words: tuple[str, ...]) -> str:
 
 
 _OBJECT_PATTERN = (
-    f"a ({_alternation(SIZES)}) ({_alternation(COLORS)}) ({_alternation(ALL_SHAPES)}) ({_alternation(POSITIONS)})"
+    f"a ({_alternation(ALL_SIZES)}) ({_alternation(COLORS)}) ({_alternation(SHAPES)}) ({_alternation(POSITIONS)})"
 )
 _OBJECT_RE = re.compile(_OBJECT_PATTERN)
 _PROMPT_RE = re.compile(
@@ -119,7 +119,7 @@ _PROMPT_RE = re.compile(
 
 _GRAMMAR_HELP = (
     'expected: object (" and " object){0,2} [" on a " COLOR " background"], object = "a " SIZE " " COLOR " " '
-    f"SHAPE \" \" POSITION; SIZE in {list(SIZES)}, COLOR in {list(COLORS)}, SHAPE in {list(ALL_SHAPES)}, "
+    f"SHAPE \" \" POSITION; SIZE in {list(ALL_SIZES)}, COLOR in {list(COLORS)}, SHAPE in {list(SHAPES)}, "
     f"POSITION in {list(POSITIONS)}"
 )
 
@@ -212,32 +212,32 @@ def heldout_prompts(n: int = 64, seed: int = 0) -> list[str]:
     return sample_prompts(n, seed, split="heldout")
 
 
-def sample_new_shape_scenes(n: int, seed: int, split: Split = "train") -> list[Scene]:
-    """``n`` random scenes of ``split`` with one NEW_SHAPE object among 1 to NEW_SHAPE_MAX_OBJECTS (the others
-    of the base shapes), reproducible from ``seed``: the LoRA's training data and its evaluation set."""
+def sample_new_size_scenes(n: int, seed: int, split: Split = "train") -> list[Scene]:
+    """``n`` random scenes of ``split`` with one NEW_SIZE object among 1 to NEW_SIZE_MAX_OBJECTS (the others of
+    the base sizes), reproducible from ``seed``: the LoRA's training data and its evaluation set."""
     if split not in SPLITS:
         raise InvalidParameterError(f"split must be one of {list(SPLITS)}, got {split!r}", param="split")
     rng = random.Random(seed)
     scenes: list[Scene] = []
     while len(scenes) < n:
         base = _sample_any_scene(rng)
-        objects = list(base.objects[: rng.randint(1, NEW_SHAPE_MAX_OBJECTS)])
+        objects = list(base.objects[: rng.randint(1, NEW_SIZE_MAX_OBJECTS)])
         slot = rng.randrange(len(objects))
-        objects[slot] = ShapeObject(objects[slot].size, objects[slot].color, NEW_SHAPE, objects[slot].position)
+        objects[slot] = ShapeObject(NEW_SIZE, objects[slot].color, objects[slot].shape, objects[slot].position)
         scene = Scene(objects=tuple(objects), background=base.background)
         if _in_split(scene, split):
             scenes.append(scene)
     return scenes
 
 
-def new_shape_prompts(n: int = 64, seed: int = 0) -> list[str]:
-    """A fixed evaluation set for the new shape: ``n`` prompts with one NEW_SHAPE object and at least one
+def new_size_prompts(n: int = 64, seed: int = 0) -> list[str]:
+    """A fixed evaluation set for the new size: ``n`` prompts with one NEW_SIZE object and at least one
     never-trained colour-shape-position triple."""
-    return [scene.to_prompt() for scene in sample_new_shape_scenes(n, seed, split="heldout")]
+    return [scene.to_prompt() for scene in sample_new_size_scenes(n, seed, split="heldout")]
 
 
 def vocabulary() -> list[str]:
-    """Every word of the base language, in a stable order (the tokenizers are built from it; NEW_SHAPE is not in
+    """Every word of the base language, in a stable order (the tokenizers are built from it; NEW_SIZE is not in
     it, as a word the base model never saw)."""
     words: list[str] = []
     phrases = ("a", "and", "on", "background", *SIZES, *COLORS, *SHAPES, *POSITIONS)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ditserve.demo.language import ALL_SHAPES, COLORS, MAX_OBJECTS, NEW_SHAPE, SIZES, Scene, parse_prompt
+from ditserve.demo.language import ALL_SIZES, COLORS, MAX_OBJECTS, NEW_SIZE, SHAPES, Scene, parse_prompt
 from ditserve.errors import InvalidParameterError
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -27,7 +27,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (25, 25, 25),
 }
-BOX_SIDE: dict[str, float] = {"small": 0.20, "large": 0.34}
+# NEW_SIZE, the LoRA's word, sits half way between the base sizes.
+BOX_SIDE: dict[str, float] = {"small": 0.20, "large": 0.34, NEW_SIZE: 0.27}
 MAX_JITTER = 0.04
 SUPERSAMPLING = 2
 
@@ -48,8 +49,8 @@ class Layout:
 
     center: torch.Tensor  # (B, MAX_OBJECTS, 2) float, (x, y) in fractions of the side
     half: torch.Tensor  # (B, MAX_OBJECTS) float
-    size: torch.Tensor  # (B, MAX_OBJECTS) long, index into SIZES
-    shape: torch.Tensor  # (B, MAX_OBJECTS) long, index into ALL_SHAPES
+    size: torch.Tensor  # (B, MAX_OBJECTS) long, index into ALL_SIZES
+    shape: torch.Tensor  # (B, MAX_OBJECTS) long, index into SHAPES
     color: torch.Tensor  # (B, MAX_OBJECTS) long, index into COLORS
     present: torch.Tensor  # (B, MAX_OBJECTS) bool
     background: torch.Tensor  # (B,) long, index into COLORS
@@ -84,8 +85,8 @@ def lay_out(
         for j, obj in enumerate(scene.objects):
             center[i, j] = torch.tensor(cell_center(*obj.cell))
             half[i, j] = BOX_SIDE[obj.size] / 2
-            size[i, j] = SIZES.index(obj.size)
-            shape[i, j] = ALL_SHAPES.index(obj.shape)
+            size[i, j] = ALL_SIZES.index(obj.size)
+            shape[i, j] = SHAPES.index(obj.shape)
             color[i, j] = COLORS.index(obj.color)
             present[i, j] = True
     center = center.to(device)
@@ -106,12 +107,9 @@ def _shape_masks(x: torch.Tensor, y: torch.Tensor, center: torch.Tensor, half: t
     # Apex up: at depth d below the apex the triangle is d wide (base and height both 2h).
     depth = dy + h
     triangle = (depth >= 0) & (dy <= h) & (dx.abs() <= depth / 2)
-    # The new shape: a square standing on a corner, its diagonals as wide as the box.
-    diamond = dx.abs() + dy.abs() <= h
     shape = shape[..., None, None]
-    masks = torch.where(shape == ALL_SHAPES.index("square"), square, disc)
-    masks = torch.where(shape == ALL_SHAPES.index("triangle"), triangle, masks)
-    return torch.where(shape == ALL_SHAPES.index(NEW_SHAPE), diamond, masks)
+    masks = torch.where(shape == SHAPES.index("square"), square, disc)
+    return torch.where(shape == SHAPES.index("triangle"), triangle, masks)
 
 
 def rasterize(layout: Layout, size: int = 128) -> torch.Tensor:

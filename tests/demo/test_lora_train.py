@@ -1,5 +1,5 @@
 """The demo LoRA: ``train-lora`` writes a PEFT folder ditserve reads, and the shipped one changes what the model
-draws for the new shape word, per request, while a request without it stays the base model."""
+draws for the new size word, per request, while a request without it stays the base model."""
 
 import json
 
@@ -9,11 +9,13 @@ import torch
 from diffusers import FluxPipeline
 
 from ditserve import LoRARequest, Omni
-from ditserve.demo import NEW_SHAPE, demo_lora_path, demo_model_path
+from ditserve.demo import NEW_SIZE, demo_lora_path, demo_model_path
 from ditserve.demo.cli import main
+from ditserve.demo.language import SHAPES
 from ditserve.demo.lora_train import (
     TARGET_MODULES,
     TRAINING_RECORD_FILE,
+    LoRATargets,
     LoRATrainConfig,
     add_lora,
     train_lora,
@@ -22,7 +24,7 @@ from ditserve.demo.model import MAX_SEQUENCE_LENGTH
 from ditserve.errors import InvalidParameterError
 from ditserve.lora.files import PEFT_WEIGHTS_FILE, read_adapter
 
-PROMPT = f"a large red {NEW_SHAPE} in the center"
+PROMPT = f"a {NEW_SIZE} red square in the center"
 FAST = {"num_inference_steps": 4, "height": 128, "width": 128, "seed": 0}
 # "A few hundred KB": small enough to ship in git beside the 40 MB model.
 MAX_SHIPPED_BYTES = 1 << 20
@@ -46,10 +48,27 @@ def test_train_lora_writes_a_peft_folder_ditserve_reads(tmp_path, demo_pipeline)
     adapter = read_adapter("trained", folder, demo_pipeline)
     assert adapter.rank == 4
     names = adapter.modules["transformer"]
-    assert any(n.endswith("attn.to_q") for n in names) and any(n.endswith("ff.net.2") for n in names)
-    assert all(any(n.endswith(target) for target in TARGET_MODULES) for n in names)
+    assert list(names) == ["context_embedder"]  # the default targets: the text input projection alone
     record = json.loads((folder / TRAINING_RECORD_FILE).read_text())
     assert record["steps"] == 2 and record["pictures"] == 4
+
+
+@pytest.mark.parametrize("targets", list(LoRATargets))
+def test_text_input_targets_leave_every_other_layer_alone_and_all_targets_reach_them(targets):
+    pipe = FluxPipeline.from_pretrained(str(demo_model_path()))
+    add_lora(pipe, LoRATrainConfig(targets=targets.value))
+    suffix = ".lora_A.default"
+    adapted = {n.removesuffix(suffix) for n, _ in pipe.transformer.named_modules() if n.endswith(suffix)}
+    image_path = {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.2",
+                  "single_transformer_blocks.0.proj_mlp", "proj_out"}
+    assert "context_embedder" in adapted
+    assert adapted & image_path == (image_path if targets is LoRATargets.ALL else set())
+    assert all(any(name.endswith(t) for t in TARGET_MODULES[targets]) for name in adapted)
+
+
+def test_unknown_targets_are_refused():
+    with pytest.raises(InvalidParameterError, match="targets"):
+        train_lora(LoRATrainConfig(targets="image", steps=1, max_minutes=0), "unused")
 
 
 def test_shipped_lora_is_small_and_rank_8():
@@ -65,8 +84,8 @@ def omni():
         yield omni
 
 
-def test_shipped_lora_changes_the_new_shape_and_a_request_without_it_is_the_base(omni):
-    lora = LoRARequest(NEW_SHAPE, 1, str(demo_lora_path()))
+def test_shipped_lora_changes_the_new_size_and_a_request_without_it_is_the_base(omni):
+    lora = LoRARequest(NEW_SIZE, 1, str(demo_lora_path()))
     base, with_lora = omni.generate([PROMPT, PROMPT], lora_request=[None, lora], **FAST)
     alone = omni.generate(PROMPT, **FAST)[0]
     base_pixels, lora_pixels = (np.asarray(o.images[0], dtype=float) for o in (base, with_lora))
@@ -75,14 +94,14 @@ def test_shipped_lora_changes_the_new_shape_and_a_request_without_it_is_the_base
     assert np.abs(base_pixels - np.asarray(alone.images[0], dtype=float)).max() <= 1.0
 
 
-def test_eval_command_fuses_a_lora_and_scores_new_shape_prompts(tmp_path):
+def test_eval_command_fuses_a_lora_and_scores_new_size_prompts(tmp_path):
     output = tmp_path / "eval.json"
-    main(["eval", "--prompts", "2", "--prompt-set", "new-shape", "--cfg-sweep", "1", "--lora", str(demo_lora_path()),
+    main(["eval", "--prompts", "2", "--prompt-set", "new-size", "--cfg-sweep", "1", "--lora", str(demo_lora_path()),
           "--output", str(output)])
     report = json.loads(output.read_text())
-    assert report["lora"] == str(demo_lora_path()) and report["prompt_set"] == "new-shape"
-    kinds = [report["results"][0][f"{size}_{NEW_SHAPE}_accuracy"] for size in ("small", "large")]
-    assert not all(np.isnan(kinds))  # every prompt of the set has one new-shape object
+    assert report["lora"] == str(demo_lora_path()) and report["prompt_set"] == "new-size"
+    kinds = [report["results"][0][f"{NEW_SIZE}_{shape}_accuracy"] for shape in SHAPES]
+    assert not all(np.isnan(kinds))  # every prompt of the set has one new-size object
 
 
 def test_select_cfg_refuses_a_lora_before_touching_the_model_defaults():
