@@ -48,8 +48,10 @@ PEER_SPACES: dict[tuple[str, str], SearchSpace] = {
         (Knob("threshold", _MAG["magcache_thresh"]), Knob("max_skip_steps", _MAG["magcache_K"]),
          Knob("retention_ratio", _MAG["retention_ratio"])),
         _seeded("threshold", (0.03, 0.06, 0.12, 0.24), {"max_skip_steps": 3, "retention_ratio": 0.2})),
+    # diffusers' TaylorSeer predicts from its last computed step, so at least the first step must compute
+    # (disable_cache_before_step=0 raises "Cannot predict without prior initialization" on step 0)
     ("diffusers", "TaylorSeerCache"): SearchSpace(
-        (Knob("cache_interval", (2, 3, 4, 5, 6, 8, 10)), Knob("disable_cache_before_step", (0, 1, 2, 3, 5, 8)),
+        (Knob("cache_interval", (2, 3, 4, 5, 6, 8, 10)), Knob("disable_cache_before_step", (1, 2, 3, 5, 8)),
          Knob("max_order", (1, 2, 3))),
         _seeded("cache_interval", (3, 5, 8), {"disable_cache_before_step": 3, "max_order": 1})),
     ("cache-dit", "DBCache"): SearchSpace(
