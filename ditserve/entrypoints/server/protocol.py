@@ -67,7 +67,6 @@ class StrictRequest(BaseModel):
         return [name for name in self.ignored_when_set if name in self.model_fields_set]
 
 
-#: fields of the mirrored system's requests that this server knows but cannot honour, and why
 class LoRAField(StrictRequest):
     """A request's LoRA: a loaded (or start-up) adapter by name, or a new one from a path in an allowed folder."""
 
