@@ -54,6 +54,19 @@ def _parse_scales(text: str) -> list[float]:
         raise InvalidParameterError(f"--cfg-sweep must be comma-separated numbers, got {text!r}", param="cfg_sweep") from error
 
 
+def _parse_steps(text: str | None) -> list[int]:
+    """``--steps``: comma-separated step counts, each >= 1 (default EVAL_STEPS)."""
+    if not text:
+        return list(EVAL_STEPS)
+    try:
+        steps = [int(part) for part in text.split(",") if part]
+    except ValueError as error:
+        raise InvalidParameterError(f"--steps must be comma-separated whole numbers, got {text!r}", param="steps") from error
+    if not steps or min(steps) < 1:
+        raise InvalidParameterError(f"--steps must name step counts >= 1, got {text!r}", param="steps")
+    return steps
+
+
 def write_defaults(model_dir: Path, true_cfg_scale: float) -> None:
     """The sampling defaults the engine reads for this model."""
     defaults = {
@@ -149,7 +162,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     pipe = load_pipeline(model_dir, args.device, args.lora)
     prompts = PROMPT_SETS[PromptSet(args.prompt_set)](args.prompts or 64, args.prompt_seed)
     scales = _parse_scales(args.cfg_sweep) if args.cfg_sweep else [defaults["true_cfg_scale"], 1.0]
-    settings = [(steps, scale) for steps in EVAL_STEPS for scale in scales]
+    steps = _parse_steps(args.steps)
+    settings = [(n, scale) for n in steps for scale in scales]
     results = adherence(pipe, prompts, settings, seed=args.seed, max_sequence_length=defaults.get("max_sequence_length"))
     print(f"{'steps':>5} {'cfg':>5} {'object':>7} {'prompt':>7} {'heldout-obj':>11} {'shape':>6} {'size':>6}")
     for r in results:
@@ -168,7 +182,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
               "heldout_prompts": len(prompts), "prompt_seed": args.prompt_seed,
               "seed": args.seed, "results": results, "decoded_ground_truth": ceiling}
     if args.select_cfg:
-        best = max((r for r in results if r["num_inference_steps"] == 50), key=lambda r: (r["prompt_accuracy"], r["object_accuracy"]))
+        best = max((r for r in results if r["num_inference_steps"] == max(steps)),
+                   key=lambda r: (r["prompt_accuracy"], r["object_accuracy"]))
         write_defaults(model_dir, best["true_cfg_scale"])
         print(f"true_cfg_scale {best['true_cfg_scale']} written to {model_dir / 'ditserve_defaults.json'}")
     if args.output:
@@ -196,7 +211,7 @@ def _cmd_eval_edit(args: argparse.Namespace) -> None:
     pipe = load_edit_pipeline(model_dir, args.device)
     edits = heldout_edits(args.prompts or 100, args.prompt_seed)
     scales = _parse_scales(args.cfg_sweep) if args.cfg_sweep else [defaults["true_cfg_scale"]]
-    steps = [int(s) for s in args.steps.split(",")] if args.steps else list(EVAL_STEPS)
+    steps = _parse_steps(args.steps)
     results = edit_adherence(pipe, edits, [(n, scale) for n in steps for scale in scales], seed=args.seed)
     kinds = [kind.value for kind in EditKind]
     print(f"{'steps':>5} {'cfg':>5} {'pass':>6} {'applied':>7} {'kept':>6} " + " ".join(f"{k:>10}" for k in kinds))
@@ -324,13 +339,14 @@ def register(subparsers) -> None:
     evaluate.add_argument("--prompts", type=int, default=None,
                           help="number of held-out prompts (default 64), or of held-out edits (default 100)")
     evaluate.add_argument("--steps", default=None,
-                          help="--task edit: comma-separated step counts (default 50,20)")
+                          help="comma-separated step counts (default 50,20)")
     evaluate.add_argument("--prompt-set", choices=[s.value for s in PromptSet], default=PromptSet.HELDOUT.value,
                           help=f"held-out prompts of the base language, or with one {NEW_SIZE!r} object each")
     evaluate.add_argument("--lora", default=None, help="fuse this LoRA (PEFT folder or file) into the transformer")
     evaluate.add_argument("--prompt-seed", type=int, default=0, help="seed of the held-out prompts or edits")
     evaluate.add_argument("--cfg-sweep", default=None, help="comma-separated true_cfg_scale values to compare")
-    evaluate.add_argument("--select-cfg", action="store_true", help="write the best 50-step scale into the defaults")
+    evaluate.add_argument("--select-cfg", action="store_true",
+                          help="write the best scale at the most steps evaluated (50 by default) into the defaults")
     evaluate.add_argument("--output", default=None, help="also write the figures as JSON here")
     evaluate.set_defaults(handler=_cmd_eval)
 

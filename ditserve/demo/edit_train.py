@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ditserve.demo.edit_language import EDIT_WORDS, Edit, sample_edits
 from ditserve.demo.language import MAX_OBJECTS, stage_seed
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH, build_clip_tokenizer, build_t5_tokenizer, encode_prompts
+from ditserve.demo.object_probe import ObjectProbe, object_targets
 from ditserve.demo.render import MAX_JITTER, Layout, lay_out, rasterize
 from ditserve.demo.train import (
     IMAGE_SIZE,
@@ -84,6 +85,11 @@ class EditTrainConfig:
     # Wall-clock budget in minutes (0: none); the learning-rate schedule ends with whichever runs out first,
     # steps or minutes. A resumed run counts the minutes its checkpoint had already spent.
     max_minutes: float = 75.0
+    # Weight of the object probe's loss (object_probe.py) on the edited picture's tokens beside the denoising
+    # loss (0: none), and its cells per token side: every pixel of a recoloured, moved or added object is
+    # labelled, not only its rim. The probe is not saved with the model.
+    probe_weight: float = 0.0
+    probe_cells: int = 4
 
 
 def load_edit_pipeline(init_from: str | Path) -> FluxKontextPipeline:
@@ -218,6 +224,10 @@ def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
         decay = cfg.weight_decay if mode is TextTraining.FULL else 0.0
         groups.append({"params": text_parameters, "lr_scale": cfg.text_lr_scale, "weight_decay": decay})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
+    probe = ObjectProbe(transformer, cfg.probe_cells).to(device) if cfg.probe_weight > 0 else None
+    if probe is not None:
+        groups.append({"params": list(probe.parameters()), "lr_scale": 1.0, "weight_decay": 0.0})
+    tokens_per_side = IMAGE_SIZE // (2 * pipe.vae_scale_factor)  # FLUX packs 2x2 latent pixels per token
     modules = {"transformer": transformer}
     if mode is not TextTraining.FROZEN:
         modules.update(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
@@ -228,6 +238,11 @@ def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
         state = torch.load(checkpoint, map_location=device)
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
+        if (state.get("probe") is not None) != (probe is not None):
+            raise InvalidParameterError("the edit checkpoint was written with another probe_weight setting (0 or > 0): "
+                                        "resume with that setting, or start a new run_dir", param="probe_weight")
+        if probe is not None:
+            probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
         ema, start, spent_before = state["ema"], state["step"], state["seconds"]
     parameters = [p for group in groups for p in group["params"]]
@@ -246,23 +261,31 @@ def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
         with _autocast(device):
             loss = edit_flow_matching_loss(pipe, instructions, rasterize(source, IMAGE_SIZE),
                                            rasterize(target, IMAGE_SIZE), generator)
+            probe_loss = torch.zeros(())
+            if probe is not None:
+                probe_loss = probe.loss(object_targets(target, tokens_per_side, cfg.probe_cells,
+                                                       [i != "" for i in instructions]))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + cfg.probe_weight * probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         _update_ema(ema, modules, cfg.ema_decay, step)
         if step % cfg.log_every == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}")
-            logger.write(stage="edit", step=step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"],
+            logger.write(stage="edit", step=step, loss=loss.item(), probe_loss=probe_loss.item(),
+                         lr=optimizer.param_groups[0]["lr"],
                          seconds=round(time.perf_counter() - began, 1))
         out_of_time = time.perf_counter() - began > budget
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1 or out_of_time:
             _save_checkpoint(checkpoint, {"step": step + 1, "seconds": time.perf_counter() - began,
                                           "modules": {name: m.state_dict() for name, m in modules.items()},
+                                          "probe": probe.state_dict() if probe else None,
                                           "optimizer": optimizer.state_dict(), "ema": ema})
         if out_of_time:
             logger.write(stage="edit", stopped_early_at_step=step + 1, of_steps=cfg.steps)
             break
+    if probe is not None:
+        probe.detach()
     for name, module in modules.items():
         module.load_state_dict(ema[name])
         module.eval().requires_grad_(False)

@@ -24,16 +24,18 @@ import torch
 from diffusers import FluxPipeline
 from tqdm.auto import tqdm
 
-from ditserve.demo.language import sample_new_size_scenes, sample_scenes, stage_seed
+from ditserve.demo.language import ALL_SIZES, NEW_SIZE, sample_new_size_scenes, sample_scenes, stage_seed
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
-from ditserve.demo.render import MAX_JITTER, render_batch
+from ditserve.demo.object_probe import KINDS_WITH_NEW_SIZE, ObjectProbe, object_targets
+from ditserve.demo.render import BOX_SIDE, MAX_JITTER, Layout, lay_out, rasterize
 from ditserve.demo.train import (
     IMAGE_SIZE,
     _apply_prompt_dropout,
     _autocast,
-    _flow_matching_loss,
+    _flow_matching_batch,
     _lr_factor,
     _step_generator,
+    _velocity,
     resolve_device,
 )
 from ditserve.errors import InvalidParameterError
@@ -90,15 +92,38 @@ class LoRATrainConfig:
     # Wall-clock budget in minutes (0: none); the cosine schedule ends with whichever runs out first.
     max_minutes: float = 38.0
     log_every: int = 25
+    # Weight of a fresh object probe's loss (object_probe.py, knowing the new size as its own kind) beside the
+    # denoising loss (0: none), and its cells per token side. The probe is not saved with the LoRA.
+    probe_weight: float = 0.0
+    probe_cells: int = 4
+    # Extra loss weight of the image tokens around each new-size object (within a large object's box of its
+    # centre): the pixels where medium differs from small and large are a thin ring of a mostly flat picture, so
+    # plain flow matching hardly pays for a box a few pixels off (0: uniform weights).
+    size_weight: float = 0.0
+    # Ordinary prompts (and dropped ones, true CFG's negative branch) learn the base model's own velocity, computed
+    # with the LoRA switched off, instead of the rendered picture's: they then pin the base behaviour where the
+    # LoRA must not change it, rather than teach the base's remaining errors away.
+    preserve_base: bool = False
 
 
-def _training_batch(cfg: LoRATrainConfig, step: int, device: torch.device) -> tuple[list[str], torch.Tensor]:
+def _training_batch(cfg: LoRATrainConfig, step: int, device: torch.device) -> tuple[list[str], Layout]:
     new_count = round(cfg.batch * cfg.new_size_fraction)
     scenes = (sample_new_size_scenes(new_count, stage_seed(cfg.seed, NEW_SIZE_STAGE, step), split="train")
               + sample_scenes(cfg.batch - new_count, stage_seed(cfg.seed, BASE_STAGE, step), split="train"))
     generator = _step_generator(device, cfg.seed, NEW_SIZE_STAGE, step)
-    images = render_batch(scenes, IMAGE_SIZE, jitter=MAX_JITTER, generator=generator, device=device)
-    return [s.to_prompt() for s in scenes], images
+    return [s.to_prompt() for s in scenes], lay_out(scenes, MAX_JITTER, generator, device)
+
+
+def new_size_token_weights(layout: Layout, tokens_per_side: int, extra: float) -> torch.Tensor:
+    """(B, tokens) loss weights: 1 + ``extra`` on the tokens that reach into a large box centred on a new-size
+    object, 1 elsewhere; FLUX's token order (row-major)."""
+    centres = (torch.arange(tokens_per_side, device=layout.center.device) + 0.5) / tokens_per_side
+    reach = BOX_SIDE["large"] / 2 + 0.5 / tokens_per_side
+    new_size = layout.present & (layout.size == ALL_SIZES.index(NEW_SIZE))  # (B, objects)
+    near_x = (centres[None, None, :] - layout.center[..., 0:1]).abs() < reach  # (B, objects, side)
+    near_y = (centres[None, None, :] - layout.center[..., 1:2]).abs() < reach
+    covered = (near_y[..., :, None] & near_x[..., None, :] & new_size[..., None, None]).any(dim=1)
+    return 1 + extra * covered.flatten(1).float()
 
 
 def _check_config(cfg: LoRATrainConfig) -> None:
@@ -110,6 +135,19 @@ def _check_config(cfg: LoRATrainConfig) -> None:
     if cfg.targets not in {t.value for t in LoRATargets}:
         raise InvalidParameterError(f"targets must be one of {[t.value for t in LoRATargets]}, got {cfg.targets!r}",
                                     param="targets")
+
+
+@torch.no_grad()
+def _base_preserving_target(pipe: FluxPipeline, fm, cfg: LoRATrainConfig, prompts: list[str]) -> torch.Tensor:
+    """The rendered target for new-size prompts; the base model's velocity (LoRA off) for the others."""
+    new_count = round(cfg.batch * cfg.new_size_fraction)
+    base_rows = torch.tensor([i >= new_count or p == "" for i, p in enumerate(prompts)], device=fm.target.device)
+    pipe.transformer.disable_adapters()
+    try:
+        base = _velocity(pipe, fm.noisy, fm.sigma, fm.text, fm.image_ids).float()
+    finally:
+        pipe.transformer.enable_adapters()
+    return torch.where(base_rows[:, None, None], base, fm.target)
 
 
 def add_lora(pipe: FluxPipeline, cfg: LoRATrainConfig) -> list[torch.nn.Parameter]:
@@ -150,34 +188,56 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
     model_dir = Path(cfg.model) if cfg.model else demo_model_path()
     pipe = FluxPipeline.from_pretrained(str(model_dir)).to(device)
     parameters = add_lora(pipe, cfg)
+    probe = None
+    if cfg.probe_weight > 0:
+        probe = ObjectProbe(pipe.transformer, cfg.probe_cells, KINDS_WITH_NEW_SIZE).to(device)
+        parameters += list(probe.parameters())
+    tokens_per_side = IMAGE_SIZE // (2 * pipe.vae_scale_factor)  # FLUX packs 2x2 latent pixels per token
     pipe.transformer.train()
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
     budget = 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
     began = time.perf_counter()
     losses: list[float] = []
+    probe_losses: list[float] = []
     step = 0
     progress = tqdm(range(cfg.steps), desc="lora")
     for step in progress:
         fraction = max(step / cfg.steps, (time.perf_counter() - began) / budget)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup_steps, fraction)
-        prompts, images = _training_batch(cfg, step, device)
+        prompts, layout = _training_batch(cfg, step, device)
         generator = _step_generator(device, cfg.seed, NOISE_STAGE, step)
         prompts = _apply_prompt_dropout(prompts, generator, cfg.prompt_dropout)
         with _autocast(device):
-            loss = _flow_matching_loss(pipe, prompts, images, generator, MAX_SEQUENCE_LENGTH)
+            fm = _flow_matching_batch(pipe, prompts, rasterize(layout, IMAGE_SIZE), generator, MAX_SEQUENCE_LENGTH)
+            total = torch.zeros((), device=device)
+            if probe is not None:
+                targets = object_targets(layout, tokens_per_side, cfg.probe_cells, [p != "" for p in prompts])
+                total = cfg.probe_weight * probe.loss(targets)
+            target = fm.target
+            if cfg.preserve_base:
+                target = _base_preserving_target(pipe, fm, cfg, prompts)
+            weights = new_size_token_weights(layout, tokens_per_side, cfg.size_weight)
+            errors = (fm.prediction.float() - target).pow(2).mean(dim=-1)  # (B, tokens)
+            loss = (weights * errors).sum() / weights.sum()
+            total = total + loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         losses.append(loss.item())
+        probe_losses.append((total - loss).item() / cfg.probe_weight if probe is not None else 0.0)
         if step % cfg.log_every == 0:
             recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
+            recent_probe = sum(probe_losses[-cfg.log_every:]) / len(probe_losses[-cfg.log_every:])
             progress.set_postfix(loss=f"{recent:.4f}")
-            print(json.dumps({"step": step, "loss": round(recent, 5), "lr": optimizer.param_groups[0]["lr"],
-                              "seconds": round(time.perf_counter() - began, 1)}), flush=True)
+            print(json.dumps({"step": step, "loss": round(recent, 5), "probe_loss": round(recent_probe, 4),
+                              "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - began, 1)}),
+                  flush=True)
         if time.perf_counter() - began > budget:
             break
+    if probe is not None:
+        probe.detach()
     pipe.transformer.eval()
     steps_done = step + 1
     record = {"config": asdict(cfg), "base_model": model_dir.name, "steps": steps_done,

@@ -18,11 +18,18 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 
-from ditserve.demo.language import COLORS, SHAPES, SIZES
+from ditserve.demo.language import ALL_SIZES, COLORS, SHAPES, SIZES
 from ditserve.demo.render import Layout, object_map
 
-# Class 0 is "no object" (background); object kinds are 1 + size * len(SHAPES) + shape.
-KINDS = 1 + len(SIZES) * len(SHAPES)
+
+def kind_count(sizes: int) -> int:
+    """Class 0 is "no object" (background); object kinds are 1 + size * len(SHAPES) + shape."""
+    return 1 + sizes * len(SHAPES)
+
+
+# The base model's probe knows its two sizes; the LoRA's also the new one (ALL_SIZES' last index).
+KINDS = kind_count(len(SIZES))
+KINDS_WITH_NEW_SIZE = kind_count(len(ALL_SIZES))
 
 
 @dataclass(frozen=True)
@@ -57,10 +64,11 @@ class ObjectProbe(torch.nn.Module):
     """A linear read-out of the image tokens that leave the last double-stream block (captured by a forward
     hook while the transformer runs), scored against :class:`ObjectTargets` with cross-entropy."""
 
-    def __init__(self, transformer: FluxTransformer2DModel, cells_per_token: int) -> None:
+    def __init__(self, transformer: FluxTransformer2DModel, cells_per_token: int, kinds: int = KINDS) -> None:
         super().__init__()
         self.cells = cells_per_token**2
-        self.read_out = torch.nn.Linear(transformer.inner_dim, self.cells * (len(COLORS) + KINDS))
+        self.kinds = kinds
+        self.read_out = torch.nn.Linear(transformer.inner_dim, self.cells * (len(COLORS) + kinds))
         self._features: torch.Tensor | None = None
         self._hook = transformer.transformer_blocks[-1].register_forward_hook(self._capture)
 
@@ -72,8 +80,10 @@ class ObjectProbe(torch.nn.Module):
         the features of the transformer's latest forward pass."""
         if self._features is None:
             raise RuntimeError("ObjectProbe.loss needs a transformer forward pass first")
-        batch, tokens, _ = self._features.shape
-        logits = self.read_out(self._features.float()).view(batch, tokens, self.cells, len(COLORS) + KINDS)
+        # the first tokens are the picture's; an edit model's input-picture tokens follow them and are not read
+        tokens = targets.color.shape[1]
+        features = self._features[:, :tokens]
+        logits = self.read_out(features.float()).view(features.shape[0], tokens, self.cells, len(COLORS) + self.kinds)
         self._features = None
         color_loss = F.cross_entropy(logits[..., : len(COLORS)].flatten(0, 2), targets.color.flatten())
         prompted = targets.prompted

@@ -321,8 +321,20 @@ def _velocity(pipe: FluxPipeline, packed: torch.Tensor, sigma: torch.Tensor, tex
                             return_dict=False)[0]
 
 
-def _flow_matching_loss(pipe: FluxPipeline, prompts: list[str], images: torch.Tensor, generator: torch.Generator,
-                        max_sequence_length: int) -> torch.Tensor:
+@dataclass
+class FlowMatchingBatch:
+    """One rectified-flow training batch, packed as the transformer sees it, with its prediction."""
+
+    noisy: torch.Tensor  # packed x_sigma
+    sigma: torch.Tensor  # (B,)
+    text: tuple  # encode_prompts' output
+    image_ids: torch.Tensor
+    prediction: torch.Tensor  # packed velocity
+    target: torch.Tensor  # packed noise - x0
+
+
+def _flow_matching_batch(pipe: FluxPipeline, prompts: list[str], images: torch.Tensor, generator: torch.Generator,
+                         max_sequence_length: int) -> FlowMatchingBatch:
     device = images.device
     batch = images.shape[0]
     with torch.no_grad():
@@ -337,9 +349,16 @@ def _flow_matching_loss(pipe: FluxPipeline, prompts: list[str], images: torch.Te
     noisy = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
     text = encode_prompts(pipe, prompts, device, max_sequence_length)
     image_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, x0.dtype)
-    prediction = _velocity(pipe, pipe._pack_latents(noisy, batch, channels, height, width), sigma, text, image_ids)
+    packed = pipe._pack_latents(noisy, batch, channels, height, width)
+    prediction = _velocity(pipe, packed, sigma, text, image_ids)
     target = pipe._pack_latents(noise - x0, batch, channels, height, width)
-    return F.mse_loss(prediction.float(), target)
+    return FlowMatchingBatch(packed, sigma, text, image_ids, prediction, target)
+
+
+def _flow_matching_loss(pipe: FluxPipeline, prompts: list[str], images: torch.Tensor, generator: torch.Generator,
+                        max_sequence_length: int) -> torch.Tensor:
+    fm = _flow_matching_batch(pipe, prompts, images, generator, max_sequence_length)
+    return F.mse_loss(fm.prediction.float(), fm.target)
 
 
 def _text_encoders_frozen(cfg: TrainConfig) -> bool:

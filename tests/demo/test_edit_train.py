@@ -67,6 +67,18 @@ def test_two_steps_train_and_export_a_kontext_folder(tmp_path):
     assert not torch.equal(trained.transformer.x_embedder.weight, base.transformer.x_embedder.weight)
 
 
+def test_the_object_probe_reads_the_edited_picture_and_resumes_only_with_its_setting(tmp_path):
+    # the probe reads the 64 edited-picture tokens of a 128-token (edited + input picture) image stream
+    config = EditTrainConfig(run_dir=str(tmp_path / "run"), steps=2, batch=2, warmup_steps=1, log_every=1,
+                             probe_weight=0.3)
+    train_edit(config, tmp_path / "out")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(r["probe_loss"] > 0 for r in logged if "probe_loss" in r)
+    with pytest.raises(InvalidParameterError) as error:
+        train_edit(EditTrainConfig(run_dir=str(tmp_path / "run"), steps=3, batch=2, probe_weight=0.0), tmp_path / "o2")
+    assert error.value.param == "probe_weight"
+
+
 def test_cli_refuses_options_of_the_other_task(tmp_path):
     with pytest.raises(InvalidParameterError) as error:
         main(["train", "--task", "edit", "--vae-steps", "3", "--output", str(tmp_path / "x")])

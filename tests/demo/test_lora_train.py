@@ -11,16 +11,21 @@ from diffusers import FluxPipeline
 from ditserve import LoRARequest, Omni
 from ditserve.demo import NEW_SIZE, demo_lora_path, demo_model_path
 from ditserve.demo.cli import main
-from ditserve.demo.language import SHAPES
+from ditserve.demo.language import SHAPES, parse_prompt
 from ditserve.demo.lora_train import (
     TARGET_MODULES,
     TRAINING_RECORD_FILE,
     LoRATargets,
     LoRATrainConfig,
+    _base_preserving_target,
+    _training_batch,
     add_lora,
+    new_size_token_weights,
     train_lora,
 )
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
+from ditserve.demo.render import lay_out, rasterize
+from ditserve.demo.train import _flow_matching_batch, _velocity
 from ditserve.errors import InvalidParameterError
 from ditserve.lora.files import PEFT_WEIGHTS_FILE, read_adapter
 
@@ -51,6 +56,47 @@ def test_train_lora_writes_a_peft_folder_ditserve_reads(tmp_path, demo_pipeline)
     assert list(names) == ["context_embedder"]  # the default targets: the text input projection alone
     record = json.loads((folder / TRAINING_RECORD_FILE).read_text())
     assert record["steps"] == 2 and record["pictures"] == 4
+
+
+def test_train_lora_with_probe_size_weights_and_base_preservation(tmp_path, demo_pipeline):
+    config = LoRATrainConfig(steps=2, batch=4, rank=4, alpha=4.0, max_minutes=0, probe_weight=0.3, size_weight=4.0,
+                             preserve_base=True, log_every=1)
+    folder = train_lora(config, tmp_path / "lora")
+    record = json.loads((folder / TRAINING_RECORD_FILE).read_text())
+    assert record["config"]["preserve_base"] and np.isfinite(record["final_loss"])
+    assert read_adapter("trained", folder, demo_pipeline).rank == 4  # the probe is not part of the adapter
+
+
+def test_size_weights_cover_only_the_tokens_around_a_new_size_object():
+    layout = lay_out([parse_prompt(f"a {NEW_SIZE} red square at the top left and a small blue circle in the center"),
+                      parse_prompt("a large green triangle at the bottom right")])
+    weights = new_size_token_weights(layout, tokens_per_side=8, extra=4.0).view(2, 8, 8)
+    assert weights[1].eq(1).all()  # no new-size object: uniform
+    heavy = weights[0] == 5
+    # a large box around the top-left cell's centre reaches the first three token rows and columns, nothing else
+    assert heavy[:3, :3].all() and heavy.sum() == 9
+
+
+def test_preserving_the_base_targets_its_velocity_on_ordinary_and_dropped_prompts(demo_pipeline):
+    pipe = FluxPipeline.from_pretrained(str(demo_model_path()))
+    config = LoRATrainConfig(batch=4, new_size_fraction=0.5, rank=4, alpha=4.0, preserve_base=True)
+    add_lora(pipe, config)
+    with torch.no_grad():
+        for name, parameter in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    prompts, layout = _training_batch(config, 0, torch.device("cpu"))
+    prompts[1] = ""  # a dropped new-size prompt: true CFG's negative branch, which stays the base model's
+    with torch.no_grad():
+        fm = _flow_matching_batch(pipe, prompts, rasterize(layout, 128), torch.Generator().manual_seed(0),
+                                  MAX_SEQUENCE_LENGTH)
+        target = _base_preserving_target(pipe, fm, config, prompts)
+        base = _velocity(demo_pipeline, fm.noisy, fm.sigma, fm.text, fm.image_ids)
+        again = _velocity(pipe, fm.noisy, fm.sigma, fm.text, fm.image_ids)
+    torch.testing.assert_close(target[0], fm.target[0])  # the new-size prompt learns the rendered picture
+    torch.testing.assert_close(target[1:], base[1:].float(), rtol=1e-4, atol=1e-4)
+    assert (fm.prediction[1:] - base[1:]).abs().max() > 1e-2  # the LoRA does change them
+    torch.testing.assert_close(again, fm.prediction)  # and is switched on again afterwards
 
 
 @pytest.mark.parametrize("targets", list(LoRATargets))
@@ -96,12 +142,20 @@ def test_shipped_lora_changes_the_new_size_and_a_request_without_it_is_the_base(
 
 def test_eval_command_fuses_a_lora_and_scores_new_size_prompts(tmp_path):
     output = tmp_path / "eval.json"
-    main(["eval", "--prompts", "2", "--prompt-set", "new-size", "--cfg-sweep", "1", "--lora", str(demo_lora_path()),
-          "--output", str(output)])
+    main(["eval", "--prompts", "2", "--prompt-set", "new-size", "--cfg-sweep", "1", "--steps", "3", "--lora",
+          str(demo_lora_path()), "--output", str(output)])
     report = json.loads(output.read_text())
+    assert [r["num_inference_steps"] for r in report["results"]] == [3]
     assert report["lora"] == str(demo_lora_path()) and report["prompt_set"] == "new-size"
     kinds = [report["results"][0][f"{NEW_SIZE}_{shape}_accuracy"] for shape in SHAPES]
     assert not all(np.isnan(kinds))  # every prompt of the set has one new-size object
+
+
+@pytest.mark.parametrize("steps", ["0", "twenty", ","])
+def test_eval_refuses_step_counts_that_are_not_whole_numbers_of_at_least_one(steps):
+    with pytest.raises(InvalidParameterError) as error:
+        main(["eval", "--steps", steps])
+    assert error.value.param == "steps"
 
 
 def test_select_cfg_refuses_a_lora_before_touching_the_model_defaults():

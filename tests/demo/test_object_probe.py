@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from ditserve.demo.language import COLORS, SHAPES, SIZES, parse_prompt, sample_scenes
+from ditserve.demo.language import ALL_SIZES, COLORS, NEW_SIZE, SHAPES, SIZES, parse_prompt, sample_scenes
 from ditserve.demo.model import build_transformer
-from ditserve.demo.object_probe import KINDS, ObjectProbe, object_targets
+from ditserve.demo.object_probe import KINDS, KINDS_WITH_NEW_SIZE, ObjectProbe, object_targets
 from ditserve.demo.render import PALETTE, lay_out, object_map, rasterize
 
 
@@ -99,3 +99,19 @@ def test_kind_of_an_unprompted_picture_does_not_count():
             transformer(**inputs)
             losses.append(probe.loss(t).item())
     assert losses[0] == losses[1] and losses[2] != losses[0]
+
+
+def test_the_new_size_is_a_kind_of_its_own_for_the_lora_probe():
+    layout = lay_out([parse_prompt(f"a {NEW_SIZE} red circle in the center")])
+    targets = object_targets(layout, 8, 4, prompted=[True])
+    medium_circle = 1 + ALL_SIZES.index(NEW_SIZE) * len(SHAPES) + SHAPES.index("circle")
+    assert KINDS <= medium_circle < KINDS_WITH_NEW_SIZE
+    assert set(targets.kind.unique().tolist()) == {0, medium_circle}
+    torch.manual_seed(0)
+    transformer = build_transformer()
+    probe = ObjectProbe(transformer, cells_per_token=4, kinds=KINDS_WITH_NEW_SIZE)
+    inputs = {**_probe_inputs(), "hidden_states": torch.randn(1, 64, 64), "encoder_hidden_states": torch.randn(1, 32, 64),
+              "pooled_projections": torch.randn(1, 64), "timestep": torch.full((1,), 0.5)}
+    with torch.no_grad():
+        transformer(**inputs)
+        assert torch.isfinite(probe.loss(targets))
