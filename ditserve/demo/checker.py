@@ -15,6 +15,7 @@ extra object.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,72 +130,105 @@ def _window(center: tuple[float, float], half: float, side: int) -> tuple[slice,
     return slice(y0, y1), slice(x0, x1)
 
 
-def _largest_region(mask: np.ndarray) -> np.ndarray | None:
+@dataclass(frozen=True, eq=False)
+class Region:
+    """A connected region of one colour: the row and column of each of its pixels in a side x side picture."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    side: int
+
+    @property
+    def center(self) -> tuple[float, float]:
+        """(x, y) of its bounding box's centre, in fractions of the side."""
+        return ((self.cols.min() + self.cols.max() + 1) / 2 / self.side,
+                (self.rows.min() + self.rows.max() + 1) / 2 / self.side)
+
+    @property
+    def box_side(self) -> float:
+        """Mean of its bounding box's height and width, in fractions of the side."""
+        return ((self.rows.max() - self.rows.min() + 1) + (self.cols.max() - self.cols.min() + 1)) / 2 / self.side
+
+    def classify_shape(self) -> str:
+        height = self.rows.max() - self.rows.min() + 1
+        width = self.cols.max() - self.cols.min() + 1
+        fill = self.rows.size / (height * width)
+        if fill > SQUARE_FILL_CUT:
+            return "square"
+        if fill > DISC_FILL_CUT:
+            return "circle"
+        centroid_depth = (self.rows.mean() - self.rows.min() + 0.5) / height
+        return "triangle" if centroid_depth > APEX_UP_CUT else "unknown"
+
+
+def find_region(labels: np.ndarray, color: str, center: tuple[float, float], half: float = SEARCH_HALF) -> Region | None:
+    """The largest connected region of ``color`` in the square window of half side ``half`` around ``center``
+    (fractions of the side), or None when there is none of at least MIN_AREA."""
+    side = labels.shape[0]
+    window = _window(center, half, side)
+    mask = labels[window] == COLORS.index(color)
     regions, count = ndimage.label(mask)
     if count == 0:
         return None
     areas = ndimage.sum_labels(mask, regions, index=np.arange(1, count + 1))
-    return regions == (int(np.argmax(areas)) + 1)
+    largest = int(np.argmax(areas))
+    if areas[largest] < MIN_AREA * side * side:
+        return None
+    rows, cols = np.nonzero(regions == largest + 1)
+    return Region(rows + window[0].start, cols + window[1].start, side)
 
 
-def _classify_shape(region: np.ndarray) -> str:
-    rows, cols = np.nonzero(region)
-    height = rows.max() - rows.min() + 1
-    width = cols.max() - cols.min() + 1
-    fill = region.sum() / (height * width)
-    if fill > SQUARE_FILL_CUT:
-        return "square"
-    if fill > DISC_FILL_CUT:
-        return "circle"
-    centroid_depth = (rows.mean() - rows.min() + 0.5) / height
-    return "triangle" if centroid_depth > APEX_UP_CUT else "unknown"
-
-
-def _score_object(labels: np.ndarray, obj: ShapeObject) -> ObjectScore:
-    side = labels.shape[0]
-    center = cell_center(*obj.cell)
-    window = _window(center, SEARCH_HALF, side)
-    region = _largest_region(labels[window] == COLORS.index(obj.color))
-    if region is None or region.sum() < MIN_AREA * side * side:
+def score_object(labels: np.ndarray, obj: ShapeObject, center: tuple[float, float] | None = None) -> ObjectScore:
+    """Judge one object of the prompt in a labelled picture. ``center`` is where the object should be (x, y in
+    fractions of the side): its cell's centre unless given (a frame of a clip may place it between cells)."""
+    center = cell_center(*obj.cell) if center is None else center
+    region = find_region(labels, obj.color, center)
+    if region is None:
         return ObjectScore(obj, present=False, shape_ok=False, size_ok=False)
-    rows, cols = np.nonzero(region)
-    box_x = ((cols.min() + cols.max() + 1) / 2 + window[1].start) / side
-    box_y = ((rows.min() + rows.max() + 1) / 2 + window[0].start) / side
+    box_x, box_y = region.center
     if max(abs(box_x - center[0]), abs(box_y - center[1])) > POSITION_TOLERANCE:
         return ObjectScore(obj, present=False, shape_ok=False, size_ok=False)
-    box_side = ((rows.max() - rows.min() + 1) + (cols.max() - cols.min() + 1)) / 2 / side
     if obj.size == NEW_SIZE:
-        size_ok = NEW_SIZE_BAND[0] < box_side <= NEW_SIZE_BAND[1]
+        size_ok = NEW_SIZE_BAND[0] < region.box_side <= NEW_SIZE_BAND[1]
     else:
-        size_ok = ("large" if box_side > SIZE_CUT else "small") == obj.size
-    return ObjectScore(obj, present=True, shape_ok=_classify_shape(region) == obj.shape, size_ok=size_ok)
+        size_ok = ("large" if region.box_side > SIZE_CUT else "small") == obj.size
+    return ObjectScore(obj, present=True, shape_ok=region.classify_shape() == obj.shape, size_ok=size_ok)
+
+
+def filled_positions(labels: np.ndarray, background: str, skip: Iterable[str] = ()) -> list[str]:
+    """The positions, other than ``skip``, whose inner square (that no neighbour reaches) is mostly not the
+    ``background`` colour."""
+    skip = set(skip)
+    background_index = COLORS.index(background)
+    filled = []
+    for index, position in enumerate(POSITIONS):
+        if position in skip:
+            continue
+        inner = labels[_window(cell_center(*divmod(index, 3)), INNER_HALF, labels.shape[0])]
+        if (inner != background_index).mean() > MAX_FOREIGN_FRACTION:
+            filled.append(position)
+    return filled
 
 
 def extra_positions(labels: np.ndarray, scene: Scene) -> list[str]:
-    """The positions the scene leaves empty whose inner square (that no neighbour reaches) is mostly not the
-    background's colour: an object the prompt does not have."""
-    occupied = {obj.position for obj in scene.objects}
-    background = COLORS.index(scene.background_color)
-    extra = []
-    for index, position in enumerate(POSITIONS):
-        if position in occupied:
-            continue
-        inner = labels[_window(cell_center(*divmod(index, 3)), INNER_HALF, labels.shape[0])]
-        if (inner != background).mean() > MAX_FOREIGN_FRACTION:
-            extra.append(position)
-    return extra
+    """The positions the scene leaves empty that hold something: an object the prompt does not have."""
+    return filled_positions(labels, scene.background_color, skip=(obj.position for obj in scene.objects))
+
+
+def background_matches(labels: np.ndarray, background: str) -> bool:
+    """Whether ``background`` is the picture's most common palette colour."""
+    known = labels[labels >= 0]
+    dominant = int(np.bincount(known, minlength=len(COLORS)).argmax()) if known.size else -1
+    return dominant == COLORS.index(background)
 
 
 def score(image: Image.Image | np.ndarray | torch.Tensor, prompt: str | Scene) -> PromptScore:
     """Score one square image against its prompt."""
     scene = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     labels = label_image(image)
-    background = COLORS.index(scene.background_color)
-    known = labels[labels >= 0]
-    dominant = int(np.bincount(known, minlength=len(COLORS)).argmax()) if known.size else -1
     return PromptScore(
-        objects=tuple(_score_object(labels, obj) for obj in scene.objects),
-        background_ok=dominant == background,
+        objects=tuple(score_object(labels, obj) for obj in scene.objects),
+        background_ok=background_matches(labels, scene.background_color),
         extra_objects=len(extra_positions(labels, scene)),
     )
 

@@ -42,6 +42,12 @@ def _palette_tensor(device: torch.device) -> torch.Tensor:
     return torch.tensor([PALETTE[c] for c in COLORS], dtype=torch.float32, device=device) / 255.0
 
 
+def check_jitter(jitter: float) -> None:
+    """Refuse a training jitter outside [0, MAX_JITTER] (the checker's tolerances allow no more)."""
+    if not 0.0 <= jitter <= MAX_JITTER:
+        raise InvalidParameterError(f"jitter must be in [0, {MAX_JITTER}], got {jitter}", param="jitter")
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where every object slot of a batch of scenes lands: per scene and slot (padded to MAX_OBJECTS) its centre
@@ -71,8 +77,7 @@ def lay_out(
     """Place the scenes' objects. ``jitter`` moves each object's centre uniformly by up to that fraction of the
     side in x and y (training only; at most MAX_JITTER). ``generator`` must live on ``device`` when jitter is
     used."""
-    if not 0.0 <= jitter <= MAX_JITTER:
-        raise InvalidParameterError(f"jitter must be in [0, {MAX_JITTER}], got {jitter}", param="jitter")
+    check_jitter(jitter)
     device = torch.device(device) if device is not None else torch.device("cpu")
     count = len(scenes)
     center = torch.zeros(count, MAX_OBJECTS, 2)
@@ -117,14 +122,13 @@ def rasterize(layout: Layout, size: int = 128) -> torch.Tensor:
     if size < 8:
         raise InvalidParameterError(f"size must be >= 8 pixels, got {size}", param="size")
     fine = size * SUPERSAMPLING
-    masks = layout.masks(fine)
+    visible = object_map(layout, fine)
     palette = _palette_tensor(layout.center.device)
-    image = palette[layout.background][:, :, None, None].expand(-1, -1, fine, fine)
-    # Later objects are painted over earlier ones, as in the prompt's order.
-    for slot in range(MAX_OBJECTS):
-        color = palette[layout.color[:, slot]][:, :, None, None]
-        image = torch.where(masks[:, slot, None], color, image)
-    return F.avg_pool2d(image, SUPERSAMPLING)
+    # Column 0 is the background's colour, column j + 1 object j's: one gather paints every pixel with what
+    # object_map sees there (later objects over earlier ones, as in the prompt's order).
+    colors = torch.cat([palette[layout.background][:, :, None], palette[layout.color].transpose(1, 2)], dim=2)
+    image = torch.gather(colors, 2, visible.flatten(1)[:, None].expand(-1, 3, -1))
+    return F.avg_pool2d(image.view(-1, 3, fine, fine), SUPERSAMPLING)
 
 
 def object_map(layout: Layout, side: int) -> torch.Tensor:
