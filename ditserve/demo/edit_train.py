@@ -31,7 +31,7 @@ from ditserve.demo.edit_language import EDIT_WORDS, Edit, sample_edits
 from ditserve.demo.language import MAX_OBJECTS, stage_seed
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH, build_clip_tokenizer, build_t5_tokenizer, encode_prompts
 from ditserve.demo.object_probe import ObjectProbe, object_targets
-from ditserve.demo.render import MAX_JITTER, Layout, lay_out, rasterize
+from ditserve.demo.render import MAX_JITTER, Layout, check_jitter, lay_out, rasterize
 from ditserve.demo.train import (
     IMAGE_SIZE,
     _apply_prompt_dropout,
@@ -117,8 +117,7 @@ def edit_layouts(edits: list[Edit], jitter: float = 0.0, generator: torch.Genera
     target = lay_out([e.target for e in edits], device=device)
     if jitter == 0:
         return source, target
-    if not 0.0 <= jitter <= MAX_JITTER:
-        raise InvalidParameterError(f"jitter must be in [0, {MAX_JITTER}], got {jitter}", param="jitter")
+    check_jitter(jitter)
     offsets = jitter * (torch.rand(source.center.shape, generator=generator, device=source.center.device) * 2 - 1)
     slots = torch.tensor([[*e.target_slots(), *range(MAX_OBJECTS)][:MAX_OBJECTS] for e in edits], device=offsets.device)
     target_offsets = torch.gather(offsets, 1, slots[..., None].expand(-1, -1, 2))
