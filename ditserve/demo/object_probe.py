@@ -7,7 +7,8 @@ depends on the shape word, and after 63 k pictures the transformer still drew bl
 on a grid of cells inside each token, which colour is there and which kind of object (size and shape) covers
 it. The shape then labels every pixel of an object, not only its rim. With the probe the same 30 minutes gave
 91 % instead of 68 % (A/B on one CPU thread, model card). The probe is not saved with the model: the
-transformer stays a stock ``FluxTransformer2DModel``.
+transformer stays a stock ``FluxTransformer2DModel``. The video model's ``WanTransformer3DModel`` is read the same
+way, after its last block (``video_train.py`` labels each latent frame's tokens with one frame of its chunk).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
 from ditserve.demo.language import ALL_SIZES, COLORS, SHAPES, SIZES
 from ditserve.demo.render import Layout, object_map
@@ -61,19 +62,25 @@ def object_targets(layout: Layout, tokens_per_side: int, cells_per_token: int, p
 
 
 class ObjectProbe(torch.nn.Module):
-    """A linear read-out of the image tokens that leave the last double-stream block (captured by a forward
-    hook while the transformer runs), scored against :class:`ObjectTargets` with cross-entropy."""
+    """A linear read-out of the image tokens that leave FLUX's last double-stream block, or Wan's last block
+    (captured by a forward hook while the transformer runs), scored against :class:`ObjectTargets` with
+    cross-entropy."""
 
-    def __init__(self, transformer: FluxTransformer2DModel, cells_per_token: int, kinds: int = KINDS) -> None:
+    def __init__(self, transformer: FluxTransformer2DModel | WanTransformer3DModel, cells_per_token: int,
+                 kinds: int = KINDS) -> None:
         super().__init__()
         self.cells = cells_per_token**2
         self.kinds = kinds
-        self.read_out = torch.nn.Linear(transformer.inner_dim, self.cells * (len(COLORS) + kinds))
+        width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        self.read_out = torch.nn.Linear(width, self.cells * (len(COLORS) + kinds))
         self._features: torch.Tensor | None = None
-        self._hook = transformer.transformer_blocks[-1].register_forward_hook(self._capture)
+        block = transformer.blocks[-1] if isinstance(transformer, WanTransformer3DModel) else transformer.transformer_blocks[-1]
+        self._hook = block.register_forward_hook(self._capture)
 
-    def _capture(self, module: torch.nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self._features = output[1]  # (encoder_hidden_states, hidden_states): the image stream
+    def _capture(self, module: torch.nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor] | torch.Tensor) -> None:
+        # FLUX's double-stream block returns (encoder_hidden_states, hidden_states): the image stream is the second;
+        # a Wan block returns the video tokens alone
+        self._features = output[1] if isinstance(output, tuple) else output
 
     def loss(self, targets: ObjectTargets) -> torch.Tensor:
         """Colour cross-entropy on every cell, plus kind cross-entropy on the cells of prompted pictures, from
