@@ -19,10 +19,12 @@ EVAL_STEPS = (50, 20)
 
 
 class Task(str, enum.Enum):
-    """Which demo model a command is about: the text-to-image one or the instruction-editing one."""
+    """Which demo model a command is about: the text-to-image one, the instruction-editing one or the
+    text-to-video one."""
 
     IMAGE = "image"
     EDIT = "edit"
+    VIDEO = "video"
 
 
 class PromptSet(str, enum.Enum):
@@ -84,21 +86,30 @@ def write_defaults(model_dir: Path, true_cfg_scale: float) -> None:
 
 
 def _given_options(args: argparse.Namespace, config_class) -> dict:
-    """The config fields given on the command line; an option of the other task's config is refused by name."""
-    from ditserve.demo.edit_train import EditTrainConfig
-    from ditserve.demo.train import TrainConfig
-
+    """The config fields given on the command line; an option of another task's config is refused by name."""
     own = {f.name for f in fields(config_class)}
-    for field in {f.name for c in (TrainConfig, EditTrainConfig) for f in fields(c)} - own:
+    for field in {f.name for c in _train_configs() for f in fields(c)} - own:
         if getattr(args, field, None) is not None:
             raise InvalidParameterError(f"--{field.replace('_', '-')} is not an option of --task {args.task}",
                                         param=field)
     return {name: getattr(args, name) for name in own if getattr(args, name, None) is not None}
 
 
+def _train_configs() -> tuple[type, ...]:
+    """Every task's training config, the image model's first (its options' types and help come first)."""
+    from ditserve.demo.edit_train import EditTrainConfig
+    from ditserve.demo.train import TrainConfig
+    from ditserve.demo.video_train import VideoTrainConfig
+
+    return TrainConfig, EditTrainConfig, VideoTrainConfig
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     if Task(args.task) is Task.EDIT:
         _cmd_train_edit(args)
+        return
+    if Task(args.task) is Task.VIDEO:
+        _cmd_train_video(args)
         return
     from ditserve.demo.train import TrainConfig, train
 
@@ -134,6 +145,25 @@ def _cmd_train_edit(args: argparse.Namespace) -> None:
     print(f"trained edit pipeline written to {output}")
 
 
+def _cmd_train_video(args: argparse.Namespace) -> None:
+    from ditserve.demo.video_evaluation import write_video_defaults
+    from ditserve.demo.video_train import VaeStage, VideoTrainConfig, train_video
+
+    config = VideoTrainConfig(**_given_options(args, VideoTrainConfig))
+    run_dir = Path(config.run_dir)
+    checkpoints = [run_dir / f"{stage.value}.pt" for stage in VaeStage] + [run_dir / "text_encoder.pt",
+                                                                          run_dir / "transformer.pt"]
+    if any(path.exists() for path in checkpoints) and not args.resume:
+        raise InvalidParameterError(
+            f"{run_dir} holds checkpoints: pass --resume to continue them, or choose another --run-dir", param="resume")
+    output = Path(args.output or "runs/ditserve-shapes-video/final")
+    if output.exists():
+        shutil.rmtree(output)
+    train_video(config, output)
+    write_video_defaults(output, args.cfg_scale, config.frames)
+    print(f"trained video pipeline written to {output}")
+
+
 def _cmd_train_lora(args: argparse.Namespace) -> None:
     from ditserve.demo.lora_train import LoRATrainConfig, train_lora
 
@@ -142,9 +172,20 @@ def _cmd_train_lora(args: argparse.Namespace) -> None:
     print(f"LoRA written to {output}")
 
 
+def _refuse_image_eval_options(args: argparse.Namespace) -> None:
+    """--lora and --prompt-set are about the image model's prompts."""
+    for option in ("lora", "prompt_set"):
+        if getattr(args, option) not in (None, PromptSet.HELDOUT.value):
+            raise InvalidParameterError(f"--{option.replace('_', '-')} is not an option of --task {args.task}",
+                                        param=option)
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     if Task(args.task) is Task.EDIT:
         _cmd_eval_edit(args)
+        return
+    if Task(args.task) is Task.VIDEO:
+        _cmd_eval_video(args)
         return
     from ditserve.demo.checker import evaluate, kind_accuracy_key
     from ditserve.demo.evaluation import (
@@ -203,9 +244,7 @@ def _cmd_eval_edit(args: argparse.Namespace) -> None:
     from ditserve.demo.edit_language import EditKind, heldout_edits
     from ditserve.demo.evaluation import load_sampling_defaults
 
-    for option in ("lora", "prompt_set"):
-        if getattr(args, option) not in (None, PromptSet.HELDOUT.value):
-            raise InvalidParameterError(f"--{option.replace('_', '-')} is not an option of --task edit", param=option)
+    _refuse_image_eval_options(args)
     model_dir = Path(args.model) if args.model else demo_edit_model_path()
     defaults = load_sampling_defaults(model_dir)
     pipe = load_edit_pipeline(model_dir, args.device)
@@ -228,6 +267,51 @@ def _cmd_eval_edit(args: argparse.Namespace) -> None:
                    key=lambda r: (r["pass_rate"], r["applied_rate"]))
         write_edit_defaults(model_dir, best["true_cfg_scale"])
         print(f"true_cfg_scale {best['true_cfg_scale']} written to {model_dir / 'ditserve_defaults.json'}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _cmd_eval_video(args: argparse.Namespace) -> None:
+    from ditserve.demo.evaluation import load_sampling_defaults
+    from ditserve.demo.video_checker import evaluate_clips
+    from ditserve.demo.video_evaluation import (
+        clip_adherence,
+        decoded_ground_truth_clips,
+        load_video_pipeline,
+        write_video_defaults,
+    )
+    from ditserve.demo.video_language import ClipKind, heldout_clips
+
+    _refuse_image_eval_options(args)
+    if not args.model:
+        raise InvalidParameterError("--task video needs --model: no video model is bundled", param="model")
+    model_dir = Path(args.model)
+    defaults = load_sampling_defaults(model_dir)
+    frames = defaults["num_frames"]
+    pipe = load_video_pipeline(model_dir, args.device)
+    clips = heldout_clips(args.prompts or 64, args.prompt_seed)
+    scales = _parse_scales(args.cfg_sweep) if args.cfg_sweep else [defaults["guidance_scale"], 1.0]
+    steps = _parse_steps(args.steps)
+    results = clip_adherence(pipe, clips, [(n, scale) for n in steps for scale in scales], frames=frames,
+                             seed=args.seed, max_sequence_length=defaults["max_sequence_length"])
+    kinds = [kind.value for kind in ClipKind]
+    print(f"{'steps':>5} {'cfg':>5} {'clip':>6} {'object':>7} {'frame':>6} {'event':>6} "
+          + " ".join(f"{k:>12}" for k in kinds))
+    for r in results:
+        print(f"{r['num_inference_steps']:>5} {r['guidance_scale']:>5.2f} {r['prompt_accuracy']:>6.3f} "
+              f"{r['object_accuracy']:>7.3f} {r['frame_accuracy']:>6.3f} {r['event_accuracy']:>6.3f} "
+              + " ".join(f"{r[k + '_pass_rate']:>12.3f}" for k in kinds))
+    ceiling = evaluate_clips(decoded_ground_truth_clips(pipe, clips, frames), clips)
+    print(f"decoded ground truth (the checker's ceiling for this VAE): clip {ceiling['prompt_accuracy']:.3f} "
+          f"object {ceiling['object_accuracy']:.3f}")
+    report = {"model": str(model_dir), "task": Task.VIDEO.value, "heldout_clips": len(clips), "frames": frames,
+              "clip_seed": args.prompt_seed, "seed": args.seed, "results": results, "decoded_ground_truth": ceiling}
+    if args.select_cfg:
+        best = max((r for r in results if r["num_inference_steps"] == max(steps)),
+                   key=lambda r: (r["prompt_accuracy"], r["object_accuracy"]))
+        write_video_defaults(model_dir, best["guidance_scale"], frames)
+        print(f"guidance_scale {best['guidance_scale']} written to {model_dir / 'ditserve_defaults.json'}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
@@ -297,20 +381,21 @@ def _add_config_arguments(parser: argparse.ArgumentParser, config_class, skip: s
 
 
 def _add_train_parser(subparsers) -> None:
-    from ditserve.demo.edit_train import EditTrainConfig
-    from ditserve.demo.train import TrainConfig
-
     parser = subparsers.add_parser("train", help="train the demo model (VAE, decoder, text encoders, transformer, "
-                                   "decoder adaptation), or with --task edit the edit model from it")
+                                   "decoder adaptation), with --task edit the edit model from it, or with --task "
+                                   "video the text-to-video model (WanPipeline) from scratch")
     parser.add_argument("--task", choices=[t.value for t in Task], default=Task.IMAGE.value,
                         help="image: ditserve-shapes from scratch; edit: ditserve-shapes-edit from --init-from "
-                        "(default the bundled ditserve-shapes)")
-    _add_config_arguments(parser, TrainConfig)
-    _add_config_arguments(parser, EditTrainConfig, skip={f.name for f in fields(TrainConfig)})
+                        "(default the bundled ditserve-shapes); video: ditserve-shapes-video from scratch")
+    added: set[str] = set()
+    for config_class in _train_configs():
+        _add_config_arguments(parser, config_class, skip=added)
+        added |= {f.name for f in fields(config_class)}
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run-dir")
     parser.add_argument("--output", default=None, help="where to write the diffusers folder (default "
-                        "runs/ditserve-shapes/final, or runs/ditserve-shapes-edit/final with --task edit)")
-    parser.add_argument("--cfg-scale", type=float, default=3.0, help="true_cfg_scale written to ditserve_defaults.json")
+                        "runs/ditserve-shapes/final, or runs/ditserve-shapes-<task>/final with --task edit or video)")
+    parser.add_argument("--cfg-scale", type=float, default=3.0, help="true_cfg_scale (guidance_scale with --task "
+                        "video) written to ditserve_defaults.json")
     parser.set_defaults(handler=_cmd_train)
 
 
@@ -335,16 +420,20 @@ def register(subparsers) -> None:
     _add_model_arguments(evaluate)
     evaluate.add_argument("--task", choices=[t.value for t in Task], default=Task.IMAGE.value,
                           help="image: prompt adherence of ditserve-shapes; edit: held-out edits of "
-                          "ditserve-shapes-edit (FluxKontextPipeline), pass = instruction applied and the rest kept")
+                          "ditserve-shapes-edit (FluxKontextPipeline), pass = instruction applied and the rest kept; "
+                          "video: held-out clips of a WanPipeline folder given by --model, pass = every frame and "
+                          "the event right")
     evaluate.add_argument("--prompts", type=int, default=None,
-                          help="number of held-out prompts (default 64), or of held-out edits (default 100)")
+                          help="number of held-out prompts (default 64), of held-out edits (default 100) or of "
+                          "held-out clips (default 64)")
     evaluate.add_argument("--steps", default=None,
                           help="comma-separated step counts (default 50,20)")
     evaluate.add_argument("--prompt-set", choices=[s.value for s in PromptSet], default=PromptSet.HELDOUT.value,
                           help=f"held-out prompts of the base language, or with one {NEW_SIZE!r} object each")
     evaluate.add_argument("--lora", default=None, help="fuse this LoRA (PEFT folder or file) into the transformer")
-    evaluate.add_argument("--prompt-seed", type=int, default=0, help="seed of the held-out prompts or edits")
-    evaluate.add_argument("--cfg-sweep", default=None, help="comma-separated true_cfg_scale values to compare")
+    evaluate.add_argument("--prompt-seed", type=int, default=0, help="seed of the held-out prompts, edits or clips")
+    evaluate.add_argument("--cfg-sweep", default=None, help="comma-separated true_cfg_scale (video: guidance_scale) "
+                          "values to compare")
     evaluate.add_argument("--select-cfg", action="store_true",
                           help="write the best scale at the most steps evaluated (50 by default) into the defaults")
     evaluate.add_argument("--output", default=None, help="also write the figures as JSON here")

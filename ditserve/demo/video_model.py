@@ -1,0 +1,131 @@
+"""Construction of the video demo model ``ditserve-shapes-video``: a text-to-video pipeline in Wan2.2's architecture,
+small enough to train and run on a CPU.
+
+Every component is a stock diffusers / transformers class, so ``diffusers.WanPipeline.from_pretrained`` loads the
+saved folder unchanged and the engine serves it as any Wan folder: one ``WanTransformer3DModel`` (one expert: the
+A14B split into a high- and a low-noise transformer does not pay at this size), the causal video VAE
+``AutoencoderKLWan`` (16 latent channels, 4x in time, 8x in space: 9 frames of 128x128 are 3 x 16 x 16 latents,
+192 tokens after the transformer's 1x2x2 patches), a ``UMT5EncoderModel`` and UniPC with flow sigmas. The
+tokenizer is the image demo's word-level T5 tokenizer (``model.py``) with the clip words added.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from ditserve.demo.model import LATENT_CHANNELS, TEXT_HIDDEN, build_t5_tokenizer
+from ditserve.demo.video_language import VIDEO_WORDS
+from ditserve.errors import InvalidParameterError
+
+VIDEO_SIZE = 128
+VIDEO_FRAMES = 9
+# The VAE's compression: the first frame alone, then every 4 frames, into one latent frame; 8x8 pixels a latent.
+TEMPORAL_COMPRESSION = 4
+SPATIAL_COMPRESSION = 8
+# WanPipeline's own T5 padding when a caller gives no max_sequence_length (ditserve_defaults.json gives
+# MAX_SEQUENCE_LENGTH, which the longest clip prompt, 27 tokens, fits).
+PIPELINE_PADDING = 226
+# UniPC's fixed shift of the flow sigmas (Wan: 3.0 at 480p). FLUX's resolution rule would give 1.6 for 192
+# tokens; a clip's three latent frames mostly repeat one scene, so a little more of the schedule goes to high
+# noise, where the layout is decided. A choice, not a tuned value.
+FLOW_SHIFT = 2.0
+
+
+def build_video_tokenizer() -> T5Tokenizer:
+    """The image demo's T5 tokenizer with the clip words appended: every word of a clip prompt is one token."""
+    return build_t5_tokenizer(VIDEO_WORDS)
+
+
+def build_video_text_encoder(vocab_size: int) -> UMT5EncoderModel:
+    """The image demo's T5 encoder size (four layers: two did not learn to bind words to places there), as UMT5."""
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=TEXT_HIDDEN,
+        d_kv=16,
+        d_ff=2 * TEXT_HIDDEN,
+        num_layers=4,
+        num_heads=4,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def build_video_vae() -> AutoencoderKLWan:
+    """Narrow, since the frames are flat colours. The encoder (base 8 channels) is half as wide as the decoder
+    (16): the transformer stage encodes every training clip, and with a base-16 encoder that took 2.1 s of a step
+    for 8 clips (base 8: 1.0 s; the transformer's own forward and backward on them, 4 noise levels each: 1.5 s; one
+    shared CPU thread). The decoder draws the shapes' edges and runs once per generated clip."""
+    return AutoencoderKLWan(
+        base_dim=8,
+        decoder_base_dim=16,
+        z_dim=LATENT_CHANNELS,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        # Training replaces these with the trained latents' statistics (WanPipeline reads both).
+        latents_mean=[0.0] * LATENT_CHANNELS,
+        latents_std=[1.0] * LATENT_CHANNELS,
+    ).eval()
+
+
+def build_video_transformer() -> WanTransformer3DModel:
+    """Hidden 192 (6 heads of 32), 4 blocks of self-attention, cross-attention to the text and a feed-forward of
+    768: about 2.8 M parameters."""
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=6,
+        attention_head_dim=32,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        text_dim=TEXT_HIDDEN,
+        freq_dim=256,
+        ffn_dim=768,
+        num_layers=4,
+        rope_max_seq_len=64,
+    ).eval()
+
+
+def build_video_scheduler() -> UniPCMultistepScheduler:
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT)
+
+
+def build_video_pipeline() -> WanPipeline:
+    """A fresh, untrained video demo pipeline."""
+    tokenizer = build_video_tokenizer()
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=build_video_text_encoder(len(tokenizer)),
+        vae=build_video_vae(),
+        transformer=build_video_transformer(),
+        scheduler=build_video_scheduler(),
+    )
+
+
+def text_embeddings(pipe: WanPipeline, prompts: list[str], device: torch.device, max_sequence_length: int) -> torch.Tensor:
+    """The pipeline's own prompt encoding (its tokenizer, padding, and zeros after each prompt's last token), with
+    gradients when the encoder requires them."""
+    embeddings, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+                                       device=device)
+    return embeddings
+
+
+def latent_frames(frames: int) -> int:
+    return (frames - 1) // TEMPORAL_COMPRESSION + 1
+
+
+def tokens_per_side(size: int = VIDEO_SIZE) -> int:
+    """Transformer tokens along a side of a latent frame (1x2x2 patches of the 8x-downsampled latent)."""
+    return size // SPATIAL_COMPRESSION // 2
+
+
+def check_frames(frames: int, param: str = "frames") -> None:
+    """Refuse a frame count the causal VAE would not give back whole: 4k + 1, at least 5 (two latent frames)."""
+    if frames < TEMPORAL_COMPRESSION + 1 or (frames - 1) % TEMPORAL_COMPRESSION:
+        raise InvalidParameterError(f"{param} must be 4k + 1 and at least 5 (9, 17, ...), got {frames}", param=param)
+

@@ -1,0 +1,247 @@
+import json
+import math
+
+import pytest
+import torch
+from diffusers import WanPipeline
+
+from ditserve.demo.cli import main
+from ditserve.demo.language import COLORS, POSITIONS
+from ditserve.demo.model import MAX_SEQUENCE_LENGTH
+from ditserve.demo.object_probe import ObjectProbe
+from ditserve.demo.text_pretrain import CELLS, EMPTY
+from ditserve.demo.video_evaluation import decoded_ground_truth_clips
+from ditserve.demo.video_language import parse_video_prompt
+from ditserve.demo.video_model import build_video_pipeline, text_embeddings
+from ditserve.demo.video_render import clip_layout, render_clip_batch
+from ditserve.demo.video_train import (
+    VideoTrainConfig,
+    _clip_parse_targets,
+    flow_matching_batch,
+    flow_sigmas,
+    normalized_latents,
+    probe_targets,
+    train_video,
+)
+from ditserve.errors import InvalidParameterError
+
+PROMPT = "a large red square moves from the top left to the bottom right and a small blue circle at the top right"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def video_pipe() -> WanPipeline:
+    """An untrained pipeline whose latent normalisation is not the identity, so that a wrong convention shows."""
+    torch.manual_seed(0)
+    pipe = build_video_pipeline()
+    pipe.vae.register_to_config(latents_mean=[0.05 * i - 0.4 for i in range(16)], latents_std=[0.7] * 16)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe: WanPipeline, **kwargs):
+    return pipe(prompt=PROMPT, height=128, width=128, num_frames=9, guidance_scale=1.0,
+                max_sequence_length=MAX_SEQUENCE_LENGTH, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def test_training_inputs_are_what_the_pipeline_feeds_the_transformer(video_pipe):
+    """Latent shape, timesteps and text embeddings of training equal WanPipeline's at 128x128 and 9 frames."""
+    calls = []
+    hook = video_pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
+    try:
+        _run(video_pipe, num_inference_steps=2, output_type="latent")
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # guidance_scale 1: one call a step
+    videos = render_clip_batch([parse_video_prompt(PROMPT)], 9)
+    with torch.no_grad():
+        batch = flow_matching_batch(video_pipe, [PROMPT], videos, torch.Generator().manual_seed(0), MAX_SEQUENCE_LENGTH,
+                                    noise_draws=3)
+    assert calls[0]["hidden_states"].shape == (1, 16, 3, 16, 16) and batch.noisy.shape == (3, 16, 3, 16, 16)
+    with torch.no_grad():  # as the pipeline runs (with gradients, attention takes another kernel: 1e-6 apart)
+        assert torch.equal(calls[0]["encoder_hidden_states"],
+                           text_embeddings(video_pipe, [PROMPT], CPU, MAX_SEQUENCE_LENGTH))
+    assert torch.equal(batch.text, calls[0]["encoder_hidden_states"].expand(3, -1, -1))
+    # UniPC's steps are u = 1 (less 1e-6) and u = (1 + 1/1000) / 2 through the flow shift: the pipeline passes
+    # them as integers, sigma * 1000 truncated, and so does training
+    sigmas = flow_sigmas(video_pipe.scheduler, torch.tensor([1.0 - 1e-6, (1 + 1 / 1000) / 2]))
+    assert {call["timestep"].dtype for call in calls} == {batch.timestep.dtype} == {torch.int64}
+    assert [call["timestep"].tolist() for call in calls] == [[999], [int(1000 * sigmas[1])]]
+    assert torch.equal(batch.timestep, (1000 * batch.sigma).long())
+    # training's noisy latents are (1 - sigma) x0 + sigma noise and its target noise - x0, so x0 = noisy - sigma *
+    # target: the clip's normalised latents, whatever the three noise levels
+    with torch.no_grad():
+        x0 = normalized_latents(video_pipe, videos)
+    torch.testing.assert_close(batch.noisy - batch.sigma[:, None, None, None, None] * batch.target,
+                               x0.expand(3, -1, -1, -1, -1), rtol=0, atol=1e-4)
+    assert len(set(batch.sigma.tolist())) == 3
+
+
+def test_a_transformer_predicting_the_training_target_generates_the_clip(video_pipe):
+    """Replace the transformer's output by the velocity training teaches, noise - x0, which on the straight path is
+    (x_sigma - x0) / sigma: the pipeline must land on training's normalised latents and decode them to the decoded
+    ground truth. This checks the prediction type and the latent normalisation end to end."""
+    clip = parse_video_prompt(PROMPT)
+    with torch.no_grad():
+        x0 = normalized_latents(video_pipe, render_clip_batch([clip], 9))
+    calls = []
+
+    def exact(module, args, kwargs, output):
+        # the sigma of this step (one call a step without guidance); the timestep holds it truncated
+        sigma = video_pipe.scheduler.sigmas[len(calls) % 3]
+        calls.append(sigma)
+        return ((kwargs["hidden_states"] - x0) / sigma,)
+
+    hook = video_pipe.transformer.register_forward_hook(exact, with_kwargs=True)
+    try:
+        latents = _run(video_pipe, num_inference_steps=3, output_type="latent").frames
+        frames = _run(video_pipe, num_inference_steps=3, output_type="pt").frames
+    finally:
+        hook.remove()
+    torch.testing.assert_close(latents, x0, rtol=0, atol=1e-3)
+    truth = decoded_ground_truth_clips(video_pipe, [clip], 9)
+    assert frames.shape == (1, 9, 3, 128, 128)
+    torch.testing.assert_close(frames.transpose(1, 2), truth, rtol=0, atol=2e-3)
+
+
+def test_probe_targets_follow_wan_token_order():
+    """Latent frame t's tokens (64 a frame, row-major) show frame 4t: the moving square starts in the top-left cell
+    and ends in the bottom-right one."""
+    clip = parse_video_prompt(PROMPT)
+    targets = probe_targets(clip_layout([clip], 9), clips=1, frames=9, cells_per_token=4, prompted=[True])
+    assert targets.color.shape == targets.kind.shape == (1, 3 * 64, 16)
+    red = COLORS.index("red")
+    top_left, bottom_right = 1 * 8 + 1, 6 * 8 + 6  # tokens under the two cells' centres (pixels 21 and 106)
+    assert (targets.color[0, top_left] == red).all() and (targets.color[0, 128 + bottom_right] == red).all()
+    assert (targets.kind[0, bottom_right] == 0).all() and (targets.kind[0, 128 + top_left] == 0).all()
+    assert targets.prompted.tolist() == [True]
+
+
+def test_the_object_probe_reads_the_wan_transformer(video_pipe):
+    transformer = build_video_pipeline().transformer
+    probe = ObjectProbe(transformer, cells_per_token=4)
+    clip = parse_video_prompt(PROMPT)
+    targets = probe_targets(clip_layout([clip], 9), clips=1, frames=9, cells_per_token=4, prompted=[True])
+    transformer(hidden_states=torch.randn(1, 16, 3, 16, 16), timestep=torch.tensor([500.0]),
+                encoder_hidden_states=torch.randn(1, MAX_SEQUENCE_LENGTH, 64))
+    loss = probe.loss(targets)
+    loss.backward()
+    assert loss > 0 and transformer.blocks[-1].ffn.net[0].proj.weight.grad.abs().sum() > 0
+    probe.detach()
+
+
+def test_clip_parse_targets_hold_the_first_and_the_last_frame():
+    clips = [parse_video_prompt(p) for p in (
+        PROMPT,
+        "a small green triangle appears in the center on a black background",
+        "a large yellow circle at the bottom turns purple",
+    )]
+    targets = _clip_parse_targets(clips, CPU)
+    first, last = targets.cell_color[:, :CELLS], targets.cell_color[:, CELLS:]
+    color = {name: COLORS.index(name) + 1 for name in COLORS}
+    cell = {position.split(" ", 2)[2]: POSITIONS.index(position) for position in POSITIONS}
+    assert first[0, cell["top left"]] == last[0, cell["bottom right"]] == color["red"]
+    assert first[0, cell["bottom right"]] == last[0, cell["top left"]] == EMPTY
+    assert first[0, cell["top right"]] == last[0, cell["top right"]] == color["blue"]
+    assert first[1, cell["center"]] == EMPTY and last[1, cell["center"]] == color["green"]
+    assert targets.background[1] == COLORS.index("black")
+    assert first[2, cell["bottom"]] == color["yellow"] and last[2, cell["bottom"]] == color["purple"]
+
+
+TINY_RUN = ["--vae-steps", "2", "--vae-batch", "2", "--decoder-steps", "2", "--vae-check-clips", "2",
+            "--text-steps", "2", "--text-batch", "8", "--steps", "2", "--batch", "2", "--noise-draws", "2",
+            "--warmup-steps", "1", "--log-every", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two steps of every stage through the CLI, as a run directory and its exported folder."""
+    root = tmp_path_factory.mktemp("video")
+    main(["train", "--task", "video", "--run-dir", str(root / "run"), "--output", str(root / "out"), *TINY_RUN])
+    return root / "run", root / "out"
+
+
+def _log(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_two_steps_of_every_stage_export_a_folder_wan_pipeline_runs(trained):
+    run_dir, output = trained
+    assert json.loads((output / "model_index.json").read_text())["_class_name"] == "WanPipeline"
+    defaults = json.loads((output / "ditserve_defaults.json").read_text())["sampling_defaults"]
+    assert defaults["num_frames"] == 9 and defaults["max_sequence_length"] == MAX_SEQUENCE_LENGTH
+    log = _log(run_dir)
+    for stage in ("vae", "decoder", "transformer"):
+        losses = [r["loss"] for r in log if r.get("stage") == stage and "loss" in r]
+        assert len(losses) == 2 and all(math.isfinite(v) for v in losses), stage
+    assert all(r["probe_loss"] > 0 for r in log if r.get("stage") == "transformer" and "probe_loss" in r)
+    assert {"vae_check", "decoder_check", "text_encoder", "done"} <= {r["stage"] for r in log}
+    pipe = WanPipeline.from_pretrained(str(output))
+    assert pipe.vae.config.latents_std != [1.0] * 16  # the trained latents' spread, not the placeholder
+    video = pipe(prompt=PROMPT, height=128, width=128, num_frames=9, num_inference_steps=2, guidance_scale=3.0,
+                 max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="np").frames
+    assert video.shape == (1, 9, 128, 128, 3)
+
+
+def test_the_engine_serves_the_exported_folder_with_its_defaults(trained):
+    """ditserve serves the folder as any WanPipeline, at the size, frame count and text length of its
+    ditserve_defaults.json, and gives what diffusers gives."""
+    from ditserve import Omni
+    from ditserve.models.wan.adapter import to_uint8_video
+    from ditserve.testing.compare import max_abs_diff
+
+    _, output = trained
+    omni = Omni(model=str(output))
+    try:
+        (video,) = omni.generate(PROMPT, seed=3, num_inference_steps=2)[0].videos
+    finally:
+        omni.close()
+    assert video.shape == (9, 128, 128, 3)
+    pipe = WanPipeline.from_pretrained(str(output))
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(PROMPT, height=128, width=128, num_frames=9, num_inference_steps=2, guidance_scale=3.0,
+                     max_sequence_length=MAX_SEQUENCE_LENGTH, generator=torch.Generator().manual_seed(3)).frames[0]
+    assert max_abs_diff(video, to_uint8_video(reference)) <= 3
+
+
+def test_a_resumed_run_continues_from_its_checkpoints(trained, tmp_path):
+    run_dir, _ = trained
+    log_before = len(_log(run_dir))
+    config = VideoTrainConfig(run_dir=str(run_dir), vae_steps=2, vae_batch=2, decoder_steps=2, vae_check_clips=2,
+                              text_steps=2, text_batch=8, steps=3, batch=2, noise_draws=2, warmup_steps=1,
+                              log_every=1, device="cpu")
+    train_video(config, tmp_path / "out")
+    new = _log(run_dir)[log_before:]
+    # the VAE and the text encoder come back from their checkpoints; the transformer does its third step only
+    assert [r["step"] for r in new if "step" in r] == [2]
+    assert torch.load(run_dir / "transformer.pt")["step"] == 3
+
+
+def test_eval_scores_held_out_clips_end_to_end(trained, tmp_path):
+    _, output = trained
+    report_path = tmp_path / "eval.json"
+    main(["eval", "--task", "video", "--model", str(output), "--prompts", "2", "--steps", "2", "--cfg-sweep", "1,3",
+          "--output", str(report_path)])
+    report = json.loads(report_path.read_text())
+    assert report["heldout_clips"] == 2 and report["frames"] == 9
+    assert [(r["num_inference_steps"], r["guidance_scale"]) for r in report["results"]] == [(2, 1.0), (2, 3.0)]
+    for figures in (*report["results"], report["decoded_ground_truth"]):
+        assert figures["clips"] == 2 and 0 <= figures["prompt_accuracy"] <= 1
+
+
+@pytest.mark.parametrize(("argv", "param"), [
+    (["train", "--task", "video", "--text-training", "full"], "text_training"),
+    (["train", "--task", "video", "--decoder-adapt-steps", "3"], "decoder_adapt_steps"),
+    (["train", "--task", "image", "--noise-draws", "2"], "noise_draws"),
+    (["train", "--task", "edit", "--vae-crop", "32"], "vae_crop"),
+    (["train", "--task", "video", "--frames", "8"], "frames"),
+    (["train", "--task", "video", "--vae-crop", "60"], "vae_crop"),
+    (["eval", "--task", "video", "--lora", "some-folder"], "lora"),
+    (["eval", "--task", "video"], "model"),
+])
+def test_cli_refuses_what_video_training_and_eval_do_not_take(argv, param, tmp_path):
+    if argv[0] == "train":
+        argv = [*argv, "--run-dir", str(tmp_path / "run"), "--output", str(tmp_path / "out")]
+    with pytest.raises(InvalidParameterError) as error:
+        main(argv)
+    assert error.value.param == param
