@@ -104,6 +104,11 @@ class LoRATrainConfig:
     # with the LoRA switched off, instead of the rendered picture's: they then pin the base behaviour where the
     # LoRA must not change it, rather than teach the base's remaining errors away.
     preserve_base: bool = False
+    # With preserve_base: the loss weight of those rows against the new-size rows' (whose tokens near the new-size
+    # object already weigh 1 + size_weight): a LoRA on every Linear shifts ordinary prompts too unless held there.
+    preserve_weight: float = 1.0
+    # A PEFT folder this command wrote (same rank and targets) to continue from, with a new learning-rate schedule.
+    init_lora: str = ""
 
 
 def _training_batch(cfg: LoRATrainConfig, step: int, device: torch.device) -> tuple[list[str], Layout]:
@@ -137,17 +142,21 @@ def _check_config(cfg: LoRATrainConfig) -> None:
                                     param="targets")
 
 
-@torch.no_grad()
-def _base_preserving_target(pipe: FluxPipeline, fm, cfg: LoRATrainConfig, prompts: list[str]) -> torch.Tensor:
-    """The rendered target for new-size prompts; the base model's velocity (LoRA off) for the others."""
+def _preserved_rows(cfg: LoRATrainConfig, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """(B,) bool: the rows that learn the base model's velocity (ordinary and dropped prompts)."""
     new_count = round(cfg.batch * cfg.new_size_fraction)
-    base_rows = torch.tensor([i >= new_count or p == "" for i, p in enumerate(prompts)], device=fm.target.device)
+    return torch.tensor([i >= new_count or p == "" for i, p in enumerate(prompts)], device=device)
+
+
+@torch.no_grad()
+def _base_preserving_target(pipe: FluxPipeline, fm, rows: torch.Tensor) -> torch.Tensor:
+    """The rendered target, but the base model's velocity (LoRA off) on ``rows``."""
     pipe.transformer.disable_adapters()
     try:
         base = _velocity(pipe, fm.noisy, fm.sigma, fm.text, fm.image_ids).float()
     finally:
         pipe.transformer.enable_adapters()
-    return torch.where(base_rows[:, None, None], base, fm.target)
+    return torch.where(rows[:, None, None], base, fm.target)
 
 
 def add_lora(pipe: FluxPipeline, cfg: LoRATrainConfig) -> list[torch.nn.Parameter]:
@@ -158,7 +167,24 @@ def add_lora(pipe: FluxPipeline, cfg: LoRATrainConfig) -> list[torch.nn.Paramete
         module.requires_grad_(False)
     pipe.transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(TARGET_MODULES[LoRATargets(cfg.targets)]),
                                             init_lora_weights=True))
+    if cfg.init_lora:
+        _load_lora_state(pipe, Path(cfg.init_lora))
     return [p for name, p in pipe.transformer.named_parameters() if "lora_" in name and p.requires_grad]
+
+
+def _load_lora_state(pipe: FluxPipeline, folder: Path) -> None:
+    """Copy a saved PEFT folder's weights into the fresh adapter; every key must match (same rank and targets)."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from ditserve.lora.files import PEFT_WEIGHTS_FILE
+
+    saved = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in load_file(str(folder / PEFT_WEIGHTS_FILE)).items()}
+    expected = get_peft_model_state_dict(pipe.transformer)
+    if set(saved) != set(expected) or any(saved[k].shape != v.shape for k, v in expected.items()):
+        raise InvalidParameterError(f"init_lora {folder}: its weights do not match this run's rank and targets",
+                                    param="init_lora")
+    set_peft_model_state_dict(pipe.transformer, {k: v.float() for k, v in saved.items()})
 
 
 def save_lora(pipe: FluxPipeline, output_dir: Path, record: dict) -> Path:
@@ -215,9 +241,11 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
                 targets = object_targets(layout, tokens_per_side, cfg.probe_cells, [p != "" for p in prompts])
                 total = cfg.probe_weight * probe.loss(targets)
             target = fm.target
-            if cfg.preserve_base:
-                target = _base_preserving_target(pipe, fm, cfg, prompts)
             weights = new_size_token_weights(layout, tokens_per_side, cfg.size_weight)
+            if cfg.preserve_base:
+                rows = _preserved_rows(cfg, prompts, device)
+                target = _base_preserving_target(pipe, fm, rows)
+                weights = torch.where(rows[:, None], cfg.preserve_weight * weights, weights)
             errors = (fm.prediction.float() - target).pow(2).mean(dim=-1)  # (B, tokens)
             loss = (weights * errors).sum() / weights.sum()
             total = total + loss

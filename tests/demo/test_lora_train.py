@@ -18,6 +18,7 @@ from ditserve.demo.lora_train import (
     LoRATargets,
     LoRATrainConfig,
     _base_preserving_target,
+    _preserved_rows,
     _training_batch,
     add_lora,
     new_size_token_weights,
@@ -67,6 +68,20 @@ def test_train_lora_with_probe_size_weights_and_base_preservation(tmp_path, demo
     assert read_adapter("trained", folder, demo_pipeline).rank == 4  # the probe is not part of the adapter
 
 
+def test_a_run_continues_from_a_saved_lora_of_the_same_rank_and_targets_only(tmp_path):
+    from safetensors.torch import load_file
+
+    shipped = demo_lora_path()
+    # learning rate 0: the continued run writes back exactly the weights it started from
+    folder = train_lora(LoRATrainConfig(steps=1, batch=2, lr=0.0, max_minutes=0, init_lora=str(shipped)), tmp_path / "same")
+    before, after = (load_file(str(f / PEFT_WEIGHTS_FILE)) for f in (shipped, folder))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(InvalidParameterError) as error:
+        train_lora(LoRATrainConfig(steps=1, batch=2, rank=4, alpha=4.0, max_minutes=0, init_lora=str(shipped)),
+                   tmp_path / "other")
+    assert error.value.param == "init_lora"
+
+
 def test_size_weights_cover_only_the_tokens_around_a_new_size_object():
     layout = lay_out([parse_prompt(f"a {NEW_SIZE} red square at the top left and a small blue circle in the center"),
                       parse_prompt("a large green triangle at the bottom right")])
@@ -90,7 +105,7 @@ def test_preserving_the_base_targets_its_velocity_on_ordinary_and_dropped_prompt
     with torch.no_grad():
         fm = _flow_matching_batch(pipe, prompts, rasterize(layout, 128), torch.Generator().manual_seed(0),
                                   MAX_SEQUENCE_LENGTH)
-        target = _base_preserving_target(pipe, fm, config, prompts)
+        target = _base_preserving_target(pipe, fm, _preserved_rows(config, prompts, torch.device("cpu")))
         base = _velocity(demo_pipeline, fm.noisy, fm.sigma, fm.text, fm.image_ids)
         again = _velocity(pipe, fm.noisy, fm.sigma, fm.text, fm.image_ids)
     torch.testing.assert_close(target[0], fm.target[0])  # the new-size prompt learns the rendered picture
