@@ -68,7 +68,8 @@ class EditTrainConfig:
     init_from: str = ""
     device: str = "auto"
     seed: int = 0
-    # The defaults are the run of the shipped weights (model card); its time budget, not the step count, ends it.
+    # The defaults are the first of the two runs of the shipped weights (model card; the second continued it with
+    # the object probe); its time budget, not the step count, ends it.
     steps: int = 100_000
     batch: int = 16
     lr: float = 5e-4
