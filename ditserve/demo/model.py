@@ -94,8 +94,9 @@ def build_clip_text_encoder(vocab_size: int) -> CLIPTextModel:
     return CLIPTextModel(config).eval()
 
 
-def build_t5_text_encoder(vocab_size: int) -> T5EncoderModel:
-    config = T5Config(
+def t5_text_config(config_class: type[T5Config], vocab_size: int) -> T5Config:
+    """The demo's T5 encoder size, as ``config_class`` (T5Config, or UMT5Config for the video model's UMT5)."""
+    return config_class(
         vocab_size=vocab_size,
         d_model=TEXT_HIDDEN,
         d_kv=16,
@@ -110,7 +111,10 @@ def build_t5_text_encoder(vocab_size: int) -> T5EncoderModel:
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    return T5EncoderModel(config).eval()
+
+
+def build_t5_text_encoder(vocab_size: int) -> T5EncoderModel:
+    return T5EncoderModel(t5_text_config(T5Config, vocab_size)).eval()
 
 
 def build_vae() -> AutoencoderKL:

@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from ditserve.demo.model import LATENT_CHANNELS, TEXT_HIDDEN, build_t5_tokenizer
+from ditserve.demo.model import LATENT_CHANNELS, TEXT_HIDDEN, build_t5_tokenizer, t5_text_config
 from ditserve.demo.video_language import VIDEO_WORDS
 from ditserve.errors import InvalidParameterError
 
@@ -39,21 +39,8 @@ def build_video_tokenizer() -> T5Tokenizer:
 
 
 def build_video_text_encoder(vocab_size: int) -> UMT5EncoderModel:
-    """The image demo's T5 encoder size (four layers: two did not learn to bind words to places there), as UMT5."""
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=TEXT_HIDDEN,
-        d_kv=16,
-        d_ff=2 * TEXT_HIDDEN,
-        num_layers=4,
-        num_heads=4,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return UMT5EncoderModel(config).eval()
+    """The image demo's T5 encoder size, as UMT5."""
+    return UMT5EncoderModel(t5_text_config(UMT5Config, vocab_size)).eval()
 
 
 def build_video_vae() -> AutoencoderKLWan:
