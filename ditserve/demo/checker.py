@@ -15,6 +15,7 @@ extra object.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -245,14 +246,14 @@ def evaluate(images: list, prompts: list[str | Scene]) -> dict[str, float]:
     return {
         "prompts": len(scores),
         "objects": len(objects),
-        "object_accuracy": _mean(o.correct for o in objects),
-        "prompt_accuracy": _mean(s.correct for s in scores),
-        "present_accuracy": _mean(o.present for o in objects),
-        "shape_accuracy": _mean(o.shape_ok for o in objects),
-        "size_accuracy": _mean(o.size_ok for o in objects),
-        "background_accuracy": _mean(s.background_ok for s in scores),
-        "extra_object_rate": _mean(s.extra_objects > 0 for s in scores),
-        "heldout_object_accuracy": _mean(o.correct for o in heldout) if heldout else float("nan"),
+        "object_accuracy": mean_of(o.correct for o in objects),
+        "prompt_accuracy": mean_of(s.correct for s in scores),
+        "present_accuracy": mean_of(o.present for o in objects),
+        "shape_accuracy": mean_of(o.shape_ok for o in objects),
+        "size_accuracy": mean_of(o.size_ok for o in objects),
+        "background_accuracy": mean_of(s.background_ok for s in scores),
+        "extra_object_rate": mean_of(s.extra_objects > 0 for s in scores),
+        "heldout_object_accuracy": mean_of(o.correct for o in heldout) if heldout else float("nan"),
         **_accuracy_by_kind(objects),
     }
 
@@ -269,10 +270,23 @@ def _accuracy_by_kind(objects: list[ObjectScore]) -> dict[str, float]:
     for size in ALL_SIZES:
         for shape in SHAPES:
             kind = [o.correct for o in objects if (o.object.size, o.object.shape) == (size, shape)]
-            figures[kind_accuracy_key(size, shape)] = _mean(kind) if kind else float("nan")
+            figures[kind_accuracy_key(size, shape)] = mean_of(kind) if kind else float("nan")
     return figures
 
 
-def _mean(values) -> float:
+def mean_of(values: Iterable) -> float:
+    """The mean of numbers or truth values (the share of true ones)."""
     values = list(values)
     return float(sum(values)) / len(values)
+
+
+def pass_rates_by_kind(verdicts: Iterable[tuple[enum.Enum, bool]], kinds: Iterable[enum.Enum], unit: str) -> dict[str, float]:
+    """``<kind>_pass_rate`` (NaN where a kind has none) and ``<kind>_<unit>`` (how many) for every kind, from
+    (kind, correct) pairs."""
+    verdicts = list(verdicts)
+    figures: dict[str, float] = {}
+    for kind in kinds:
+        of_kind = [correct for k, correct in verdicts if k is kind]
+        figures[f"{kind.value}_pass_rate"] = mean_of(of_kind) if of_kind else float("nan")
+        figures[f"{kind.value}_{unit}"] = len(of_kind)
+    return figures

@@ -20,7 +20,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ditserve.demo.checker import PromptScore, extra_positions, label_image, score
+from ditserve.demo.checker import (
+    PromptScore,
+    extra_positions,
+    label_image,
+    mean_of,
+    pass_rates_by_kind,
+    score,
+)
 from ditserve.demo.edit_language import Edit, EditKind
 from ditserve.errors import InvalidParameterError
 
@@ -84,17 +91,9 @@ def evaluate_edits(images: list, edits: list[Edit]) -> dict[str, float]:
     scores = [score_edit(image, edit) for image, edit in zip(images, edits, strict=True)]
     figures = {
         "edits": len(scores),
-        "pass_rate": _mean(s.correct for s in scores),
-        "applied_rate": _mean(s.applied for s in scores),
-        "kept_rate": _mean(s.kept for s in scores),
+        "pass_rate": mean_of(s.correct for s in scores),
+        "applied_rate": mean_of(s.applied for s in scores),
+        "kept_rate": mean_of(s.kept for s in scores),
     }
-    for kind in EditKind:
-        of_kind = [s.correct for s in scores if s.edit.kind is kind]
-        figures[f"{kind.value}_pass_rate"] = _mean(of_kind) if of_kind else float("nan")
-        figures[f"{kind.value}_edits"] = len(of_kind)
+    figures.update(pass_rates_by_kind(((s.edit.kind, s.correct) for s in scores), EditKind, "edits"))
     return figures
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return float(sum(values)) / len(values)

@@ -34,6 +34,8 @@ from ditserve.demo.checker import (
     filled_positions,
     find_region,
     label_colors,
+    mean_of,
+    pass_rates_by_kind,
     score_object,
 )
 from ditserve.demo.language import POSITIONS
@@ -195,20 +197,12 @@ def evaluate_clips(clips_frames, clips: list[Clip]) -> dict[str, float]:
     motion = [s.event_ok for s in scores if s.clip.kind is ClipKind.MOTION]
     figures = {
         "clips": len(scores),
-        "object_accuracy": _mean(v.correct for s in scores for v in s.object_verdicts),
-        "frame_accuracy": _mean(frame.correct for s in scores for frame in s.frames),
-        "event_accuracy": _mean(s.event_ok for s in scores),
-        "motion_direction_accuracy": _mean(motion) if motion else float("nan"),
-        "prompt_accuracy": _mean(s.correct for s in scores),
-        "heldout_prompt_accuracy": _mean(heldout) if heldout else float("nan"),
+        "object_accuracy": mean_of(v.correct for s in scores for v in s.object_verdicts),
+        "frame_accuracy": mean_of(frame.correct for s in scores for frame in s.frames),
+        "event_accuracy": mean_of(s.event_ok for s in scores),
+        "motion_direction_accuracy": mean_of(motion) if motion else float("nan"),
+        "prompt_accuracy": mean_of(s.correct for s in scores),
+        "heldout_prompt_accuracy": mean_of(heldout) if heldout else float("nan"),
     }
-    for kind in ClipKind:
-        of_kind = [s.correct for s in scores if s.clip.kind is kind]
-        figures[f"{kind.value}_pass_rate"] = _mean(of_kind) if of_kind else float("nan")
-        figures[f"{kind.value}_clips"] = len(of_kind)
+    figures.update(pass_rates_by_kind(((s.clip.kind, s.correct) for s in scores), ClipKind, "clips"))
     return figures
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return float(sum(values)) / len(values)
