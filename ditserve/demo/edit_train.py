@@ -223,10 +223,10 @@ def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
     if text_parameters:
         decay = cfg.weight_decay if mode is TextTraining.FULL else 0.0
         groups.append({"params": text_parameters, "lr_scale": cfg.text_lr_scale, "weight_decay": decay})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
     probe = ObjectProbe(transformer, cfg.probe_cells).to(device) if cfg.probe_weight > 0 else None
     if probe is not None:
         groups.append({"params": list(probe.parameters()), "lr_scale": 1.0, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
     tokens_per_side = IMAGE_SIZE // (2 * pipe.vae_scale_factor)  # FLUX packs 2x2 latent pixels per token
     modules = {"transformer": transformer}
     if mode is not TextTraining.FROZEN:

@@ -236,10 +236,10 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
         prompts = _apply_prompt_dropout(prompts, generator, cfg.prompt_dropout)
         with _autocast(device):
             fm = _flow_matching_batch(pipe, prompts, rasterize(layout, IMAGE_SIZE), generator, MAX_SEQUENCE_LENGTH)
-            total = torch.zeros((), device=device)
+            probe_loss = torch.zeros((), device=device)
             if probe is not None:
                 targets = object_targets(layout, tokens_per_side, cfg.probe_cells, [p != "" for p in prompts])
-                total = cfg.probe_weight * probe.loss(targets)
+                probe_loss = probe.loss(targets)
             target = fm.target
             weights = new_size_token_weights(layout, tokens_per_side, cfg.size_weight)
             if cfg.preserve_base:
@@ -248,13 +248,12 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
                 weights = torch.where(rows[:, None], cfg.preserve_weight * weights, weights)
             errors = (fm.prediction.float() - target).pow(2).mean(dim=-1)  # (B, tokens)
             loss = (weights * errors).sum() / weights.sum()
-            total = total + loss
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        (loss + cfg.probe_weight * probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         losses.append(loss.item())
-        probe_losses.append((total - loss).item() / cfg.probe_weight if probe is not None else 0.0)
+        probe_losses.append(probe_loss.item())
         if step % cfg.log_every == 0:
             recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
             recent_probe = sum(probe_losses[-cfg.log_every:]) / len(probe_losses[-cfg.log_every:])

@@ -74,6 +74,11 @@ def test_the_object_probe_reads_the_edited_picture_and_resumes_only_with_its_set
     train_edit(config, tmp_path / "out")
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all(r["probe_loss"] > 0 for r in logged if "probe_loss" in r)
+    # the probe's read-out learns beside the transformer: its parameters are a group of the optimizer
+    state = torch.load(tmp_path / "run" / "edit.pt", map_location="cpu")
+    groups = state["optimizer"]["param_groups"]
+    assert len(groups) == 3  # transformer, the new words' embeddings, the probe
+    assert len(groups[-1]["params"]) == len(state["probe"]) == 2  # the read-out's weight and bias
     with pytest.raises(InvalidParameterError) as error:
         train_edit(EditTrainConfig(run_dir=str(tmp_path / "run"), steps=3, batch=2, probe_weight=0.0), tmp_path / "o2")
     assert error.value.param == "probe_weight"
