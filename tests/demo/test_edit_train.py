@@ -12,6 +12,7 @@ from ditserve.demo.edit_train import (
     EditTrainConfig,
     _as_pipeline_input,
     _scaled_latents,
+    changed_token_weights,
     kontext_ids,
     load_edit_pipeline,
     train_edit,
@@ -65,6 +66,23 @@ def test_two_steps_train_and_export_a_kontext_folder(tmp_path):
         assert torch.equal(new[:size], old)
         assert new.shape[0] > size
     assert not torch.equal(trained.transformer.x_embedder.weight, base.transformer.x_embedder.weight)
+
+
+def test_change_weight_lands_on_the_tokens_whose_pixels_the_edit_changed():
+    sources = torch.zeros(2, 3, 128, 128)
+    targets = sources.clone()
+    targets[0, 1, 40, 100] = 0.5  # one pixel of token (row 2, column 6)
+    targets[1, :, :, :] = 1.0 / 255  # under an 8-bit step: unchanged
+    weights = changed_token_weights(sources, targets, 8, 4.0)
+    assert weights.shape == (2, 64)
+    assert weights[0, 2 * 8 + 6] == 5.0
+    assert weights[0].sum() == 64 + 4.0
+    assert torch.equal(weights[1], torch.ones(64))
+
+
+def test_a_negative_change_weight_is_refused(tmp_path):
+    with pytest.raises(InvalidParameterError, match="change_weight"):
+        train_edit(EditTrainConfig(run_dir=str(tmp_path / "run"), change_weight=-1.0), tmp_path / "out")
 
 
 def test_the_object_probe_reads_the_edited_picture_and_resumes_only_with_its_setting(tmp_path):
