@@ -88,20 +88,20 @@ def write_defaults(model_dir: Path, true_cfg_scale: float) -> None:
 def _given_options(args: argparse.Namespace, config_class) -> dict:
     """The config fields given on the command line; an option of another task's config is refused by name."""
     own = {f.name for f in fields(config_class)}
-    for field in {f.name for c in _train_configs() for f in fields(c)} - own:
+    for field in {f.name for c in _train_configs().values() for f in fields(c)} - own:
         if getattr(args, field, None) is not None:
             raise InvalidParameterError(f"--{field.replace('_', '-')} is not an option of --task {args.task}",
                                         param=field)
     return {name: getattr(args, name) for name in own if getattr(args, name, None) is not None}
 
 
-def _train_configs() -> tuple[type, ...]:
-    """Every task's training config, the image model's first (its options' types and help come first)."""
+def _train_configs() -> dict[Task, type]:
+    """Every task's training config, the image model's first (its options' types come first)."""
     from ditserve.demo.edit_train import EditTrainConfig
     from ditserve.demo.train import TrainConfig
     from ditserve.demo.video_train import VideoTrainConfig
 
-    return TrainConfig, EditTrainConfig, VideoTrainConfig
+    return {Task.IMAGE: TrainConfig, Task.EDIT: EditTrainConfig, Task.VIDEO: VideoTrainConfig}
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -367,17 +367,20 @@ def _cmd_redundancy(args: argparse.Namespace) -> None:
     print(f"median change {sorted(changes)[len(changes) // 2]:.4f}; wrote {output_dir}/step_change.png and .json")
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser, config_class, skip: set[str] = frozenset()) -> None:
-    """One option per field of a training config dataclass (but those in ``skip``, already added by another
-    config), left None unless given. The help shows this config's default."""
-    for field in fields(config_class):
-        if field.name in skip:
-            continue
+def _add_config_arguments(parser: argparse.ArgumentParser, configs: dict[str, type]) -> None:
+    """One option per field of the training config dataclasses (``configs``: task name -> class; a field several
+    tasks share is one option), left None unless given. The help shows each task's own default."""
+    defaults: dict[str, dict[str, object]] = {}
+    for task, config_class in configs.items():
+        for field in fields(config_class):
+            defaults.setdefault(field.name, {})[task] = field.default
+    for name, by_task in defaults.items():
+        first = next(iter(by_task.values()))
         # booleans read as --flag / --no-flag; type=bool would take any text, "0" included, as True
-        parsing = ({"action": argparse.BooleanOptionalAction} if isinstance(field.default, bool)
-                   else {"type": type(field.default)})
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
-                            help=f"default {field.default!r}", **parsing)
+        parsing = {"action": argparse.BooleanOptionalAction} if isinstance(first, bool) else {"type": type(first)}
+        shown = (f"default {first!r}" if len(configs) == 1 else
+                 "default " + ", ".join(f"{value!r} ({task})" for task, value in by_task.items()))
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=shown, **parsing)
 
 
 def _add_train_parser(subparsers) -> None:
@@ -387,10 +390,7 @@ def _add_train_parser(subparsers) -> None:
     parser.add_argument("--task", choices=[t.value for t in Task], default=Task.IMAGE.value,
                         help="image: ditserve-shapes from scratch; edit: ditserve-shapes-edit from --init-from "
                         "(default the bundled ditserve-shapes); video: ditserve-shapes-video from scratch")
-    added: set[str] = set()
-    for config_class in _train_configs():
-        _add_config_arguments(parser, config_class, skip=added)
-        added |= {f.name for f in fields(config_class)}
+    _add_config_arguments(parser, {task.value: config for task, config in _train_configs().items()})
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run-dir")
     parser.add_argument("--output", default=None, help="where to write the diffusers folder (default "
                         "runs/ditserve-shapes/final, or runs/ditserve-shapes-<task>/final with --task edit or video)")
@@ -403,7 +403,7 @@ def _add_train_lora_parser(subparsers) -> None:
     from ditserve.demo.lora_train import LoRATrainConfig
 
     parser = subparsers.add_parser("train-lora", help=f"train a LoRA that teaches the demo model the size {NEW_SIZE!r}")
-    _add_config_arguments(parser, LoRATrainConfig)
+    _add_config_arguments(parser, {"lora": LoRATrainConfig})
     parser.add_argument("--output", default=f"runs/ditserve-shapes-lora-{NEW_SIZE}",
                         help="where to write the PEFT folder")
     parser.set_defaults(handler=_cmd_train_lora)

@@ -19,7 +19,8 @@ from ditserve.demo.edit_train import (
 )
 from ditserve.demo.model import build_clip_tokenizer, build_t5_tokenizer
 from ditserve.demo.render import render_batch
-from ditserve.demo.train import _shifted_sigmas
+from ditserve.demo.train import TrainConfig, _shifted_sigmas
+from ditserve.demo.video_train import VideoTrainConfig
 from ditserve.errors import InvalidParameterError
 
 
@@ -116,3 +117,12 @@ def test_cli_refuses_options_of_the_other_task(tmp_path):
     with pytest.raises(InvalidParameterError) as error:
         main(["eval", "--task", "edit", "--lora", "some-folder"])
     assert error.value.param == "lora"
+
+
+def test_train_help_shows_each_tasks_own_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    image, edit, video = TrainConfig().batch, EditTrainConfig().batch, VideoTrainConfig().batch
+    assert f"--batch BATCH default {image} (image), {edit} (edit), {video} (video)" in text
+    assert f"default {EditTrainConfig().change_weight!r} (edit)" in text
