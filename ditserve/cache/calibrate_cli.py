@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from ditserve.cache.calibrate import DEFAULT_BUDGET, MANY_KNOBS, CalibrationRun, calibrate
 from ditserve.cache.search import config_key
+from ditserve.cache.search import logger as search_logger
 from ditserve.cache.selector import available_backends, backend_class
 from ditserve.errors import InvalidParameterError
 
@@ -93,6 +95,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     params = {"num_inference_steps": args.steps, "seed": args.seed}
     params |= {k: getattr(args, k) for k in ("height", "width") if getattr(args, k) is not None}
     search, holdout = calibration_prompts(args)
+    # Each searched point's line is the command's progress (a search takes minutes): shown at the default
+    # --log-level WARNING too; --log-level ERROR still silences it.
+    if logging.getLogger().getEffectiveLevel() <= logging.WARNING:
+        search_logger.setLevel(logging.INFO)
     items: tuple[list[Any], list[Any]] = (list(search), list(holdout))
     if args.image:
         items = tuple([{"prompt": p, "multi_modal_data": {"image": args.image}} for p in part] for part in items)

@@ -47,7 +47,8 @@ def test_too_few_prompts_and_unknown_backends_are_refused_naming_the_flag(tmp_pa
 
 
 def test_calibrate_writes_a_format_2_table_and_the_search_log(private_flux_dir: str, tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture) -> None:
+                                                             capsys: pytest.CaptureFixture,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     log = tmp_path / "log.json"
     code = main(["calibrate", private_flux_dir, "--steps", "4", "--num-prompts", "2", "--height", "64", "--width", "64",
                  "--holdout-prompts", "1", "--budget", "3", "--backends", "tea_cache",
@@ -62,6 +63,9 @@ def test_calibrate_writes_a_format_2_table_and_the_search_log(private_flux_dir: 
     assert len(logged) == table["search"]["evaluated"] and {e["status"] for e in logged} <= {
         "complete", "pruned", "out_of_budget", "infeasible"}
     assert "front over the search and held-out prompts" in capsys.readouterr().out
+    # every searched point is a progress line at the default --log-level
+    progress = [r for r in caplog.records if r.name == "ditserve.cache.search" and "rel_l1_thresh" in r.getMessage()]
+    assert len(progress) == len(logged)
     # searching another backend the same way keeps this one's table; other params drop it (measured otherwise)
     same = ["calibrate", private_flux_dir, "--steps", "4", "--num-prompts", "2", "--height", "64", "--width", "64",
             "--holdout-prompts", "1", "--budget", "1"]
