@@ -8,7 +8,10 @@ so the base behaviour is rehearsed while the new word is learnt. Only training-s
 held-out colour-shape-position triples stay unseen, as for the base model.
 
 The result is a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``, fp16) that
-``LoRARequest(lora_path=...)``, ``Omni(..., lora_path=...)`` and PEFT itself load.
+``LoRARequest(lora_path=...)``, ``Omni(..., lora_path=...)`` and PEFT itself load, with the same weights in
+diffusers' own file beside them for ``load_lora_weights``. The defaults are the first of the four runs of the
+shipped LoRA (its model card has the other three: each continues the last with ``init_lora`` and holds the base
+more).
 """
 
 from __future__ import annotations
@@ -80,17 +83,16 @@ class LoRATrainConfig:
     alpha: float = 8.0
     steps: int = 100_000
     batch: int = 16
-    targets: str = LoRATargets.TEXT_INPUT.value
+    targets: str = LoRATargets.ALL.value
     # Fraction of each batch whose prompt holds the new size; the rest are ordinary prompts (rehearsal). The
     # new-size prompts rehearse every base word too, only with one medium object among them.
-    new_size_fraction: float = 0.75
-    # High for a LoRA: it adapts one 64 -> 256 projection (2.6 k parameters) and must move it within the run.
-    lr: float = 5e-3
+    new_size_fraction: float = 0.5
+    lr: float = 2e-3
     warmup_steps: int = 50
     # The empty prompt is true CFG's unconditional branch: it keeps being trained, so the LoRA leaves it alone.
     prompt_dropout: float = 0.1
     # Wall-clock budget in minutes (0: none); the cosine schedule ends with whichever runs out first.
-    max_minutes: float = 38.0
+    max_minutes: float = 45.0
     log_every: int = 25
     # Weight of a fresh object probe's loss (object_probe.py, knowing the new size as its own kind) beside the
     # denoising loss (0: none), and its cells per token side. The probe is not saved with the LoRA.
@@ -99,11 +101,11 @@ class LoRATrainConfig:
     # Extra loss weight of the image tokens around each new-size object (within a large object's box of its
     # centre): the pixels where medium differs from small and large are a thin ring of a mostly flat picture, so
     # plain flow matching hardly pays for a box a few pixels off (0: uniform weights).
-    size_weight: float = 0.0
+    size_weight: float = 4.0
     # Ordinary prompts (and dropped ones, true CFG's negative branch) learn the base model's own velocity, computed
     # with the LoRA switched off, instead of the rendered picture's: they then pin the base behaviour where the
     # LoRA must not change it, rather than teach the base's remaining errors away.
-    preserve_base: bool = False
+    preserve_base: bool = True
     # With preserve_base: the loss weight of those rows against the new-size rows' (whose tokens near the new-size
     # object already weigh 1 + size_weight): a LoRA on every Linear shifts ordinary prompts too unless held there.
     preserve_weight: float = 1.0
@@ -188,19 +190,23 @@ def _load_lora_state(pipe: FluxPipeline, folder: Path) -> None:
 
 
 def save_lora(pipe: FluxPipeline, output_dir: Path, record: dict) -> Path:
-    """Write the transformer's LoRA as a PEFT folder in fp16 (half the bytes; ditserve and PEFT compute the
-    update in the model's dtype anyway), with how it was trained beside it."""
+    """Write the transformer's LoRA in fp16 (half the bytes; ditserve and PEFT compute the update in the model's
+    dtype anyway) twice: as a PEFT folder, and as diffusers' own file (``pytorch_lora_weights.safetensors``, what
+    ``FluxPipeline.load_lora_weights(folder)`` reads: it takes PEFT's key prefix for another format), with how
+    it was trained beside them."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     from ditserve.lora.files import PEFT_WEIGHTS_FILE
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(pipe.transformer)
-    save_file({PEFT_KEY_PREFIX + k: v.detach().to(torch.float16).contiguous() for k, v in state.items()},
-              str(output_dir / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(pipe.transformer).items()}
+    save_file({PEFT_KEY_PREFIX + k: v for k, v in state.items()}, str(output_dir / PEFT_WEIGHTS_FILE),
+              metadata={"format": "pt"})
     config = pipe.transformer.peft_config["default"]
     config.save_pretrained(str(output_dir))
+    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=state,
+                                   transformer_lora_adapter_metadata=config.to_dict())
     (output_dir / TRAINING_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return output_dir
 

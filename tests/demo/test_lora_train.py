@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
 
 from ditserve import LoRARequest, Omni
 from ditserve.demo import NEW_SIZE, demo_lora_path, demo_model_path
@@ -49,14 +51,22 @@ def test_a_fresh_lora_leaves_the_model_unchanged_and_trains_only_itself(demo_pip
     assert np.array_equal(ours, base)  # PEFT starts lora_B at zero
 
 
-def test_train_lora_writes_a_peft_folder_ditserve_reads(tmp_path, demo_pipeline):
-    folder = train_lora(LoRATrainConfig(steps=2, batch=2, rank=4, alpha=4.0, max_minutes=0), tmp_path / "lora")
+def test_train_lora_writes_a_peft_folder_ditserve_reads_and_a_file_diffusers_loads(tmp_path, demo_pipeline):
+    folder = train_lora(LoRATrainConfig(steps=2, batch=2, rank=4, alpha=2.0, max_minutes=0), tmp_path / "lora")
     adapter = read_adapter("trained", folder, demo_pipeline)
     assert adapter.rank == 4
     names = adapter.modules["transformer"]
-    assert list(names) == ["context_embedder"]  # the default targets: the text input projection alone
+    assert {"context_embedder", "transformer_blocks.0.attn.to_q", "proj_out"} <= set(names)  # default: every Linear
     record = json.loads((folder / TRAINING_RECORD_FILE).read_text())
     assert record["steps"] == 2 and record["pictures"] == 4
+    # diffusers' own loader, given only the folder, gets the same weights and scaling as the PEFT folder
+    pipe = FluxPipeline.from_pretrained(str(demo_model_path()))
+    pipe.load_lora_weights(str(folder), adapter_name="trained")
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="trained")
+    peft_file = load_file(str(folder / PEFT_WEIGHTS_FILE))
+    assert set(loaded) == {k.removeprefix("base_model.model.") for k in peft_file}
+    assert all(torch.equal(v.half(), peft_file["base_model.model." + k]) for k, v in loaded.items())
+    assert pipe.transformer.context_embedder.scaling["trained"] == 0.5  # alpha / rank
 
 
 def test_train_lora_with_probe_size_weights_and_base_preservation(tmp_path, demo_pipeline):
@@ -132,11 +142,17 @@ def test_unknown_targets_are_refused():
         train_lora(LoRATrainConfig(targets="image", steps=1, max_minutes=0), "unused")
 
 
-def test_shipped_lora_is_small_and_rank_8():
+def test_shipped_lora_is_small_rank_8_and_diffusers_loads_the_same_weights():
     folder = demo_lora_path()
     assert (folder / PEFT_WEIGHTS_FILE).stat().st_size < MAX_SHIPPED_BYTES
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["peft_type"] == "LORA"
+    pipe = FluxPipeline.from_pretrained(str(demo_model_path()))
+    pipe.load_lora_weights(str(folder), adapter_name=NEW_SIZE)
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name=NEW_SIZE)
+    peft_file = load_file(str(folder / PEFT_WEIGHTS_FILE))
+    assert {"base_model.model." + k for k in loaded} == set(peft_file)
+    assert all(torch.equal(v.half(), peft_file["base_model.model." + k]) for k, v in loaded.items())
 
 
 @pytest.fixture(scope="module")
