@@ -40,6 +40,7 @@ from ditserve.demo.train import (
     _step_generator,
     _velocity,
     resolve_device,
+    weighted_token_mse,
 )
 from ditserve.errors import InvalidParameterError
 
@@ -252,8 +253,7 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
                 rows = _preserved_rows(cfg, prompts, device)
                 target = _base_preserving_target(pipe, fm, rows)
                 weights = torch.where(rows[:, None], cfg.preserve_weight * weights, weights)
-            errors = (fm.prediction.float() - target).pow(2).mean(dim=-1)  # (B, tokens)
-            loss = (weights * errors).sum() / weights.sum()
+            loss = weighted_token_mse(fm.prediction, target, weights)
         optimizer.zero_grad(set_to_none=True)
         (loss + cfg.probe_weight * probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

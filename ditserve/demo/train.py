@@ -361,6 +361,13 @@ def _flow_matching_loss(pipe: FluxPipeline, prompts: list[str], images: torch.Te
     return F.mse_loss(fm.prediction.float(), fm.target)
 
 
+def weighted_token_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Flow-matching MSE over packed tokens (B, tokens, C), each token's error weighted by ``weights`` (B, tokens)
+    and normalised by their sum (uniform weights: plain MSE)."""
+    errors = (prediction.float() - target).pow(2).mean(dim=-1)
+    return (weights * errors).sum() / weights.sum()
+
+
 def _text_encoders_frozen(cfg: TrainConfig) -> bool:
     return cfg.text_steps > 0 or cfg.keep_text_encoders
 
