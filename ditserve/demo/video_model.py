@@ -24,6 +24,8 @@ VIDEO_FRAMES = 9
 # The VAE's compression: the first frame alone, then every 4 frames, into one latent frame; 8x8 pixels a latent.
 TEMPORAL_COMPRESSION = 4
 SPATIAL_COMPRESSION = 8
+# The untrained VAE's posterior log-variance (std 0.05), see build_video_vae.
+POSTERIOR_LOG_VARIANCE = -6.0
 # WanPipeline's own T5 padding when a caller gives no max_sequence_length (ditserve_defaults.json gives
 # MAX_SEQUENCE_LENGTH, which the longest clip prompt, 27 tokens, fits).
 PIPELINE_PADDING = 226
@@ -47,8 +49,12 @@ def build_video_vae() -> AutoencoderKLWan:
     """Narrow, since the frames are flat colours. The encoder (base 8 channels) is half as wide as the decoder
     (16): the transformer stage encodes every training clip, and with a base-16 encoder that took 2.1 s of a step
     for 8 clips (base 8: 1.0 s; the transformer's own forward and backward on them, 4 noise levels each: 1.5 s; one
-    shared CPU thread). The decoder draws the shapes' edges and runs once per generated clip."""
-    return AutoencoderKLWan(
+    shared CPU thread). The decoder draws the shapes' edges and runs once per generated clip.
+
+    The posterior's log-variance starts at POSTERIOR_LOG_VARIANCE (its bias in ``quant_conv``): at the default 0
+    the untrained posterior means (spread about 0.14) drown in unit noise, and the decoder of the first run, which
+    started there, learnt from little but noise."""
+    vae = AutoencoderKLWan(
         base_dim=8,
         decoder_base_dim=16,
         z_dim=LATENT_CHANNELS,
@@ -59,6 +65,9 @@ def build_video_vae() -> AutoencoderKLWan:
         latents_mean=[0.0] * LATENT_CHANNELS,
         latents_std=[1.0] * LATENT_CHANNELS,
     ).eval()
+    with torch.no_grad():
+        vae.quant_conv.bias[LATENT_CHANNELS:] = POSTERIOR_LOG_VARIANCE
+    return vae
 
 
 def build_video_transformer() -> WanTransformer3DModel:

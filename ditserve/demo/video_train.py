@@ -1,9 +1,10 @@
 """Training of the video demo model ``ditserve-shapes-video`` (``WanPipeline``, ``video_model.py``) on the clip
 language (``video_language.py``), in stages as ``train.py`` trains the image model, with its helpers:
 
-1. the video VAE on rendered clips (posterior samples, reconstruction + a small KL term), then its decoder alone on
-   posterior means, the latents the transformer learns to produce; after each, the clip checker scores decoded
-   held-out ground-truth clips (the VAE's acceptance figure, logged as ``vae_check`` / ``decoder_check``);
+1. the video VAE on single frames of rendered clips, then on whole clips (posterior samples, reconstruction + a
+   small KL term), then its decoder alone on posterior means, the latents the transformer learns to produce; after
+   each, the clip checker scores decoded held-out ground-truth clips (the VAE's acceptance figure, logged as
+   ``vae_frames_check`` / ``vae_check`` / ``decoder_check``);
 2. the text encoder's parsing stage (``text_pretrain.train_parsing``): a clip prompt is parsed into the scenes of
    its first and last frames, which say everything the clip does (where a subject starts and ends, whether it is
    there at first, its colour before and after); then the encoder is frozen;
@@ -75,28 +76,37 @@ LATENT_STATISTICS_STAGE = 22
 TEXT_DATA_STAGE = 23
 TRANSFORMER_DATA_STAGE = 24
 TRANSFORMER_NOISE_STAGE = 25
+FRAME_DATA_STAGE = 26
 # Clips whose latents set the normalisation: 32 x 768 latent values per channel.
 LATENT_STATISTICS_CLIPS = 32
 
 
 @dataclass
 class VideoTrainConfig:
-    """The defaults are a first run of about an hour on one CPU thread with AVX-512-bf16, budgeted from timed steps
-    (VAE about 16 min, decoder 4, parsing 7, transformer 30); no run of that length has been made yet."""
+    """The VAE's defaults are the schedule measured in docs/demo/video_first_run.md (frame stage about 60 min on one
+    shared CPU thread); the rest were budgeted from timed steps (decoder 4 min, parsing 7, transformer 30)."""
 
     run_dir: str = "runs/ditserve-shapes-video"
     device: str = "auto"
     seed: int = 0
     # Frames of every training clip, 4k + 1 (9: 3 latent frames, 192 tokens; 17: 5 latent frames, 320 tokens).
     frames: int = VIDEO_FRAMES
+    # The whole VAE on single frames first (one random frame of each of frame_batch clips a step): the spatial
+    # path learns the shapes there (docs/demo/video_first_run.md: on clips from scratch it stalled on flat
+    # backgrounds), and a frame costs a ninth of a 9-frame clip.
+    frame_steps: int = 2400
+    frame_batch: int = 16
+    frame_lr: float = 5e-4
     vae_steps: int = 400
     vae_batch: int = 8
-    # Both VAE stages train on square crops of this side (a multiple of 8, up to 128: whole frames), one per clip
+    # Every VAE stage trains on square crops of this side (a multiple of 8, up to 128: whole frames), one per clip
     # and the same in every frame: the VAE's cost goes with the pixels (a 64-pixel crop costs a quarter of the whole
     # frame), and its convolutions do not care where in the frame they are. The acceptance check and the latents
     # of the transformer stage use whole frames.
     vae_crop: int = 64
-    vae_lr: float = 1e-3
+    vae_lr: float = 5e-4
+    # Warm-up of every VAE stage: at 1e-3 with 50 warm-up steps the stock Wan VAE swung at a loss of 0.4-0.8.
+    vae_warmup_steps: int = 200
     vae_kl_weight: float = 1e-6
     # Decoder on posterior means (0: none), with extra weight on edge pixels (train.py's decoder stage).
     decoder_steps: int = 100
@@ -133,9 +143,11 @@ class VideoTrainConfig:
 
 
 class VaeStage(str, enum.Enum):
-    """AUTOENCODER: encoder and decoder on posterior samples, reconstruction plus a small KL term. DECODER: the
-    decoder alone on posterior means; the encoder, hence the latent space, stays as it is."""
+    """FRAMES: encoder and decoder on single frames, posterior samples, reconstruction plus a small KL term.
+    AUTOENCODER: the same on whole clips. DECODER: the decoder alone on posterior means of clips; the encoder,
+    hence the latent space, stays as it is."""
 
+    FRAMES = "vae_frames"
     AUTOENCODER = "vae"
     DECODER = "decoder"
 
@@ -145,7 +157,7 @@ def _check_config(cfg: VideoTrainConfig) -> None:
     if cfg.vae_crop % SPATIAL_COMPRESSION or not 2 * SPATIAL_COMPRESSION <= cfg.vae_crop <= VIDEO_SIZE:
         raise InvalidParameterError(f"vae_crop must be a multiple of {SPATIAL_COMPRESSION} from {2 * SPATIAL_COMPRESSION} "
                                     f"to {VIDEO_SIZE}, got {cfg.vae_crop}", param="vae_crop")
-    for name in ("vae_batch", "text_batch", "batch", "noise_draws", "probe_cells", "checkpoint_every", "log_every"):
+    for name in ("frame_batch", "vae_batch", "text_batch", "batch", "noise_draws", "probe_cells", "checkpoint_every", "log_every"):
         if getattr(cfg, name) < 1:
             raise InvalidParameterError(f"{name} must be >= 1, got {getattr(cfg, name)}", param=name)
 
@@ -177,13 +189,22 @@ def _random_crops(videos: torch.Tensor, side: int, generator: torch.Generator) -
     return torch.stack([video[..., y : y + side, x : x + side] for video, (y, x) in zip(videos, corners.tolist(), strict=True)])
 
 
+def _one_frame_each(videos: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random frame of each clip, as a one-frame clip (B, C, 1, H, W)."""
+    frames = torch.randint(videos.shape[2], (len(videos),), generator=generator, device=generator.device)
+    return videos[torch.arange(len(videos), device=videos.device), :, frames].unsqueeze(2)
+
+
 def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.device, logger: _Logger,
                     stage: VaeStage) -> None:
     """One VAE stage (see VaeStage), resumable from its checkpoint; after the autoencoder stage, sets the latent
     statistics; after either, logs the clip checker's figures on decoded held-out ground truth."""
     decoder_only = stage is VaeStage.DECODER
-    steps, lr, data_stage = ((cfg.decoder_steps, cfg.decoder_lr, DECODER_DATA_STAGE) if decoder_only
-                             else (cfg.vae_steps, cfg.vae_lr, VAE_DATA_STAGE))
+    steps, lr, batch, data_stage = {
+        VaeStage.FRAMES: (cfg.frame_steps, cfg.frame_lr, cfg.frame_batch, FRAME_DATA_STAGE),
+        VaeStage.AUTOENCODER: (cfg.vae_steps, cfg.vae_lr, cfg.vae_batch, VAE_DATA_STAGE),
+        VaeStage.DECODER: (cfg.decoder_steps, cfg.decoder_lr, cfg.vae_batch, DECODER_DATA_STAGE),
+    }[stage]
     vae = pipe.vae.to(device)
     vae.eval().requires_grad_(False)
     trained = [vae.post_quant_conv, vae.decoder] if decoder_only else [vae]
@@ -202,9 +223,11 @@ def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.devi
     progress = tqdm(range(start, steps), desc=stage.value, initial=start, total=steps)
     for step in progress:
         for group in optimizer.param_groups:
-            group["lr"] = lr * _lr_factor(step, steps, min(cfg.warmup_steps, steps // 10))
+            group["lr"] = lr * _lr_factor(step, steps, min(cfg.vae_warmup_steps, steps // 10))
         generator = _step_generator(device, cfg.seed, data_stage, step)
-        _, _, videos = _training_clips(cfg.vae_batch, cfg, data_stage, step, generator)
+        _, _, videos = _training_clips(batch, cfg, data_stage, step, generator)
+        if stage is VaeStage.FRAMES:
+            videos = _one_frame_each(videos, generator)
         target = _random_crops(videos, cfg.vae_crop, generator) * 2 - 1
         with _autocast(device):
             if decoder_only:
@@ -229,7 +252,7 @@ def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.devi
         if (step + 1) % cfg.checkpoint_every == 0 or step == steps - 1:
             _save_checkpoint(checkpoint, {"step": step + 1, "vae": vae.state_dict(), "optimizer": optimizer.state_dict()})
     vae.eval().requires_grad_(False)
-    if not decoder_only:
+    if stage is VaeStage.AUTOENCODER:
         _set_latent_statistics(pipe, cfg, device)
     if cfg.vae_check_clips > 0 and start < steps:
         clips = heldout_clips(cfg.vae_check_clips)
@@ -452,9 +475,8 @@ def train_video(cfg: VideoTrainConfig, output_dir: str | Path) -> Path:
     pipe = build_video_pipeline()
     pipe.set_progress_bar_config(disable=True)
     started = time.perf_counter()
-    train_video_vae(pipe, cfg, device, logger, VaeStage.AUTOENCODER)
-    if cfg.decoder_steps > 0:
-        train_video_vae(pipe, cfg, device, logger, VaeStage.DECODER)
+    for stage in VaeStage:  # a stage of 0 steps does nothing
+        train_video_vae(pipe, cfg, device, logger, stage)
     vae_seconds = time.perf_counter() - started
     if cfg.text_steps > 0:
         _train_text_encoder(pipe, cfg, device, logger)

@@ -12,11 +12,17 @@ from ditserve.demo.object_probe import ObjectProbe
 from ditserve.demo.text_pretrain import CELLS, EMPTY
 from ditserve.demo.video_evaluation import decoded_ground_truth_clips
 from ditserve.demo.video_language import parse_video_prompt
-from ditserve.demo.video_model import build_video_pipeline, text_embeddings
+from ditserve.demo.video_model import (
+    POSTERIOR_LOG_VARIANCE,
+    build_video_pipeline,
+    build_video_vae,
+    text_embeddings,
+)
 from ditserve.demo.video_render import clip_layout, render_clip_batch
 from ditserve.demo.video_train import (
     VideoTrainConfig,
     _clip_parse_targets,
+    _one_frame_each,
     flow_matching_batch,
     flow_sigmas,
     normalized_latents,
@@ -37,6 +43,24 @@ def video_pipe() -> WanPipeline:
     pipe.vae.register_to_config(latents_mean=[0.05 * i - 0.4 for i in range(16)], latents_std=[0.7] * 16)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def test_the_frame_stage_takes_one_frame_of_each_clip_as_a_one_frame_clip():
+    videos = torch.arange(4 * 9, dtype=torch.float32).view(4, 1, 9, 1, 1).expand(4, 3, 9, 2, 2)
+    frames = _one_frame_each(videos, torch.Generator().manual_seed(0))
+    assert frames.shape == (4, 3, 1, 2, 2)
+    picked = frames[:, 0, 0, 0, 0].long()
+    assert torch.equal(picked // 9, torch.arange(4))  # each clip gives one of its own frames
+    assert len(set((picked % 9).tolist())) > 1  # not the same frame index for every clip
+
+
+def test_the_untrained_posterior_is_narrow_so_its_samples_carry_the_means():
+    torch.manual_seed(0)
+    vae = build_video_vae()
+    with torch.no_grad():
+        posterior = vae.encode(torch.rand(2, 3, 5, 32, 32) * 2 - 1).latent_dist
+    assert (posterior.logvar - POSTERIOR_LOG_VARIANCE).abs().max() < 1  # (the 0 default: unit noise)
+    assert posterior.std.max() < 0.5 * posterior.mean.std()  # at 0: seven times the spread of the means
 
 
 def _run(pipe: WanPipeline, **kwargs):
@@ -148,7 +172,7 @@ def test_clip_parse_targets_hold_the_first_and_the_last_frame():
     assert first[2, cell["bottom"]] == color["yellow"] and last[2, cell["bottom"]] == color["purple"]
 
 
-TINY_RUN = ["--vae-steps", "2", "--vae-batch", "2", "--decoder-steps", "2", "--vae-check-clips", "2",
+TINY_RUN = ["--frame-steps", "2", "--frame-batch", "2", "--vae-steps", "2", "--vae-batch", "2", "--decoder-steps", "2", "--vae-check-clips", "2",
             "--text-steps", "2", "--text-batch", "8", "--steps", "2", "--batch", "2", "--noise-draws", "2",
             "--warmup-steps", "1", "--log-every", "1", "--device", "cpu"]
 
@@ -171,11 +195,11 @@ def test_two_steps_of_every_stage_export_a_folder_wan_pipeline_runs(trained):
     defaults = json.loads((output / "ditserve_defaults.json").read_text())["sampling_defaults"]
     assert defaults["num_frames"] == 9 and defaults["max_sequence_length"] == MAX_SEQUENCE_LENGTH
     log = _log(run_dir)
-    for stage in ("vae", "decoder", "transformer"):
+    for stage in ("vae_frames", "vae", "decoder", "transformer"):
         losses = [r["loss"] for r in log if r.get("stage") == stage and "loss" in r]
         assert len(losses) == 2 and all(math.isfinite(v) for v in losses), stage
     assert all(r["probe_loss"] > 0 for r in log if r.get("stage") == "transformer" and "probe_loss" in r)
-    assert {"vae_check", "decoder_check", "text_encoder", "done"} <= {r["stage"] for r in log}
+    assert {"vae_frames_check", "vae_check", "decoder_check", "text_encoder", "done"} <= {r["stage"] for r in log}
     pipe = WanPipeline.from_pretrained(str(output))
     assert pipe.vae.config.latents_std != [1.0] * 16  # the trained latents' spread, not the placeholder
     video = pipe(prompt=PROMPT, height=128, width=128, num_frames=9, num_inference_steps=2, guidance_scale=3.0,
@@ -207,7 +231,8 @@ def test_the_engine_serves_the_exported_folder_with_its_defaults(trained):
 def test_a_resumed_run_continues_from_its_checkpoints(trained, tmp_path):
     run_dir, _ = trained
     log_before = len(_log(run_dir))
-    config = VideoTrainConfig(run_dir=str(run_dir), vae_steps=2, vae_batch=2, decoder_steps=2, vae_check_clips=2,
+    config = VideoTrainConfig(run_dir=str(run_dir), frame_steps=2, frame_batch=2, vae_steps=2, vae_batch=2,
+                              decoder_steps=2, vae_check_clips=2,
                               text_steps=2, text_batch=8, steps=3, batch=2, noise_draws=2, warmup_steps=1,
                               log_every=1, device="cpu")
     train_video(config, tmp_path / "out")
