@@ -1,4 +1,4 @@
-"""Load: 96 small requests at concurrency 16 with batching on, then a shorter run with batching off (same
+"""Load: 48 small requests at concurrency 16 with batching on, then a shorter run with batching off (same
 test, same tiny model): nothing lost, no 5xx; the throughput of both runs is printed.
 
 ``DITSERVE_LOAD_REQUESTS`` / ``DITSERVE_LOAD_UNBATCHED_REQUESTS`` change the counts (e.g. 1000 on a fast
@@ -18,9 +18,9 @@ import pytest
 
 from ditserve.entrypoints.server.thread import ServerThread
 
-REQUESTS = int(os.environ.get("DITSERVE_LOAD_REQUESTS", "96"))
+REQUESTS = int(os.environ.get("DITSERVE_LOAD_REQUESTS", "48"))
 #: the unbatched run only measures throughput, so fewer requests keep the test short
-UNBATCHED_REQUESTS = int(os.environ.get("DITSERVE_LOAD_UNBATCHED_REQUESTS", "32"))
+UNBATCHED_REQUESTS = int(os.environ.get("DITSERVE_LOAD_UNBATCHED_REQUESTS", "16"))
 CONCURRENCY = 16
 
 

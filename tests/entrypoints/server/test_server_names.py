@@ -83,5 +83,10 @@ def test_request_id_is_the_engine_id_and_names_one_request_at_a_time(image_serve
     assert "same-id" in state.engine._active
     second = httpx.post(url, json=SMALL, headers={"X-Request-Id": "same-id"}, timeout=60)
     assert second.status_code == 409 and second.json()["error"]["code"] == "duplicate_request_id"
+    # the id names the first request in the engine: aborting it there ends the first client's request
+    assert state.engine.abort("same-id")
     first.join()
-    assert answers[0].status_code == 200
+    assert answers[0].status_code == 409 and answers[0].json()["error"]["code"] == "request_aborted"
+    # once it has left, the id is free again
+    third = httpx.post(url, json=SMALL, headers={"X-Request-Id": "same-id"}, timeout=60)
+    assert third.status_code == 200
