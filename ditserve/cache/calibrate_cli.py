@@ -2,6 +2,7 @@
 
     ditserve calibrate path/to/model --steps 50 --num-prompts 4 --holdout-prompts 4
     ditserve calibrate ditserve-shapes            # the demo model: held-out prompts of its language
+    ditserve calibrate ditserve-shapes-edit       # the edit demo: held-out edits with their input pictures
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ditserve.cache.calibrate import DEFAULT_BUDGET, MANY_KNOBS, CalibrationRun,
 from ditserve.cache.search import config_key
 from ditserve.cache.search import logger as search_logger
 from ditserve.cache.selector import available_backends, backend_class
+from ditserve.demo import DEMO_EDIT_MODEL_NAME, DEMO_MODEL_NAME
 from ditserve.errors import InvalidParameterError
 
 #: used for models other than the demo model when no --prompts file is given
@@ -55,12 +57,18 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run_calibrate)
 
 
-def calibration_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """The search prompts and the held-out prompts, disjoint."""
+def calibration_items(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    """The search items and the held-out items, disjoint: prompts, or prompts with their input pictures
+    (``--image`` for every prompt; the edit demo's held-out edits each bring their own)."""
     wanted = args.num_prompts + args.holdout_prompts
+    if args.model == DEMO_EDIT_MODEL_NAME and not args.prompts:
+        if args.image:
+            raise InvalidParameterError(f"--image: {DEMO_EDIT_MODEL_NAME}'s calibration edits bring their own input "
+                                        "pictures; give --prompts to calibrate on your own", param="image")
+        return _split(_demo_edit_items(wanted), args)
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    elif args.model == "ditserve-shapes":
+    elif args.model == DEMO_MODEL_NAME:
         from ditserve.demo import heldout_prompts
 
         prompts = heldout_prompts(wanted, seed=DEMO_PROMPT_SEED)
@@ -70,7 +78,23 @@ def calibration_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]
         raise InvalidParameterError(f"{len(prompts)} prompts for --num-prompts {args.num_prompts} + "
                                     f"--holdout-prompts {args.holdout_prompts}: give more with --prompts",
                                     param="prompts")
-    return prompts[:args.num_prompts], prompts[args.num_prompts:wanted]
+    if args.image:
+        return _split([{"prompt": p, "multi_modal_data": {"image": args.image}} for p in prompts], args)
+    return _split(prompts, args)
+
+
+def _demo_edit_items(count: int) -> list[dict[str, Any]]:
+    """Held-out edits of the edit demo's language (seed DEMO_PROMPT_SEED), each with its input picture."""
+    from ditserve.demo.edit_evaluation import source_images
+    from ditserve.demo.edit_language import heldout_edits
+
+    edits = heldout_edits(count, seed=DEMO_PROMPT_SEED)
+    return [{"prompt": edit.instruction, "multi_modal_data": {"image": picture}}
+            for edit, picture in zip(edits, source_images(edits), strict=True)]
+
+
+def _split(items: list[Any], args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    return items[:args.num_prompts], items[args.num_prompts:args.num_prompts + args.holdout_prompts]
 
 
 def chosen_backends(text: str) -> list[str]:
@@ -94,16 +118,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
             raise InvalidParameterError(f"--{flag.replace('_', '-')} must be >= 1", param=flag)
     params = {"num_inference_steps": args.steps, "seed": args.seed}
     params |= {k: getattr(args, k) for k in ("height", "width") if getattr(args, k) is not None}
-    search, holdout = calibration_prompts(args)
+    search, holdout = calibration_items(args)
     # Each searched point's line is the command's progress (a search takes minutes): shown at the default
     # --log-level WARNING too; --log-level ERROR still silences it.
     if logging.getLogger().getEffectiveLevel() <= logging.WARNING:
         search_logger.setLevel(logging.INFO)
-    items: tuple[list[Any], list[Any]] = (list(search), list(holdout))
-    if args.image:
-        items = tuple([{"prompt": p, "multi_modal_data": {"image": args.image}} for p in part] for part in items)
     with Omni(**engine_kwargs(args)) as omni:
-        run = calibrate(omni, items[0], items[1], params, chosen_backends(args.backends), args.budget)
+        run = calibrate(omni, search, holdout, params, chosen_backends(args.backends), args.budget)
     if args.search_log is not None:
         write_search_log(run, args.search_log)
     print(format_report(run))

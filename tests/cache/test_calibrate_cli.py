@@ -6,10 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ditserve.cache.calibrate import DEFAULT_BUDGET, default_budget, search_space
-from ditserve.cache.calibrate_cli import DEMO_PROMPT_SEED, calibration_prompts, chosen_backends
+from ditserve.cache.calibrate_cli import DEMO_PROMPT_SEED, calibration_items, chosen_backends
 from ditserve.cache.calibration import CALIBRATION_FILE
 from ditserve.entrypoints.cli import main
 from ditserve.errors import InvalidParameterError
@@ -17,17 +18,37 @@ from ditserve.errors import InvalidParameterError
 
 def _args(**given) -> argparse.Namespace:
     return argparse.Namespace(**{"prompts": None, "model": "ditserve-shapes", "num_prompts": 4,
-                                 "holdout_prompts": 4, **given})
+                                 "holdout_prompts": 4, "image": [], **given})
 
 
 def test_the_demo_searches_and_holds_out_disjoint_prompts_that_the_bench_never_uses() -> None:
     from ditserve.demo import heldout_prompts
 
-    search, holdout = calibration_prompts(_args())
+    search, holdout = calibration_items(_args())
     assert len(search) == 4 and len(holdout) == 4 and not set(search) & set(holdout)
     assert search + holdout == heldout_prompts(8, seed=DEMO_PROMPT_SEED)
     # the bench draws the demo's prompts with seed 0
     assert not set(search + holdout) & set(heldout_prompts(4, seed=0))
+
+
+def test_the_edit_demo_calibrates_on_held_out_edits_each_with_its_own_input_picture() -> None:
+    from ditserve.demo.edit_evaluation import source_images
+    from ditserve.demo.edit_language import heldout_edits, parse_instruction
+
+    search, holdout = calibration_items(_args(model="ditserve-shapes-edit", num_prompts=3, holdout_prompts=2))
+    edits = heldout_edits(5, seed=DEMO_PROMPT_SEED)
+    assert [item["prompt"] for item in search + holdout] == [edit.instruction for edit in edits]
+    for item, edit, picture in zip(search + holdout, edits, source_images(edits), strict=True):
+        assert np.array_equal(np.asarray(item["multi_modal_data"]["image"]), np.asarray(picture))
+        assert parse_instruction(item["prompt"], edit.source) == edit  # the instruction is about its own picture
+    with pytest.raises(InvalidParameterError, match="own input pictures") as error:
+        calibration_items(_args(model="ditserve-shapes-edit", image=["x.png"]))
+    assert error.value.param == "image"
+
+
+def test_image_flag_gives_every_prompt_the_same_input_pictures() -> None:
+    search, holdout = calibration_items(_args(model="some/model", num_prompts=1, holdout_prompts=1, image=["a.png"]))
+    assert [item["multi_modal_data"]["image"] for item in search + holdout] == [["a.png"], ["a.png"]]
 
 
 def test_spaces_of_many_knobs_get_twice_the_default_budget() -> None:
@@ -39,7 +60,7 @@ def test_too_few_prompts_and_unknown_backends_are_refused_naming_the_flag(tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a\nb\nc\n")
     with pytest.raises(InvalidParameterError, match="3 prompts") as error:
-        calibration_prompts(_args(prompts=str(prompts), num_prompts=2, holdout_prompts=2))
+        calibration_items(_args(prompts=str(prompts), num_prompts=2, holdout_prompts=2))
     assert error.value.param == "prompts"
     with pytest.raises(InvalidParameterError, match="fast_cache") as error:
         chosen_backends("tea_cache,fast_cache")
