@@ -15,7 +15,9 @@ Prompt i of a set runs with seed ``seed + i``, so the worst prompt is also drawn
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -103,6 +105,20 @@ class RecordingBackend(ResidualCacheBackend):
 
 def output_array(output: Any) -> np.ndarray:
     return np.asarray(output.videos[0] if output.videos else output.images[0])
+
+
+def item_label(item: Any) -> str:
+    """How the calibration file names a prompt: the prompt itself, or for one with input pictures its text and a
+    digest of their pixels (paths: of the path), which stays the same between runs where a picture's repr would
+    hold a memory address."""
+    images = (item.get("multi_modal_data") or {}).get("image") if isinstance(item, Mapping) else None
+    if images is None:
+        return str(item)
+    digest = hashlib.sha256()
+    for image in images if isinstance(images, list) else [images]:
+        digest.update(str(image).encode() if isinstance(image, (str, os.PathLike))
+                      else np.ascontiguousarray(np.asarray(image)).tobytes())
+    return f"{item.get('prompt', '')} [input pictures {digest.hexdigest()[:12]}]"
 
 
 def seeded(params: Mapping[str, Any], index: int) -> dict[str, Any]:
@@ -226,8 +242,8 @@ def calibrate(omni: Any, prompts: Sequence[Any], holdout: Sequence[Any], params:
     holdout_reference = run_uncached(omni, holdout, params)
     # the model as the user named it: a machine's absolute path would travel with a shipped file
     data: dict[str, Any] = {"format": FORMAT_VERSION, "model": omni.engine.runner.model.name,
-                            "params": dict(params), "prompts": [str(p) for p in prompts],
-                            "holdout_prompts": [str(p) for p in holdout], **fits, "quality_table": {}}
+                            "params": dict(params), "prompts": [item_label(p) for p in prompts],
+                            "holdout_prompts": [item_label(p) for p in holdout], **fits, "quality_table": {}}
     data["quality_table"] = kept_tables(load_calibration(model_path), data, backends)
     run = CalibrationRun(data, str(save_calibration(model_path, data)))
     for name in backends:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ditserve.cache.calibrate import DEFAULT_BUDGET, default_budget, search_space
+from ditserve.cache.calibrate import DEFAULT_BUDGET, default_budget, item_label, search_space
 from ditserve.cache.calibrate_cli import DEMO_PROMPT_SEED, calibration_items, chosen_backends
 from ditserve.cache.calibration import CALIBRATION_FILE
 from ditserve.entrypoints.cli import main
@@ -44,6 +44,17 @@ def test_the_edit_demo_calibrates_on_held_out_edits_each_with_its_own_input_pict
     with pytest.raises(InvalidParameterError, match="own input pictures") as error:
         calibration_items(_args(model="ditserve-shapes-edit", image=["x.png"]))
     assert error.value.param == "image"
+
+
+def test_a_prompt_with_input_pictures_is_named_by_its_text_and_their_pixels() -> None:
+    from PIL import Image
+
+    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    label = item_label({"prompt": "make it blue", "multi_modal_data": {"image": red}})
+    assert label.startswith("make it blue [input pictures ") and "0x" not in label  # no memory address
+    assert label == item_label({"prompt": "make it blue", "multi_modal_data": {"image": [red.copy()]}})
+    assert label != item_label({"prompt": "make it blue", "multi_modal_data": {"image": blue}})
+    assert item_label("a red circle") == "a red circle"
 
 
 def test_image_flag_gives_every_prompt_the_same_input_pictures() -> None:
