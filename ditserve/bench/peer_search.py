@@ -16,7 +16,7 @@ from typing import Any
 
 from ditserve.bench import peers
 from ditserve.bench.metrics import psnr_db
-from ditserve.bench.systems import DiffusersSystem, ImageResult
+from ditserve.bench.systems import BenchItem, DiffusersSystem, ImageResult
 from ditserve.cache.cache_dit import CacheDiTBackend
 from ditserve.cache.calibrate import DEFAULT_BUDGET, default_budget
 from ditserve.cache.magcache import MagCacheBackend
@@ -67,7 +67,7 @@ class PeerSetup:
     each on the same pipeline (image and counted work)."""
 
     system: DiffusersSystem
-    prompts: list[str]
+    prompts: list[BenchItem]
     params: list[OmniDiffusionSamplingParams]
     uncached: list[ImageResult]
 

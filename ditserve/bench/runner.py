@@ -27,9 +27,10 @@ import torch
 from ditserve.bench import peers
 from ditserve.bench.metrics import mean, median, psnr_db, ssim
 from ditserve.bench.plan import OUR_METHODS, OurFronts, PeerFronts, RunSpec, full_plan, quick_plan
-from ditserve.bench.systems import DiffusersSystem, DitserveSystem, ImageResult
+from ditserve.bench.systems import BenchItem, DiffusersSystem, DitserveSystem, ImageResult
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import DitServeError, InvalidParameterError
+from ditserve.models.base import InputImages
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,23 @@ def choose_prompts(is_demo: bool, count: int) -> list[str]:
     return [GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)] for i in range(count)]
 
 
+def choose_items(model_name: str, needs_images: bool, count: int) -> list[BenchItem]:
+    """The bench's prompts: the demo's held-out prompts, the edit demo's held-out edits (seed 0; calibration
+    uses seed 1) with their input pictures, or generic prompts. An edit model other than the edit demo would need
+    input pictures the bench does not have."""
+    from ditserve.demo import DEMO_EDIT_MODEL_NAME, DEMO_MODEL_NAME
+
+    if model_name == DEMO_EDIT_MODEL_NAME:
+        from ditserve.demo.edit_evaluation import heldout_edit_inputs
+
+        edits, pictures = heldout_edit_inputs(count, seed=0)
+        return [BenchItem(edit.instruction, picture) for edit, picture in zip(edits, pictures, strict=True)]
+    if needs_images:
+        raise InvalidParameterError(f"{model_name} edits input pictures, and the bench has them only for "
+                                    f"{DEMO_EDIT_MODEL_NAME}'s edits", param="model")
+    return [BenchItem(prompt) for prompt in choose_prompts(model_name == DEMO_MODEL_NAME, count)]
+
+
 def interleave(ours: Sequence[RunSpec], others: Sequence[RunSpec]) -> list[RunSpec]:
     pairs = itertools.zip_longest(ours, others)
     return [spec for pair in pairs for spec in pair if spec is not None]
@@ -138,22 +156,27 @@ class Bench:
                  "true_cfg_scale": o.true_cfg_scale, "negative_prompt": o.negative_prompt}
         return system.resolve(OmniDiffusionSamplingParams(**{k: v for k, v in asked.items() if v is not None}))
 
+    def _diffusers_system(self) -> DiffusersSystem:
+        loaded = self.loaded
+        return DiffusersSystem(loaded.path, loaded.device, loaded.dtype,
+                               loaded.adapter.diffusers_call_arguments())
+
     def _seeded(self, prompt_index: int) -> OmniDiffusionSamplingParams:
         return self.params.replace(seed=self.options.seed + prompt_index)
 
     def images_per_round(self) -> int:
         """Images one setting makes in one round: a warm-up and one per prompt."""
-        return 1 + len(self.prompts)
+        return 1 + len(self.items)
 
     # ------------------------------------------------------------------ measuring
-    def _measure_round(self, generate: Callable[[str, OmniDiffusionSamplingParams], ImageResult],
+    def _measure_round(self, generate: Callable[[BenchItem, OmniDiffusionSamplingParams], ImageResult],
                        warmups: int = 1) -> list[ImageResult]:
         for _ in range(warmups):  # excluded from every figure
-            generate(self.prompts[0], self._seeded(0))
+            generate(self.items[0], self._seeded(0))
             self.progress.advance()
         row = []
-        for index, prompt in enumerate(self.prompts):
-            row.append(generate(prompt, self._seeded(index)))
+        for index, item in enumerate(self.items):
+            row.append(generate(item, self._seeded(index)))
             self.progress.advance()
         return row
 
@@ -174,8 +197,8 @@ class Bench:
         forward patched (seen with FLUX: diffusers' hooks applied afterwards then fail), so the library never
         touches the pipeline that the baseline and diffusers' hooks run on."""
         if self._cache_dit_pipeline is None:
-            self._cache_dit_pipeline = DiffusersSystem(self.loaded.path, self.loaded.device, self.loaded.dtype)
-            self._cache_dit_pipeline.generate(self.prompts[0], self._seeded(0))  # a new pipeline's first call
+            self._cache_dit_pipeline = self._diffusers_system()
+            self._cache_dit_pipeline.generate(self.items[0], self._seeded(0))  # a new pipeline's first call
             self.progress.advance()
         return self._cache_dit_pipeline
 
@@ -197,7 +220,7 @@ class Bench:
         if self._mag_ratios is None:
             self._mag_ratios = peers.calibrate_diffusers_mag_ratios(
                 self.diffusers.pipeline, self.params.num_inference_steps,
-                lambda: self.diffusers.generate(self.prompts[0], self._seeded(0)))
+                lambda: self.diffusers.generate(self.items[0], self._seeded(0)))
             self.progress.advance()
         return self._mag_ratios
 
@@ -236,7 +259,7 @@ class Bench:
         # the search's generations are not in the progress bar: their number is known only at the end
         self.progress = Progress(0, enabled=False)
         base_seed = calibration["params"].get("seed", 0)
-        prompts = list(calibration["prompts"])
+        prompts = self._calibration_items(calibration["prompts"])
         params = [self.params.replace(seed=base_seed + i) for i in range(len(prompts))]
         uncached = [self.diffusers.generate(p, q) for p, q in zip(prompts, params, strict=True)]
         steps = self.params.num_inference_steps
@@ -258,6 +281,23 @@ class Bench:
                            "psnr_mean": e.psnr_mean} for e in result.front()]}
         return fronts
 
+    def _calibration_items(self, labels: Sequence[str]) -> list[BenchItem]:
+        """The items our calibration searched on, from their labels in its file: prompts as they are; the edit
+        demo's edits made again (their input pictures are not in the file), checked against the labels."""
+        from ditserve.cache.calibrate import item_label
+        from ditserve.cache.calibrate_cli import demo_edit_items
+        from ditserve.demo import DEMO_EDIT_MODEL_NAME
+
+        if self.loaded.name == DEMO_EDIT_MODEL_NAME:
+            items = [BenchItem.from_omni_input(item) for item in demo_edit_items(len(labels))]
+        else:
+            items = [BenchItem(label) for label in labels]
+        if [item_label(item.omni_input()) for item in items] != list(labels):
+            raise InvalidParameterError(
+                f"--search-peers: {self.loaded.path}'s calibration searched on prompts with input pictures the bench "
+                "cannot make again", param="search_peers")
+        return items
+
     # ------------------------------------------------------------------ records
     def _quality(self, samples: Samples, reference: Samples) -> dict[str, Any]:
         pairs = list(zip(samples.first_repeat(), reference.first_repeat(), strict=True))
@@ -270,11 +310,18 @@ class Bench:
         return done / full if full else float("nan")
 
     def _adherence(self, samples: Samples) -> float | None:
-        if not self.is_demo:
-            return None
-        from ditserve.demo import evaluate
+        """The demo's checker on the first round's images: object accuracy, or the edit demo's pass rate."""
+        from ditserve.demo import DEMO_EDIT_MODEL_NAME, DEMO_MODEL_NAME, evaluate
 
-        return evaluate([r.image for r in samples.first_repeat()], self.prompts)["object_accuracy"]
+        images = [r.image for r in samples.first_repeat()]
+        if self.loaded.name == DEMO_MODEL_NAME:
+            return evaluate(images, [item.prompt for item in self.items])["object_accuracy"]
+        if self.loaded.name == DEMO_EDIT_MODEL_NAME:
+            from ditserve.demo.edit_checker import evaluate_edits
+            from ditserve.demo.edit_evaluation import heldout_edit_inputs
+
+            return evaluate_edits(images, heldout_edit_inputs(len(images), seed=0)[0])["pass_rate"]
+        return None
 
     @staticmethod
     def _timings(images: Sequence[ImageResult]) -> dict[str, Any]:
@@ -314,10 +361,10 @@ class Bench:
             torch.set_num_threads(self.options.cpu_threads)
         ditserve_plain = DitserveSystem(self.engine_options)
         self.loaded = loaded = ditserve_plain.omni.engine.runner.model
-        self.is_demo = loaded.name == "ditserve-shapes"
-        self.prompts = choose_prompts(self.is_demo, self.options.num_prompts)
+        adapter = ditserve_plain.omni.engine.adapter
+        self.items = choose_items(loaded.name, adapter.input_images is InputImages.REQUIRED, self.options.num_prompts)
         self.params = self._sampling(ditserve_plain)
-        self.diffusers = DiffusersSystem(loaded.path, loaded.device, loaded.dtype)
+        self.diffusers = self._diffusers_system()
         self.baseline_systems = {"ditserve": ditserve_plain, "diffusers": self.diffusers}
         ignored = self.diffusers.call_arguments(self.params)[1]
         if not self.options.quick:
@@ -326,7 +373,7 @@ class Bench:
         calibration = self._mag_ratios is None and any(
             s.system == "diffusers" and s.method == "MagCache" for s in self.plan)
         cache_dit_warmup = self._cache_dit_pipeline is None and any(s.system == "cache-dit" for s in self.plan)
-        final_baseline_pass = len(self.baseline_systems) * len(self.prompts)
+        final_baseline_pass = len(self.baseline_systems) * len(self.items)
         self.progress = Progress(len(self.plan) * self.options.repeats * self.images_per_round()
                                  + BASELINE_EXTRA_WARMUPS * 2 + final_baseline_pass + calibration + cache_dit_warmup,
                                  self.options.show_progress)
@@ -435,8 +482,9 @@ class Bench:
             "dtype": str(loaded.dtype).removeprefix("torch."), "torch_version": torch.__version__,
             "diffusers_version": diffusers.__version__, "cache_dit_version": _cache_dit_version(),
             "cpu_count": _cpu_count(), "torch_cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "steps": self.params.num_inference_steps, "prompts": self.prompts, "repeats": self.options.repeats,
-            "seeds": [self.options.seed + i for i in range(len(self.prompts))],
+            "steps": self.params.num_inference_steps, "prompts": [item.prompt for item in self.items],
+            "input_pictures": any(item.image is not None for item in self.items), "repeats": self.options.repeats,
+            "seeds": [self.options.seed + i for i in range(len(self.items))],
             "sampling": {k: v for k, v in vars(self.params).items() if v is not None and k != "seed"},
             "params_diffusers_does_not_take": ignored, "quick": self.options.quick,
             "baseline_median_s_per_pass": drift, "uncached_parity": parity, "prompt_embed_cache": False,

@@ -24,6 +24,26 @@ DIFFUSERS_CALL_FIELDS = ("num_inference_steps", "height", "width", "guidance_sca
                          "boundary_ratio")
 
 
+@dataclass(frozen=True)
+class BenchItem:
+    """One prompt of a bench run, with the input picture an edit model edits (None for other models)."""
+
+    prompt: str
+    image: Image.Image | None = None
+
+    def omni_input(self) -> str | dict[str, Any]:
+        """The prompt as ``Omni.generate`` takes it."""
+        if self.image is None:
+            return self.prompt
+        return {"prompt": self.prompt, "multi_modal_data": {"image": self.image}}
+
+    @classmethod
+    def from_omni_input(cls, item: str | Mapping[str, Any]) -> BenchItem:
+        if isinstance(item, str):
+            return cls(item)
+        return cls(item["prompt"], item["multi_modal_data"]["image"])
+
+
 @dataclass
 class ImageResult:
     image: Image.Image
@@ -59,10 +79,10 @@ class DitserveSystem:
     def resolve(self, params: OmniDiffusionSamplingParams) -> OmniDiffusionSamplingParams:
         return self.omni.engine.adapter.resolve_params(params)
 
-    def generate(self, prompt: str, params: OmniDiffusionSamplingParams) -> ImageResult:
+    def generate(self, item: BenchItem, params: OmniDiffusionSamplingParams) -> ImageResult:
         self.counter.take()
         start = time.perf_counter()
-        output = self.omni.generate(prompt, params)[0]
+        output = self.omni.generate(item.omni_input(), params)[0]
         synchronize(self.device)
         wall = time.perf_counter() - start
         return ImageResult(output.images[0], wall, output.timings.get("denoise_s"), self.counter.take(),
@@ -74,11 +94,15 @@ class DitserveSystem:
 
 
 class DiffusersSystem:
-    """diffusers' own pipeline on the same model folder; peers are applied to it one at a time."""
+    """diffusers' own pipeline on the same model folder; peers are applied to it one at a time.
+    ``model_arguments``: the keyword arguments the pipeline needs beyond the sampling params to make what our
+    adapter makes (``ModelAdapter.diffusers_call_arguments``)."""
 
-    def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype,
+                 model_arguments: Mapping[str, Any] | None = None) -> None:
         from diffusers import DiffusionPipeline
 
+        self.model_arguments = dict(model_arguments or {})
         self.pipeline = DiffusionPipeline.from_pretrained(model_path, dtype=dtype)
         self.pipeline.to(device)
         self.pipeline.set_progress_bar_config(disable=True)
@@ -108,8 +132,11 @@ class DiffusersSystem:
         accepted = {k: v for k, v in values.items() if k in self._call_parameters}
         return accepted, sorted(set(values) - set(accepted))
 
-    def generate(self, prompt: str, params: OmniDiffusionSamplingParams) -> ImageResult:
+    def generate(self, item: BenchItem, params: OmniDiffusionSamplingParams) -> ImageResult:
         arguments, _ = self.call_arguments(params)
+        arguments |= self.model_arguments
+        if item.image is not None:
+            arguments["image"] = item.image
         if "callback_on_step_end" in self._call_parameters:
             arguments["callback_on_step_end"] = self._mark_step_end
         generator = torch.Generator("cpu").manual_seed(params.seed)
@@ -117,7 +144,7 @@ class DiffusersSystem:
         self._first_forward_at = self._last_step_at = None
         start = time.perf_counter()
         with torch.inference_mode():
-            output = self.pipeline(prompt=prompt, generator=generator, output_type="pil", **arguments)
+            output = self.pipeline(prompt=item.prompt, generator=generator, output_type="pil", **arguments)
         synchronize(self.device)
         wall = time.perf_counter() - start
         denoise = None

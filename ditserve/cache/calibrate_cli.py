@@ -65,7 +65,7 @@ def calibration_items(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
         if args.image:
             raise InvalidParameterError(f"--image: {DEMO_EDIT_MODEL_NAME}'s calibration edits bring their own input "
                                         "pictures; give --prompts to calibrate on your own", param="image")
-        return _split(_demo_edit_items(wanted), args)
+        return _split(demo_edit_items(wanted), args)
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     elif args.model == DEMO_MODEL_NAME:
@@ -83,14 +83,13 @@ def calibration_items(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     return _split(prompts, args)
 
 
-def _demo_edit_items(count: int) -> list[dict[str, Any]]:
+def demo_edit_items(count: int) -> list[dict[str, Any]]:
     """Held-out edits of the edit demo's language (seed DEMO_PROMPT_SEED), each with its input picture."""
-    from ditserve.demo.edit_evaluation import source_images
-    from ditserve.demo.edit_language import heldout_edits
+    from ditserve.demo.edit_evaluation import heldout_edit_inputs
 
-    edits = heldout_edits(count, seed=DEMO_PROMPT_SEED)
+    edits, pictures = heldout_edit_inputs(count, DEMO_PROMPT_SEED)
     return [{"prompt": edit.instruction, "multi_modal_data": {"image": picture}}
-            for edit, picture in zip(edits, source_images(edits), strict=True)]
+            for edit, picture in zip(edits, pictures, strict=True)]
 
 
 def _split(items: list[Any], args: argparse.Namespace) -> tuple[list[Any], list[Any]]:

@@ -11,7 +11,7 @@ from diffusers import FluxKontextPipeline
 from PIL import Image
 
 from ditserve.demo.edit_checker import evaluate_edits
-from ditserve.demo.edit_language import Edit
+from ditserve.demo.edit_language import Edit, heldout_edits
 from ditserve.demo.evaluation import DEFAULTS_FILE, seeded_chunks
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
 from ditserve.demo.render import render_batch, to_pil
@@ -50,6 +50,13 @@ def load_edit_pipeline(model_dir: str | Path, device: str | torch.device = "cpu"
 def source_images(edits: list[Edit]) -> list[Image.Image]:
     """The input pictures of the edits: their source scenes rendered without jitter."""
     return to_pil(render_batch([e.source for e in edits], size=IMAGE_SIZE))
+
+
+def heldout_edit_inputs(count: int, seed: int) -> tuple[list[Edit], list[Image.Image]]:
+    """``count`` held-out edits (``heldout_edits(count, seed)``) and their input pictures: what calibration and
+    the bench run the edit model on (calibration with seed 1, the bench with seed 0)."""
+    edits = heldout_edits(count, seed=seed)
+    return edits, source_images(edits)
 
 
 def generate_edits(pipe: FluxKontextPipeline, edits: list[Edit], *, num_inference_steps: int, true_cfg_scale: float,

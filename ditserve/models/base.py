@@ -229,6 +229,11 @@ class ModelAdapter(ABC):
     def family_defaults(self) -> dict[str, Any]:
         """Defaults of the family, the same as diffusers' pipeline ``__call__`` uses."""
 
+    def diffusers_call_arguments(self) -> dict[str, Any]:
+        """Keyword arguments that diffusers' own pipeline needs beyond the sampling params to make what this
+        adapter makes from the same folder (model-level settings of the folder's defaults): none for most."""
+        return {}
+
     def resolve_params(self, params: OmniDiffusionSamplingParams) -> OmniDiffusionSamplingParams:
         """Fill ``None`` fields from the model folder's defaults, then the family's, and validate."""
         defaults = {**self.family_defaults(), **self.model_defaults}

@@ -2,11 +2,13 @@ import pytest
 
 from ditserve.bench.plan import RunSpec, full_plan, quick_plan
 from ditserve.bench.runner import Bench, BenchOptions, Progress, interleave, select_plan
+from ditserve.bench.systems import BenchItem
+from ditserve.errors import InvalidParameterError
 
 
 def test_an_unregistered_backend_is_listed_with_the_reason() -> None:
     bench = Bench(BenchOptions(quick=True))
-    bench.prompts = ["a red circle"]
+    bench.items = [BenchItem("a red circle")]
     bench.progress = Progress(0, enabled=False)
     record = bench._run_setting(RunSpec("ditserve", "Nope", "ours", {}, "no_such_backend"))
     assert record["status"] == "unavailable"
@@ -82,3 +84,28 @@ def test_peers_are_searched_on_our_calibration_prompts_and_run_their_fronts(tiny
     assert [r["config"] for r in ours] == [{"rel_l1_thresh": 2.0}]
     with pytest.raises(ValueError, match="steps"):
         run_bench(BenchOptions(**{**vars(options), "steps": 4}))
+
+
+def test_the_edit_demo_is_benched_on_its_held_out_edits_with_diffusers_sized_as_we_are() -> None:
+    """Each prompt is an edit with its input picture; diffusers' Kontext pipeline gets the folder's sizing
+    (without it, it would resize the 128-pixel picture to a megapixel), so both uncached systems agree."""
+    from ditserve.bench.runner import run_bench
+    from ditserve.demo.edit_evaluation import heldout_edit_inputs
+
+    options = BenchOptions(model="ditserve-shapes-edit", steps=3, num_prompts=2, repeats=1, quick=True,
+                           show_progress=False, only=("TeaCache",))
+    results = run_bench(options)
+    assert results["input_pictures"] and results["prompts"] == [e.instruction for e in heldout_edit_inputs(2, 0)[0]]
+    assert results["uncached_parity"]["psnr_min_db"] > 40
+    records = [r for r in results["records"] if r["status"] == "ok"]
+    assert {r["method"] for r in records} >= {"uncached", "TeaCache"}
+    assert all(0 <= r["adherence"] <= 1 for r in records)  # the edit checker's pass rate
+
+
+def test_an_edit_model_without_the_bench_s_pictures_is_refused_naming_the_model() -> None:
+    from ditserve.bench.runner import choose_items
+
+    with pytest.raises(InvalidParameterError, match="input pictures") as error:
+        choose_items("some/kontext-model", True, 2)
+    assert error.value.param == "model"
+    assert [item.image for item in choose_items("some/model", False, 2)] == [None, None]

@@ -65,6 +65,9 @@ class FluxKontextAdapter(FluxAdapter):
         self.sizing = KontextSizing.take_from(self.model_defaults)
 
     # ------------------------------------------------------------------ sizes
+    def diffusers_call_arguments(self) -> dict[str, Any]:
+        return {"max_area": self.sizing.max_area, "_auto_resize": self.sizing.auto_resize}
+
     def family_defaults(self) -> dict[str, Any]:
         defaults = super().family_defaults()
         # diffusers' default request is square: the default output is that shape at max_area pixels
