@@ -102,6 +102,8 @@ def test_matches_diffusers(omni: Omni, pipe: FluxKontextPipeline, case: str) -> 
     expected_size = (72, 52) if case == "wide-two-outputs" else (64, 64)
     assert ours.images[0].size == expected_size
     assert (ours.params.width, ours.params.height) == expected_size  # the output reports the size that ran
+    # what the bench hands diffusers' pipeline is what this parity needed
+    assert omni.engine.adapter.diffusers_call_arguments() == DIFFUSERS_SIZING
 
 
 def test_parity_oracle_detects_a_wrong_image_prompt_seed_or_guidance(omni: Omni, pipe: FluxKontextPipeline) -> None:
