@@ -89,7 +89,7 @@ class VideoTrainConfig:
     run_dir: str = "runs/ditserve-shapes-video"
     device: str = "auto"
     seed: int = 0
-    # Frames of every training clip, 4k + 1 (9: 3 latent frames, 192 tokens; 17: 5 latent frames, 320 tokens).
+    # Frames of every training clip, 4k + 1 (9: 5 latent frames, 320 tokens; 17: 9 latent frames, 576 tokens).
     frames: int = VIDEO_FRAMES
     # The whole VAE on single frames first (one random frame of each of frame_batch clips a step): the spatial
     # path learns the shapes there (docs/demo/video_first_run.md: on clips from scratch it stalled on flat
@@ -372,7 +372,7 @@ def flow_matching_batch(pipe: WanPipeline, prompts: list[str], videos: torch.Ten
 def probe_targets(layout: Layout, clips: int, frames: int, cells_per_token: int, prompted: list[bool]) -> ObjectTargets:
     """What each cell of each transformer token shows, in Wan's token order (latent frame, then row-major). A
     latent frame's tokens are labelled with one frame of the frames it holds: the first frame for the first, and
-    the last frame of each further chunk of four."""
+    the last frame of each further group of TEMPORAL_COMPRESSION."""
     side = tokens_per_side()
     per_frame = object_targets(layout, side, cells_per_token, [p for p in prompted for _ in range(frames)])
 

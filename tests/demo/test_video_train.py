@@ -81,7 +81,7 @@ def test_training_inputs_are_what_the_pipeline_feeds_the_transformer(video_pipe)
     with torch.no_grad():
         batch = flow_matching_batch(video_pipe, [PROMPT], videos, torch.Generator().manual_seed(0), MAX_SEQUENCE_LENGTH,
                                     noise_draws=3)
-    assert calls[0]["hidden_states"].shape == (1, 16, 3, 16, 16) and batch.noisy.shape == (3, 16, 3, 16, 16)
+    assert calls[0]["hidden_states"].shape == (1, 16, 5, 16, 16) and batch.noisy.shape == (3, 16, 5, 16, 16)
     with torch.no_grad():  # as the pipeline runs (with gradients, attention takes another kernel: 1e-6 apart)
         assert torch.equal(calls[0]["encoder_hidden_states"],
                            text_embeddings(video_pipe, [PROMPT], CPU, MAX_SEQUENCE_LENGTH))
@@ -129,15 +129,16 @@ def test_a_transformer_predicting_the_training_target_generates_the_clip(video_p
 
 
 def test_probe_targets_follow_wan_token_order():
-    """Latent frame t's tokens (64 a frame, row-major) show frame 4t: the moving square starts in the top-left cell
+    """Latent frame t's tokens (64 a frame, row-major) show frame 2t: the moving square starts in the top-left cell
     and ends in the bottom-right one."""
     clip = parse_video_prompt(PROMPT)
     targets = probe_targets(clip_layout([clip], 9), clips=1, frames=9, cells_per_token=4, prompted=[True])
-    assert targets.color.shape == targets.kind.shape == (1, 3 * 64, 16)
+    assert targets.color.shape == targets.kind.shape == (1, 5 * 64, 16)
     red = COLORS.index("red")
     top_left, bottom_right = 1 * 8 + 1, 6 * 8 + 6  # tokens under the two cells' centres (pixels 21 and 106)
-    assert (targets.color[0, top_left] == red).all() and (targets.color[0, 128 + bottom_right] == red).all()
-    assert (targets.kind[0, bottom_right] == 0).all() and (targets.kind[0, 128 + top_left] == 0).all()
+    last = 4 * 64
+    assert (targets.color[0, top_left] == red).all() and (targets.color[0, last + bottom_right] == red).all()
+    assert (targets.kind[0, bottom_right] == 0).all() and (targets.kind[0, last + top_left] == 0).all()
     assert targets.prompted.tolist() == [True]
 
 
@@ -146,7 +147,7 @@ def test_the_object_probe_reads_the_wan_transformer(video_pipe):
     probe = ObjectProbe(transformer, cells_per_token=4)
     clip = parse_video_prompt(PROMPT)
     targets = probe_targets(clip_layout([clip], 9), clips=1, frames=9, cells_per_token=4, prompted=[True])
-    transformer(hidden_states=torch.randn(1, 16, 3, 16, 16), timestep=torch.tensor([500.0]),
+    transformer(hidden_states=torch.randn(1, 16, 5, 16, 16), timestep=torch.tensor([500.0]),
                 encoder_hidden_states=torch.randn(1, MAX_SEQUENCE_LENGTH, 64))
     loss = probe.loss(targets)
     loss.backward()
