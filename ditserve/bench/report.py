@@ -151,6 +151,7 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         "Times are medians per image (warm-up excluded); speed-ups are wall-time ratios; compute fraction is the",
         "share of block attention/MLP bodies that really ran (counted with forward pre-hooks), and the speed-up by",
         "work is its inverse; quality is against the uncached image of the same seed made by the same system.",
+        f"Adherence: {results.get('adherence_measure') or 'none for this model'}.",
         "", "## Summary", "",
     ]
     lines += [f"- {summary_text(line)}" for line in results["summary"]]

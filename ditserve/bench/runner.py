@@ -29,6 +29,7 @@ from ditserve.bench.metrics import mean, median, psnr_db, ssim
 from ditserve.bench.plan import OUR_METHODS, OurFronts, PeerFronts, RunSpec, full_plan, quick_plan
 from ditserve.bench.systems import BenchItem, DiffusersSystem, DitserveSystem, ImageResult
 from ditserve.config import OmniDiffusionSamplingParams
+from ditserve.demo import DEMO_EDIT_MODEL_NAME, DEMO_MODEL_NAME
 from ditserve.errors import DitServeError, InvalidParameterError
 from ditserve.models.base import InputImages
 
@@ -36,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 #: warm-up images of each baseline in the first round beyond the one every setting gets
 BASELINE_EXTRA_WARMUPS = 1
+
+#: what a record's "adherence" is, by model: the demo checkers' figure on the first round's images
+ADHERENCE_MEASURES = {DEMO_MODEL_NAME: "object accuracy (demo checker)",
+                      DEMO_EDIT_MODEL_NAME: "pass rate (edit checker: instruction applied, the rest kept)"}
 
 #: prompts for models other than the demo (any tokenizer splits them; the tiny test models know these words)
 GENERIC_PROMPTS = ("a red circle on the left", "a small blue square at the top", "a large green triangle",
@@ -92,8 +97,6 @@ def choose_items(model_name: str, needs_images: bool, count: int) -> list[BenchI
     """The bench's prompts: the demo's held-out prompts, the edit demo's held-out edits (seed 0; calibration
     uses seed 1) with their input pictures, or generic prompts. An edit model other than the edit demo would need
     input pictures the bench does not have."""
-    from ditserve.demo import DEMO_EDIT_MODEL_NAME, DEMO_MODEL_NAME
-
     if model_name == DEMO_EDIT_MODEL_NAME:
         from ditserve.demo.edit_evaluation import heldout_edit_inputs
 
@@ -286,7 +289,6 @@ class Bench:
         demo's edits made again (their input pictures are not in the file), checked against the labels."""
         from ditserve.cache.calibrate import item_label
         from ditserve.cache.calibrate_cli import demo_edit_items
-        from ditserve.demo import DEMO_EDIT_MODEL_NAME
 
         if self.loaded.name == DEMO_EDIT_MODEL_NAME:
             items = [BenchItem.from_omni_input(item) for item in demo_edit_items(len(labels))]
@@ -311,7 +313,7 @@ class Bench:
 
     def _adherence(self, samples: Samples) -> float | None:
         """The demo's checker on the first round's images: object accuracy, or the edit demo's pass rate."""
-        from ditserve.demo import DEMO_EDIT_MODEL_NAME, DEMO_MODEL_NAME, evaluate
+        from ditserve.demo import evaluate
 
         images = [r.image for r in samples.first_repeat()]
         if self.loaded.name == DEMO_MODEL_NAME:
@@ -484,6 +486,7 @@ class Bench:
             "cpu_count": _cpu_count(), "torch_cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
             "steps": self.params.num_inference_steps, "prompts": [item.prompt for item in self.items],
             "input_pictures": any(item.image is not None for item in self.items), "repeats": self.options.repeats,
+            "adherence_measure": ADHERENCE_MEASURES.get(loaded.name),
             "seeds": [self.options.seed + i for i in range(len(self.items))],
             "sampling": {k: v for k, v in vars(self.params).items() if v is not None and k != "seed"},
             "params_diffusers_does_not_take": ignored, "quick": self.options.quick,

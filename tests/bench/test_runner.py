@@ -96,6 +96,7 @@ def test_the_edit_demo_is_benched_on_its_held_out_edits_with_diffusers_sized_as_
                            show_progress=False, only=("TeaCache",))
     results = run_bench(options)
     assert results["input_pictures"] and results["prompts"] == [e.instruction for e in heldout_edit_inputs(2, 0)[0]]
+    assert results["adherence_measure"].startswith("pass rate")
     assert results["uncached_parity"]["psnr_min_db"] > 40
     records = [r for r in results["records"] if r["status"] == "ok"]
     assert {r["method"] for r in records} >= {"uncached", "TeaCache"}
