@@ -45,6 +45,13 @@ def _sea_cache_applies(pipeline: Any) -> None:
             "SeaCache would run fail-open and skip nothing")
 
 
+def _enters_cache_context(pipeline: Any) -> None:
+    # diffusers' cache hooks keep their state per cache_context and raise on a denoiser call outside one
+    if "cache_context(" not in inspect.getsource(type(pipeline).__call__):
+        raise MethodUnavailableError(f"{type(pipeline).__name__}.__call__ calls its transformer outside a "
+                                     "cache_context, where diffusers' cache hooks raise on the first step")
+
+
 def _text_kv_cache_applies(transformer: torch.nn.Module) -> None:
     from diffusers.models.transformers.transformer_nucleusmoe_image import NucleusMoEImageTransformerBlock
 
@@ -91,6 +98,7 @@ def diffusers_hook_config(method: str, config: Mapping[str, Any], pipeline: Any,
 @contextlib.contextmanager
 def diffusers_cache(pipeline: Any, hook_config: Any) -> Any:
     """Enable a diffusers cache hook for the block, and always remove it after."""
+    _enters_cache_context(pipeline)
     pipeline.transformer.enable_cache(hook_config)
     try:
         yield

@@ -276,7 +276,12 @@ class Bench:
                 pipeline = self.diffusers
                 applied = peer_search.diffusers_hooks(pipeline.pipeline, method, steps, self._diffusers_mag_ratios)
             setup = peer_search.PeerSetup(pipeline, prompts, params, uncached)
-            result = peer_search.search_peer(setup, system, method, self.options.search_peers, applied)
+            try:
+                result = peer_search.search_peer(setup, system, method, self.options.search_peers, applied)
+            except peers.MethodUnavailableError as error:
+                # its rows then report the same reason
+                self.search_records[f"{system} {method}"] = {"unavailable": str(error)}
+                continue
             fronts[(system, method)] = peer_search.front_configs(result)
             self.search_records[f"{system} {method}"] = {
                 "generations": result.generations, "evaluated": len(result.evaluations),
