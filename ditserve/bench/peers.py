@@ -20,6 +20,9 @@ from ditserve.errors import UnknownKeyError, UnsupportedModelError
 #: the cache methods diffusers' ``CacheMixin.enable_cache`` accepts, by the name the bench reports
 DIFFUSERS_METHODS = ("FirstBlockCache", "TaylorSeerCache", "MagCache", "PyramidAttentionBroadcast", "FasterCache",
                      "SeaCache", "TextKVCache")
+#: diffusers' hooks that raise on a denoiser call outside a ``cache_context`` (seen with FluxKontextPipeline,
+#: which enters none; PyramidAttentionBroadcast, FasterCache and MagCache run there)
+NEEDS_CACHE_CONTEXT = ("FirstBlockCache", "TaylorSeerCache")
 #: our ``cache_dit`` config keys (the same as ditserve's ``cache_dit`` backend) that the library peer accepts
 CACHE_DIT_KEYS = ("Fn_compute_blocks", "Bn_compute_blocks", "max_warmup_steps", "residual_diff_threshold",
                   "max_continuous_cached_steps", "max_cached_steps", "enable_taylorseer", "taylorseer_order",
@@ -45,11 +48,11 @@ def _sea_cache_applies(pipeline: Any) -> None:
             "SeaCache would run fail-open and skip nothing")
 
 
-def _enters_cache_context(pipeline: Any) -> None:
-    # diffusers' cache hooks keep their state per cache_context and raise on a denoiser call outside one
+def _enters_cache_context(pipeline: Any, method: str) -> None:
+    # these hooks keep their state per cache_context and raise on a denoiser call outside one (the others run)
     if "cache_context(" not in inspect.getsource(type(pipeline).__call__):
         raise MethodUnavailableError(f"{type(pipeline).__name__}.__call__ calls its transformer outside a "
-                                     "cache_context, where diffusers' cache hooks raise on the first step")
+                                     f"cache_context, where diffusers' {method} hook raises on the first step")
 
 
 def _text_kv_cache_applies(transformer: torch.nn.Module) -> None:
@@ -67,6 +70,8 @@ def diffusers_hook_config(method: str, config: Mapping[str, Any], pipeline: Any,
 
     transformer = pipeline.transformer
     _check_enable_cache(transformer)
+    if method in NEEDS_CACHE_CONTEXT:
+        _enters_cache_context(pipeline, method)
     options = dict(config)
 
     def current_timestep() -> Any:
@@ -98,7 +103,6 @@ def diffusers_hook_config(method: str, config: Mapping[str, Any], pipeline: Any,
 @contextlib.contextmanager
 def diffusers_cache(pipeline: Any, hook_config: Any) -> Any:
     """Enable a diffusers cache hook for the block, and always remove it after."""
-    _enters_cache_context(pipeline)
     pipeline.transformer.enable_cache(hook_config)
     try:
         yield
