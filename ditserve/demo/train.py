@@ -166,14 +166,20 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
-def _reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, edge_weight: float = 0.0) -> torch.Tensor:
+def _reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, edge_weight: float = 0.0,
+                         extra_weights: torch.Tensor | None = None) -> torch.Tensor:
     """MSE + L1 (L1 keeps the flat colours' edges sharp, MSE the colours themselves); ``edge_weight`` adds that
-    much weight on the pixels within one pixel of a colour edge, where a small shape's corners are."""
+    much weight on the pixels within one pixel of a colour edge, where a small shape's corners are;
+    ``extra_weights`` (B, 1, H, W) adds its own weight per pixel."""
     error = (reconstruction - target).pow(2) + (reconstruction - target).abs()
-    if edge_weight == 0:
+    if edge_weight == 0 and extra_weights is None:
         return error.mean()
-    spread = F.max_pool2d(target, 3, stride=1, padding=1) + F.max_pool2d(-target, 3, stride=1, padding=1)
-    weights = 1 + edge_weight * (spread.amax(dim=1, keepdim=True) > 0.1).float()
+    weights = torch.ones_like(error[:, :1])
+    if edge_weight:
+        spread = F.max_pool2d(target, 3, stride=1, padding=1) + F.max_pool2d(-target, 3, stride=1, padding=1)
+        weights = weights + edge_weight * (spread.amax(dim=1, keepdim=True) > 0.1).float()
+    if extra_weights is not None:
+        weights = weights + extra_weights
     return (error * weights).mean() / weights.mean()
 
 

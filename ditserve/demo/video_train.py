@@ -107,11 +107,15 @@ class VideoTrainConfig:
     vae_lr: float = 5e-4
     # Warm-up of every VAE stage: at 1e-3 with 50 warm-up steps the stock Wan VAE swung at a loss of 0.4-0.8.
     vae_warmup_steps: int = 200
+    # Extra loss weight, in the clip stages, on the pixels of a colour edge and on the pixels that differ from the
+    # clip's first frame (a changed colour, a moved or appearing object: what the clip stage got wrong without it;
+    # docs/demo/video_first_run.md).
+    vae_edge_weight: float = 6.0
+    vae_change_weight: float = 4.0
     vae_kl_weight: float = 1e-6
-    # Decoder on posterior means (0: none), with extra weight on edge pixels (train.py's decoder stage).
+    # Decoder on posterior means (0: none), with the clip stage's loss weights.
     decoder_steps: int = 100
     decoder_lr: float = 2e-4
-    decoder_edge_weight: float = 6.0
     # Held-out clips whose decoded ground truth the clip checker scores after each VAE stage (0: none).
     vae_check_clips: int = 32
     # Parsing stage of the text encoder, which is then frozen; 0 steps: no parsing stage, and the encoder trains
@@ -195,6 +199,19 @@ def _one_frame_each(videos: torch.Tensor, generator: torch.Generator) -> torch.T
     return videos[torch.arange(len(videos), device=videos.device), :, frames].unsqueeze(2)
 
 
+def changed_pixels(videos: torch.Tensor) -> torch.Tensor:
+    """(B, 1, F, H, W): 1 where a pixel differs from the same pixel of the clip's first frame."""
+    return ((videos - videos[:, :, :1]).abs().amax(dim=1, keepdim=True) > 0.1).float()
+
+
+def _clip_loss_weights(stage: VaeStage, cfg: VideoTrainConfig,
+                       target: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+    """The edge weight and the per-pixel extra weights of a VAE stage's reconstruction loss (none on frames)."""
+    if stage is VaeStage.FRAMES:
+        return 0.0, None
+    return cfg.vae_edge_weight, _frames_as_pictures(cfg.vae_change_weight * changed_pixels(target))
+
+
 def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.device, logger: _Logger,
                     stage: VaeStage) -> None:
     """One VAE stage (see VaeStage), resumable from its checkpoint; after the autoencoder stage, sets the latent
@@ -239,8 +256,8 @@ def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.devi
                 latents = posterior.sample(generator=generator)
                 kl = posterior.kl().float().mean()
             reconstruction = vae.decode(latents).sample.float()
-        edge_weight = cfg.decoder_edge_weight if decoder_only else 0.0
-        loss_rec = _reconstruction_loss(_frames_as_pictures(reconstruction), _frames_as_pictures(target), edge_weight)
+        loss_rec = _reconstruction_loss(_frames_as_pictures(reconstruction), _frames_as_pictures(target),
+                                        *_clip_loss_weights(stage, cfg, target))
         loss = loss_rec + cfg.vae_kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -10,6 +10,7 @@ from ditserve.demo.language import COLORS, POSITIONS
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
 from ditserve.demo.object_probe import ObjectProbe
 from ditserve.demo.text_pretrain import CELLS, EMPTY
+from ditserve.demo.train import _reconstruction_loss
 from ditserve.demo.video_evaluation import decoded_ground_truth_clips
 from ditserve.demo.video_language import parse_video_prompt
 from ditserve.demo.video_model import (
@@ -20,9 +21,13 @@ from ditserve.demo.video_model import (
 )
 from ditserve.demo.video_render import clip_layout, render_clip_batch
 from ditserve.demo.video_train import (
+    VaeStage,
     VideoTrainConfig,
+    _clip_loss_weights,
     _clip_parse_targets,
+    _frames_as_pictures,
     _one_frame_each,
+    changed_pixels,
     flow_matching_batch,
     flow_sigmas,
     normalized_latents,
@@ -52,6 +57,25 @@ def test_the_frame_stage_takes_one_frame_of_each_clip_as_a_one_frame_clip():
     picked = frames[:, 0, 0, 0, 0].long()
     assert torch.equal(picked // 9, torch.arange(4))  # each clip gives one of its own frames
     assert len(set((picked % 9).tolist())) > 1  # not the same frame index for every clip
+
+
+def test_the_clip_stages_weigh_the_pixels_that_change_over_the_clip():
+    videos = torch.zeros(1, 3, 3, 8, 8)
+    videos[:, 0, :, 2:4, 2:4] = 1  # a still square
+    videos[:, 1, 2, 5:7, 5:7] = 1  # something new in the last frame
+    changed = changed_pixels(videos)
+    assert changed.shape == (1, 1, 3, 8, 8) and changed[0, 0, :2].sum() == 0
+    assert changed[0, 0, 2].sum() == 4 and changed[0, 0, 2, 5:7, 5:7].all()
+    config = VideoTrainConfig(vae_edge_weight=0.0, vae_change_weight=4.0)
+    target = videos * 2 - 1
+    on_change, on_still = target.clone(), target.clone()
+    on_change[0, :, 2, 5, 5] += 0.5
+    on_still[0, :, 2, 0, 0] += 0.5
+    def loss(reconstruction, stage):
+        return _reconstruction_loss(_frames_as_pictures(reconstruction), _frames_as_pictures(target),
+                                    *_clip_loss_weights(stage, config, target))
+    assert loss(on_change, VaeStage.AUTOENCODER) == pytest.approx(5 * loss(on_still, VaeStage.AUTOENCODER))
+    assert loss(on_change, VaeStage.FRAMES) == loss(on_still, VaeStage.FRAMES)  # single frames: no weights
 
 
 def test_the_untrained_posterior_is_narrow_so_its_samples_carry_the_means():
