@@ -116,3 +116,20 @@ def test_an_edit_model_without_the_bench_s_pictures_is_refused_naming_the_model(
         choose_items("some/kontext-model", True, 2)
     assert error.value.param == "model"
     assert [item.image for item in choose_items("some/model", False, 2)] == [None, None]
+
+
+def test_the_peer_search_makes_the_calibration_s_edits_again_and_checks_them_against_its_file() -> None:
+    from types import SimpleNamespace
+
+    from ditserve.cache.calibrate import item_label
+    from ditserve.cache.calibrate_cli import demo_edit_items
+
+    bench = Bench(BenchOptions())
+    bench.loaded = SimpleNamespace(name="ditserve-shapes-edit", path="ditserve-shapes-edit")
+    labels = [item_label(item) for item in demo_edit_items(2)]
+    items = bench._calibration_items(labels)
+    assert [item.prompt for item in items] == [label.split(" [input pictures")[0] for label in labels]
+    assert all(item.image is not None for item in items)
+    with pytest.raises(InvalidParameterError, match="cannot make again") as error:
+        bench._calibration_items([labels[0], "make the red circle blue [input pictures 000000000000]"])
+    assert error.value.param == "search_peers"
