@@ -42,6 +42,9 @@ BASELINE_EXTRA_WARMUPS = 1
 ADHERENCE_MEASURES = {DEMO_MODEL_NAME: "object accuracy (demo checker)",
                       DEMO_EDIT_MODEL_NAME: "pass rate (edit checker: instruction applied, the rest kept)"}
 
+#: the edit demo's held-out edits the bench runs are drawn with this seed (its calibration's with another)
+DEMO_EDIT_SEED = 0
+
 #: prompts for models other than the demo (any tokenizer splits them; the tiny test models know these words)
 GENERIC_PROMPTS = ("a red circle on the left", "a small blue square at the top", "a large green triangle",
                    "a cat sitting on the windowsill", "a dog in the center", "a blue circle and a red square")
@@ -100,7 +103,7 @@ def choose_items(model_name: str, needs_images: bool, count: int) -> list[BenchI
     if model_name == DEMO_EDIT_MODEL_NAME:
         from ditserve.demo.edit_evaluation import heldout_edit_inputs
 
-        edits, pictures = heldout_edit_inputs(count, seed=0)
+        edits, pictures = heldout_edit_inputs(count, seed=DEMO_EDIT_SEED)
         return [BenchItem(edit.instruction, picture) for edit, picture in zip(edits, pictures, strict=True)]
     if needs_images:
         raise InvalidParameterError(f"{model_name} edits input pictures, and the bench has them only for "
@@ -325,9 +328,10 @@ class Bench:
             return evaluate(images, [item.prompt for item in self.items])["object_accuracy"]
         if self.loaded.name == DEMO_EDIT_MODEL_NAME:
             from ditserve.demo.edit_checker import evaluate_edits
-            from ditserve.demo.edit_evaluation import heldout_edit_inputs
+            from ditserve.demo.edit_language import heldout_edits
 
-            return evaluate_edits(images, heldout_edit_inputs(len(images), seed=0)[0])["pass_rate"]
+            # the edits of choose_items, without rendering their input pictures again
+            return evaluate_edits(images, heldout_edits(len(images), seed=DEMO_EDIT_SEED))["pass_rate"]
         return None
 
     @staticmethod
