@@ -87,7 +87,7 @@ class RecordingBackend(ResidualCacheBackend):
     def configure(self, spec: CacheSpec, calibration: dict[str, Any] | None) -> None:
         self.config["transformer_class"] = spec.transformer_class
 
-    def make_policy(self) -> RecordingPolicy:
+    def make_policy(self, transformer_name: str) -> RecordingPolicy:
         return RecordingPolicy()
 
     def finish(self, request_id: str) -> None:

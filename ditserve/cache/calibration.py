@@ -105,6 +105,10 @@ class StepSeries:
     input_change: list[float | None] = field(default_factory=list)
     output_change: list[float | None] = field(default_factory=list)
     residual_norm: list[float] = field(default_factory=list)
+    #: the request's step index of each ``residual_norm`` (a model with two experts runs each on a share of
+    #: the steps) and the request's step count
+    steps: list[int] = field(default_factory=list)
+    num_steps: int = 0
     previous_input: torch.Tensor | None = None
     previous_output: torch.Tensor | None = None
 
@@ -124,6 +128,7 @@ class RecordingPolicy(SkipPolicy):
 
     def decide(self, state: StepSeries, step: int, num_steps: int, modulated: torch.Tensor | None) -> Decision:
         assert modulated is not None
+        state.num_steps = num_steps
         previous, state.previous_input = state.previous_input, modulated
         state.input_change.append(None if previous is None else relative_l1(modulated, previous))
         return Decision(False, None, "calibration")
@@ -132,6 +137,7 @@ class RecordingPolicy(SkipPolicy):
         previous, state.previous_output = state.previous_output, blocks_out
         state.output_change.append(None if previous is None else relative_l1(blocks_out, previous))
         state.residual_norm.append(mean_token_norm(blocks_out - blocks_in))
+        state.steps.append(step)
 
 
 # ---------------------------------------------------------------------------------------------- fitting
@@ -158,14 +164,23 @@ def fit_rescale_polynomial(series: Iterable[StepSeries], degree: int = 4) -> dic
 
 
 def magnitude_ratios(by_branch: Mapping[str, Sequence[StepSeries]]) -> dict[str, Any]:
-    """MagCache's ratios per branch: mean over prompts of |residual_t| / |residual_t-1|, with their spread."""
+    """MagCache's ratios per branch: mean over prompts of |residual_t| / |residual_t-1|, with their spread.
+
+    Each list has one ratio per step of the request, whichever transformer ran it: a branch of one expert of a
+    two-expert model (Wan2.2 A14B: "cond" of the high-noise one, "transformer_2:cond" of the low-noise one) holds
+    1.0 at the steps the other runs and at its own first step (there is nothing of its own to compare with), so
+    the policy of each expert indexes its ratios by the request's step, as for a single transformer."""
     ratios: dict[str, list[float]] = {}
     spread: dict[str, float] = {}
     for branch, series in by_branch.items():
-        norms = np.asarray([s.residual_norm for s in series])  # prompts x steps
-        per_prompt = norms[:, 1:] / np.maximum(norms[:, :-1], 1e-12)
-        ratios[branch] = [1.0, *(float(r) for r in per_prompt.mean(axis=0))]
-        spread[branch] = float(per_prompt.std(axis=0).mean())
+        per_prompt = np.ones((len(series), series[0].num_steps))
+        for row, s in zip(per_prompt, series, strict=True):
+            for i in range(1, len(s.steps)):
+                if s.steps[i] == s.steps[i - 1] + 1:
+                    row[s.steps[i]] = s.residual_norm[i] / max(s.residual_norm[i - 1], 1e-12)
+        ran = sorted({step for s in series for step in s.steps[1:]})
+        ratios[branch] = [float(r) for r in per_prompt.mean(axis=0)]
+        spread[branch] = float(per_prompt[:, ran].std(axis=0).mean()) if ran else 0.0
     return {"mag_ratios": ratios, "fit": {"mean_std_across_prompts": spread}}
 
 

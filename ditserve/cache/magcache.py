@@ -11,6 +11,9 @@ the largest of their errors, so all branches skip and compute at the same steps.
 ``uncond + scale * (cond - uncond)``: branches reusing residuals of different steps put a step's worth of drift
 into that difference, times the scale. On the demo (true CFG 3, 50 steps, 0.24/K6/r0.1) branches out of step
 lost 3 dB on the worst prompt (34.3 against 37.5 dB in step).
+
+A model with two experts (Wan2.2 A14B) has ratios per expert, one per step of the request (calibration measures
+each on the steps it runs), and each expert's policy reads its own.
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ def nearest_resample(ratios: Sequence[float], length: int) -> list[float]:
         return [ratios[-1]]
     scale = (len(ratios) - 1) / (length - 1)
     return [ratios[round(i * scale)] for i in range(length)]
+
+
+def transformer_ratios(ratios: BranchRatios, transformer_name: str) -> BranchRatios:
+    """The ratios of the transformer at attribute ``transformer_name``, by branch. Calibration prefixes a further
+    transformer's branches with its name ("transformer_2:cond": Wan2.2 A14B's low-noise expert, whose states are
+    labelled "cond" like the first's); ratios given without a prefix serve every transformer that has none of
+    its own."""
+    prefix = f"{transformer_name}{TRANSFORMER_PREFIX}"
+    own = {branch.removeprefix(prefix): r for branch, r in ratios.items() if branch.startswith(prefix)}
+    return own or {branch: r for branch, r in ratios.items() if TRANSFORMER_PREFIX not in branch} or ratios
 
 
 def check_mag_ratios(name: str, value: Any) -> BranchRatios:
@@ -84,10 +97,8 @@ class MagCachePolicy(SkipPolicy):
     def ratios_at(self, num_steps: int) -> BranchRatios:
         """Each measured branch's ratios over ``num_steps`` steps."""
         if num_steps not in self._resampled:
-            # calibration names a second transformer's branches "transformer_2:cond"; its states are labelled
-            # "cond" like the first's, so every policy reads the unprefixed branches (as a per-label lookup did)
-            own = {b: r for b, r in self.ratios.items() if TRANSFORMER_PREFIX not in b} or self.ratios
-            self._resampled[num_steps] = {branch: nearest_resample(ratios, num_steps) for branch, ratios in own.items()}
+            self._resampled[num_steps] = {branch: nearest_resample(ratios, num_steps)
+                                          for branch, ratios in self.ratios.items()}
         return self._resampled[num_steps]
 
     def decide(self, state: MagCacheState, step: int, num_steps: int, modulated: torch.Tensor | None) -> Decision:
@@ -135,6 +146,7 @@ class MagCacheBackend(ResidualCacheBackend):
                 "run 'ditserve calibrate MODEL' or pass cache_config={'mag_ratios': [...]}", param="mag_ratios")
         self.config["mag_ratios_source"] = source
 
-    def make_policy(self) -> MagCachePolicy:
+    def make_policy(self, transformer_name: str) -> MagCachePolicy:
         c = self.config
-        return MagCachePolicy(c["magcache_thresh"], c["magcache_K"], c["retention_ratio"], c["mag_ratios"])
+        return MagCachePolicy(c["magcache_thresh"], c["magcache_K"], c["retention_ratio"],
+                              transformer_ratios(c["mag_ratios"], transformer_name))

@@ -60,8 +60,8 @@ class ResidualCacheBackend(CacheBackend):
         """Fill the options the user left open from the model's calibration or the family's defaults."""
 
     @abstractmethod
-    def make_policy(self) -> SkipPolicy:
-        """The skip policy built from the resolved config."""
+    def make_policy(self, transformer_name: str) -> SkipPolicy:
+        """The skip policy of the transformer at attribute ``transformer_name``, built from the resolved config."""
 
     def enable(self, pipeline: Any, adapter: Any) -> None:
         if not adapter.reports_steps:
@@ -75,7 +75,7 @@ class ResidualCacheBackend(CacheBackend):
         # one config for the model: the first transformer's family knowledge (Wan2.2's two experts share it)
         self.configure(specs[0], load_calibration(model_path))
         for (name, module), spec in zip(transformers, specs, strict=True):
-            policy = self.make_policy()
+            policy = self.make_policy(name)
             if self.policy_wrapper is not None:
                 policy = self.policy_wrapper(policy)
             controller = ResidualReuseController(

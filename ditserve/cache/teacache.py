@@ -92,5 +92,5 @@ class TeaCacheBackend(ResidualCacheBackend):
                            spec.transformer_class)
         self.config["coefficients_source"] = source
 
-    def make_policy(self) -> TeaCachePolicy:
+    def make_policy(self, transformer_name: str) -> TeaCachePolicy:
         return TeaCachePolicy(self.config["rel_l1_thresh"], tuple(self.config["coefficients"]))

@@ -203,13 +203,22 @@ def test_calibration_serves_wan_image_to_video(tmp_path: Path) -> None:
     shutil.copytree(tiny_pipeline_dir("wan_i2v_a14b"), model_dir)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     items = [{"prompt": p, "multi_modal_data": {"image": image}} for p in ("a red cat", "a blue dog")]
-    params = {"num_inference_steps": 4, "height": 32, "width": 32, "num_frames": 5, "max_sequence_length": 32,
+    params = {"num_inference_steps": 5, "height": 32, "width": 32, "num_frames": 5, "max_sequence_length": 32,
               "seed": 0}
     space = SearchSpace((Knob("rel_l1_thresh", (0.0, 0.01)),), ({"rel_l1_thresh": 0.0},))
     with Omni(str(model_dir)) as omni:
         data = calibrate(omni, items[:1], items[1:], params, ["tea_cache"], budget=1,
                          spaces={"tea_cache": space}).data
-    assert set(data["mag_cache"]["mag_ratios"]) == {"cond", "uncond", "transformer_2:cond", "transformer_2:uncond"}
+    ratios = data["mag_cache"]["mag_ratios"]
+    assert set(ratios) == {"cond", "uncond", "transformer_2:cond", "transformer_2:uncond"}
+    # one ratio per step of the request for each expert: 1.0 where the other expert runs and at its own first
+    # step, so the high-noise expert's are measured at its steps after the first, the low-noise one's after
+    for branch in ("cond", "uncond"):
+        high, low = ratios[branch], ratios[f"transformer_2:{branch}"]
+        assert len(high) == len(low) == 5
+        measured_high = [step for step, r in enumerate(high) if r != 1.0]
+        measured_low = [step for step, r in enumerate(low) if r != 1.0]
+        assert measured_high and measured_low and max(measured_high) + 1 < min(measured_low)
     assert data["quality_table"]["tea_cache"]["points"][0]["psnr_min"] == 100.0
     with Omni(str(model_dir), cache_backend="mag_cache") as omni:
         stats = omni.generate(items[0], params)[0].cache_stats

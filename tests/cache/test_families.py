@@ -198,6 +198,25 @@ def test_residual_caches_skip_for_real_on_wan_image_to_video(backend: str) -> No
     assert np.abs(media(skipping).astype(int) - media(reference).astype(int)).max() > 3
 
 
+def test_mag_cache_experts_decide_on_their_own_ratios() -> None:
+    """Wan2.2 A14B: MagCache gives each expert the ratios calibration measured on it ("transformer_2:cond" for the
+    low-noise one), indexed by the request's step: ratios that let the high-noise expert skip and stop the
+    low-noise one skip on the first only."""
+    model = tiny_pipeline_dir("wan_i2v_a14b")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    request = {"prompt": "a red cat", "multi_modal_data": {"image": image}}
+    params = {**FAMILY_PARAMS["wan"], "num_inference_steps": 5, "seed": 2}
+    still, drifting = [1.0] * 5, [1.0, 3.0, 3.0, 3.0, 3.0]
+    ratios = {"cond": still, "uncond": still, "transformer_2:cond": drifting, "transformer_2:uncond": drifting}
+    config = {"mag_ratios": ratios, "magcache_thresh": 1.0, "magcache_K": 10, "retention_ratio": 0.0}
+    with Omni(model, cache_backend="mag_cache", cache_config=config) as omni:
+        stats = omni.generate(request, params)[0].cache_stats
+    branches = stats["branches"]
+    assert branches["cond"]["skipped"] > 0 and branches["uncond"]["skipped"] > 0
+    assert branches["transformer_2:cond"]["computed"] > 0
+    assert branches["transformer_2:cond"]["skipped"] == branches["transformer_2:uncond"]["skipped"] == 0
+
+
 def test_cache_dit_skips_for_real_on_wan_image_to_video() -> None:
     """Wan2.2 I2V-A14B under Cache-DiT: each expert's library context runs only its share of the steps, so its
     statistics are published after each call (not at a last step that expert never reaches); the skips counted on
