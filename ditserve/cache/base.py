@@ -133,6 +133,11 @@ class CacheBackend(ABC):
     def enable(self, pipeline: Any, adapter: Any) -> None:
         """Apply the method to the pipeline's transformer(s). Called once, at start-up."""
 
+    def planned_decisions(self, pipeline: Any, adapter: Any, num_steps: int) -> dict[str, list[bool]] | None:
+        """Each transformer's skip decision at every step, where they follow from the config and the model alone
+        (not from the prompt), so calibration measures configs that decide alike once; None otherwise."""
+        return None
+
     @abstractmethod
     def start(self, pipeline: Any, request_ids: Sequence[str], num_inference_steps: int) -> None:
         """Fresh state for requests that join the running set (``num_inference_steps`` each). A backend that

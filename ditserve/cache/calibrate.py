@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 from collections import defaultdict
@@ -178,6 +179,15 @@ class EngineEvaluator(Evaluator):
             runner.cache = None
             backend.disable(runner.model.pipeline)
 
+    def outcome_key(self, config: Config) -> str | None:
+        steps = self.params.get("num_inference_steps")
+        if not steps:
+            return None
+        runner = self.omni.engine.runner
+        plan = build_cache_backend(self.backend, config).planned_decisions(runner.model.pipeline, runner.adapter,
+                                                                            steps)
+        return None if plan is None else json.dumps(plan, sort_keys=True)
+
     def _measure(self, index: int) -> PromptMeasurement:
         output = self.omni.generate(self.prompts[index], seeded(self.params, index))[0]
         return PromptMeasurement(output.cache_stats["work_fraction"],
@@ -211,7 +221,7 @@ def search_backend(omni: Any, name: str, space: SearchSpace, budget: int, prompt
               for s, h in zip(front, held, strict=True)]
     summary = {"prompts": len(prompts), "holdout_prompts": len(holdout), "budget": budget,
                "generations": result.generations, "holdout_generations": len(front) * len(holdout),
-               "evaluated": len(result.evaluations),
+               "evaluated": len(result.evaluations), "reused": result.count_reused(),
                **{status.value: result.count(status) for status in EvaluationStatus}}
     table = QualityTable(name, tuple(k.name for k in space.knobs), tuple(mark_front(points)), summary)
     return BackendCalibration(result, table)

@@ -131,7 +131,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def write_search_log(run: CalibrationRun, path: Path) -> None:
-    log = {name: [{"config": e.config, "status": e.status.value, "reason": e.reason,
+    log = {name: [{"config": e.config, "status": e.status.value, "reason": e.reason, "same_as": e.same_as,
                    "measurements": {str(i): vars(m) for i, m in sorted(e.measurements.items())}}
                   for e in calibrated.search.evaluations]
            for name, calibrated in run.backends.items()}

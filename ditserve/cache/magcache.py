@@ -149,6 +149,16 @@ class MagCacheBackend(ResidualCacheBackend):
                 "run 'ditserve calibrate MODEL' or pass cache_config={'mag_ratios': [...]}", param="mag_ratios")
         self.config["mag_ratios_source"] = source
 
+    def planned_decisions(self, pipeline: Any, adapter: Any, num_steps: int) -> dict[str, list[bool]]:
+        # the policy reads only the step and the ratios, and every branch decides on all of them
+        transformers, _ = self._resolve(pipeline, adapter)
+        plan = {}
+        for name, _ in transformers:
+            policy = self.make_policy(name)
+            state = policy.new_state("cond")
+            plan[name] = [policy.decide(state, step, num_steps, None).skip for step in range(num_steps)]
+        return plan
+
     def make_policy(self, transformer_name: str) -> MagCachePolicy:
         c = self.config
         return MagCachePolicy(c["magcache_thresh"], c["magcache_K"], c["retention_ratio"],

@@ -68,12 +68,7 @@ class ResidualCacheBackend(CacheBackend):
             raise CacheConfigError(
                 f"cache_backend={self.name!r} needs each denoising step's index, and {adapter.pipeline_class_name} "
                 "runs its own loop without a step callback (callback_on_step_end)", param="cache_backend")
-        transformers = denoising_transformers(pipeline, adapter)
-        specs = [cache_spec_for(module, self.name) for _, module in transformers]
-        model_path = model_path_of(pipeline)
-        self.resolve_quality_target(model_path)
-        # one config for the model: the first transformer's family knowledge (Wan2.2's two experts share it)
-        self.configure(specs[0], load_calibration(model_path))
+        transformers, specs = self._resolve(pipeline, adapter)
         for (name, module), spec in zip(transformers, specs, strict=True):
             policy = self.make_policy(name)
             if self.policy_wrapper is not None:
@@ -83,6 +78,16 @@ class ResidualCacheBackend(CacheBackend):
             install_loop_hooks(module, controller)
             self._controllers.append((module, controller))
         self.enabled = True
+
+    def _resolve(self, pipeline: Any, adapter: Any) -> tuple[list[tuple[str, torch.nn.Module]], list[CacheSpec]]:
+        """The transformers to cache with their specs, the config completed from the model's calibration."""
+        transformers = denoising_transformers(pipeline, adapter)
+        specs = [cache_spec_for(module, self.name) for _, module in transformers]
+        model_path = model_path_of(pipeline)
+        self.resolve_quality_target(model_path)
+        # one config for the model: the first transformer's family knowledge (Wan2.2's two experts share it)
+        self.configure(specs[0], load_calibration(model_path))
+        return transformers, specs
 
     def start(self, pipeline: Any, request_ids: Sequence[str], num_inference_steps: int) -> None:
         for request_id in request_ids:

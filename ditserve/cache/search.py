@@ -15,6 +15,10 @@ prompts) is still uncertain, by at most how much work has differed between the p
 (nothing for MagCache, whose decisions do not depend on the prompt). Most neighbours of a good point are worse, and this
 way they cost about one generation instead of one per prompt (successive halving with one rung per prompt).
 
+An evaluator that can tell when two configs give the same outputs (``outcome_key``: MagCache's decisions follow from
+its knobs and ratios alone) has each outcome measured once: a config whose outcome was measured takes those
+figures and costs no generation.
+
 Nothing here runs a model: an ``Evaluator`` does (ours through ``Omni``, the peers through diffusers), so the
 search logic is tested on a cheap fake.
 """
@@ -145,6 +149,8 @@ class Evaluation:
     measurements: dict[int, PromptMeasurement] = field(default_factory=dict)
     status: EvaluationStatus = EvaluationStatus.COMPLETE
     reason: str = ""
+    #: the config measured before whose figures this one took (same ``outcome_key``), else None
+    same_as: Config | None = None
 
     @property
     def work_fraction(self) -> float:
@@ -171,6 +177,10 @@ class Evaluator(ABC):
     def session(self, config: Config) -> AbstractContextManager[Callable[[int], PromptMeasurement]]:
         """The cache set up with ``config`` for the block: yields a function measuring one prompt by index.
         Raises ``CacheConfigError`` on entering when the config cannot run on this model."""
+
+    def outcome_key(self, config: Config) -> str | None:
+        """Equal for configs that give the same output on every prompt; None where that is not known ahead."""
+        return None
 
 
 def dominates(a: Evaluation, b: Evaluation) -> bool:
@@ -206,6 +216,10 @@ class SearchResult:
     def count(self, status: EvaluationStatus) -> int:
         return sum(e.status is status for e in self.evaluations)
 
+    def count_reused(self) -> int:
+        """Configs that took the figures of one measured before (same outcome), at no generation."""
+        return sum(e.same_as is not None for e in self.evaluations)
+
 
 def target_front(front: Sequence[Evaluation], floor_db: float, ceiling_db: float) -> list[Evaluation]:
     """The points of a front (least work first) that some target between ``floor_db`` and ``ceiling_db`` resolves
@@ -232,6 +246,8 @@ class ParetoSearch:
         self.budget = budget
         self.prune = prune
         self.evaluations: dict[str, Evaluation] = {}
+        #: the evaluation measured for each outcome key (complete or pruned ones: their verdict holds for a twin)
+        self._outcomes: dict[str, Evaluation] = {}
         self.generations = 0
         #: the front of the complete evaluations so far
         self._front: list[Evaluation] = []
@@ -282,6 +298,15 @@ class ParetoSearch:
                    for f in self._front)
 
     def _evaluate(self, config: Config) -> None:
+        try:
+            outcome = self.evaluator.outcome_key(config)
+        except CacheConfigError:
+            outcome = None  # the session below records the refusal
+        twin = self._outcomes.get(outcome) if outcome is not None else None
+        if twin is not None:
+            # a pruned twin was beaten by an earlier front, and fronts only improve: this one is beaten too
+            self._record(Evaluation(config, dict(twin.measurements), twin.status, twin.reason, same_as=twin.config))
+            return
         evaluation = Evaluation(config)
         order = self._prompt_order()
         try:
@@ -298,16 +323,23 @@ class ParetoSearch:
                         break
         except CacheConfigError as error:
             evaluation.status, evaluation.reason = EvaluationStatus.INFEASIBLE, str(error)
+        if outcome is not None and evaluation.status in (EvaluationStatus.COMPLETE, EvaluationStatus.PRUNED):
+            self._outcomes[outcome] = evaluation
         # recorded only now: while measured it must not count as a front point beating itself
-        self.evaluations[config_key(config)] = evaluation
+        self._record(evaluation)
+
+    def _record(self, evaluation: Evaluation) -> None:
+        self.evaluations[config_key(evaluation.config)] = evaluation
         if evaluation.status is EvaluationStatus.COMPLETE:
             self._front = pareto_front([*self._front, evaluation])
             works = [m.work_fraction for m in evaluation.measurements.values()]
             if evaluation.work_fraction > 0:
                 self._spread = max(self._spread, (max(works) - min(works)) / evaluation.work_fraction)
-        logger.info("%s %s: %s", evaluation.status.value, config,
-                    f"work={evaluation.work_fraction:.3f} psnr_min={evaluation.psnr_min:.2f}"
-                    if evaluation.measurements else evaluation.reason)
+        figures = (f"work={evaluation.work_fraction:.3f} psnr_min={evaluation.psnr_min:.2f}"
+                   if evaluation.measurements else evaluation.reason)
+        if evaluation.same_as is not None:
+            figures += f" (the same outcome as {evaluation.same_as}: not generated again)"
+        logger.info("%s %s: %s", evaluation.status.value, evaluation.config, figures)
 
 
 def remeasure(evaluator: Evaluator, configs: Sequence[Config]) -> Iterator[Evaluation]:

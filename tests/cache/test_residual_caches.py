@@ -206,3 +206,23 @@ def test_magcache_guidance_branches_decide_together_on_the_larger_drift(tiny_flu
     assert set(branches) == {"cond", "uncond"}
     for record in branches.values():
         assert [d["decision"] for d in record["decisions"]] == IN_STEP_DECISIONS
+
+
+def test_magcache_plans_the_decisions_it_makes(tiny_flux_dir: str) -> None:
+    """What calibration's search keys MagCache configs by: the decisions planned from the config and the ratios
+    alone are the ones a generation makes, on every branch, and configs that plan alike generate alike."""
+    from ditserve.cache.selector import build_cache_backend
+
+    guided = {**PARAMS, "seed": 1, "true_cfg_scale": 2.0, "negative_prompt": "a blurry dog"}
+    looser = {**DRIFTING_BRANCHES, "magcache_thresh": 0.35}  # uncond's errors are 0.2 and 0.64: the same plan
+    images = []
+    for config in (DRIFTING_BRANCHES, looser):
+        with Omni(tiny_flux_dir, cache_backend="mag_cache", cache_config=config) as omni:
+            runner = omni.engine.runner
+            plan = build_cache_backend("mag_cache", config).planned_decisions(runner.model.pipeline, runner.adapter, 6)
+            output = omni.generate("a red cat", guided)[0]
+        assert plan == {"transformer": [d == "skip" for d in IN_STEP_DECISIONS]}
+        for record in output.cache_stats["branches"].values():
+            assert [d["decision"] == "skip" for d in record["decisions"]] == plan["transformer"]
+        images.append(media(output))
+    assert np.array_equal(images[0], images[1])

@@ -1,4 +1,5 @@
-"""The knob search on a cheap fake model: fronts, pruning, budget, infeasible configs, switched-off knobs."""
+"""The knob search on a cheap fake model: fronts, pruning, budget, infeasible configs, switched-off knobs, configs
+known to give the same outputs."""
 
 from __future__ import annotations
 
@@ -191,3 +192,41 @@ def test_bad_spaces_are_refused_naming_the_knob() -> None:
         SearchSpace((Knob("order", (1, 2), depends_on="taylor"),), ())
     with pytest.raises(InvalidParameterError, match="lacks knobs"):
         SearchSpace((Knob("t", (1, 2)),), ({},))
+
+
+class CappedThresholdEvaluator(FakeEvaluator):
+    """A fake whose thresholds above 0.3 all act as 0.3 (as MagCache's do once its cap on skips in a row binds),
+    and that says so through ``outcome_key`` when it ``knows``."""
+
+    def __init__(self, knows: bool) -> None:
+        super().__init__()
+        self.knows = knows
+
+    @staticmethod
+    def effective(config: Config) -> Config:
+        return {**config, "t": min(config["t"], 0.3)}
+
+    @contextlib.contextmanager
+    def session(self, config: Config) -> Iterator[Callable[[int], PromptMeasurement]]:
+        with super().session(self.effective(config)) as measure:
+            yield measure
+
+    def outcome_key(self, config: Config) -> str | None:
+        return config_key(self.effective(config)) if self.knows else None
+
+
+def test_configs_with_the_same_outcome_are_generated_once() -> None:
+    blind, knowing = CappedThresholdEvaluator(knows=False), CappedThresholdEvaluator(knows=True)
+    plain = ParetoSearch(space(), blind, budget=10_000).run()
+    keyed = ParetoSearch(space(), knowing, budget=10_000).run()
+    figures = [[(round(e.work_fraction, 9), round(e.psnr_min, 9)) for e in r.useful_front()] for r in (plain, keyed)]
+    assert figures[0] == figures[1]
+    # every effective config and prompt generated at most once, and fewer generations than without the key
+    assert len(set(knowing.measured)) == len(knowing.measured) == keyed.generations < plain.generations
+    reused = [e for e in keyed.evaluations if e.same_as is not None]
+    assert reused and keyed.count_reused() == len(reused)
+    by_config = {config_key(e.config): e for e in keyed.evaluations}
+    for e in reused:
+        twin = by_config[config_key(e.same_as)]
+        assert e.config["t"] > 0.3 and e.same_as == {**e.config, "t": twin.config["t"]}
+        assert e.measurements == twin.measurements and e.status is twin.status
