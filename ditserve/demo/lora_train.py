@@ -276,4 +276,8 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
     record = {"config": asdict(cfg), "base_model": model_dir.name, "steps": steps_done,
               "pictures": steps_done * cfg.batch, "minutes": round((time.perf_counter() - began) / 60, 2),
               "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 5)}
+    earlier = Path(cfg.init_lora) / TRAINING_RECORD_FILE if cfg.init_lora else None
+    if earlier is not None and earlier.is_file():
+        # the run this one continues, with the runs before it: the whole recipe travels with the folder
+        record["continues"] = json.loads(earlier.read_text())
     return save_lora(pipe, Path(output_dir), record)

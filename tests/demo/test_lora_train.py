@@ -86,6 +86,9 @@ def test_a_run_continues_from_a_saved_lora_of_the_same_rank_and_targets_only(tmp
     folder = train_lora(LoRATrainConfig(steps=1, batch=2, lr=0.0, max_minutes=0, init_lora=str(shipped)), tmp_path / "same")
     before, after = (load_file(str(f / PEFT_WEIGHTS_FILE)) for f in (shipped, folder))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # its record carries the record of the run it continued
+    shipped_record = json.loads((shipped / TRAINING_RECORD_FILE).read_text())
+    assert json.loads((folder / TRAINING_RECORD_FILE).read_text())["continues"] == shipped_record
     with pytest.raises(InvalidParameterError) as error:
         train_lora(LoRATrainConfig(steps=1, batch=2, rank=4, alpha=4.0, max_minutes=0, init_lora=str(shipped)),
                    tmp_path / "other")
