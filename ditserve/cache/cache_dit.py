@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ditserve.cache.base import CacheBackend, boolean, integer_in, number_in, one_of
-from ditserve.cache.residual_backend import denoising_transformers
+from ditserve.cache.residual_backend import branch_label, denoising_transformers
 from ditserve.cache.search import Knob
 from ditserve.cache.spec import CacheSpec, cache_spec_for
 from ditserve.errors import CacheConfigError
@@ -272,7 +272,7 @@ class CacheDiTBackend(CacheBackend):
             if self.config["enable_separate_cfg"]:
                 series.append(("uncond", stats.cfg_cached_steps, stats.cfg_residual_diffs))
             for label, cached_steps, diffs in series:
-                full_label = label if name == "transformer" else f"{name}:{label}"
+                full_label = branch_label(name, label)
                 cached = {i for i in cached_steps if i < len(steps_run)}
                 decisions = [{"step": step, "decision": "skip" if i in cached else "compute",
                               "distance": diffs.get(str(i))} for i, step in enumerate(steps_run)]

@@ -38,7 +38,7 @@ from ditserve.cache.calibration import (
     save_calibration,
 )
 from ditserve.cache.quality_table import QualityPoint, QualityTable, mark_front
-from ditserve.cache.residual_backend import ResidualCacheBackend
+from ditserve.cache.residual_backend import ResidualCacheBackend, branch_label
 from ditserve.cache.search import (
     Config,
     EvaluationStatus,
@@ -99,8 +99,7 @@ class RecordingBackend(ResidualCacheBackend):
         found = {}
         for _, controller in self._controllers:
             for label, record in controller.request_records(request_id).items():
-                name = label if controller.transformer_name == "transformer" else f"{controller.transformer_name}:{label}"
-                found[name] = record.policy_state
+                found[branch_label(controller.transformer_name, label)] = record.policy_state
         return found
 
 

@@ -26,15 +26,13 @@ import torch
 
 from ditserve.cache.base import integer_in, number_in
 from ditserve.cache.hooks import Decision, SkipPolicy
-from ditserve.cache.residual_backend import ResidualCacheBackend
+from ditserve.cache.residual_backend import TRANSFORMER_PREFIX, ResidualCacheBackend
 from ditserve.cache.search import Knob
 from ditserve.cache.spec import CacheSpec
 from ditserve.errors import CacheConfigError, InvalidTypeError
 
 #: ``mag_ratios`` as the policy uses it: one sequence per branch ("*" = any branch)
 BranchRatios = dict[str, list[float]]
-#: what calibration puts between a further transformer's name and its branch label ("transformer_2:cond")
-TRANSFORMER_PREFIX = ":"
 
 
 def nearest_resample(ratios: Sequence[float], length: int) -> list[float]:

@@ -35,6 +35,16 @@ def check_forecast_order(name: str, value: Any) -> int:
     return value
 
 
+#: what statistics and calibration put between a further transformer's name and its branch label
+#: ("transformer_2:cond"); the first transformer's branches carry no prefix
+TRANSFORMER_PREFIX = ":"
+
+
+def branch_label(transformer_name: str, label: str) -> str:
+    """How statistics and calibration name a branch of the transformer at attribute ``transformer_name``."""
+    return label if transformer_name == "transformer" else f"{transformer_name}{TRANSFORMER_PREFIX}{label}"
+
+
 def denoising_transformers(pipeline: Any, adapter: Any) -> list[tuple[str, torch.nn.Module]]:
     """(attribute name, module) of each transformer the adapter calls, or an error naming the pipeline."""
     found = [(name, getattr(pipeline, name, None)) for name in adapter.transformer_names]
@@ -116,7 +126,7 @@ class ResidualCacheBackend(CacheBackend):
         for name, controller in ((c.transformer_name, c) for _, c in self._controllers):
             for label, record in controller.request_records(request_id).items():
                 computed = sum(d["decision"] == "compute" for d in record.decisions)
-                full_label = label if name == "transformer" else f"{name}:{label}"
+                full_label = branch_label(name, label)
                 branches[full_label] = {"computed": computed, "skipped": len(record.decisions) - computed,
                                         "forecast": sum(d["forecast"] for d in record.decisions),
                                         "decisions": list(record.decisions)}
