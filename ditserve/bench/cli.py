@@ -35,10 +35,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--cpu-threads", type=int, default=None,
                         help="torch CPU threads for every system (default: torch's own choice)")
-    parser.add_argument("--search-peers", type=int, default=0, metavar="BUDGET",
+    parser.add_argument("--search-peers", type=float, default=0, metavar="BUDGET",
                         help="search the knobs of the peers that expose them (diffusers' FirstBlockCache, MagCache, "
                              "TaylorSeerCache; the cache-dit library) on our calibration's search prompts, BUDGET "
-                             "generations each (twice that for spaces of 3 knobs or more, as ours get in 'ditserve "
+                             "uncached generations of denoising work each (a generation costs its work fraction; "
+                             "twice that for spaces of 3 knobs or more, as ours get in 'ditserve "
                              "calibrate'; "
                              "0: their fixed sweeps, the default), and run their fronts")
     parser.add_argument("--only", nargs="*", default=[], help="run only settings whose label has one of these words")

@@ -95,11 +95,11 @@ class PeerEvaluator(Evaluator):
                                  psnr_db(result.image, setup.uncached[index].image))
 
 
-def search_peer(setup: PeerSetup, system: str, method: str, budget: int,
+def search_peer(setup: PeerSetup, system: str, method: str, budget: float,
                 applied: Callable[[Config], contextlib.AbstractContextManager[Any]]) -> SearchResult:
     """The peer's search with ``budget`` scaled as ours is for its number of knobs (``default_budget``)."""
     space = PEER_SPACES[(system, method)]
-    scaled = budget * default_budget(space) // DEFAULT_BUDGET
+    scaled = budget * default_budget(space) / DEFAULT_BUDGET
     return ParetoSearch(space, PeerEvaluator(setup, applied), scaled).run()
 
 

@@ -71,8 +71,9 @@ class BenchOptions:
     #: torch CPU threads for every system (None: torch's default); fewer threads than cores keep timings
     #: steadier on a machine shared with other work
     cpu_threads: int | None = None
-    #: generations each peer's knob search may spend (0: no search, the peers run their fixed sweeps)
-    search_peers: int = 0
+    #: denoising work each peer's knob search may spend, in uncached generations (0: no search, the peers run
+    #: their fixed sweeps)
+    search_peers: float = 0
 
 
 @dataclass
@@ -287,7 +288,8 @@ class Bench:
                 continue
             fronts[(system, method)] = peer_search.front_configs(result)
             self.search_records[f"{system} {method}"] = {
-                "generations": result.generations, "evaluated": len(result.evaluations),
+                "generations": result.generations, "work_spent": round(result.work_spent, 2),
+                "evaluated": len(result.evaluations),
                 "front": [{"config": e.config, "work_fraction": e.work_fraction, "psnr_min": e.psnr_min,
                            "psnr_mean": e.psnr_mean} for e in result.front()]}
         return fronts

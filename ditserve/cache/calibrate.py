@@ -54,15 +54,16 @@ from ditserve.cache.spec import CacheSpec
 
 logger = logging.getLogger(__name__)
 
-#: generations a backend's search may spend (one per prompt measured), unless told otherwise: a round of the
-#: search costs about (front points x neighbours per point), and a point has two neighbours per knob, so a space
-#: of three knobs or more (MagCache's 3, Cache-DiT's 9) gets twice the budget of a smaller one (on the demo 100
-#: stopped both one round short: MagCache never reached magcache_K 8, 3.57x against 4.55x at 30 dB)
-DEFAULT_BUDGET = 100
+#: denoising work a backend's search may spend, in uncached generations (a generation costs its work fraction),
+#: unless told otherwise: a round of the search costs about (front points x neighbours per point), and a point
+#: has two neighbours per knob, so a space of three knobs or more (MagCache's 3, Cache-DiT's 9) gets twice the
+#: budget of a smaller one. Counted in generations (200), MagCache's cheap configs (work 0.14-0.3) ran out on the
+#: demo while measuring the K-only points at retention 0.1 (60 generations of work spent, Cache-DiT's 105)
+DEFAULT_BUDGET = 50.0
 MANY_KNOBS = 3
 
 
-def default_budget(space: SearchSpace) -> int:
+def default_budget(space: SearchSpace) -> float:
     return 2 * DEFAULT_BUDGET if len(space.knobs) >= MANY_KNOBS else DEFAULT_BUDGET
 
 
@@ -208,7 +209,7 @@ class CalibrationRun:
     backends: dict[str, BackendCalibration] = field(default_factory=dict)
 
 
-def search_backend(omni: Any, name: str, space: SearchSpace, budget: int, prompts: Sequence[Any],
+def search_backend(omni: Any, name: str, space: SearchSpace, budget: float, prompts: Sequence[Any],
                    holdout: Sequence[Any], params: Mapping[str, Any], reference: Sequence[np.ndarray],
                    holdout_reference: Sequence[np.ndarray]) -> BackendCalibration:
     """The search on ``prompts``, then its front measured on ``holdout`` (the table's figures)."""
@@ -219,7 +220,7 @@ def search_backend(omni: Any, name: str, space: SearchSpace, budget: int, prompt
     points = [QualityPoint(h.config, h.work_fraction, h.psnr_mean, h.psnr_min, s.work_fraction, s.psnr_min)
               for s, h in zip(front, held, strict=True)]
     summary = {"prompts": len(prompts), "holdout_prompts": len(holdout), "budget": budget,
-               "generations": result.generations, "holdout_generations": len(front) * len(holdout),
+               "generations": result.generations, "work_spent": round(result.work_spent, 2), "holdout_generations": len(front) * len(holdout),
                "evaluated": len(result.evaluations), "reused": result.count_reused(),
                **{status.value: result.count(status) for status in EvaluationStatus}}
     table = QualityTable(name, tuple(k.name for k in space.knobs), tuple(mark_front(points)), summary)
@@ -236,7 +237,7 @@ def kept_tables(previous: Mapping[str, Any] | None, data: Mapping[str, Any],
 
 
 def calibrate(omni: Any, prompts: Sequence[Any], holdout: Sequence[Any], params: Mapping[str, Any],
-              backends: Sequence[str], budget: int | None = None,
+              backends: Sequence[str], budget: float | None = None,
               spaces: Mapping[str, SearchSpace] | None = None) -> CalibrationRun:
     """Fit, save, search each backend (over ``spaces[name]`` or its declared knobs, spending ``budget`` or its
     default budget), save after each."""

@@ -41,9 +41,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--num-prompts", type=int, default=4, help="prompts the search steers by")
     parser.add_argument("--holdout-prompts", type=int, default=4,
                         help="other prompts the front is measured on (the table's figures)")
-    parser.add_argument("--budget", type=int, default=None,
-                        help=f"generations each backend's search may spend (one per prompt measured; default "
-                             f"{DEFAULT_BUDGET}, twice that for backends of {MANY_KNOBS} knobs or more)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"denoising work each backend's search may spend, in uncached generations (a "
+                             f"generation costs its work fraction; default {DEFAULT_BUDGET:g}, twice that for "
+                             f"backends of {MANY_KNOBS} knobs or more)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)

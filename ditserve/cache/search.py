@@ -4,7 +4,9 @@ Every point of the knob space costs one generation per prompt, so the space (lad
 thousands of combinations for Cache-DiT) is never swept. A Pareto local search instead: evaluate the seeds (the
 backend's defaults with its main threshold at a few values), then, round after round, the neighbours of every
 point on the current front (one knob moved one step along its ladder), until no front point has a neighbour left
-to try or the budget of generations is spent. Dominated points are never expanded, nor are points that no quality
+to try or the budget is spent. The budget counts denoising work, not generations: a generation costs its work
+fraction (what it costs in time, up to the text encoder and the VAE), so cheap configs, which skip much, do not
+stop a search before it reaches them. Dominated points are never expanded, nor are points that no quality
 target can resolve to: those whose worst prompt falls below ``floor_db`` (too damaged for any preset), and those
 slower than a front point already above ``ceiling_db`` (every target up to the ceiling prefers that one). So
 the budget goes where targets resolve.
@@ -206,6 +208,8 @@ class SearchResult:
     evaluations: list[Evaluation]
     #: generations run (one per prompt measured)
     generations: int
+    #: their denoising work, in uncached generations (the sum of their work fractions)
+    work_spent: float
 
     def front(self) -> list[Evaluation]:
         return pareto_front(self.evaluations)
@@ -234,10 +238,13 @@ def target_front(front: Sequence[Evaluation], floor_db: float, ceiling_db: float
 
 
 class ParetoSearch:
-    def __init__(self, space: SearchSpace, evaluator: Evaluator, budget: int, prune: bool = True,
+    def __init__(self, space: SearchSpace, evaluator: Evaluator, budget: float, prune: bool = True,
                  floor_db: float = DEFAULT_FLOOR_DB, ceiling_db: float = DEFAULT_CEILING_DB) -> None:
-        if budget < 1:
-            raise InvalidParameterError(f"search budget={budget} must be >= 1 generation", param="budget")
+        """``budget``: the denoising work the search may spend, in uncached generations (a generation of work
+        fraction 0.25 spends 0.25)."""
+        if not budget > 0:
+            raise InvalidParameterError(f"search budget={budget} must be > 0 (uncached generations of work)",
+                                        param="budget")
         if not floor_db < ceiling_db:
             raise InvalidParameterError(f"floor_db={floor_db} must be under ceiling_db={ceiling_db}", param="floor_db")
         self.floor_db, self.ceiling_db = floor_db, ceiling_db
@@ -249,6 +256,7 @@ class ParetoSearch:
         #: the evaluation measured for each outcome key (complete or pruned ones: their verdict holds for a twin)
         self._outcomes: dict[str, Evaluation] = {}
         self.generations = 0
+        self.work_spent = 0.0
         #: the front of the complete evaluations so far
         self._front: list[Evaluation] = []
         #: the largest relative range of work over the prompts of one complete evaluation so far
@@ -257,9 +265,9 @@ class ParetoSearch:
     def run(self) -> SearchResult:
         pending = self._unseen([self.space.canonical(seed) for seed in self.space.seeds])
         expanded: set[str] = set()
-        while pending and self.generations < self.budget:
+        while pending and self.work_spent < self.budget:
             for config in pending:
-                if self.generations >= self.budget:
+                if self.work_spent >= self.budget:
                     break
                 self._evaluate(config)
             useful = target_front(self._front, self.floor_db, self.ceiling_db)
@@ -268,7 +276,7 @@ class ParetoSearch:
             # round robin over the front's points, so a budget that runs out mid-round has explored all of it evenly
             per_point = [self.space.neighbours(e.config) for e in front]
             pending = self._unseen([c for group in itertools.zip_longest(*per_point) for c in group if c is not None])
-        return SearchResult(list(self.evaluations.values()), self.generations)
+        return SearchResult(list(self.evaluations.values()), self.generations, self.work_spent)
 
     def _unseen(self, configs: Sequence[Config]) -> list[Config]:
         unique: dict[str, Config] = {}
@@ -312,11 +320,12 @@ class ParetoSearch:
         try:
             with self.evaluator.session(config) as measure:
                 for position, index in enumerate(order):
-                    if self.generations >= self.budget:
+                    if self.work_spent >= self.budget:
                         evaluation.status = EvaluationStatus.OUT_OF_BUDGET
                         break
-                    evaluation.measurements[index] = measure(index)
+                    measurement = evaluation.measurements[index] = measure(index)
                     self.generations += 1
+                    self.work_spent += measurement.work_fraction
                     last = position == len(order) - 1
                     if self.prune and not last and self._beaten(evaluation):
                         evaluation.status = EvaluationStatus.PRUNED

@@ -150,14 +150,19 @@ def test_only_points_a_target_can_resolve_to_are_expanded() -> None:
         ParetoSearch(space(), FakeEvaluator(), budget=1, floor_db=50.0, ceiling_db=40.0)
 
 
-def test_the_budget_stops_the_search_mid_point() -> None:
-    result = ParetoSearch(space(), FakeEvaluator(), budget=7, prune=False).run()
-    assert result.generations == 7
+def test_the_budget_counts_work_and_stops_the_search_mid_point() -> None:
+    result = ParetoSearch(space(), FakeEvaluator(), budget=5.0, prune=False).run()
+    spent = [m.work_fraction for e in result.evaluations for m in e.measurements.values()]
+    assert result.work_spent == pytest.approx(sum(spent))
+    # the generation that reaches the budget is the last one; each cost its work fraction (under 1 here), so
+    # more generations ran than the budget's number
+    assert sum(spent[:-1]) < 5.0 <= sum(spent) and result.generations == len(spent) > 5
     statuses = [e.status for e in result.evaluations]
     assert statuses == [EvaluationStatus.COMPLETE, EvaluationStatus.OUT_OF_BUDGET]
-    assert len(result.evaluations[1].measurements) == 3
-    with pytest.raises(InvalidParameterError, match="budget"):
-        ParetoSearch(space(), FakeEvaluator(), budget=0)
+    assert 0 < len(result.evaluations[1].measurements) < 4
+    for budget in (0, -1.0):
+        with pytest.raises(InvalidParameterError, match="budget"):
+            ParetoSearch(space(), FakeEvaluator(), budget=budget)
 
 
 def test_configs_the_backend_refuses_are_recorded_and_cost_nothing() -> None:
