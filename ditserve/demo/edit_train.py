@@ -65,7 +65,9 @@ class TextTraining(str, enum.Enum):
 @dataclass
 class EditTrainConfig:
     run_dir: str = "runs/ditserve-shapes-edit"
-    # The text-to-image model to start from ("": the bundled ditserve-shapes).
+    # The text-to-image model to start from ("": the bundled ditserve-shapes), or an edit model to continue.
+    # Batches are drawn by (seed, step): a continued run with the seed of the runs before it replays their batches
+    # (runs 1-4 of the shipped weights did; run 5 took seed 5).
     init_from: str = ""
     device: str = "auto"
     seed: int = 0

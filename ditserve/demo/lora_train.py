@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +44,8 @@ from ditserve.demo.train import (
     weighted_token_mse,
 )
 from ditserve.errors import InvalidParameterError
+
+logger = logging.getLogger(__name__)
 
 
 class LoRATargets(str, enum.Enum):
@@ -111,6 +114,8 @@ class LoRATrainConfig:
     # object already weigh 1 + size_weight): a LoRA on every Linear shifts ordinary prompts too unless held there.
     preserve_weight: float = 1.0
     # A PEFT folder this command wrote (same rank and targets) to continue from, with a new learning-rate schedule.
+    # Batches are drawn by (seed, step), so a run continued with a seed of the runs before it replays their
+    # batches: give it a new seed.
     init_lora: str = ""
 
 
@@ -217,6 +222,10 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
     from ditserve.demo import demo_model_path
 
     _check_config(cfg)
+    earlier = earlier_record(cfg)
+    if cfg.seed in seeds_drawn(earlier):
+        logger.warning("seed %d was a seed of the runs init_lora continues: this run replays their batches (pass "
+                       "another --seed for new ones)", cfg.seed)
     device = resolve_device(cfg.device)
     model_dir = Path(cfg.model) if cfg.model else demo_model_path()
     pipe = FluxPipeline.from_pretrained(str(model_dir)).to(device)
@@ -276,8 +285,22 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
     record = {"config": asdict(cfg), "base_model": model_dir.name, "steps": steps_done,
               "pictures": steps_done * cfg.batch, "minutes": round((time.perf_counter() - began) / 60, 2),
               "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 5)}
-    earlier = Path(cfg.init_lora) / TRAINING_RECORD_FILE if cfg.init_lora else None
-    if earlier is not None and earlier.is_file():
+    if earlier is not None:
         # the run this one continues, with the runs before it: the whole recipe travels with the folder
-        record["continues"] = json.loads(earlier.read_text())
+        record["continues"] = earlier
     return save_lora(pipe, Path(output_dir), record)
+
+
+def earlier_record(cfg: LoRATrainConfig) -> dict | None:
+    """The training record of the run ``init_lora`` continues (with the runs before it), if it has one."""
+    path = Path(cfg.init_lora) / TRAINING_RECORD_FILE if cfg.init_lora else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def seeds_drawn(record: dict | None) -> list[int]:
+    """The seeds of a training record's run and of every run it continues, latest first."""
+    seeds = []
+    while record is not None:
+        seeds.append(record["config"]["seed"])
+        record = record.get("continues")
+    return seeds

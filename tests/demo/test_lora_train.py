@@ -2,6 +2,7 @@
 draws for the new size word, per request, while a request without it stays the base model."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from ditserve.demo.lora_train import (
     _training_batch,
     add_lora,
     new_size_token_weights,
+    seeds_drawn,
     train_lora,
 )
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
@@ -78,12 +80,17 @@ def test_train_lora_with_probe_size_weights_and_base_preservation(tmp_path, demo
     assert read_adapter("trained", folder, demo_pipeline).rank == 4  # the probe is not part of the adapter
 
 
-def test_a_run_continues_from_a_saved_lora_of_the_same_rank_and_targets_only(tmp_path):
+def test_a_run_continues_from_a_saved_lora_of_the_same_rank_and_targets_only(tmp_path, caplog):
     from safetensors.torch import load_file
 
     shipped = demo_lora_path()
     # learning rate 0: the continued run writes back exactly the weights it started from
-    folder = train_lora(LoRATrainConfig(steps=1, batch=2, lr=0.0, max_minutes=0, init_lora=str(shipped)), tmp_path / "same")
+    with caplog.at_level(logging.WARNING, logger="ditserve.demo.lora_train"):
+        folder = train_lora(LoRATrainConfig(steps=1, batch=2, lr=0.0, max_minutes=0, init_lora=str(shipped)),
+                            tmp_path / "same")
+    # the shipped runs all drew with seed 0: continuing them with it replays their batches, and says so
+    assert 0 in seeds_drawn(json.loads((shipped / TRAINING_RECORD_FILE).read_text()))
+    assert any("replays their batches" in r.getMessage() for r in caplog.records)
     before, after = (load_file(str(f / PEFT_WEIGHTS_FILE)) for f in (shipped, folder))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     # its record carries the record of the run it continued
