@@ -226,3 +226,29 @@ def test_magcache_plans_the_decisions_it_makes(tiny_flux_dir: str) -> None:
             assert [d["decision"] == "skip" for d in record["decisions"]] == plan["transformer"]
         images.append(media(output))
     assert np.array_equal(images[0], images[1])
+
+
+def test_magcache_k_growth_spaces_computed_steps_ever_wider(tiny_flux_dir: str) -> None:
+    """The cap on skips in a row is floor(K * growth**j) after the j-th step computed past the retention; growth 1
+    is the constant K. A threshold out of reach leaves the cap alone to decide."""
+    from ditserve.cache.magcache import MagCachePolicy
+    from ditserve.errors import CacheConfigError
+
+    def computed(growth: float, max_skips: int = 1, retention: float = 0.0, steps: int = 50) -> list[int]:
+        policy = MagCachePolicy(100.0, max_skips, retention, {"*": [1.0] * steps}, growth)
+        state = policy.new_state("cond")
+        return [step for step in range(steps) if not policy.decide(state, step, steps, None).skip]
+
+    assert computed(2.0) == [0, 2, 5, 10, 19, 36]  # skips in a row: 1, 2, 4, 8, 16
+    assert computed(1.75) == [0, 2, 4, 8, 14, 24, 41]  # 1, 1, 3, 5, 9, 16
+    assert computed(1.0, max_skips=3) == list(range(0, 50, 4))
+    # the retention's steps run and the cap starts growing only after it
+    assert computed(2.0, retention=0.1)[:8] == [0, 1, 2, 3, 4, 6, 9, 14]
+    config = {"magcache_thresh": 100.0, "magcache_K": 1, "magcache_K_growth": 2.0, "retention_ratio": 0.0,
+              "mag_ratios": [1.0] * 6}
+    with Omni(tiny_flux_dir, cache_backend="mag_cache", cache_config=config) as omni:
+        stats = omni.generate("a red cat", PARAMS)[0].cache_stats
+    assert [d["decision"] for d in stats["branches"]["cond"]["decisions"]] == [
+        "compute", "skip", "compute", "skip", "skip", "compute"]
+    with pytest.raises(CacheConfigError, match="magcache_K_growth"):
+        Omni(tiny_flux_dir, cache_backend="mag_cache", cache_config={**config, "magcache_K_growth": 0.5})
