@@ -47,7 +47,10 @@ PEER_SPACES: dict[tuple[str, str], SearchSpace] = {
     ("diffusers", "MagCache"): SearchSpace(
         (Knob("threshold", _MAG["magcache_thresh"]), Knob("max_skip_steps", _MAG["magcache_K"]),
          Knob("retention_ratio", _MAG["retention_ratio"])),
-        _seeded("threshold", (0.03, 0.06, 0.12, 0.24), {"max_skip_steps": 3, "retention_ratio": 0.2})),
+        # ours start from a cap alone too (MagCacheBackend.search_start_points); the peer's cap does not grow, so
+        # its start is the cap it searched its way to before (K 6 at 0.1)
+        _seeded("threshold", (0.03, 0.06, 0.12, 0.24), {"max_skip_steps": 3, "retention_ratio": 0.2})
+        + ({"threshold": 8.0, "max_skip_steps": 6, "retention_ratio": 0.1},)),
     # diffusers' TaylorSeer predicts from its last computed step, so at least the first step must compute
     # (disable_cache_before_step=0 raises "Cannot predict without prior initialization" on step 0)
     ("diffusers", "TaylorSeerCache"): SearchSpace(

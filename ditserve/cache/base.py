@@ -106,6 +106,9 @@ class CacheBackend(ABC):
     search_knobs: ClassVar[tuple[Knob, ...]] = ()
     #: main-knob values the search starts from (the other knobs at their defaults)
     search_seeds: ClassVar[tuple[float, ...]] = ()
+    #: further starting points, each the knobs it moves off the defaults (a region the one-step moves from the
+    #: defaults reach only after many rounds)
+    search_start_points: ClassVar[tuple[dict[str, Any], ...]] = ()
     #: False for backends that never skip by design (calibration's recorder): no "skipped nothing" warning
     expected_to_skip: ClassVar[bool] = True
     #: True when skip decisions and state are kept per request (a request may join or leave a running batch

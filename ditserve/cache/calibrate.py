@@ -68,11 +68,12 @@ def default_budget(space: SearchSpace) -> float:
 
 
 def search_space(name: str) -> SearchSpace:
-    """A backend's declared knobs, seeded from its defaults with the main threshold at each seed value."""
+    """A backend's declared knobs, seeded from its defaults with the main threshold at each seed value, and from
+    its further start points."""
     cls = backend_class(name)
     defaults = {knob.name: cls.defaults[knob.name] for knob in cls.search_knobs}
     seeds = tuple({**defaults, cls.main_knob: value} for value in cls.search_seeds)
-    return SearchSpace(cls.search_knobs, seeds)
+    return SearchSpace(cls.search_knobs, seeds + tuple({**defaults, **point} for point in cls.search_start_points))
 
 
 class RecordingBackend(ResidualCacheBackend):

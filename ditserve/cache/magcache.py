@@ -153,8 +153,13 @@ class MagCacheBackend(ResidualCacheBackend):
                                              2.0, 4.0, 8.0)),
                     Knob("magcache_K", (1, 2, 3, 4, 6, 8, 12, 16)),
                     Knob("magcache_K_growth", (1.0, 1.25, 1.5, 1.75, 2.0)),
-                    Knob("retention_ratio", (0.0, 0.05, 0.1, 0.2, 0.3)))
+                    # finer under 0.1, where each retained step counts: 2, 3, 4 and 5 of 50 steps
+                    Knob("retention_ratio", (0.0, 0.04, 0.06, 0.08, 0.1, 0.2, 0.3)))
     search_seeds = (0.03, 0.06, 0.12, 0.24)
+    # A growing cap alone (threshold at its top rung): from the defaults the search needs some ten one-step moves
+    # to get there, and on the demo spent its budget of 100 on the way (K 1 and growth 1.5-2 make its front)
+    search_start_points = ({"magcache_thresh": 8.0, "magcache_K": 1, "magcache_K_growth": 1.5,
+                            "retention_ratio": 0.1},)
 
     def configure(self, spec: CacheSpec, calibration: dict[str, Any] | None) -> None:
         measured = (calibration or {}).get("mag_cache", {}).get("mag_ratios")

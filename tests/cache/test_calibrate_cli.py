@@ -67,6 +67,16 @@ def test_spaces_of_many_knobs_get_twice_the_default_budget() -> None:
     assert default_budget(search_space("mag_cache")) == default_budget(search_space("cache_dit")) == 2 * DEFAULT_BUDGET
 
 
+def test_a_backends_start_points_seed_its_search_beside_its_threshold_seeds() -> None:
+    from ditserve.cache.magcache import MagCacheBackend
+
+    space = search_space("mag_cache")
+    defaults = {knob.name: MagCacheBackend.defaults[knob.name] for knob in space.knobs}
+    assert [s["magcache_thresh"] for s in space.seeds[:4]] == list(MagCacheBackend.search_seeds)
+    assert space.seeds[4:] == tuple({**defaults, **p} for p in MagCacheBackend.search_start_points)
+    assert all(set(seed) == set(defaults) for seed in space.seeds)
+
+
 def test_too_few_prompts_and_unknown_backends_are_refused_naming_the_flag(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a\nb\nc\n")
