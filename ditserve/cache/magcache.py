@@ -112,8 +112,14 @@ class MagCachePolicy(SkipPolicy):
 
     def skip_cap(self, computed_after_retention: int, num_steps: int) -> int:
         """Skips allowed in a row after the given number of steps computed past the retention."""
-        # the epsilon keeps products like 1.6 * 1.25 from flooring a whole number below; the cap stops overflow
-        grown = self.max_skips * self.growth ** min(computed_after_retention, num_steps)
+        grown = float(self.max_skips)
+        # grown once per computed step until it reaches the step count: growth ** j itself overflows a float
+        # after a long run of computes (growth 10 with a threshold that computes every step of 1000)
+        for _ in range(computed_after_retention):
+            if self.growth == 1.0 or not 0 < grown < num_steps:
+                break
+            grown *= self.growth
+        # the epsilon keeps products like 1.6 * 1.25 from flooring a whole number below
         return math.floor(min(grown, num_steps) + 1e-9)
 
     def decide(self, state: MagCacheState, step: int, num_steps: int, modulated: torch.Tensor | None) -> Decision:

@@ -244,6 +244,11 @@ def test_magcache_k_growth_spaces_computed_steps_ever_wider(tiny_flux_dir: str) 
     assert computed(1.0, max_skips=3) == list(range(0, 50, 4))
     # the retention's steps run and the cap starts growing only after it
     assert computed(2.0, retention=0.1)[:8] == [0, 1, 2, 3, 4, 6, 9, 14]
+    # a threshold that computes every step grows the cap a thousand times: it stays at the step count
+    everything = MagCachePolicy(0.0, 1, 0.0, {"*": [1.0] * 1000}, 10.0)
+    state = everything.new_state("cond")
+    assert not any(everything.decide(state, step, 1000, None).skip for step in range(1000))
+    assert everything.skip_cap(state.computed_after_retention, 1000) == 1000
     config = {"magcache_thresh": 100.0, "magcache_K": 1, "magcache_K_growth": 2.0, "retention_ratio": 0.0,
               "mag_ratios": [1.0] * 6}
     with Omni(tiny_flux_dir, cache_backend="mag_cache", cache_config=config) as omni:
