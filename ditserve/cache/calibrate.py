@@ -221,7 +221,8 @@ def search_backend(omni: Any, name: str, space: SearchSpace, budget: float, prom
     points = [QualityPoint(h.config, h.work_fraction, h.psnr_mean, h.psnr_min, s.work_fraction, s.psnr_min)
               for s, h in zip(front, held, strict=True)]
     summary = {"prompts": len(prompts), "holdout_prompts": len(holdout), "budget": budget,
-               "generations": result.generations, "work_spent": round(result.work_spent, 2), "holdout_generations": len(front) * len(holdout),
+               "generations": result.generations, "work_spent": round(result.work_spent, 2),
+               "holdout_generations": len(front) * len(holdout),
                "evaluated": len(result.evaluations), "reused": result.count_reused(),
                **{status.value: result.count(status) for status in EvaluationStatus}}
     table = QualityTable(name, tuple(k.name for k in space.knobs), tuple(mark_front(points)), summary)

@@ -88,9 +88,14 @@ def test_a_run_continues_from_a_saved_lora_of_the_same_rank_and_targets_only(tmp
     with caplog.at_level(logging.WARNING, logger="ditserve.demo.lora_train"):
         folder = train_lora(LoRATrainConfig(steps=1, batch=2, lr=0.0, max_minutes=0, init_lora=str(shipped)),
                             tmp_path / "same")
-    # the shipped runs all drew with seed 0: continuing them with it replays their batches, and says so
+    # the shipped LoRA's earlier runs drew with seed 0: continuing them with it replays their batches, and says so
     assert 0 in seeds_drawn(json.loads((shipped / TRAINING_RECORD_FILE).read_text()))
     assert any("replays their batches" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ditserve.demo.lora_train"):
+        train_lora(LoRATrainConfig(seed=7, steps=1, batch=2, lr=0.0, max_minutes=0, init_lora=str(shipped)),
+                   tmp_path / "new-seed")
+    assert not any("replays their batches" in r.getMessage() for r in caplog.records)
     before, after = (load_file(str(f / PEFT_WEIGHTS_FILE)) for f in (shipped, folder))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     # its record carries the record of the run it continued
