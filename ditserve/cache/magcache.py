@@ -10,7 +10,8 @@ of reusing the stored residual. Skip while that error is under ``magcache_thresh
 each step computed past the retention: ``floor(K * growth**j)`` after the j-th. Early steps decide the picture
 and late ones hardly change it, so computed steps spaced ever wider keep quality that evenly spaced ones lose:
 on the demo (50 steps, CFG 3, bench prompts) 7 computed steps at K 1, growth 1.75 (steps 0 2 4 8 14 24 41)
-keep the worst prompt at 37.6 dB, where 10 spaced evenly after the retention (K 7, retention 0.1) give 35.9.
+keep the worst prompt at 37.6 dB, where the best constant cap (K 6, retention 0.1) needs 11 for 37.3 dB
+(docs/benchmarks/cpu-2026-12-07-growth).
 
 Guidance branches measured apart (cond, uncond) are accumulated apart, but every branch of a request decides on
 the largest of their errors, so all branches skip and compute at the same steps. The guided output is
