@@ -12,7 +12,7 @@ from ditserve.demo.evaluation import DEFAULTS_FILE, seeded_chunks
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
 from ditserve.demo.video_checker import evaluate_clips
 from ditserve.demo.video_language import Clip
-from ditserve.demo.video_model import VIDEO_SIZE
+from ditserve.demo.video_model import VIDEO_SIZE, wan_pipeline_num_frames
 from ditserve.demo.video_render import render_clip_batch
 
 
@@ -46,7 +46,8 @@ def generate_clips(pipe: WanPipeline, clips: list[Clip], *, frames: int, num_inf
     batching."""
     videos = []
     for _start, chunk, generators in seeded_chunks(clips, batch_size, seed):
-        output = pipe(prompt=[c.to_prompt() for c in chunk], height=VIDEO_SIZE, width=VIDEO_SIZE, num_frames=frames,
+        output = pipe(prompt=[c.to_prompt() for c in chunk], height=VIDEO_SIZE, width=VIDEO_SIZE,
+                      num_frames=wan_pipeline_num_frames(frames),
                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generators,
                       max_sequence_length=max_sequence_length, output_type="pt")
         videos.append(output.frames.float())

@@ -4,8 +4,8 @@ small enough to train and run on a CPU.
 Every component is a stock diffusers / transformers class, so ``diffusers.WanPipeline.from_pretrained`` loads the
 saved folder unchanged and the engine serves it as any Wan folder: one ``WanTransformer3DModel`` (one expert: the
 A14B split into a high- and a low-noise transformer does not pay at this size), the causal video VAE
-``AutoencoderKLWan`` (16 latent channels, 2x in time, 8x in space: 9 frames of 128x128 are 5 x 16 x 16 latents,
-320 tokens after the transformer's 1x2x2 patches), a ``UMT5EncoderModel`` and UniPC with flow sigmas. The
+``AutoencoderKLWan`` (16 latent channels, one latent frame per frame, 8x in space: 9 frames of 128x128 are 9 x 16 x
+16 latents, 576 tokens after the transformer's 1x2x2 patches), a ``UMT5EncoderModel`` and UniPC with flow sigmas. The
 tokenizer is the image demo's word-level T5 tokenizer (``model.py``) with the clip words added.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from ditserve.demo.model import LATENT_CHANNELS, TEXT_HIDDEN, build_t5_tokenizer, t5_text_config
@@ -21,11 +22,12 @@ from ditserve.errors import InvalidParameterError
 
 VIDEO_SIZE = 128
 VIDEO_FRAMES = 9
-# The VAE's compression: the first frame alone, then every 2 frames, into one latent frame; 8x8 pixels a latent.
-# Wan's own VAEs take 4 frames a latent frame; at 4 the clip stage learnt a quarter as fast (decoded ground truth
-# 44 % object accuracy after 1050 clip steps, against 49 % after 350 at 2: docs/demo/video_first_run.md), as a
-# latent pixel had to hold an object's colour change or 40 pixels of its motion.
-TEMPORAL_COMPRESSION = 2
+# The VAE's compression: none in time (a latent frame per frame), 8x8 pixels a latent. Wan's own VAEs take 4 frames
+# a latent frame; here clip training at 4x reached 44 % decoded ground-truth object accuracy, at 2x 81 %, while the
+# frame-trained VAE applied frame by frame gave 86 % with no clip training (docs/demo/video_first_run.md): a latent
+# pixel that holds several frames must learn an object's colour change or its motion, which the flat shapes'
+# frames do not teach fast enough on a CPU. The transformer carries the time instead.
+TEMPORAL_COMPRESSION = 1
 # AutoencoderKLWan encodes the first frame, then chunks of this many frames (whatever its compression): a clip
 # it encodes whole has ENCODER_CHUNK * k + 1 frames.
 ENCODER_CHUNK = 4
@@ -51,11 +53,22 @@ def build_video_text_encoder(vocab_size: int) -> UMT5EncoderModel:
     return UMT5EncoderModel(t5_text_config(UMT5Config, vocab_size)).eval()
 
 
+def per_frame(vae: AutoencoderKLWan) -> AutoencoderKLWan:
+    """Zero the taps of every causal convolution that read earlier frames, so that the VAE encodes and decodes each
+    frame on its own. Training on single frames keeps them zero: a one-frame clip's earlier taps read the causal
+    zero padding, so their gradient is zero."""
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, WanCausalConv3d) and module.weight.shape[2] > 1:
+                module.weight[:, :, :-1] = 0
+    return vae
+
+
 def build_video_vae() -> AutoencoderKLWan:
-    """Narrow, since the frames are flat colours. The encoder (base 8 channels) is half as wide as the decoder
-    (16): the transformer stage encodes every training clip, and with a base-16 encoder that took 2.1 s of a step
-    for 8 clips (base 8: 1.0 s; the transformer's own forward and backward on them, 4 noise levels each: 1.5 s; one
-    shared CPU thread). The decoder draws the shapes' edges and runs once per generated clip.
+    """Per frame (``per_frame``, TEMPORAL_COMPRESSION) and narrow, since the frames are flat colours. The encoder
+    (base 8 channels) is half as wide as the decoder (16): the transformer stage encodes every training clip, and with
+    a base-16 encoder that took 2.1 s of a step for 8 clips (base 8: 1.0 s; one shared CPU thread). The decoder draws
+    the shapes' edges and runs once per generated clip.
 
     The posterior's log-variance starts at POSTERIOR_LOG_VARIANCE (its bias in ``quant_conv``): at the default 0
     the untrained posterior means (spread about 0.14) drown in unit noise, and the decoder of the first run, which
@@ -66,8 +79,7 @@ def build_video_vae() -> AutoencoderKLWan:
         z_dim=LATENT_CHANNELS,
         dim_mult=[1, 2, 4, 4],
         num_res_blocks=1,
-        # time is halved once, in the last downsampling stage (see TEMPORAL_COMPRESSION)
-        temperal_downsample=[False, False, True],
+        temperal_downsample=[False, False, False],
         scale_factor_temporal=TEMPORAL_COMPRESSION,
         # Training replaces these with the trained latents' statistics (WanPipeline reads both).
         latents_mean=[0.0] * LATENT_CHANNELS,
@@ -75,7 +87,7 @@ def build_video_vae() -> AutoencoderKLWan:
     ).eval()
     with torch.no_grad():
         vae.quant_conv.bias[LATENT_CHANNELS:] = POSTERIOR_LOG_VARIANCE
-    return vae
+    return per_frame(vae)
 
 
 def build_video_transformer() -> WanTransformer3DModel:
@@ -121,6 +133,15 @@ def text_embeddings(pipe: WanPipeline, prompts: list[str], device: torch.device,
 
 def latent_frames(frames: int) -> int:
     return (frames - 1) // TEMPORAL_COMPRESSION + 1
+
+
+def wan_pipeline_num_frames(frames: int) -> int:
+    """The ``num_frames`` to ask ``diffusers.WanPipeline`` for, to get ``frames`` frames from this model. WanPipeline
+    rounds a count to k * scale_factor_temporal + 1 by ``num_frames % factor != 1``, which at this VAE's factor of 1
+    is always true, so it makes one frame more than asked: ask for one fewer. (ditserve's Wan adapter makes the count
+    it is asked for.)"""
+    assert TEMPORAL_COMPRESSION == 1, "the rounding only adds a frame at a temporal factor of 1"
+    return frames - 1
 
 
 def tokens_per_side(size: int = VIDEO_SIZE) -> int:

@@ -1,10 +1,11 @@
 """Training of the video demo model ``ditserve-shapes-video`` (``WanPipeline``, ``video_model.py``) on the clip
 language (``video_language.py``), in stages as ``train.py`` trains the image model, with its helpers:
 
-1. the video VAE on single frames of rendered clips, then on whole clips (posterior samples, reconstruction + a
-   small KL term), then its decoder alone on posterior means, the latents the transformer learns to produce; after
-   each, the clip checker scores decoded held-out ground-truth clips (the VAE's acceptance figure, logged as
-   ``vae_frames_check`` / ``vae_check`` / ``decoder_check``);
+1. the video VAE, which works frame by frame (``video_model.per_frame``), on single frames of rendered clips
+   (posterior samples, reconstruction + a small KL term), then the same with the colour edges weighted, then its
+   decoder alone on posterior means, the latents the transformer learns to produce; after each, the clip checker
+   scores decoded held-out ground-truth clips (the VAE's acceptance figure, logged as ``vae_frames_check`` /
+   ``vae_edges_check`` / ``decoder_check``);
 2. the text encoder's parsing stage (``text_pretrain.train_parsing``): a clip prompt is parsed into the scenes of
    its first and last frames, which say everything the clip does (where a subject starts and ends, whether it is
    there at first, its colour before and after); then the encoder is frozen;
@@ -77,46 +78,47 @@ TEXT_DATA_STAGE = 23
 TRANSFORMER_DATA_STAGE = 24
 TRANSFORMER_NOISE_STAGE = 25
 FRAME_DATA_STAGE = 26
-# Clips whose latents set the normalisation: 32 x 768 latent values per channel.
+# Clips whose latents set the normalisation: 32 x 2304 latent values per channel.
 LATENT_STATISTICS_CLIPS = 32
+# Warm-up of the VAE stages after the first, which start from trained weights.
+LATER_VAE_WARMUP_STEPS = 50
 
 
 @dataclass
 class VideoTrainConfig:
     """The VAE's defaults are the schedule measured in docs/demo/video_first_run.md (frame stage about 60 min on one
-    shared CPU thread); the rest were budgeted from timed steps (decoder 4 min, parsing 7, transformer 30)."""
+    shared CPU thread, edge stage 25 min); the rest were budgeted from timed steps (decoder 2 min, parsing 7-11,
+    transformer 30)."""
 
     run_dir: str = "runs/ditserve-shapes-video"
     device: str = "auto"
     seed: int = 0
     # Frames of every training clip, 4k + 1 (9: 5 latent frames, 320 tokens; 17: 9 latent frames, 576 tokens).
     frames: int = VIDEO_FRAMES
-    # The whole VAE on single frames first (one random frame of each of frame_batch clips a step): the spatial
-    # path learns the shapes there (docs/demo/video_first_run.md: on clips from scratch it stalled on flat
-    # backgrounds), and a frame costs a ninth of a 9-frame clip.
+    # Every VAE stage trains on single frames (one random frame of each clip a step): the VAE has no time to learn
+    # (per frame), and a frame costs a ninth of a 9-frame clip. First the whole VAE, which learns the shapes there
+    # at this lr with a long warm-up (docs/demo/video_first_run.md: on clips from scratch it stalled on flat
+    # backgrounds)...
     frame_steps: int = 2400
     frame_batch: int = 16
     frame_lr: float = 5e-4
-    # The clip stage: probe runs at a constant lr 5e-4 reached 52-74 % decoded ground-truth object accuracy over
-    # 600-1750 clip steps, swinging by 10 points between checks; 170 more steps with a decaying lr gave 81 %
-    # (docs/demo/video_first_run.md). This stage's cosine decay does that; not yet run to the end.
-    vae_steps: int = 2000
-    vae_batch: int = 8
-    # Every VAE stage trains on square crops of this side (a multiple of 8, up to 128: whole frames), one per clip
-    # and the same in every frame: the VAE's cost goes with the pixels (a 64-pixel crop costs a quarter of the whole
-    # frame), and its convolutions do not care where in the frame they are. The acceptance check and the latents
-    # of the transformer stage use whole frames.
-    vae_crop: int = 64
-    vae_lr: float = 5e-4
-    # Warm-up of every VAE stage: at 1e-3 with 50 warm-up steps the stock Wan VAE swung at a loss of 0.4-0.8.
-    vae_warmup_steps: int = 200
-    # Extra loss weight, in the clip stages, on the pixels of a colour edge and on the pixels that differ from the
-    # clip's first frame (a changed colour, a moved or appearing object: what the clip stage got wrong without it;
-    # docs/demo/video_first_run.md).
+    # ... then again with the pixels of a colour edge weighted (vae_edge_weight), where a small shape's corners
+    # are: decoded ground-truth object accuracy 86 % after the first stage, 90 % after 400 of these steps, 93 %
+    # after 800 (docs/demo/video_first_run.md).
+    vae_steps: int = 800
+    vae_batch: int = 16
+    vae_lr: float = 3e-4
     vae_edge_weight: float = 6.0
-    vae_change_weight: float = 4.0
+    # Every VAE stage trains on square crops of this side (a multiple of 8, up to 128: whole frames), one per frame:
+    # the VAE's cost goes with the pixels (a 64-pixel crop costs a quarter of the whole frame), and its convolutions
+    # do not care where in the frame they are. The acceptance check and the latents of the transformer stage use
+    # whole frames.
+    vae_crop: int = 64
+    # Warm-up of the first VAE stage (the others: 50 steps): at 1e-3 with 50 warm-up steps the stock Wan VAE swung
+    # at a loss of 0.4-0.8.
+    vae_warmup_steps: int = 200
     vae_kl_weight: float = 1e-6
-    # Decoder on posterior means (0: none), with the clip stage's loss weights.
+    # Decoder on posterior means (0: none), with the edge weight.
     decoder_steps: int = 100
     decoder_lr: float = 2e-4
     # Held-out clips whose decoded ground truth the clip checker scores after each VAE stage (0: none).
@@ -150,12 +152,12 @@ class VideoTrainConfig:
 
 
 class VaeStage(str, enum.Enum):
-    """FRAMES: encoder and decoder on single frames, posterior samples, reconstruction plus a small KL term.
-    AUTOENCODER: the same on whole clips. DECODER: the decoder alone on posterior means of clips; the encoder,
+    """All on single frames. FRAMES: encoder and decoder, posterior samples, reconstruction plus a small KL term.
+    EDGES: the same with the colour edges weighted. DECODER: the decoder alone on posterior means; the encoder,
     hence the latent space, stays as it is."""
 
     FRAMES = "vae_frames"
-    AUTOENCODER = "vae"
+    EDGES = "vae_edges"
     DECODER = "decoder"
 
 
@@ -202,27 +204,14 @@ def _one_frame_each(videos: torch.Tensor, generator: torch.Generator) -> torch.T
     return videos[torch.arange(len(videos), device=videos.device), :, frames].unsqueeze(2)
 
 
-def changed_pixels(videos: torch.Tensor) -> torch.Tensor:
-    """(B, 1, F, H, W): 1 where a pixel differs from the same pixel of the clip's first frame."""
-    return ((videos - videos[:, :, :1]).abs().amax(dim=1, keepdim=True) > 0.1).float()
-
-
-def _clip_loss_weights(stage: VaeStage, cfg: VideoTrainConfig,
-                       target: torch.Tensor) -> tuple[float, torch.Tensor | None]:
-    """The edge weight and the per-pixel extra weights of a VAE stage's reconstruction loss (none on frames)."""
-    if stage is VaeStage.FRAMES:
-        return 0.0, None
-    return cfg.vae_edge_weight, _frames_as_pictures(cfg.vae_change_weight * changed_pixels(target))
-
-
 def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.device, logger: _Logger,
                     stage: VaeStage) -> None:
-    """One VAE stage (see VaeStage), resumable from its checkpoint; after the autoencoder stage, sets the latent
-    statistics; after either, logs the clip checker's figures on decoded held-out ground truth."""
+    """One VAE stage (see VaeStage), resumable from its checkpoint; after the ones that train the encoder, sets the
+    latent statistics; after each, logs the clip checker's figures on decoded held-out ground truth."""
     decoder_only = stage is VaeStage.DECODER
     steps, lr, batch, data_stage = {
         VaeStage.FRAMES: (cfg.frame_steps, cfg.frame_lr, cfg.frame_batch, FRAME_DATA_STAGE),
-        VaeStage.AUTOENCODER: (cfg.vae_steps, cfg.vae_lr, cfg.vae_batch, VAE_DATA_STAGE),
+        VaeStage.EDGES: (cfg.vae_steps, cfg.vae_lr, cfg.vae_batch, VAE_DATA_STAGE),
         VaeStage.DECODER: (cfg.decoder_steps, cfg.decoder_lr, cfg.vae_batch, DECODER_DATA_STAGE),
     }[stage]
     vae = pipe.vae.to(device)
@@ -243,12 +232,11 @@ def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.devi
     progress = tqdm(range(start, steps), desc=stage.value, initial=start, total=steps)
     for step in progress:
         for group in optimizer.param_groups:
-            group["lr"] = lr * _lr_factor(step, steps, min(cfg.vae_warmup_steps, steps // 10))
+            warmup = cfg.vae_warmup_steps if stage is VaeStage.FRAMES else LATER_VAE_WARMUP_STEPS
+            group["lr"] = lr * _lr_factor(step, steps, min(warmup, steps // 10))
         generator = _step_generator(device, cfg.seed, data_stage, step)
         _, _, videos = _training_clips(batch, cfg, data_stage, step, generator)
-        if stage is VaeStage.FRAMES:
-            videos = _one_frame_each(videos, generator)
-        target = _random_crops(videos, cfg.vae_crop, generator) * 2 - 1
+        target = _random_crops(_one_frame_each(videos, generator), cfg.vae_crop, generator) * 2 - 1
         with _autocast(device):
             if decoder_only:
                 with torch.no_grad():
@@ -259,8 +247,8 @@ def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.devi
                 latents = posterior.sample(generator=generator)
                 kl = posterior.kl().float().mean()
             reconstruction = vae.decode(latents).sample.float()
-        loss_rec = _reconstruction_loss(_frames_as_pictures(reconstruction), _frames_as_pictures(target),
-                                        *_clip_loss_weights(stage, cfg, target))
+        edge_weight = 0.0 if stage is VaeStage.FRAMES else cfg.vae_edge_weight
+        loss_rec = _reconstruction_loss(_frames_as_pictures(reconstruction), _frames_as_pictures(target), edge_weight)
         loss = loss_rec + cfg.vae_kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -272,7 +260,7 @@ def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.devi
         if (step + 1) % cfg.checkpoint_every == 0 or step == steps - 1:
             _save_checkpoint(checkpoint, {"step": step + 1, "vae": vae.state_dict(), "optimizer": optimizer.state_dict()})
     vae.eval().requires_grad_(False)
-    if stage is VaeStage.AUTOENCODER:
+    if stage is not VaeStage.DECODER:
         _set_latent_statistics(pipe, cfg, device)
     if cfg.vae_check_clips > 0 and start < steps:
         clips = heldout_clips(cfg.vae_check_clips)
