@@ -80,6 +80,11 @@ class SkipPolicy(ABC):
         """Called after rows of ``state`` were computed (calibration records here)."""
         return None
 
+    def computed_instead(self, state: Any) -> None:
+        """The hooks computed a step this policy let skip (no stored residual of the rows' shape, e.g. a Wan2.2
+        expert's first step): a policy whose state runs between computed steps resets it as a compute does."""
+        return None
+
 
 
 @dataclass
@@ -217,6 +222,7 @@ class ResidualReuseController:
             decision = self.policy.decide(record.policy_state, owner.step_index, owner.num_steps, signal)
             expected = [stream[index].shape for stream in streams_in]
             if decision.skip and (record.residuals is None or [r.shape for r in record.residuals] != expected):
+                self.policy.computed_instead(record.policy_state)
                 decision = Decision(False, decision.distance, "no stored residual")
             if decision.skip:
                 skipped.add(key)

@@ -137,9 +137,12 @@ class MagCachePolicy(SkipPolicy):
         if error < self.threshold and state.skipped_in_row <= self.skip_cap(state.computed_after_retention, num_steps):
             return Decision(True, error, "under threshold")
         reason = "threshold reached" if error >= self.threshold else "max consecutive skips"
+        self.computed_instead(state)
+        return Decision(False, error, reason)
+
+    def computed_instead(self, state: MagCacheState) -> None:
         state.restart()
         state.computed_after_retention += 1
-        return Decision(False, error, reason)
 
 
 class MagCacheBackend(ResidualCacheBackend):

@@ -60,6 +60,9 @@ class TeaCachePolicy(SkipPolicy):
         distance, state.accumulated = state.accumulated, 0.0
         return Decision(False, distance, "threshold reached")
 
+    def computed_instead(self, state: TeaCacheState) -> None:
+        state.accumulated = 0.0
+
 
 class TeaCacheBackend(ResidualCacheBackend):
     name = "tea_cache"

@@ -51,10 +51,15 @@ class AgreedSkipPolicy(SkipPolicy):
         agreed = bool(flag.item())
         if agreed == local.skip:
             return local
+        if local.skip:
+            self.inner.computed_instead(state)
         return Decision(skip=agreed, distance=local.distance, reason=f"branch rank 0 decided ({local.reason})")
 
     def observe_computed(self, state: Any, step: int, blocks_in: torch.Tensor, blocks_out: torch.Tensor) -> None:
         self.inner.observe_computed(state, step, blocks_in, blocks_out)
+
+    def computed_instead(self, state: Any) -> None:
+        self.inner.computed_instead(state)
 
 
 def agree_on_skips(backend: Any, topology: ParallelTopology) -> None:

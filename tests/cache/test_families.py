@@ -217,6 +217,22 @@ def test_mag_cache_experts_decide_on_their_own_ratios() -> None:
     assert branches["transformer_2:cond"]["skipped"] == branches["transformer_2:uncond"]["skipped"] == 0
 
 
+
+def test_an_experts_first_step_computes_and_its_skips_in_a_row_start_afresh() -> None:
+    """The low-noise expert has no stored residual at its first step: MagCache lets it skip, the hooks compute it,
+    and the policy counts that as a computed step, so a full run of K skips follows (not one fewer)."""
+    model = tiny_pipeline_dir("wan_i2v_a14b")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    request = {"prompt": "a red cat", "multi_modal_data": {"image": image}}
+    params = {**FAMILY_PARAMS["wan"], "num_inference_steps": 12, "seed": 2}
+    config = {"mag_ratios": [1.0] * 12, "magcache_thresh": 100.0, "magcache_K": 2, "retention_ratio": 0.0}
+    with Omni(model, cache_backend="mag_cache", cache_config=config) as omni:
+        branches = omni.generate(request, params)[0].cache_stats["branches"]
+    for branch in ("transformer_2:cond", "transformer_2:uncond"):
+        decisions = branches[branch]["decisions"]
+        assert decisions[0]["reason"] == "no stored residual"
+        assert [d["decision"] for d in decisions[1:4]] == ["skip", "skip", "compute"]
+
 def test_cache_dit_skips_for_real_on_wan_image_to_video() -> None:
     """Wan2.2 I2V-A14B under Cache-DiT: each expert's library context runs only its share of the steps, so its
     statistics are published after each call (not at a last step that expert never reaches); the skips counted on

@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from ditserve import Omni, OmniDiffusionSamplingParams
 from ditserve.testing.compare import max_abs_diff
@@ -257,3 +258,30 @@ def test_magcache_k_growth_spaces_computed_steps_ever_wider(tiny_flux_dir: str) 
         "compute", "skip", "compute", "skip", "skip", "compute"]
     with pytest.raises(CacheConfigError, match="magcache_K_growth"):
         Omni(tiny_flux_dir, cache_backend="mag_cache", cache_config={**config, "magcache_K_growth": 0.5})
+
+
+def test_a_step_computed_for_want_of_a_stored_residual_resets_the_policy_as_a_compute_does() -> None:
+    """When the hooks overrule a skip (no stored residual, as at a Wan2.2 expert's first step) the policy's state
+    restarts as if it had decided to compute: MagCache's next run of skips is not cut short, TeaCache's
+    accumulated distance starts again."""
+    from ditserve.cache.magcache import MagCachePolicy
+    from ditserve.cache.teacache import TeaCachePolicy
+
+    policy = MagCachePolicy(100.0, 2, 0.0, {"*": [1.0] * 10}, 1.0)
+    decided, overruled = policy.new_state("cond"), policy.new_state("cond")
+    policy.decide(decided, 0, 10, None), policy.decide(overruled, 0, 10, None)
+    policy.decide(decided, 1, 10, None)
+    policy.decide(decided, 2, 10, None)
+    assert not policy.decide(decided, 3, 10, None).skip  # third in a row: over K 2, computes
+    assert policy.decide(overruled, 3, 10, None).skip  # as if steps 1-2 had been computed: the first skip
+    policy.computed_instead(overruled)  # ... which the hooks overrule
+    assert [policy.decide(s, 4, 10, None).skip for s in (decided, overruled)] == [True, True]
+    assert [policy.decide(s, 5, 10, None).skip for s in (decided, overruled)] == [True, True]
+    assert [policy.decide(s, 6, 10, None).skip for s in (decided, overruled)] == [False, False]
+    tea = TeaCachePolicy(0.5, [1.0, 0.0])
+    state = tea.new_state("cond")
+    tea.decide(state, 0, 10, torch.ones(1, 4))
+    assert tea.decide(state, 1, 10, torch.full((1, 4), 1.3)).skip  # 0.3 accumulated
+    tea.computed_instead(state)
+    assert tea.decide(state, 2, 10, torch.full((1, 4), 1.3 * 1.3)).skip  # 0.3 again, not 0.6
+
