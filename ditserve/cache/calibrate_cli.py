@@ -3,7 +3,6 @@
     ditserve calibrate path/to/model --steps 50 --num-prompts 4 --holdout-prompts 4
     ditserve calibrate ditserve-shapes            # the demo model: held-out prompts of its language
     ditserve calibrate ditserve-shapes-edit       # the edit demo: held-out edits with their input pictures
-    ditserve calibrate ditserve-shapes-video      # the video demo: held-out clip prompts
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from ditserve.cache.calibrate import DEFAULT_BUDGET, MANY_KNOBS, CalibrationRun,
 from ditserve.cache.search import config_key
 from ditserve.cache.search import logger as search_logger
 from ditserve.cache.selector import available_backends, backend_class
-from ditserve.demo import DEMO_EDIT_MODEL_NAME, DEMO_MODEL_NAME, DEMO_VIDEO_MODEL_NAME
+from ditserve.demo import DEMO_EDIT_MODEL_NAME, DEMO_MODEL_NAME
 from ditserve.errors import InvalidParameterError
 
 #: used for models other than the demo model when no --prompts file is given
@@ -74,10 +73,6 @@ def calibration_items(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
         from ditserve.demo import heldout_prompts
 
         prompts = heldout_prompts(wanted, seed=DEMO_PROMPT_SEED)
-    elif args.model == DEMO_VIDEO_MODEL_NAME:
-        from ditserve.demo.video_language import heldout_clips
-
-        prompts = [clip.to_prompt() for clip in heldout_clips(wanted, seed=DEMO_PROMPT_SEED)]
     else:
         prompts = list(GENERIC_PROMPTS)
     if len(prompts) < wanted:

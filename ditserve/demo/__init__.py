@@ -21,8 +21,6 @@ from ditserve.demo.render import render
 DEMO_MODEL_NAME = "ditserve-shapes"
 # The instruction-editing model trained from it (FluxKontextPipeline), with its own instruction language.
 DEMO_EDIT_MODEL_NAME = f"{DEMO_MODEL_NAME}-edit"
-# The text-to-video model of the clip language (WanPipeline).
-DEMO_VIDEO_MODEL_NAME = f"{DEMO_MODEL_NAME}-video"
 # The trained LoRA shipped beside the model (a PEFT folder): it teaches the size word language.NEW_SIZE.
 DEMO_LORA_NAME = f"{DEMO_MODEL_NAME}-lora-{NEW_SIZE}"
 
@@ -37,13 +35,8 @@ def demo_edit_model_path() -> Path:
     return Path(__file__).resolve().parent / DEMO_EDIT_MODEL_NAME
 
 
-def demo_video_model_path() -> Path:
-    """Folder of the bundled diffusers-format video model (WanPipeline)."""
-    return Path(__file__).resolve().parent / DEMO_VIDEO_MODEL_NAME
-
-
 #: the models served by name with no download (``ditserve serve ditserve-shapes-edit``)
-BUNDLED_MODELS = (DEMO_MODEL_NAME, DEMO_EDIT_MODEL_NAME, DEMO_VIDEO_MODEL_NAME)
+BUNDLED_MODELS = (DEMO_MODEL_NAME, DEMO_EDIT_MODEL_NAME)
 
 
 def bundled_model_path(name: str) -> Path | None:
@@ -62,13 +55,11 @@ __all__ = [
     "DEMO_EDIT_MODEL_NAME",
     "DEMO_LORA_NAME",
     "DEMO_MODEL_NAME",
-    "DEMO_VIDEO_MODEL_NAME",
     "NEW_SIZE",
     "PromptOutsideLanguageError",
     "demo_edit_model_path",
     "demo_lora_path",
     "demo_model_path",
-    "demo_video_model_path",
     "evaluate",
     "heldout_prompts",
     "is_in_language",

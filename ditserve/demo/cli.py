@@ -273,7 +273,6 @@ def _cmd_eval_edit(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval_video(args: argparse.Namespace) -> None:
-    from ditserve.demo import demo_video_model_path
     from ditserve.demo.evaluation import load_sampling_defaults
     from ditserve.demo.video_checker import evaluate_clips
     from ditserve.demo.video_evaluation import (
@@ -285,7 +284,9 @@ def _cmd_eval_video(args: argparse.Namespace) -> None:
     from ditserve.demo.video_language import ClipKind, heldout_clips
 
     _refuse_image_eval_options(args)
-    model_dir = Path(args.model) if args.model else demo_video_model_path()
+    if not args.model:
+        raise InvalidParameterError("--task video needs --model: no video model is bundled", param="model")
+    model_dir = Path(args.model)
     defaults = load_sampling_defaults(model_dir)
     frames = defaults["num_frames"]
     pipe = load_video_pipeline(model_dir, args.device)
@@ -420,8 +421,8 @@ def register(subparsers) -> None:
     evaluate.add_argument("--task", choices=[t.value for t in Task], default=Task.IMAGE.value,
                           help="image: prompt adherence of ditserve-shapes; edit: held-out edits of "
                           "ditserve-shapes-edit (FluxKontextPipeline), pass = instruction applied and the rest kept; "
-                          "video: held-out clips of ditserve-shapes-video (WanPipeline), pass = every frame and the "
-                          "event right")
+                          "video: held-out clips of a WanPipeline folder given by --model, pass = every frame and "
+                          "the event right")
     evaluate.add_argument("--prompts", type=int, default=None,
                           help="number of held-out prompts (default 64), of held-out edits (default 100) or of "
                           "held-out clips (default 64)")

@@ -46,15 +46,6 @@ def test_the_edit_demo_calibrates_on_held_out_edits_each_with_its_own_input_pict
     assert error.value.param == "image"
 
 
-def test_the_video_demo_calibrates_on_held_out_clip_prompts_the_evaluation_does_not_use() -> None:
-    from ditserve.demo.video_language import heldout_clips, parse_video_prompt
-
-    search, holdout = calibration_items(_args(model="ditserve-shapes-video", num_prompts=3, holdout_prompts=2))
-    assert search + holdout == [clip.to_prompt() for clip in heldout_clips(5, seed=DEMO_PROMPT_SEED)]
-    assert all(parse_video_prompt(prompt).to_prompt() == prompt for prompt in search + holdout)
-    assert not set(search + holdout) & {clip.to_prompt() for clip in heldout_clips(64, seed=0)}
-
-
 def test_a_prompt_with_input_pictures_is_named_by_its_text_and_their_pixels() -> None:
     from PIL import Image
 

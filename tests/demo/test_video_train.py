@@ -292,6 +292,7 @@ def test_eval_scores_held_out_clips_end_to_end(trained, tmp_path):
     (["train", "--task", "video", "--frames", "8"], "frames"),
     (["train", "--task", "video", "--vae-crop", "60"], "vae_crop"),
     (["eval", "--task", "video", "--lora", "some-folder"], "lora"),
+    (["eval", "--task", "video"], "model"),
 ])
 def test_cli_refuses_what_video_training_and_eval_do_not_take(argv, param, tmp_path):
     if argv[0] == "train":
