@@ -206,7 +206,7 @@ def _one_frame_each(videos: torch.Tensor, generator: torch.Generator) -> torch.T
 
 def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.device, logger: _Logger,
                     stage: VaeStage) -> None:
-    """One VAE stage (see VaeStage), resumable from its checkpoint; after the ones that train the encoder, sets the
+    """One VAE stage (see VaeStage), resumable from its checkpoint; after the last that trains the encoder, sets the
     latent statistics; after each, logs the clip checker's figures on decoded held-out ground truth."""
     decoder_only = stage is VaeStage.DECODER
     steps, lr, batch, data_stage = {
@@ -260,7 +260,7 @@ def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.devi
         if (step + 1) % cfg.checkpoint_every == 0 or step == steps - 1:
             _save_checkpoint(checkpoint, {"step": step + 1, "vae": vae.state_dict(), "optimizer": optimizer.state_dict()})
     vae.eval().requires_grad_(False)
-    if stage is not VaeStage.DECODER:
+    if stage is VaeStage.EDGES:  # the last stage that moves the encoder (run even when it has no steps)
         _set_latent_statistics(pipe, cfg, device)
     if cfg.vae_check_clips > 0 and start < steps:
         clips = heldout_clips(cfg.vae_check_clips)
