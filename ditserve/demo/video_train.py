@@ -93,7 +93,7 @@ class VideoTrainConfig:
     run_dir: str = "runs/ditserve-shapes-video"
     device: str = "auto"
     seed: int = 0
-    # Frames of every training clip, 4k + 1 (9: 5 latent frames, 320 tokens; 17: 9 latent frames, 576 tokens).
+    # Frames of every training clip, 4k + 1 (a latent frame each: 9 frames are 576 tokens, 17 are 1088).
     frames: int = VIDEO_FRAMES
     # Every VAE stage trains on single frames (one random frame of each clip a step): the VAE has no time to learn
     # (per frame), and a frame costs a ninth of a 9-frame clip. First the whole VAE, which learns the shapes there
@@ -204,23 +204,42 @@ def _one_frame_each(videos: torch.Tensor, generator: torch.Generator) -> torch.T
     return videos[torch.arange(len(videos), device=videos.device), :, frames].unsqueeze(2)
 
 
+@dataclass(frozen=True)
+class VaeStageSettings:
+    steps: int
+    lr: float
+    batch: int
+    data_stage: int
+    warmup_steps: int
+    edge_weight: float
+
+
+def vae_stage_settings(stage: VaeStage, cfg: VideoTrainConfig) -> VaeStageSettings:
+    """What a VAE stage runs with: the first learns the shapes unweighted with the long warm-up; the later ones
+    start from trained weights (a short warm-up) and weigh the colour edges."""
+    if stage is VaeStage.FRAMES:
+        return VaeStageSettings(cfg.frame_steps, cfg.frame_lr, cfg.frame_batch, FRAME_DATA_STAGE,
+                                min(cfg.vae_warmup_steps, cfg.frame_steps // 10), 0.0)
+    steps, lr, data_stage = ((cfg.vae_steps, cfg.vae_lr, VAE_DATA_STAGE) if stage is VaeStage.EDGES
+                             else (cfg.decoder_steps, cfg.decoder_lr, DECODER_DATA_STAGE))
+    return VaeStageSettings(steps, lr, cfg.vae_batch, data_stage, min(LATER_VAE_WARMUP_STEPS, steps // 10),
+                            cfg.vae_edge_weight)
+
+
 def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.device, logger: _Logger,
                     stage: VaeStage) -> None:
     """One VAE stage (see VaeStage), resumable from its checkpoint; after the last that trains the encoder, sets the
     latent statistics; after each, logs the clip checker's figures on decoded held-out ground truth."""
     decoder_only = stage is VaeStage.DECODER
-    steps, lr, batch, data_stage = {
-        VaeStage.FRAMES: (cfg.frame_steps, cfg.frame_lr, cfg.frame_batch, FRAME_DATA_STAGE),
-        VaeStage.EDGES: (cfg.vae_steps, cfg.vae_lr, cfg.vae_batch, VAE_DATA_STAGE),
-        VaeStage.DECODER: (cfg.decoder_steps, cfg.decoder_lr, cfg.vae_batch, DECODER_DATA_STAGE),
-    }[stage]
+    settings = vae_stage_settings(stage, cfg)
+    steps = settings.steps
     vae = pipe.vae.to(device)
     vae.eval().requires_grad_(False)
     trained = [vae.post_quant_conv, vae.decoder] if decoder_only else [vae]
     for module in trained:
         module.train().requires_grad_(True)
     parameters = [p for module in trained for p in module.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=0.0)
     checkpoint = Path(cfg.run_dir) / f"{stage.value}.pt"
     start = 0
     if checkpoint.exists():
@@ -232,10 +251,9 @@ def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.devi
     progress = tqdm(range(start, steps), desc=stage.value, initial=start, total=steps)
     for step in progress:
         for group in optimizer.param_groups:
-            warmup = cfg.vae_warmup_steps if stage is VaeStage.FRAMES else LATER_VAE_WARMUP_STEPS
-            group["lr"] = lr * _lr_factor(step, steps, min(warmup, steps // 10))
-        generator = _step_generator(device, cfg.seed, data_stage, step)
-        _, _, videos = _training_clips(batch, cfg, data_stage, step, generator)
+            group["lr"] = settings.lr * _lr_factor(step, steps, settings.warmup_steps)
+        generator = _step_generator(device, cfg.seed, settings.data_stage, step)
+        _, _, videos = _training_clips(settings.batch, cfg, settings.data_stage, step, generator)
         target = _random_crops(_one_frame_each(videos, generator), cfg.vae_crop, generator) * 2 - 1
         with _autocast(device):
             if decoder_only:
@@ -247,8 +265,8 @@ def train_video_vae(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.devi
                 latents = posterior.sample(generator=generator)
                 kl = posterior.kl().float().mean()
             reconstruction = vae.decode(latents).sample.float()
-        edge_weight = 0.0 if stage is VaeStage.FRAMES else cfg.vae_edge_weight
-        loss_rec = _reconstruction_loss(_frames_as_pictures(reconstruction), _frames_as_pictures(target), edge_weight)
+        loss_rec = _reconstruction_loss(_frames_as_pictures(reconstruction), _frames_as_pictures(target),
+                                        settings.edge_weight)
         loss = loss_rec + cfg.vae_kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

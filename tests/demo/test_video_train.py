@@ -21,6 +21,7 @@ from ditserve.demo.video_model import (
 )
 from ditserve.demo.video_render import clip_layout, render_clip_batch
 from ditserve.demo.video_train import (
+    VaeStage,
     VideoTrainConfig,
     _clip_parse_targets,
     _one_frame_each,
@@ -29,6 +30,7 @@ from ditserve.demo.video_train import (
     normalized_latents,
     probe_targets,
     train_video,
+    vae_stage_settings,
 )
 from ditserve.errors import InvalidParameterError
 
@@ -80,6 +82,15 @@ def test_the_vae_encodes_and_decodes_each_frame_on_its_own_and_training_keeps_it
     assert torch.equal(vae.encoder.conv_in.weight[:, :, :-1], torch.zeros_like(vae.encoder.conv_in.weight[:, :, :-1]))
     latents, frame_latents, decoded, frames = alone_and_together()
     torch.testing.assert_close(decoded, frames, rtol=0, atol=1e-5)
+
+
+def test_only_the_first_vae_stage_is_unweighted_with_the_long_warm_up():
+    config = VideoTrainConfig(frame_steps=2400, vae_steps=800, decoder_steps=100, vae_edge_weight=6.0)
+    frames, edges, decoder = (vae_stage_settings(stage, config) for stage in VaeStage)
+    assert (frames.steps, frames.lr, frames.warmup_steps, frames.edge_weight) == (2400, 5e-4, 200, 0.0)
+    assert (edges.steps, edges.lr, edges.warmup_steps, edges.edge_weight) == (800, 3e-4, 50, 6.0)
+    assert (decoder.steps, decoder.lr, decoder.warmup_steps, decoder.edge_weight) == (100, 2e-4, 10, 6.0)
+    assert len({frames.data_stage, edges.data_stage, decoder.data_stage}) == 3  # each stage draws its own clips
 
 
 def test_the_untrained_posterior_is_narrow_so_its_samples_carry_the_means():
