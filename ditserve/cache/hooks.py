@@ -86,7 +86,6 @@ class SkipPolicy(ABC):
         return None
 
 
-
 @dataclass
 class KeyRecord:
     policy_state: Any

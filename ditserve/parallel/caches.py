@@ -51,8 +51,6 @@ class AgreedSkipPolicy(SkipPolicy):
         agreed = bool(flag.item())
         if agreed == local.skip:
             return local
-        if local.skip:
-            self.inner.computed_instead(state)
         return Decision(skip=agreed, distance=local.distance, reason=f"branch rank 0 decided ({local.reason})")
 
     def observe_computed(self, state: Any, step: int, blocks_in: torch.Tensor, blocks_out: torch.Tensor) -> None:
