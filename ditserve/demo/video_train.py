@@ -78,8 +78,8 @@ TEXT_DATA_STAGE = 23
 TRANSFORMER_DATA_STAGE = 24
 TRANSFORMER_NOISE_STAGE = 25
 FRAME_DATA_STAGE = 26
-# Clips whose latents set the normalisation: 32 x 2304 latent values per channel.
-LATENT_STATISTICS_CLIPS = 32
+# Clips encoded at a time for the latent statistics.
+LATENT_STATISTICS_CHUNK = 8
 # Warm-up of the VAE stages after the first, which start from trained weights.
 LATER_VAE_WARMUP_STEPS = 50
 
@@ -123,6 +123,8 @@ class VideoTrainConfig:
     decoder_lr: float = 2e-4
     # Held-out clips whose decoded ground truth the clip checker scores after each VAE stage (0: none).
     vae_check_clips: int = 32
+    # Training clips whose latents set the normalisation (32: 32 x 2304 latent values per channel).
+    latent_statistics_clips: int = 32
     # Parsing stage of the text encoder, which is then frozen; 0 steps: no parsing stage, and the encoder trains
     # jointly with the transformer.
     text_steps: int = 2500
@@ -166,7 +168,8 @@ def _check_config(cfg: VideoTrainConfig) -> None:
     if cfg.vae_crop % SPATIAL_COMPRESSION or not 2 * SPATIAL_COMPRESSION <= cfg.vae_crop <= VIDEO_SIZE:
         raise InvalidParameterError(f"vae_crop must be a multiple of {SPATIAL_COMPRESSION} from {2 * SPATIAL_COMPRESSION} "
                                     f"to {VIDEO_SIZE}, got {cfg.vae_crop}", param="vae_crop")
-    for name in ("frame_batch", "vae_batch", "text_batch", "batch", "noise_draws", "probe_cells", "checkpoint_every", "log_every"):
+    for name in ("frame_batch", "vae_batch", "text_batch", "batch", "noise_draws", "probe_cells", "checkpoint_every", "log_every",
+                 "latent_statistics_clips"):
         if getattr(cfg, name) < 1:
             raise InvalidParameterError(f"{name} must be >= 1, got {getattr(cfg, name)}", param=name)
 
@@ -292,9 +295,10 @@ def _set_latent_statistics(pipe: WanPipeline, cfg: VideoTrainConfig, device: tor
     before decoding. One spread: a channel the VAE hardly uses would otherwise be scaled up to unit variance, and
     the transformer would spend itself predicting that channel's noise."""
     chunks = []
-    for start in range(0, LATENT_STATISTICS_CLIPS, 8):
+    for start in range(0, cfg.latent_statistics_clips, LATENT_STATISTICS_CHUNK):
         generator = _step_generator(device, cfg.seed, LATENT_STATISTICS_STAGE, start)
-        _, _, videos = _training_clips(8, cfg, LATENT_STATISTICS_STAGE, start, generator)
+        count = min(LATENT_STATISTICS_CHUNK, cfg.latent_statistics_clips - start)
+        _, _, videos = _training_clips(count, cfg, LATENT_STATISTICS_STAGE, start, generator)
         chunks.append(pipe.vae.encode(videos * 2 - 1).latent_dist.mode().float())
     latents = torch.cat(chunks)
     mean = latents.mean(dim=(0, 2, 3, 4))

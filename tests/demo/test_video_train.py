@@ -212,7 +212,8 @@ def test_clip_parse_targets_hold_the_first_and_the_last_frame():
     assert first[2, cell["bottom"]] == color["yellow"] and last[2, cell["bottom"]] == color["purple"]
 
 
-TINY_RUN = ["--frame-steps", "2", "--frame-batch", "2", "--vae-steps", "2", "--vae-batch", "2", "--decoder-steps", "2", "--vae-check-clips", "2",
+TINY_RUN = ["--frame-steps", "2", "--frame-batch", "2", "--vae-steps", "2", "--vae-batch", "2", "--decoder-steps", "2",
+            "--vae-check-clips", "1", "--latent-statistics-clips", "2",
             "--text-steps", "2", "--text-batch", "8", "--steps", "2", "--batch", "2", "--noise-draws", "2",
             "--warmup-steps", "1", "--log-every", "1", "--device", "cpu"]
 
@@ -273,7 +274,7 @@ def test_a_resumed_run_continues_from_its_checkpoints(trained, tmp_path):
     run_dir, _ = trained
     log_before = len(_log(run_dir))
     config = VideoTrainConfig(run_dir=str(run_dir), frame_steps=2, frame_batch=2, vae_steps=2, vae_batch=2,
-                              decoder_steps=2, vae_check_clips=2,
+                              decoder_steps=2, vae_check_clips=1, latent_statistics_clips=2,
                               text_steps=2, text_batch=8, steps=3, batch=2, noise_draws=2, warmup_steps=1,
                               log_every=1, device="cpu")
     train_video(config, tmp_path / "out")
