@@ -29,6 +29,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every system")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--num-frames", type=int, default=None, help="frames of each video (video models only; "
+                                                                      "default: the model's)")
     parser.add_argument("--true-cfg-scale", type=float, default=None)
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -70,7 +72,8 @@ def _sized_options(args: argparse.Namespace) -> dict[str, Any]:
 def options_from_args(args: argparse.Namespace) -> Any:
     from ditserve.bench.runner import BenchOptions
 
-    _check_at_least_one("--cpu-threads", args.cpu_threads)
+    for flag in ("--cpu-threads", "--num-frames"):
+        _check_at_least_one(flag, getattr(args, flag.removeprefix("--").replace("-", "_")))
     if args.search_peers < 0:
         raise InvalidParameterError(f"--search-peers={args.search_peers} must be >= 0", param="search_peers")
     model = args.model
@@ -80,18 +83,18 @@ def options_from_args(args: argparse.Namespace) -> Any:
         model = tiny_pipeline_dir("flux")
     return BenchOptions(
         model=model, seed=args.seed, device=args.device, dtype=args.dtype, true_cfg_scale=args.true_cfg_scale,
-        negative_prompt=args.negative_prompt, quick=args.quick, show_progress=args.progress,
+        negative_prompt=args.negative_prompt, num_frames=args.num_frames, quick=args.quick, show_progress=args.progress,
         only=tuple(args.only), cpu_threads=args.cpu_threads, search_peers=args.search_peers, **_sized_options(args))
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, rebuilt from the parsed options (recorded with the results)."""
     words = ["ditserve", "bench"] + ([args.model] if args.model else [])
-    for flag in ("steps", "num_prompts", "repeats", "seed", "height", "width", "true_cfg_scale",
+    for flag in ("steps", "num_prompts", "repeats", "seed", "height", "width", "num_frames", "true_cfg_scale",
                  "negative_prompt", "dtype", "device", "cpu_threads", "search_peers"):
         value = getattr(args, flag)
         if value is not None:
-            words += ["--" + flag.removeprefix("num_").replace("_", "-"), str(value)]
+            words += ["--prompts" if flag == "num_prompts" else "--" + flag.replace("_", "-"), str(value)]
     if args.only:
         words += ["--only", *args.only]
     words += [f for f, on in (("--quick", args.quick), ("--levers", args.levers)) if on]

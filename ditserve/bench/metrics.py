@@ -1,4 +1,5 @@
-"""Image quality against a reference, and the statistics the bench reports."""
+"""Image and video quality against a reference, and the statistics the bench reports. A video is its uint8
+frames (frames x height x width x 3): its PSNR is over all of its pixels, its SSIM the mean of its frames'."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def ssim(image: Image.Image | np.ndarray, reference: Image.Image | np.ndarray) -
     from skimage.metrics import structural_similarity
 
     a, b = as_uint8(image), as_uint8(reference)
+    if a.ndim == 4:
+        return float(np.mean([ssim(frame, reference_frame) for frame, reference_frame in zip(a, b, strict=True)]))
     # the default 7-pixel window needs images of at least 7x7; smaller test images use an odd window that fits
     window = min(7, *(side if side % 2 else side - 1 for side in a.shape[:2]))
     return float(structural_similarity(b, a, channel_axis=2, data_range=255, win_size=window))

@@ -16,7 +16,7 @@ from typing import Any
 
 from ditserve.bench import peers
 from ditserve.bench.metrics import psnr_db
-from ditserve.bench.systems import BenchItem, DiffusersSystem, ImageResult
+from ditserve.bench.systems import BenchItem, DiffusersSystem, SampleResult
 from ditserve.cache.cache_dit import CacheDiTBackend
 from ditserve.cache.calibrate import DEFAULT_BUDGET, default_budget
 from ditserve.cache.magcache import MagCacheBackend
@@ -72,7 +72,7 @@ class PeerSetup:
     system: DiffusersSystem
     prompts: list[BenchItem]
     params: list[OmniDiffusionSamplingParams]
-    uncached: list[ImageResult]
+    uncached: list[SampleResult]
 
 
 class PeerEvaluator(Evaluator):
@@ -95,7 +95,7 @@ class PeerEvaluator(Evaluator):
         setup = self.setup
         result = setup.system.generate(setup.prompts[index], setup.params[index])
         return PromptMeasurement(result.work_units / setup.uncached[index].work_units,
-                                 psnr_db(result.image, setup.uncached[index].image))
+                                 psnr_db(result.media, setup.uncached[index].media))
 
 
 def search_peer(setup: PeerSetup, system: str, method: str, budget: float,

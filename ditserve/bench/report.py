@@ -148,9 +148,10 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         + "; ".join(f"{k} " + " / ".join(f"{v:.3f}" for v in values)
                     for k, values in results["baseline_median_s_per_pass"].items()),
         "",
-        "Times are medians per image (warm-up excluded); speed-ups are wall-time ratios; compute fraction is the",
-        "share of block attention/MLP bodies that really ran (counted with forward pre-hooks), and the speed-up by",
-        "work is its inverse; quality is against the uncached image of the same seed made by the same system.",
+        "Times are medians per image or video (warm-up excluded); speed-ups are wall-time ratios; compute fraction is",
+        "the share of block attention/MLP bodies that really ran (counted with forward pre-hooks), and the speed-up by",
+        "work is its inverse; quality is against the uncached output of the same seed made by the same system (a",
+        "video's PSNR over all of its frames, its SSIM the mean of its frames').",
         f"Adherence: {results.get('adherence_measure') or 'none for this model'}.",
         "", "## Summary", "",
     ]

@@ -27,7 +27,7 @@ import torch
 from ditserve.bench import peers
 from ditserve.bench.metrics import mean, median, psnr_db, ssim
 from ditserve.bench.plan import OUR_METHODS, OurFronts, PeerFronts, RunSpec, full_plan, quick_plan
-from ditserve.bench.systems import BenchItem, DiffusersSystem, DitserveSystem, ImageResult
+from ditserve.bench.systems import BenchItem, DiffusersSystem, DitserveSystem, SampleResult
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.demo import DEMO_EDIT_MODEL_NAME, DEMO_MODEL_NAME
 from ditserve.errors import DitServeError, InvalidParameterError
@@ -62,6 +62,8 @@ class BenchOptions:
     dtype: str = "auto"
     height: int | None = None
     width: int | None = None
+    #: video models only (None: the model's default)
+    num_frames: int | None = None
     true_cfg_scale: float | None = None
     negative_prompt: str | None = None
     quick: bool = False
@@ -78,14 +80,14 @@ class BenchOptions:
 
 @dataclass
 class Samples:
-    """The images of one setting: ``images[round][prompt]``."""
+    """The samples (images or videos) of one setting: ``images[round][prompt]``."""
 
-    images: list[list[ImageResult]] = field(default_factory=list)
+    images: list[list[SampleResult]] = field(default_factory=list)
 
-    def all(self) -> list[ImageResult]:
+    def all(self) -> list[SampleResult]:
         return [image for row in self.images for image in row]
 
-    def first_repeat(self) -> list[ImageResult]:
+    def first_repeat(self) -> list[SampleResult]:
         return self.images[0]
 
 
@@ -159,14 +161,14 @@ class Bench:
     # ------------------------------------------------------------------ set-up
     def _sampling(self, system: DitserveSystem) -> OmniDiffusionSamplingParams:
         o = self.options
-        asked = {"num_inference_steps": o.steps, "height": o.height, "width": o.width,
+        asked = {"num_inference_steps": o.steps, "height": o.height, "width": o.width, "num_frames": o.num_frames,
                  "true_cfg_scale": o.true_cfg_scale, "negative_prompt": o.negative_prompt}
         return system.resolve(OmniDiffusionSamplingParams(**{k: v for k, v in asked.items() if v is not None}))
 
     def _diffusers_system(self) -> DiffusersSystem:
         loaded = self.loaded
         return DiffusersSystem(loaded.path, loaded.device, loaded.dtype,
-                               loaded.adapter.diffusers_call_arguments())
+                               loaded.adapter.diffusers_call_arguments(), video=loaded.adapter.kind == "video")
 
     def _seeded(self, prompt_index: int) -> OmniDiffusionSamplingParams:
         return self.params.replace(seed=self.options.seed + prompt_index)
@@ -176,8 +178,8 @@ class Bench:
         return 1 + len(self.items)
 
     # ------------------------------------------------------------------ measuring
-    def _measure_round(self, generate: Callable[[BenchItem, OmniDiffusionSamplingParams], ImageResult],
-                       warmups: int = 1) -> list[ImageResult]:
+    def _measure_round(self, generate: Callable[[BenchItem, OmniDiffusionSamplingParams], SampleResult],
+                       warmups: int = 1) -> list[SampleResult]:
         for _ in range(warmups):  # excluded from every figure
             generate(self.items[0], self._seeded(0))
             self.progress.advance()
@@ -187,7 +189,7 @@ class Bench:
             self.progress.advance()
         return row
 
-    def _run_ours(self, spec: RunSpec) -> tuple[list[ImageResult], dict[str, Any]]:
+    def _run_ours(self, spec: RunSpec) -> tuple[list[SampleResult], dict[str, Any]]:
         from ditserve.cache.selector import available_backends
 
         if spec.backend not in available_backends():
@@ -209,7 +211,7 @@ class Bench:
             self.progress.advance()
         return self._cache_dit_pipeline
 
-    def _run_peer(self, spec: RunSpec) -> tuple[list[ImageResult], dict[str, Any]]:
+    def _run_peer(self, spec: RunSpec) -> tuple[list[SampleResult], dict[str, Any]]:
         system = self._cache_dit_system() if spec.system == "cache-dit" else self.diffusers
         if spec.system == "cache-dit":
             arguments = peers.cache_dit_arguments(spec.config, self.params.num_inference_steps)
@@ -275,7 +277,7 @@ class Bench:
         for system, method in peer_search.PEER_SPACES:
             if system == "cache-dit":
                 pipeline = self._cache_dit_system()
-                applied = peer_search.cache_dit_library(pipeline.pipeline, steps, self._true_cfg_active())
+                applied = peer_search.cache_dit_library(pipeline.pipeline, steps, self._runs_guidance())
             else:
                 pipeline = self.diffusers
                 applied = peer_search.diffusers_hooks(pipeline.pipeline, method, steps, self._diffusers_mag_ratios)
@@ -313,8 +315,8 @@ class Bench:
     # ------------------------------------------------------------------ records
     def _quality(self, samples: Samples, reference: Samples) -> dict[str, Any]:
         pairs = list(zip(samples.first_repeat(), reference.first_repeat(), strict=True))
-        psnrs = [psnr_db(a.image, b.image) for a, b in pairs]
-        return {"psnr_db": mean(psnrs), "psnr_min_db": min(psnrs), "ssim": mean([ssim(a.image, b.image) for a, b in pairs])}
+        psnrs = [psnr_db(a.media, b.media) for a, b in pairs]
+        return {"psnr_db": mean(psnrs), "psnr_min_db": min(psnrs), "ssim": mean([ssim(a.media, b.media) for a, b in pairs])}
 
     def _compute_fraction(self, samples: Samples, reference: Samples) -> float:
         done = sum(r.work_units for r in samples.first_repeat())
@@ -325,7 +327,7 @@ class Bench:
         """The demo's checker on the first round's images: object accuracy, or the edit demo's pass rate."""
         from ditserve.demo import evaluate
 
-        images = [r.image for r in samples.first_repeat()]
+        images = [r.media for r in samples.first_repeat()]
         if self.loaded.name == DEMO_MODEL_NAME:
             return evaluate(images, [item.prompt for item in self.items])["object_accuracy"]
         if self.loaded.name == DEMO_EDIT_MODEL_NAME:
@@ -337,7 +339,7 @@ class Bench:
         return None
 
     @staticmethod
-    def _timings(images: Sequence[ImageResult]) -> dict[str, Any]:
+    def _timings(images: Sequence[SampleResult]) -> dict[str, Any]:
         denoise = [r.denoise_s for r in images if r.denoise_s is not None]
         return {"samples": len(images), "median_s": median([r.wall_s for r in images]),
                 "denoise_median_s": median(denoise) if denoise else None}
@@ -442,9 +444,12 @@ class Bench:
                 samples[spec.key()].images.append(self._measure_round(self.baseline_systems[spec.system].generate, 0))
         return samples, extras, failed
 
-    def _true_cfg_active(self) -> bool:
-        p = self.params
-        return bool(p.true_cfg_scale and p.true_cfg_scale > 1 and p.negative_prompt is not None)
+    def _runs_guidance(self) -> bool:
+        """Whether the bench's requests run an unconditional pass (true CFG, or a video model's CFG), as the
+        model's adapter decides it for ditserve."""
+        from ditserve.request import Request
+
+        return bool(self.loaded.adapter.uses_guidance(Request(prompt=self.items[0].prompt, params=self.params)))
 
     def _with_guidance_layout(self, spec: RunSpec) -> RunSpec:
         """Cache-DiT, ours and the library alike, is told whether guidance runs as separate cond/uncond passes
@@ -453,9 +458,9 @@ class Bench:
         uses_cache_dit = spec.backend == "cache_dit" or spec.system == "cache-dit"
         if not uses_cache_dit or "enable_separate_cfg" in spec.config:
             return spec
-        return dataclasses.replace(spec, config={**spec.config, "enable_separate_cfg": self._true_cfg_active()})
+        return dataclasses.replace(spec, config={**spec.config, "enable_separate_cfg": self._runs_guidance()})
 
-    def _run_setting(self, spec: RunSpec) -> tuple[list[ImageResult], dict[str, Any]] | dict[str, Any]:
+    def _run_setting(self, spec: RunSpec) -> tuple[list[SampleResult], dict[str, Any]] | dict[str, Any]:
         """One round of a setting: its row of images and extra fields, or the record saying why it cannot run."""
         spec = self._with_guidance_layout(spec)
         run = self._run_ours if spec.group == "ours" else self._run_peer

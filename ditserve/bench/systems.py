@@ -1,7 +1,7 @@
 """The systems the bench drives: ditserve's ``Omni`` and diffusers' own pipeline ``__call__``.
 
-Both make one image per (prompt, seed) with the same resolved sampling params, and report the wall time, the
-denoising time and the block work counted while it ran.
+Both make one image or video per (prompt, seed) with the same resolved sampling params, and report the wall time,
+the denoising time and the block work counted while it ran.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -45,11 +46,12 @@ class BenchItem:
 
 
 @dataclass
-class ImageResult:
-    image: Image.Image
+class SampleResult:
+    #: the image, or the video's uint8 frames (frames x height x width x 3)
+    media: Image.Image | np.ndarray
     wall_s: float
     denoise_s: float | None
-    #: attention + MLP bodies run in the transformer blocks while making this image
+    #: attention + MLP bodies run in the transformer blocks while making this sample
     work_units: int
     cache_stats: dict[str, Any] | None = None
 
@@ -79,14 +81,14 @@ class DitserveSystem:
     def resolve(self, params: OmniDiffusionSamplingParams) -> OmniDiffusionSamplingParams:
         return self.omni.engine.adapter.resolve_params(params)
 
-    def generate(self, item: BenchItem, params: OmniDiffusionSamplingParams) -> ImageResult:
+    def generate(self, item: BenchItem, params: OmniDiffusionSamplingParams) -> SampleResult:
         self.counter.take()
         start = time.perf_counter()
         output = self.omni.generate(item.omni_input(), params)[0]
         synchronize(self.device)
         wall = time.perf_counter() - start
-        return ImageResult(output.images[0], wall, output.timings.get("denoise_s"), self.counter.take(),
-                           output.cache_stats)
+        media = output.videos[0] if output.videos else output.images[0]
+        return SampleResult(media, wall, output.timings.get("denoise_s"), self.counter.take(), output.cache_stats)
 
     def close(self) -> None:
         self.counter.remove()
@@ -96,13 +98,15 @@ class DitserveSystem:
 class DiffusersSystem:
     """diffusers' own pipeline on the same model folder; peers are applied to it one at a time.
     ``model_arguments``: the keyword arguments the pipeline needs beyond the sampling params to make what our
-    adapter makes (``ModelAdapter.diffusers_call_arguments``)."""
+    adapter makes (``ModelAdapter.diffusers_call_arguments``); ``video``: the pipeline makes videos, whose float
+    frames are rounded to uint8 as ditserve's video adapters round theirs."""
 
     def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype,
-                 model_arguments: Mapping[str, Any] | None = None) -> None:
+                 model_arguments: Mapping[str, Any] | None = None, video: bool = False) -> None:
         from diffusers import DiffusionPipeline
 
         self.model_arguments = dict(model_arguments or {})
+        self.video = video
         self.pipeline = DiffusionPipeline.from_pretrained(model_path, dtype=dtype)
         self.pipeline.to(device)
         self.pipeline.set_progress_bar_config(disable=True)
@@ -132,7 +136,9 @@ class DiffusersSystem:
         accepted = {k: v for k, v in values.items() if k in self._call_parameters}
         return accepted, sorted(set(values) - set(accepted))
 
-    def generate(self, item: BenchItem, params: OmniDiffusionSamplingParams) -> ImageResult:
+    def generate(self, item: BenchItem, params: OmniDiffusionSamplingParams) -> SampleResult:
+        from ditserve.models.common import to_uint8_video
+
         arguments, _ = self.call_arguments(params)
         arguments |= self.model_arguments
         if item.image is not None:
@@ -144,13 +150,15 @@ class DiffusersSystem:
         self._first_forward_at = self._last_step_at = None
         start = time.perf_counter()
         with torch.inference_mode():
-            output = self.pipeline(prompt=item.prompt, generator=generator, output_type="pil", **arguments)
+            output = self.pipeline(prompt=item.prompt, generator=generator, output_type="np" if self.video else "pil",
+                                   **arguments)
         synchronize(self.device)
         wall = time.perf_counter() - start
         denoise = None
         if self._first_forward_at is not None and self._last_step_at is not None:
             denoise = self._last_step_at - self._first_forward_at
-        return ImageResult(output.images[0], wall, denoise, self.counter.take())
+        media = to_uint8_video(np.asarray(output.frames[0])) if self.video else output.images[0]
+        return SampleResult(media, wall, denoise, self.counter.take())
 
     def close(self) -> None:
         self._timer_handle.remove()

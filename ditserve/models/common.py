@@ -1,9 +1,10 @@
-"""Helpers several families share (flow-matching shift, per-request schedulers, video frame counts)."""
+"""Helpers several families share (flow-matching shift, per-request schedulers, video frame counts and pixels)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from ditserve.errors import InvalidParameterError
@@ -57,3 +58,8 @@ def check_num_frames(num_frames: int, temporal: int) -> None:
         raise InvalidParameterError(
             f"num_frames={num_frames} must be {temporal}k+1 (e.g. {examples}, ...): the VAE compresses time by "
             f"{temporal}", param="num_frames")
+
+
+def to_uint8_video(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] (frames x H x W x 3) to uint8, rounded as diffusers rounds PIL images."""
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)

@@ -70,3 +70,13 @@ def test_ours_counted_work_matches_what_the_cache_reports(quick_results) -> None
 def test_bad_sizes_are_refused_with_the_flag_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "--quick", "--repeats", "0", "--out", str(tmp_path)]) == 2
     assert "--repeats=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_frames_are_checked_and_recorded_in_the_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from ditserve.bench.cli import command_line
+    from ditserve.entrypoints.cli import build_parser
+
+    assert main(["bench", "--quick", "--num-frames", "0", "--out", str(tmp_path)]) == 2
+    assert "--num-frames=0 must be >= 1" in capsys.readouterr().err
+    args = build_parser().parse_args(["bench", "some/wan", "--num-frames", "9", "--prompts", "3", "--out", str(tmp_path)])
+    assert "--num-frames 9" in command_line(args) and "--prompts 3" in command_line(args)

@@ -35,3 +35,13 @@ def test_quality_falls_as_the_image_drifts_from_its_reference() -> None:
 def test_non_uint8_images_are_refused() -> None:
     with pytest.raises(TypeError, match="uint8"):
         psnr_db(np.zeros((8, 8, 3), dtype=np.float32), np.zeros((8, 8, 3), dtype=np.float32))
+
+
+def test_a_video_s_ssim_is_the_mean_of_its_frames_and_its_psnr_covers_every_frame() -> None:
+    reference = np.stack([_image(seed) for seed in (3, 4)])
+    video = reference.copy()
+    video[1] = np.clip(reference[1] + 30 * np.random.default_rng(5).normal(0, 1, reference[1].shape), 0,
+                       255).astype(np.uint8)
+    assert ssim(video, reference) == pytest.approx((1.0 + ssim(video[1], reference[1])) / 2)
+    # the clean first frame halves the squared error: +3 dB over the damaged frame alone
+    assert psnr_db(video, reference) == pytest.approx(psnr_db(video[1], reference[1]) + 10 * math.log10(2), abs=1e-6)

@@ -134,3 +134,23 @@ def test_the_peer_search_makes_the_calibration_s_edits_again_and_checks_them_aga
     with pytest.raises(InvalidParameterError, match="cannot make again") as error:
         bench._calibration_items([labels[0], "make the red circle blue [input pictures 000000000000]"])
     assert error.value.param == "search_peers"
+
+
+def test_a_video_model_is_benched_on_its_frames_equal_to_diffusers_and_cache_dit_as_the_library() -> None:
+    """Wan (CFG by guidance_scale): the uncached videos equal diffusers' frame for frame; ours and the cache-dit
+    library both know the guidance runs as its own pass and skip alike."""
+    from ditserve.bench.runner import run_bench
+    from ditserve.testing import tiny_pipeline_dir
+
+    options = BenchOptions(model=tiny_pipeline_dir("wan"), steps=4, num_prompts=1, repeats=1, height=32, width=32,
+                           num_frames=5, quick=True, show_progress=False, only=("cache-dit",))
+    results = run_bench(options)
+    assert results["sampling"]["num_frames"] == 5
+    assert results["uncached_parity"]["psnr_min_db"] == 100.0
+    records = {(r["system"], r["method"]): r for r in results["records"]}
+    ours, library = records[("ditserve", "Cache-DiT DBCache+TaylorSeer")], records[("cache-dit", "DBCache+TaylorSeer")]
+    for record in (ours, library):
+        assert record["status"] == "ok" and record["config"]["enable_separate_cfg"] is True
+        assert record["compute_fraction"] < 1 and record["psnr_db"] < 100
+    assert ours["psnr_db"] == pytest.approx(library["psnr_db"])
+    assert ours["compute_fraction"] == library["compute_fraction"]

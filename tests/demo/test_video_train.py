@@ -252,7 +252,7 @@ def test_the_engine_serves_the_exported_folder_with_its_defaults(trained):
     """ditserve serves the folder as any WanPipeline, at the size, frame count and text length of its
     ditserve_defaults.json, and gives what diffusers gives."""
     from ditserve import Omni
-    from ditserve.models.wan.adapter import to_uint8_video
+    from ditserve.models.common import to_uint8_video
     from ditserve.testing.compare import max_abs_diff
 
     _, output = trained

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ditserve import LoRARequest, Omni
-from ditserve.models.wan.adapter import to_uint8_video
+from ditserve.models.common import to_uint8_video
 from ditserve.testing import tiny_pipeline_dir
 from ditserve.testing.compare import max_abs_diff
 from ditserve.testing.lora import lora_state_dict, write_diffusers_file, write_peft_folder

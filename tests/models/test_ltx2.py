@@ -17,8 +17,8 @@ from ditserve import Omni
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError
 from ditserve.forward_context import current_forward_context
+from ditserve.models.common import to_uint8_video
 from ditserve.models.ltx2.adapter import Branch, LTX2Adapter
-from ditserve.models.wan.adapter import to_uint8_video
 from ditserve.request import RequestOutput
 from ditserve.testing import tiny_pipeline_dir
 from ditserve.testing.compare import max_abs_diff

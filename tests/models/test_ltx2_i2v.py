@@ -13,8 +13,8 @@ from PIL import Image
 from ditserve import Omni
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError
+from ditserve.models.common import to_uint8_video
 from ditserve.models.ltx2.image_to_video import LTX2ImageToVideoAdapter
-from ditserve.models.wan.adapter import to_uint8_video
 from ditserve.testing import tiny_pipeline_dir
 from ditserve.testing.compare import max_abs_diff
 from tests.models.test_ltx2 import AUDIO_TOLERANCE, BASE, PROMPT, audio_diff

@@ -13,7 +13,8 @@ from diffusers import WanPipeline
 from ditserve import Omni
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError
-from ditserve.models.wan.adapter import WanAdapter, to_uint8_video
+from ditserve.models.common import to_uint8_video
+from ditserve.models.wan.adapter import WanAdapter
 from ditserve.testing import tiny_pipeline_dir
 from ditserve.testing.compare import max_abs_diff
 

@@ -15,7 +15,7 @@ from PIL import Image
 from ditserve import Omni
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError, UnsupportedModelError
-from ditserve.models.wan.adapter import to_uint8_video
+from ditserve.models.common import to_uint8_video
 from ditserve.models.wan.image_to_video import WanImageToVideoAdapter
 from ditserve.testing import tiny_pipeline_dir
 from ditserve.testing.compare import max_abs_diff

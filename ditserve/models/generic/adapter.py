@@ -40,6 +40,7 @@ from ditserve.models.base import (
     StageTimings,
     request_generator,
 )
+from ditserve.models.common import to_uint8_video
 from ditserve.request import Request
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class GenericAdapter(ModelAdapter):
     def _media(self, result: Any) -> list[Any]:
         if self.kind == "video":
             frames = result.frames
-            return [(np.clip(np.asarray(v), 0, 1) * 255).round().astype(np.uint8) for v in frames]
+            return [to_uint8_video(np.asarray(v)) for v in frames]
         # several images per output (layers): image-major, each output's images in the pipeline's order
         return [image for output in result.images
                 for image in (output if isinstance(output, (list, tuple)) else [output])]

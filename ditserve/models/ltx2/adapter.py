@@ -40,8 +40,7 @@ from ditserve.models.base import (
     request_generator,
     stack_rows,
 )
-from ditserve.models.common import check_num_frames, flow_match_shift, fresh_scheduler
-from ditserve.models.wan.adapter import to_uint8_video
+from ditserve.models.common import check_num_frames, flow_match_shift, fresh_scheduler, to_uint8_video
 from ditserve.request import AudioTrack, Request
 
 #: diffusers' frame count for checkpoints without a duration head

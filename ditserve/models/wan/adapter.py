@@ -14,7 +14,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from ditserve.errors import InvalidParameterError
@@ -26,7 +25,7 @@ from ditserve.models.base import (
     request_generator,
     stack_rows,
 )
-from ditserve.models.common import check_num_frames, fresh_scheduler
+from ditserve.models.common import check_num_frames, fresh_scheduler, to_uint8_video
 from ditserve.request import Request
 
 
@@ -184,7 +183,3 @@ class WanAdapter(LoopAdapter):
         videos = self.pipeline.video_processor.postprocess_video(decoded, output_type="np")
         return [to_uint8_video(v) for v in videos]
 
-
-def to_uint8_video(frames: np.ndarray) -> np.ndarray:
-    """Float frames in [0, 1] (frames x H x W x 3) to uint8, rounded as diffusers rounds PIL images."""
-    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
