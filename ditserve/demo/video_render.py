@@ -22,21 +22,24 @@ def clip_layout(
     jitter: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    only_first: bool = False,
 ) -> Layout:
     """The layout of every frame of ``clips``, clip-major: clip b's frame f is entry b * frames + f. ``jitter`` and
-    ``generator`` as in ``render.lay_out`` (the generator must live on ``device`` when jitter is used)."""
+    ``generator`` as in ``render.lay_out`` (the generator must live on ``device`` when jitter is used).
+    ``only_first``: only the first of the ``frames`` of each clip (entry b is clip b's first frame)."""
     check_jitter(jitter)
     device = torch.device(device) if device is not None else torch.device("cpu")
     slots: list[tuple[float, ...]] = []
     backgrounds: list[int] = []
+    kept = 1 if only_first else frames
     for clip in clips:
-        for scene in clip.frames(frames):
+        for scene in clip.frames(frames)[:kept]:
             backgrounds.append(COLORS.index(scene.background_color))
             for slot in range(MAX_OBJECTS):
                 placed = scene.objects[slot] if slot < len(scene.objects) else None
                 slots.append(_ABSENT if placed is None else _slot_row(placed))
     # One float64 table holds the ids exactly; split into the layout's fields below.
-    table = torch.tensor(slots, dtype=torch.float64).view(len(clips), frames, MAX_OBJECTS, len(_ABSENT)).to(device)
+    table = torch.tensor(slots, dtype=torch.float64).view(len(clips), kept, MAX_OBJECTS, len(_ABSENT)).to(device)
     center = table[..., :2].float()
     if jitter > 0:
         center = center + jitter * (torch.rand(len(clips), 1, MAX_OBJECTS, 2, generator=generator, device=device) * 2 - 1)

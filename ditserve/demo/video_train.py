@@ -131,6 +131,11 @@ class VideoTrainConfig:
     text_batch: int = 128
     text_lr: float = 2e-3
     steps: int = 100_000
+    # The transformer's first steps train on each clip's first frame alone (a one-frame clip: 64 tokens, not
+    # 576), first_frame_batch clips a step: the prompt's shapes, colours, sizes and start positions at a ninth of a
+    # clip's cost; the steps after that on whole clips, for the motion (0: whole clips from the start).
+    first_frame_steps: int = 0
+    first_frame_batch: int = 32
     # Distinct clips a step, and noise levels drawn for each: the transformer sees batch * noise_draws clips.
     batch: int = 8
     noise_draws: int = 4
@@ -168,7 +173,7 @@ def _check_config(cfg: VideoTrainConfig) -> None:
     if cfg.vae_crop % SPATIAL_COMPRESSION or not 2 * SPATIAL_COMPRESSION <= cfg.vae_crop <= VIDEO_SIZE:
         raise InvalidParameterError(f"vae_crop must be a multiple of {SPATIAL_COMPRESSION} from {2 * SPATIAL_COMPRESSION} "
                                     f"to {VIDEO_SIZE}, got {cfg.vae_crop}", param="vae_crop")
-    for name in ("frame_batch", "vae_batch", "text_batch", "batch", "noise_draws", "probe_cells", "checkpoint_every", "log_every",
+    for name in ("frame_batch", "vae_batch", "text_batch", "batch", "first_frame_batch", "noise_draws", "probe_cells", "checkpoint_every", "log_every",
                  "latent_statistics_clips"):
         if getattr(cfg, name) < 1:
             raise InvalidParameterError(f"{name} must be >= 1, got {getattr(cfg, name)}", param=name)
@@ -184,12 +189,13 @@ def _videos(layout: Layout, clips: int, frames: int) -> torch.Tensor:
     return rasterize(layout, VIDEO_SIZE).view(clips, frames, 3, VIDEO_SIZE, VIDEO_SIZE).transpose(1, 2)
 
 
-def _training_clips(batch: int, cfg: VideoTrainConfig, stage: int, step: int,
-                    generator: torch.Generator) -> tuple[list[Clip], Layout, torch.Tensor]:
-    """Training-split clips of one step, jittered with ``generator`` (on the training device)."""
+def _training_clips(batch: int, cfg: VideoTrainConfig, stage: int, step: int, generator: torch.Generator,
+                    only_first: bool = False) -> tuple[list[Clip], Layout, torch.Tensor]:
+    """Training-split clips of one step, jittered with ``generator`` (on the training device); ``only_first``: each
+    clip's first frame, as a one-frame clip."""
     clips = sample_clips(batch, seed=stage_seed(cfg.seed, stage, step), split="train")
-    layout = clip_layout(clips, cfg.frames, MAX_JITTER, generator, generator.device)
-    return clips, layout, _videos(layout, batch, cfg.frames)
+    layout = clip_layout(clips, cfg.frames, MAX_JITTER, generator, generator.device, only_first=only_first)
+    return clips, layout, _videos(layout, batch, 1 if only_first else cfg.frames)
 
 
 def _random_crops(videos: torch.Tensor, side: int, generator: torch.Generator) -> torch.Tensor:
@@ -451,8 +457,10 @@ def train_video_transformer(pipe: WanPipeline, cfg: VideoTrainConfig, device: to
         fraction = max(step / cfg.steps, (time.perf_counter() - began) / budget)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup_steps, fraction)
+        first_frames = step < cfg.first_frame_steps
         data_generator = _step_generator(device, cfg.seed, TRANSFORMER_DATA_STAGE, step)
-        clips, layout, videos = _training_clips(cfg.batch, cfg, TRANSFORMER_DATA_STAGE, step, data_generator)
+        clips, layout, videos = _training_clips(cfg.first_frame_batch if first_frames else cfg.batch, cfg,
+                                                TRANSFORMER_DATA_STAGE, step, data_generator, only_first=first_frames)
         generator = _step_generator(device, cfg.seed, TRANSFORMER_NOISE_STAGE, step)
         prompts = _apply_prompt_dropout([clip.to_prompt() for clip in clips], generator, cfg.prompt_dropout)
         long_padding = torch.rand(1, generator=generator, device=device).item() < cfg.long_padding_fraction
@@ -462,7 +470,7 @@ def train_video_transformer(pipe: WanPipeline, cfg: VideoTrainConfig, device: to
             loss = F.mse_loss(fm.prediction.float(), fm.target)
             probe_loss = torch.zeros((), device=device)
             if probe is not None:
-                targets = probe_targets(layout, len(clips), cfg.frames, cfg.probe_cells, [p != "" for p in prompts])
+                targets = probe_targets(layout, len(clips), videos.shape[2], cfg.probe_cells, [p != "" for p in prompts])
                 probe_loss = probe.loss(_repeated(targets, cfg.noise_draws))
         optimizer.zero_grad(set_to_none=True)
         (loss + cfg.probe_weight * probe_loss).backward()
@@ -471,7 +479,7 @@ def train_video_transformer(pipe: WanPipeline, cfg: VideoTrainConfig, device: to
         _update_ema(ema, modules, cfg.ema_decay, step)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             progress.set_postfix(loss=f"{loss.item():.4f}", probe=f"{probe_loss.item():.3f}")
-            logger.write(stage="transformer", step=step, loss=loss.item(), probe_loss=probe_loss.item(),
+            logger.write(stage="transformer", step=step, frames=videos.shape[2], loss=loss.item(), probe_loss=probe_loss.item(),
                          lr=optimizer.param_groups[0]["lr"], seconds=round(time.perf_counter() - began, 1))
         out_of_time = time.perf_counter() - began > budget
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1 or out_of_time:

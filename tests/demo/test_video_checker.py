@@ -65,6 +65,14 @@ def test_jitter_is_one_offset_per_object_for_the_whole_clip():
         clip_layout(clips, FRAMES, jitter=0.5)
 
 
+def test_only_first_lays_out_each_clip_s_first_frame_with_the_clip_s_jitter():
+    clips = sample_clips(6, seed=3, split="all")
+    full = clip_layout(clips, FRAMES, jitter=MAX_JITTER, generator=torch.Generator().manual_seed(0))
+    first = clip_layout(clips, FRAMES, jitter=MAX_JITTER, generator=torch.Generator().manual_seed(0), only_first=True)
+    for name in ("center", "half", "size", "shape", "color", "present", "background"):
+        assert torch.equal(getattr(first, name), getattr(full, name)[::FRAMES]), name
+
+
 def test_rendered_ground_truth_passes_the_checker():
     clips = sample_clips(36, seed=2, split="all")
     with_jitter = evaluate_clips(_jittered(clips), clips)

@@ -214,8 +214,8 @@ def test_clip_parse_targets_hold_the_first_and_the_last_frame():
 
 TINY_RUN = ["--frame-steps", "2", "--frame-batch", "2", "--vae-steps", "2", "--vae-batch", "2", "--decoder-steps", "2",
             "--vae-check-clips", "1", "--latent-statistics-clips", "2",
-            "--text-steps", "2", "--text-batch", "8", "--steps", "2", "--batch", "2", "--noise-draws", "2",
-            "--warmup-steps", "1", "--log-every", "1", "--device", "cpu"]
+            "--text-steps", "2", "--text-batch", "8", "--steps", "2", "--first-frame-steps", "1", "--first-frame-batch", "3",
+            "--batch", "2", "--noise-draws", "2", "--warmup-steps", "1", "--log-every", "1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +240,8 @@ def test_two_steps_of_every_stage_export_a_folder_wan_pipeline_runs(trained):
         losses = [r["loss"] for r in log if r.get("stage") == stage and "loss" in r]
         assert len(losses) == 2 and all(math.isfinite(v) for v in losses), stage
     assert all(r["probe_loss"] > 0 for r in log if r.get("stage") == "transformer" and "probe_loss" in r)
+    # the first step on the clips' first frames alone, the second on whole clips
+    assert [r["frames"] for r in log if r.get("stage") == "transformer" and "frames" in r] == [1, 9]
     assert {"vae_frames_check", "vae_edges_check", "decoder_check", "text_encoder", "done"} <= {r["stage"] for r in log}
     pipe = WanPipeline.from_pretrained(str(output))
     assert pipe.vae.config.latents_std != [1.0] * 16  # the trained latents' spread, not the placeholder
