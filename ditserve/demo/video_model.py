@@ -11,6 +11,8 @@ tokenizer is the image demo's word-level T5 tokenizer (``model.py``) with the cl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
@@ -109,6 +111,26 @@ def build_video_transformer() -> WanTransformer3DModel:
 
 def build_video_scheduler() -> UniPCMultistepScheduler:
     return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT)
+
+
+def video_pipeline_from(folder: str | Path) -> WanPipeline:
+    """A video demo pipeline with the trained tokenizer, text encoder and VAE of ``folder`` (a video demo folder,
+    or the components folder that holds only those three), and its transformer when it has one, else a fresh one."""
+    folder = Path(folder)
+    missing = [name for name in ("tokenizer", "text_encoder", "vae") if not (folder / name).is_dir()]
+    if missing:
+        raise InvalidParameterError(f"init_from {str(folder)!r} has no {', '.join(missing)} folder: give a video demo "
+                                    "folder (ditserve/demo/ditserve-shapes-video-components has the trained tokenizer, "
+                                    "text encoder and VAE)", param="init_from")
+    has_transformer = (folder / "transformer").is_dir()
+    return WanPipeline(
+        tokenizer=T5Tokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder=UMT5EncoderModel.from_pretrained(folder / "text_encoder").eval(),
+        vae=AutoencoderKLWan.from_pretrained(folder / "vae").eval(),
+        transformer=(WanTransformer3DModel.from_pretrained(folder / "transformer").eval() if has_transformer
+                     else build_video_transformer()),
+        scheduler=build_video_scheduler(),
+    )
 
 
 def build_video_pipeline() -> WanPipeline:

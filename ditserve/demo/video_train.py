@@ -66,6 +66,7 @@ from ditserve.demo.video_model import (
     check_frames,
     text_embeddings,
     tokens_per_side,
+    video_pipeline_from,
 )
 from ditserve.demo.video_render import clip_layout
 from ditserve.errors import InvalidParameterError
@@ -93,6 +94,9 @@ class VideoTrainConfig:
     run_dir: str = "runs/ditserve-shapes-video"
     device: str = "auto"
     seed: int = 0
+    # A video demo folder (or ditserve/demo/ditserve-shapes-video-components) whose trained tokenizer, text encoder
+    # and VAE are kept, frozen, with no VAE or parsing stage; its transformer too when it has one (else a fresh one).
+    init_from: str = ""
     # Frames of every training clip, 4k + 1 (a latent frame each: 9 frames are 576 tokens, 17 are 1088).
     frames: int = VIDEO_FRAMES
     # Every VAE stage trains on single frames (one random frame of each clip a step): the VAE has no time to learn
@@ -423,7 +427,7 @@ def _repeated(targets: ObjectTargets, times: int) -> ObjectTargets:
 
 
 def _trainable_modules(pipe: WanPipeline, cfg: VideoTrainConfig) -> dict[str, torch.nn.Module]:
-    if cfg.text_steps > 0:
+    if cfg.text_steps > 0 or cfg.init_from:  # the text encoder was trained by a parsing stage, here or before
         return {"transformer": pipe.transformer}
     return {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder}
 
@@ -510,13 +514,17 @@ def train_video(cfg: VideoTrainConfig, output_dir: str | Path) -> Path:
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     logger = _Logger(run_dir / "log.jsonl")
     torch.manual_seed(cfg.seed)
-    pipe = build_video_pipeline()
+    pipe = video_pipeline_from(cfg.init_from) if cfg.init_from else build_video_pipeline()
     pipe.set_progress_bar_config(disable=True)
     started = time.perf_counter()
-    for stage in VaeStage:  # a stage of 0 steps does nothing
-        train_video_vae(pipe, cfg, device, logger, stage)
+    if cfg.init_from:  # trained: no stage of theirs runs, and they stay frozen
+        for module in (pipe.vae, pipe.text_encoder):
+            module.to(device).eval().requires_grad_(False)
+    else:
+        for stage in VaeStage:  # a stage of 0 steps does nothing
+            train_video_vae(pipe, cfg, device, logger, stage)
     vae_seconds = time.perf_counter() - started
-    if cfg.text_steps > 0:
+    if cfg.text_steps > 0 and not cfg.init_from:
         _train_text_encoder(pipe, cfg, device, logger)
     text_seconds = time.perf_counter() - started - vae_seconds
     ema = train_video_transformer(pipe, cfg, device, logger)

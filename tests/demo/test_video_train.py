@@ -314,3 +314,33 @@ def test_cli_refuses_what_video_training_and_eval_do_not_take(argv, param, tmp_p
     with pytest.raises(InvalidParameterError) as error:
         main(argv)
     assert error.value.param == param
+
+
+def test_init_from_keeps_the_folder_s_trained_parts_and_runs_no_stage_of_theirs(trained, tmp_path):
+    """--init-from a video folder: its tokenizer, text encoder and VAE come back unchanged (no VAE or parsing
+    stage runs), its transformer too; a folder with no transformer starts a fresh one; one without a VAE is
+    refused, naming init_from."""
+    import shutil
+
+    from ditserve.demo.video_model import video_pipeline_from
+
+    _, source = trained
+    run_dir = tmp_path / "run"
+    main(["train", "--task", "video", "--init-from", str(source), "--run-dir", str(run_dir), "--output",
+          str(tmp_path / "out"), "--steps", "0", "--device", "cpu"])
+    assert {r["stage"] for r in _log(run_dir)} == {"done"}
+    before, after = video_pipeline_from(source), WanPipeline.from_pretrained(str(tmp_path / "out"))
+    for name in ("vae", "text_encoder", "transformer"):
+        for (key, value), (_, kept) in zip(getattr(before, name).state_dict().items(),
+                                           getattr(after, name).state_dict().items(), strict=True):
+            assert torch.equal(value, kept), (name, key)
+    assert after.vae.config.latents_std == before.vae.config.latents_std
+    parts = tmp_path / "parts"
+    for name in ("tokenizer", "text_encoder", "vae"):
+        shutil.copytree(source / name, parts / name)
+    fresh = video_pipeline_from(parts).transformer
+    assert not torch.equal(fresh.proj_out.weight, before.transformer.proj_out.weight)
+    shutil.rmtree(parts / "vae")
+    with pytest.raises(InvalidParameterError, match="no vae folder") as error:
+        video_pipeline_from(parts)
+    assert error.value.param == "init_from"
