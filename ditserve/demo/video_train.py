@@ -177,8 +177,8 @@ def _check_config(cfg: VideoTrainConfig) -> None:
     if cfg.vae_crop % SPATIAL_COMPRESSION or not 2 * SPATIAL_COMPRESSION <= cfg.vae_crop <= VIDEO_SIZE:
         raise InvalidParameterError(f"vae_crop must be a multiple of {SPATIAL_COMPRESSION} from {2 * SPATIAL_COMPRESSION} "
                                     f"to {VIDEO_SIZE}, got {cfg.vae_crop}", param="vae_crop")
-    for name in ("frame_batch", "vae_batch", "text_batch", "batch", "first_frame_batch", "noise_draws", "probe_cells", "checkpoint_every", "log_every",
-                 "latent_statistics_clips"):
+    for name in ("frame_batch", "vae_batch", "text_batch", "batch", "first_frame_batch", "noise_draws", "probe_cells",
+                 "checkpoint_every", "log_every", "latent_statistics_clips"):
         if getattr(cfg, name) < 1:
             raise InvalidParameterError(f"{name} must be >= 1, got {getattr(cfg, name)}", param=name)
 
