@@ -390,8 +390,7 @@ def _add_train_parser(subparsers) -> None:
     parser.add_argument("--task", choices=[t.value for t in Task], default=Task.IMAGE.value,
                         help="image: ditserve-shapes from scratch; edit: ditserve-shapes-edit from --init-from "
                         "(default the bundled ditserve-shapes); video: ditserve-shapes-video from scratch, or with --init-from "
-                        "ditserve/demo/ditserve-shapes-video-components its transformer alone on the trained VAE and "
-                        "text encoder")
+                        "a video folder its transformer alone on that folder's trained VAE and text encoder")
     _add_config_arguments(parser, {task.value: config for task, config in _train_configs().items()})
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --run-dir")
     parser.add_argument("--output", default=None, help="where to write the diffusers folder (default "

@@ -114,14 +114,14 @@ def build_video_scheduler() -> UniPCMultistepScheduler:
 
 
 def video_pipeline_from(folder: str | Path) -> WanPipeline:
-    """A video demo pipeline with the trained tokenizer, text encoder and VAE of ``folder`` (a video demo folder,
-    or the components folder that holds only those three), and its transformer when it has one, else a fresh one."""
+    """A video demo pipeline with the trained tokenizer, text encoder and VAE of ``folder`` (an exported video demo
+    folder, or one that holds only those three), and its transformer when it has one, else a fresh one."""
     folder = Path(folder)
     missing = [name for name in ("tokenizer", "text_encoder", "vae") if not (folder / name).is_dir()]
     if missing:
-        raise InvalidParameterError(f"init_from {str(folder)!r} has no {', '.join(missing)} folder: give a video demo "
-                                    "folder (ditserve/demo/ditserve-shapes-video-components has the trained tokenizer, "
-                                    "text encoder and VAE)", param="init_from")
+        raise InvalidParameterError(f"init_from {str(folder)!r} has no {', '.join(missing)} folder: give an exported "
+                                    "video demo folder, or one with its tokenizer, text_encoder and vae folders",
+                                    param="init_from")
     has_transformer = (folder / "transformer").is_dir()
     return WanPipeline(
         tokenizer=T5Tokenizer.from_pretrained(folder / "tokenizer"),

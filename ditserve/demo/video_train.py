@@ -94,8 +94,9 @@ class VideoTrainConfig:
     run_dir: str = "runs/ditserve-shapes-video"
     device: str = "auto"
     seed: int = 0
-    # A video demo folder (or ditserve/demo/ditserve-shapes-video-components) whose trained tokenizer, text encoder
-    # and VAE are kept, frozen, with no VAE or parsing stage; its transformer too when it has one (else a fresh one).
+    # A video demo folder (or one with only its tokenizer/, text_encoder/ and vae/) whose trained tokenizer, text
+    # encoder and VAE are kept, frozen, with no VAE or parsing stage; its transformer too when it has one (else a
+    # fresh one).
     init_from: str = ""
     # Frames of every training clip, 4k + 1 (a latent frame each: 9 frames are 576 tokens, 17 are 1088).
     frames: int = VIDEO_FRAMES
