@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ditserve.demo.edit_language import EDIT_WORDS, Edit, sample_edits
 from ditserve.demo.language import MAX_OBJECTS, stage_seed
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH, build_clip_tokenizer, build_t5_tokenizer, encode_prompts
-from ditserve.demo.object_probe import ObjectProbe, object_targets
+from ditserve.demo.object_probe import ObjectProbe, cells_by_token, object_targets
 from ditserve.demo.render import MAX_JITTER, Layout, check_jitter, lay_out, rasterize
 from ditserve.demo.train import (
     IMAGE_SIZE,
@@ -100,6 +100,9 @@ class EditTrainConfig:
     # weights, copying the input picture costs the loss little, and copying is what the held-out edits that
     # fail do most.
     change_weight: float = 0.0
+    # Weight of the change read-out's loss (object_probe.ObjectProbe's reads_change; 0: none): which cells the edit
+    # changes, read from the edited and the input picture's tokens. Runs 1-6 of the shipped weights had none.
+    change_probe_weight: float = 0.0
 
 
 def load_edit_pipeline(init_from: str | Path) -> FluxKontextPipeline:
@@ -164,12 +167,22 @@ def edit_velocity(pipe: FluxKontextPipeline, noisy: torch.Tensor, context: torch
     return output[:, : noisy.shape[1]]
 
 
+def _changed_pixels(sources: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) 1.0 where the input and the edited picture (in [0, 1]) differ beyond an 8-bit step."""
+    return ((targets - sources).abs().amax(dim=1, keepdim=True) > 1.5 / 255).float()
+
+
 def changed_token_weights(sources: torch.Tensor, targets: torch.Tensor, tokens_per_side: int, extra: float) -> torch.Tensor:
     """(B, tokens) loss weights: 1 + ``extra`` on the tokens any of whose pixels differ between the input and the
-    edited picture (in [0, 1], beyond an 8-bit step), 1 elsewhere; FLUX's token order (row-major)."""
-    changed = ((targets - sources).abs().amax(dim=1, keepdim=True) > 1.5 / 255).float()
-    per_token = F.adaptive_max_pool2d(changed, tokens_per_side)  # (B, 1, side, side)
+    edited picture, 1 elsewhere; FLUX's token order (row-major)."""
+    per_token = F.adaptive_max_pool2d(_changed_pixels(sources, targets), tokens_per_side)  # (B, 1, side, side)
     return 1 + extra * per_token.flatten(1)
+
+
+def changed_cells(sources: torch.Tensor, targets: torch.Tensor, tokens_per_side: int, cells_per_token: int) -> torch.Tensor:
+    """(B, tokens, cells) bool: the cells (as the object probe splits tokens) any of whose pixels the edit changes."""
+    grid = F.adaptive_max_pool2d(_changed_pixels(sources, targets), tokens_per_side * cells_per_token)
+    return cells_by_token(grid[:, 0] > 0, tokens_per_side, cells_per_token)
 
 
 def edit_flow_matching_loss(pipe: FluxKontextPipeline, instructions: list[str], sources: torch.Tensor,
@@ -227,8 +240,9 @@ def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
     if cfg.text_training not in [m.value for m in TextTraining]:
         raise InvalidParameterError(f"text_training must be one of {[m.value for m in TextTraining]}, got "
                                     f"{cfg.text_training!r}", param="text_training")
-    if cfg.change_weight < 0:
-        raise InvalidParameterError(f"change_weight must be >= 0, got {cfg.change_weight}", param="change_weight")
+    for name in ("change_weight", "probe_weight", "change_probe_weight"):
+        if getattr(cfg, name) < 0:
+            raise InvalidParameterError(f"{name} must be >= 0, got {getattr(cfg, name)}", param=name)
     mode = TextTraining(cfg.text_training)
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.run_dir)
@@ -244,8 +258,9 @@ def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
     if text_parameters:
         decay = cfg.weight_decay if mode is TextTraining.FULL else 0.0
         groups.append({"params": text_parameters, "lr_scale": cfg.text_lr_scale, "weight_decay": decay})
-    probe = ObjectProbe(transformer, cfg.probe_cells).to(device) if cfg.probe_weight > 0 else None
-    if probe is not None:
+    probe = None
+    if cfg.probe_weight > 0 or cfg.change_probe_weight > 0:
+        probe = ObjectProbe(transformer, cfg.probe_cells, reads_change=cfg.change_probe_weight > 0).to(device)
         groups.append({"params": list(probe.parameters()), "lr_scale": 1.0, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
     tokens_per_side = IMAGE_SIZE // (2 * pipe.vae_scale_factor)  # FLUX packs 2x2 latent pixels per token
@@ -259,9 +274,13 @@ def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
         state = torch.load(checkpoint, map_location=device)
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
-        if (state.get("probe") is not None) != (probe is not None):
-            raise InvalidParameterError("the edit checkpoint was written with another probe_weight setting (0 or > 0): "
-                                        "resume with that setting, or start a new run_dir", param="probe_weight")
+        written, expected = set(state["probe"] or {}), set(probe.state_dict() if probe is not None else {})
+        if written != expected:
+            change_differs = any(key.startswith("change_") for key in written ^ expected)
+            param = "change_probe_weight" if change_differs else "probe_weight"
+            raise InvalidParameterError("the edit checkpoint was written with another probe_weight or "
+                                        "change_probe_weight setting (0 or > 0): resume with those settings, or start "
+                                        "a new run_dir", param=param)
         if probe is not None:
             probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
@@ -279,21 +298,25 @@ def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
         source, target = edit_layouts(edits, MAX_JITTER, data_generator, device)
         generator = _step_generator(device, cfg.seed, EDIT_NOISE_STAGE, step)
         instructions = _apply_prompt_dropout([e.instruction for e in edits], generator, cfg.prompt_dropout)
+        sources, targets = rasterize(source, IMAGE_SIZE), rasterize(target, IMAGE_SIZE)
         with _autocast(device):
-            loss = edit_flow_matching_loss(pipe, instructions, rasterize(source, IMAGE_SIZE),
-                                           rasterize(target, IMAGE_SIZE), generator, cfg.change_weight)
-            probe_loss = torch.zeros(())
+            loss = edit_flow_matching_loss(pipe, instructions, sources, targets, generator, cfg.change_weight)
+            probe_loss = change_loss = torch.zeros(())
             if probe is not None:
-                probe_loss = probe.loss(object_targets(target, tokens_per_side, cfg.probe_cells,
-                                                       [i != "" for i in instructions]))
+                objects = object_targets(target, tokens_per_side, cfg.probe_cells, [i != "" for i in instructions])
+                if cfg.change_probe_weight > 0:
+                    objects = replace(objects, changed=changed_cells(sources, targets, tokens_per_side, cfg.probe_cells))
+                probe_losses = probe.losses(objects)
+                probe_loss, change_loss = probe_losses.objects, probe_losses.changed
         optimizer.zero_grad(set_to_none=True)
-        (loss + cfg.probe_weight * probe_loss).backward()
+        (loss + cfg.probe_weight * probe_loss + cfg.change_probe_weight * change_loss).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         _update_ema(ema, modules, cfg.ema_decay, step)
         if step % cfg.log_every == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}")
             logger.write(stage="edit", step=step, loss=loss.item(), probe_loss=probe_loss.item(),
+                         change_loss=change_loss.item(),
                          lr=optimizer.param_groups[0]["lr"],
                          seconds=round(time.perf_counter() - began, 1))
         out_of_time = time.perf_counter() - began > budget

@@ -12,6 +12,7 @@ from ditserve.demo.edit_train import (
     EditTrainConfig,
     _as_pipeline_input,
     _scaled_latents,
+    changed_cells,
     changed_token_weights,
     kontext_ids,
     load_edit_pipeline,
@@ -79,6 +80,28 @@ def test_change_weight_lands_on_the_tokens_whose_pixels_the_edit_changed():
     assert weights[0, 2 * 8 + 6] == 5.0
     assert weights[0].sum() == 64 + 4.0
     assert torch.equal(weights[1], torch.ones(64))
+
+
+def test_changed_cells_split_each_token_as_the_object_probe_does():
+    sources = torch.zeros(1, 3, 128, 128)
+    targets = sources.clone()
+    targets[0, 2, 40, 100] = 0.5  # token (row 2, column 6); within it pixel row 8, column 4: cell (2, 1)
+    changed = changed_cells(sources, targets, 8, 4)
+    assert changed.shape == (1, 64, 16)
+    assert changed.nonzero().tolist() == [[0, 2 * 8 + 6, 2 * 4 + 1]]
+
+
+def test_the_change_read_out_trains_and_resumes_only_with_its_setting(tmp_path):
+    config = EditTrainConfig(run_dir=str(tmp_path / "run"), steps=2, batch=4, warmup_steps=1, log_every=1,
+                             change_probe_weight=0.5)
+    train_edit(config, tmp_path / "out")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(r["change_loss"] > 0 for r in logged if "change_loss" in r)
+    state = torch.load(tmp_path / "run" / "edit.pt", map_location="cpu")
+    assert {"change_read_out.weight", "change_read_out.bias"} <= set(state["probe"])
+    with pytest.raises(InvalidParameterError) as error:
+        train_edit(EditTrainConfig(run_dir=str(tmp_path / "run"), steps=3, batch=2, probe_weight=0.3), tmp_path / "o2")
+    assert error.value.param == "change_probe_weight"
 
 
 def test_a_negative_change_weight_is_refused(tmp_path):

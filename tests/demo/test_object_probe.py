@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -50,14 +52,14 @@ def test_targets_follow_flux_token_order_and_cell_order():
     assert targets[1:].kind.shape == (1, 64, 16)
 
 
-def _probe_inputs():
+def _probe_inputs(tokens: int = 64):
     batch = 2
     return {
-        "hidden_states": torch.randn(batch, 64, 64),
+        "hidden_states": torch.randn(batch, tokens, 64),
         "encoder_hidden_states": torch.randn(batch, 32, 64),
         "pooled_projections": torch.randn(batch, 64),
         "timestep": torch.full((batch,), 0.5),
-        "img_ids": torch.zeros(64, 3),
+        "img_ids": torch.zeros(tokens, 3),
         "txt_ids": torch.zeros(32, 3),
         "return_dict": False,
     }
@@ -115,3 +117,38 @@ def test_the_new_size_is_a_kind_of_its_own_for_the_lora_probe():
     with torch.no_grad():
         transformer(**inputs)
         assert torch.isfinite(probe.loss(targets))
+
+
+def test_the_change_read_out_reads_both_pictures_and_only_prompted_edits():
+    torch.manual_seed(0)
+    transformer = build_transformer()
+    targets = object_targets(lay_out(sample_scenes(2, seed=1)), 8, 4, prompted=[True, False])
+    changed = torch.zeros(2, 64, 16, dtype=torch.bool)
+    changed[:, 10:12] = True
+    targets = replace(targets, changed=changed)
+    edit_inputs = _probe_inputs(tokens=128)  # 64 edited-picture tokens, then the input picture's 64
+    plain = ObjectProbe(transformer, cells_per_token=4)
+    transformer(**edit_inputs)
+    with pytest.raises(RuntimeError, match="reads_change"):
+        plain.losses(targets)
+    plain.detach()
+    probe = ObjectProbe(transformer, cells_per_token=4, reads_change=True)
+    transformer(**_probe_inputs(tokens=64))
+    with pytest.raises(RuntimeError, match="input picture"):
+        probe.losses(targets)
+    transformer(**edit_inputs)
+    losses = probe.losses(targets)
+    # untrained: near chance on either side of the balanced cross-entropy
+    assert losses.changed.item() == pytest.approx(0.69, rel=0.3)
+    transformer.zero_grad()
+    losses.changed.backward()
+    assert transformer.transformer_blocks[-1].attn.to_q.weight.grad.abs().sum() > 0  # it teaches the transformer
+    # the read-out is scored on the edited picture's tokens and on the input picture's: a read-out right on one
+    # of them and wrong on the other is not right
+    flipped = changed.clone()
+    flipped[1] = ~flipped[1]  # an unprompted edit: its cells do not count
+    with torch.no_grad():
+        transformer(**edit_inputs)
+        again = probe.losses(replace(targets, changed=flipped)).changed
+    assert again.item() == pytest.approx(losses.changed.item(), rel=1e-5)
+    probe.detach()
