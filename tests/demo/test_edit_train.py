@@ -91,39 +91,32 @@ def test_changed_cells_split_each_token_as_the_object_probe_does():
     assert changed.nonzero().tolist() == [[0, 2 * 8 + 6, 2 * 4 + 1]]
 
 
-def test_the_change_read_out_trains_and_resumes_only_with_its_setting(tmp_path):
-    config = EditTrainConfig(run_dir=str(tmp_path / "run"), steps=2, batch=4, warmup_steps=1, log_every=1,
-                             change_probe_weight=0.5)
-    train_edit(config, tmp_path / "out")
-    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert all(r["change_loss"] > 0 for r in logged if "change_loss" in r)
-    state = torch.load(tmp_path / "run" / "edit.pt", map_location="cpu")
-    assert {"change_read_out.weight", "change_read_out.bias"} <= set(state["probe"])
-    with pytest.raises(InvalidParameterError) as error:
-        train_edit(EditTrainConfig(run_dir=str(tmp_path / "run"), steps=3, batch=2, probe_weight=0.3), tmp_path / "o2")
-    assert error.value.param == "change_probe_weight"
-
-
 def test_a_negative_change_weight_is_refused(tmp_path):
     with pytest.raises(InvalidParameterError, match="change_weight"):
         train_edit(EditTrainConfig(run_dir=str(tmp_path / "run"), change_weight=-1.0), tmp_path / "out")
 
 
-def test_the_object_probe_reads_the_edited_picture_and_resumes_only_with_its_setting(tmp_path):
-    # the probe reads the 64 edited-picture tokens of a 128-token (edited + input picture) image stream
-    config = EditTrainConfig(run_dir=str(tmp_path / "run"), steps=2, batch=2, warmup_steps=1, log_every=1,
-                             probe_weight=0.3)
+@pytest.mark.parametrize(("setting", "logged_loss", "read_outs", "other_setting"), [
+    ({"probe_weight": 0.3}, "probe_loss", {"read_out"}, {"probe_weight": 0.0}),
+    ({"change_probe_weight": 0.5}, "change_loss", {"read_out", "change_read_out"}, {"probe_weight": 0.3}),
+])
+def test_the_probes_learn_beside_the_transformer_and_resume_only_with_their_setting(
+        tmp_path, setting, logged_loss, read_outs, other_setting):
+    # the probes read the 64 edited-picture tokens of a 128-token (edited + input picture) image stream, the change
+    # read-out the input picture's too
+    config = EditTrainConfig(run_dir=str(tmp_path / "run"), steps=2, batch=4, warmup_steps=1, log_every=1, **setting)
     train_edit(config, tmp_path / "out")
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert all(r["probe_loss"] > 0 for r in logged if "probe_loss" in r)
-    # the probe's read-out learns beside the transformer: its parameters are a group of the optimizer
+    assert all(r[logged_loss] > 0 for r in logged if logged_loss in r)
+    # the read-outs learn beside the transformer: their parameters are a group of the optimizer
     state = torch.load(tmp_path / "run" / "edit.pt", map_location="cpu")
     groups = state["optimizer"]["param_groups"]
     assert len(groups) == 3  # transformer, the new words' embeddings, the probe
-    assert len(groups[-1]["params"]) == len(state["probe"]) == 2  # the read-out's weight and bias
+    assert set(state["probe"]) == {f"{name}.{part}" for name in read_outs for part in ("weight", "bias")}
+    assert len(groups[-1]["params"]) == len(state["probe"])
     with pytest.raises(InvalidParameterError) as error:
-        train_edit(EditTrainConfig(run_dir=str(tmp_path / "run"), steps=3, batch=2, probe_weight=0.0), tmp_path / "o2")
-    assert error.value.param == "probe_weight"
+        train_edit(EditTrainConfig(run_dir=str(tmp_path / "run"), steps=3, batch=2, **other_setting), tmp_path / "o2")
+    assert error.value.param == next(iter(setting))
 
 
 def test_cli_refuses_options_of_the_other_task(tmp_path):
