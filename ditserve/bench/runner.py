@@ -31,7 +31,7 @@ from ditserve.bench.systems import BenchItem, DiffusersSystem, DitserveSystem, S
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.demo import DEMO_EDIT_MODEL_NAME, DEMO_MODEL_NAME
 from ditserve.errors import DitServeError, InvalidParameterError
-from ditserve.models.base import InputImages
+from ditserve.models.base import InputImages, ModelKind
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class Bench:
     def _diffusers_system(self) -> DiffusersSystem:
         loaded = self.loaded
         return DiffusersSystem(loaded.path, loaded.device, loaded.dtype,
-                               loaded.adapter.diffusers_call_arguments(), video=loaded.adapter.kind == "video")
+                               loaded.adapter.diffusers_call_arguments(), video=loaded.adapter.kind is ModelKind.VIDEO)
 
     def _seeded(self, prompt_index: int) -> OmniDiffusionSamplingParams:
         return self.params.replace(seed=self.options.seed + prompt_index)

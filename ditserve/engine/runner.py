@@ -30,7 +30,7 @@ from ditserve.errors import RequestAbortedError
 from ditserve.forward_context import ForwardContext, forward_context
 from ditserve.levers import apply_levers, load_options
 from ditserve.lora.manager import LoRAManager, build_lora_manager, fuse_startup_loras
-from ditserve.models.base import LoopAdapter, RequestMedia, RequestState, StageTimings, StepBatch
+from ditserve.models.base import LoopAdapter, ModelKind, RequestMedia, RequestState, StageTimings, StepBatch
 from ditserve.models.loader import LoadedModel, apply_schedule_settings, load_model
 from ditserve.request import AudioTrack, Request, RequestOutput
 
@@ -308,7 +308,7 @@ class ModelRunner:
 
     def _output(self, request: Request, media: RequestMedia, timings: StageTimings, total_s: float,
                 batch_size: int, audio: Sequence[AudioTrack] = ()) -> RequestOutput:
-        is_video = self.adapter.kind == "video"
+        is_video = self.adapter.kind is ModelKind.VIDEO
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt, seed=request.seed, params=request.params,
             images=[] if is_video else media, videos=media if is_video else [],

@@ -24,7 +24,7 @@ from ditserve.config import OmniDiffusionConfig, OmniDiffusionSamplingParams
 from ditserve.engine.engine import DiffusionEngine
 from ditserve.errors import InvalidParameterError, InvalidTypeError, check_keys
 from ditserve.lora.request import LoRARequest
-from ditserve.models.base import ImageMode
+from ditserve.models.base import ImageMode, ModelKind
 from ditserve.request import Request, RequestOutput
 
 PROMPT_KEYS = ("prompt", "negative_prompt", "multi_modal_data")
@@ -93,7 +93,7 @@ class Omni:
         self.engine = DiffusionEngine(self.config)
 
     @property
-    def model_kind(self) -> str:
+    def model_kind(self) -> ModelKind:
         return self.engine.adapter.kind
 
     def generate(self, prompts: Any, sampling_params: Any = None, *, use_tqdm: bool | None = None,

@@ -28,6 +28,21 @@ from ditserve.request import AudioTrack, Request
 RequestMedia = list[Any]
 
 
+class ModelKind(str, enum.Enum):
+    """What a model makes from a prompt (a str, so it reads and serialises as its value)."""
+
+    IMAGE = "image"  # text-to-image
+    EDIT = "edit"  # needs input images
+    VIDEO = "video"  # text-to-video (``input_images`` says where image-to-video takes a first frame)
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def with_article(self) -> str:
+        return f"an {self.value}" if self.value[0] in "aeiou" else f"a {self.value}"
+
+
 class InputImages(enum.Enum):
     """What a family does with ``multi_modal_data={"image": ...}``."""
 
@@ -169,8 +184,7 @@ class ModelAdapter(ABC):
 
     #: ``model_index.json`` ``_class_name`` values this adapter serves (registry key)
     pipeline_class_names: ClassVar[tuple[str, ...]] = ()
-    #: "image" (text-to-image), "edit" (needs input images) or "video" (see ``input_images`` for image-to-video)
-    kind: ClassVar[str] = "image"
+    kind: ClassVar[ModelKind] = ModelKind.IMAGE
     #: how many input images a request may bring (None: any number), where ``input_images`` takes them
     max_input_images: ClassVar[int | None] = None
     #: where to go for more input images than ``max_input_images``, said in the error
@@ -270,7 +284,7 @@ class ModelAdapter(ABC):
                 raise InvalidParameterError(
                     f"{name}={value} must be a multiple of {multiple} for {self.pipeline_class_name}",
                     param=name)
-        if self.kind != "video" and params.num_frames not in (None, 1):
+        if self.kind is not ModelKind.VIDEO and params.num_frames not in (None, 1):
             raise InvalidParameterError(
                 f"num_frames is only for video models; {self.pipeline_class_name} makes images",
                 param="num_frames")
@@ -278,17 +292,17 @@ class ModelAdapter(ABC):
     @property
     def input_images(self) -> InputImages:
         """Edit models need input images; the others take none unless their adapter says so (image-to-video)."""
-        return InputImages.REQUIRED if self.kind == "edit" else InputImages.NONE
+        return InputImages.REQUIRED if self.kind is ModelKind.EDIT else InputImages.NONE
 
     def validate_inputs(self, images: Sequence[Any]) -> None:
         """Input images where the family needs them, none where it takes none (never silently ignored)."""
         if self.input_images is InputImages.REQUIRED and not images:
-            needs = "edits images" if self.kind == "edit" else f"makes a {self.kind} from an input image"
+            needs = "edits images" if self.kind is ModelKind.EDIT else f"makes {self.kind.with_article} from an input image"
             raise InvalidParameterError(
                 f"{self.pipeline_class_name} {needs}: pass multi_modal_data={{'image': ...}}", param="image")
         if self.input_images is InputImages.NONE and images:
             raise InvalidParameterError(
-                f"{self.pipeline_class_name} takes no input image (it is a {self.kind} model)", param="image")
+                f"{self.pipeline_class_name} takes no input image (it is {self.kind.with_article} model)", param="image")
         if self.max_input_images is not None and len(images) > self.max_input_images:
             raise InvalidParameterError(
                 f"{self.pipeline_class_name} takes {self.max_input_images} input image, got {len(images)}"

@@ -30,7 +30,7 @@ from ditserve.entrypoints.server.uploads import (
 )
 from ditserve.entrypoints.server.videos import VideoJobRunner, VideoStore
 from ditserve.errors import InvalidParameterError, check_text
-from ditserve.models.base import InputImages
+from ditserve.models.base import InputImages, ModelKind
 from ditserve.request import Request
 
 logger = logging.getLogger(__name__)
@@ -84,19 +84,25 @@ class ServerSettings:
         return RemoteImagePolicy(allowed=self.allow_remote_images, max_bytes=self.max_body_bytes)
 
 
+# where a request for each kind of model goes, said when it went to another route
+ROUTES_OF_KIND = {ModelKind.IMAGE: "POST /v1/images/generations or /v1/chat/completions",
+                  ModelKind.EDIT: "POST /v1/images/edits or /v1/chat/completions",
+                  ModelKind.VIDEO: "POST /v1/videos or /v1/chat/completions"}
+
+
 class ServerState:
     """What the routes share: the engine, the settings, the video jobs, the metrics, the model card."""
 
     def __init__(self, engine: DiffusionEngine, settings: ServerSettings, store: VideoStore | None = None) -> None:
         self.engine = engine
         self.settings = settings
-        self.kind: str = engine.adapter.kind
+        self.kind: ModelKind = engine.adapter.kind
         self.defaults = engine.adapter.resolve_params(OmniDiffusionSamplingParams())
         self.metrics = ServerMetrics(engine.queue_depth)
         #: video jobs exist only on servers of video models; the others neither need nor lock the folder
         self.store: VideoStore | None = None
         self.videos: VideoJobRunner | None = None
-        if self.kind == "video":
+        if self.kind is ModelKind.VIDEO:
             self.store = store if store is not None else VideoStore(settings.output_dir)
             self.videos = VideoJobRunner(engine, self.store)
         elif store is not None:
@@ -157,9 +163,9 @@ class ServerState:
     def model_cards(self) -> list[ModelCard]:
         d = self.defaults
         size = f"{d.width}x{d.height}" if d.width and d.height else "auto"
-        return [ModelCard(id=name, created=self.created, kind=self.kind,  # type: ignore[arg-type]
+        return [ModelCard(id=name, created=self.created, kind=self.kind.value,
                           default_size=size, default_num_inference_steps=d.num_inference_steps,
-                          default_num_frames=d.num_frames if self.kind == "video" else None)
+                          default_num_frames=d.num_frames if self.kind is ModelKind.VIDEO else None)
                 for name in self.settings.model_names]
 
     def check_model(self, model: str | None) -> None:
@@ -169,19 +175,12 @@ class ServerState:
                                 + (f" (also named {names[1:]})" if len(names) > 1 else ""),
                            param="model", code="model_not_found")
 
-    def require_kind(self, kind: str, route: str) -> None:
-        if self.kind == kind:
+    def require_kind(self, kind: ModelKind, route: str) -> None:
+        if self.kind is kind:
             return
-        where = {"image": "POST /v1/images/generations or /v1/chat/completions",
-                 "edit": "POST /v1/images/edits or /v1/chat/completions",
-                 "video": "POST /v1/videos or /v1/chat/completions"}[self.kind]
-        raise APIError(400, f"{route} needs {with_article(kind)} model; {self.settings.served_model_name!r} is "
-                            f"{with_article(self.kind)} model: use {where}", param="model",
+        raise APIError(400, f"{route} needs {kind.with_article} model; {self.settings.served_model_name!r} is "
+                            f"{self.kind.with_article} model: use {ROUTES_OF_KIND[self.kind]}", param="model",
                        code="unsupported_for_model")
-
-
-def with_article(word: str) -> str:
-    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
 def get_state(request: HTTPRequest) -> ServerState:

@@ -17,6 +17,7 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 
 from ditserve.entrypoints.server.errors import APIError
+from ditserve.models.base import ModelKind
 
 #: image formats an upload may use (anything else, including formats Pillow could parse, is refused)
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -111,13 +112,14 @@ def decode_permits(max_side: int) -> int:
     return max(1, min(os.cpu_count() or 1, DECODE_MEMORY_BYTES // per_image))
 
 
-def check_upload_count(uploads: Sequence[object], field: str, accepted: int, model_name: str, kind: str) -> None:
+def check_upload_count(uploads: Sequence[object], field: str, accepted: int, model_name: str,
+                       kind: ModelKind) -> None:
     """Refuse more uploads than the model takes before any of them is read or decoded."""
     if len(uploads) <= accepted:
         return
     if accepted == 0:
-        message = f"{field}: {model_name!r} takes no input image (it is {'an' if kind[0] in 'aeiou' else 'a'} " \
-                  f"{kind} model); send the prompt alone"
+        message = f"{field}: {model_name!r} takes no input image (it is {kind.with_article} model); send the " \
+                  "prompt alone"
     else:
         message = f"{field}: {model_name!r} takes at most {accepted} input image(s), got {len(uploads)}"
     raise APIError(400, message, param=field, code="invalid_parameter")

@@ -25,7 +25,7 @@ from PIL import Image
 
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError, InvalidTypeError
-from ditserve.models.base import request_generator
+from ditserve.models.base import ModelKind, request_generator
 from ditserve.models.flux.adapter import FluxAdapter, PackedLatents
 from ditserve.request import Request
 
@@ -54,7 +54,7 @@ class KontextSizing:
 
 class FluxKontextAdapter(FluxAdapter):
     pipeline_class_names = ("FluxKontextPipeline",)
-    kind = "edit"
+    kind = ModelKind.EDIT
     #: one image per prompt: diffusers reads a list of images as one image per prompt of a batch
     max_input_images = 1
     # FluxKontextPipeline passes its linear sigmas to every scheduler

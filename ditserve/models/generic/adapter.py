@@ -36,6 +36,7 @@ from ditserve.forward_context import ForwardContext, RowOwner, forward_context, 
 from ditserve.models.base import (
     FAMILY_ONLY_PARAMS,
     ModelAdapter,
+    ModelKind,
     RequestMedia,
     StageTimings,
     request_generator,
@@ -79,12 +80,12 @@ class GenericAdapter(ModelAdapter):
                            "stops only a request that has not started, and step caches are unavailable",
                            self.pipeline_class_name, STEP_CALLBACK)
 
-    def _infer_kind(self) -> str:
+    def _infer_kind(self) -> ModelKind:
         if "num_frames" in self._call_params:
-            return "video"
+            return ModelKind.VIDEO
         if "image" in self._call_params:
-            return "edit"
-        return "image"
+            return ModelKind.EDIT
+        return ModelKind.IMAGE
 
     def transformers(self) -> list[torch.nn.Module]:
         found = [getattr(self.pipeline, n, None) for n in ("transformer", "transformer_2", "unet")]
@@ -102,7 +103,7 @@ class GenericAdapter(ModelAdapter):
     def validate_params(self, params: Any) -> None:
         # sizes first: diffusers would silently round a size that is not a multiple of its factor
         super().validate_params(params)
-        if params.fps is not None and self.kind != "video":
+        if params.fps is not None and self.kind is not ModelKind.VIDEO:
             raise InvalidParameterError(f"fps is only for video models; {self.pipeline_class_name} makes images",
                                         param="fps")
         for f in fields(params):
@@ -127,7 +128,7 @@ class GenericAdapter(ModelAdapter):
                 kwargs[name] = value
         if request.images:
             kwargs["image"] = request.images[0] if len(request.images) == 1 else request.images
-        if self.kind == "video" and "output_type" in self._call_params:
+        if self.kind is ModelKind.VIDEO and "output_type" in self._call_params:
             kwargs["output_type"] = "np"
         return kwargs
 
@@ -170,7 +171,7 @@ class GenericAdapter(ModelAdapter):
         return self._media(result), timings
 
     def _media(self, result: Any) -> list[Any]:
-        if self.kind == "video":
+        if self.kind is ModelKind.VIDEO:
             frames = result.frames
             return [to_uint8_video(np.asarray(v)) for v in frames]
         # several images per output (layers): image-major, each output's images in the pipeline's order

@@ -29,6 +29,7 @@ from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError, InvalidTypeError
 from ditserve.models.base import (
     LoopAdapter,
+    ModelKind,
     RequestMedia,
     RequestState,
     StepBatch,
@@ -184,7 +185,7 @@ class LongCatAdapterBase(LoopAdapter):
 
 class LongCatImageAdapter(LongCatAdapterBase):
     pipeline_class_names = ("LongCatImagePipeline",)
-    kind = "image"
+    kind = ModelKind.IMAGE
 
     def __init__(self, pipeline: Any, model_defaults: Mapping[str, Any] | None = None) -> None:
         super().__init__(pipeline, model_defaults)

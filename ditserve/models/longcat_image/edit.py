@@ -20,7 +20,7 @@ import torch
 from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_dimensions
 from PIL import Image
 
-from ditserve.models.base import RequestState, request_generator
+from ditserve.models.base import ModelKind, RequestState, request_generator
 from ditserve.models.longcat_image.adapter import LongCatAdapterBase
 from ditserve.request import Request
 
@@ -42,7 +42,7 @@ class EditInputs:
 
 class LongCatImageEditAdapter(LongCatAdapterBase):
     pipeline_class_names = ("LongCatImageEditPipeline",)
-    kind = "edit"
+    kind = ModelKind.EDIT
     max_input_images = 1
 
     def family_defaults(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ditserve.errors import InvalidParameterError
 from ditserve.models.base import (
     LoopAdapter,
+    ModelKind,
     RequestMedia,
     RequestState,
     StepBatch,
@@ -136,7 +137,7 @@ class LTX2Adapter(LoopAdapter):
     pipeline_class_names = ("LTX2Pipeline",)
     unsupported_params = ("true_cfg_scale", "guidance_scale_2", "boundary_ratio")
     guidance_note = "the audio's guidance, spatio-temporal and modality guidance keep the pipeline's defaults"
-    kind = "video"
+    kind = ModelKind.VIDEO
 
     def __init__(self, pipeline: Any, model_defaults: Any = None) -> None:
         super().__init__(pipeline, model_defaults)

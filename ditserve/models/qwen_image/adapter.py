@@ -21,6 +21,7 @@ from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import InvalidParameterError
 from ditserve.models.base import (
     LoopAdapter,
+    ModelKind,
     RequestMedia,
     RequestState,
     StepBatch,
@@ -59,7 +60,7 @@ def pad_and_mask(per_request: Sequence[torch.Tensor], states: Sequence[RequestSt
 
 class QwenImageAdapter(LoopAdapter):
     pipeline_class_names = ("QwenImagePipeline",)
-    kind = "image"
+    kind = ModelKind.IMAGE
 
     # ------------------------------------------------------------------ params
     def family_defaults(self) -> dict[str, Any]:

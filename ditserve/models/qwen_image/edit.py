@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ditserve.models.base import request_generator
+from ditserve.models.base import ModelKind, request_generator
 from ditserve.models.qwen_image.adapter import QwenImageAdapter
 from ditserve.models.qwen_image.processor import processor_components
 from ditserve.request import Request
@@ -47,7 +47,7 @@ class EditInputs:
 
 class QwenImageEditAdapter(QwenImageAdapter):
     pipeline_class_names = ("QwenImageEditPipeline",)
-    kind = "edit"
+    kind = ModelKind.EDIT
     max_input_images = 1
     more_images_note = " (Qwen-Image-Edit-2509, QwenImageEditPlusPipeline, takes several)"
 

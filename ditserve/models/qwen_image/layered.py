@@ -32,7 +32,14 @@ from PIL import Image
 
 from ditserve.config import OmniDiffusionSamplingParams
 from ditserve.errors import check_choice
-from ditserve.models.base import ImageMode, RequestMedia, RequestState, StepBatch, request_generator
+from ditserve.models.base import (
+    ImageMode,
+    ModelKind,
+    RequestMedia,
+    RequestState,
+    StepBatch,
+    request_generator,
+)
 from ditserve.models.qwen_image.adapter import QwenImageAdapter
 from ditserve.models.qwen_image.edit import calculated_size
 from ditserve.models.qwen_image.processor import processor_components
@@ -48,7 +55,7 @@ SHIFT_BASE_TOKENS = 256
 
 class QwenImageLayeredAdapter(QwenImageAdapter):
     pipeline_class_names = ("QwenImageLayeredPipeline",)
-    kind = "edit"
+    kind = ModelKind.EDIT
     max_input_images = 1
     own_params = ("layers", "resolution")
     takes_output_size = False

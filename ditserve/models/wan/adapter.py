@@ -19,6 +19,7 @@ import torch
 from ditserve.errors import InvalidParameterError
 from ditserve.models.base import (
     LoopAdapter,
+    ModelKind,
     RequestMedia,
     RequestState,
     StepBatch,
@@ -33,7 +34,7 @@ class WanAdapter(LoopAdapter):
     pipeline_class_names = ("WanPipeline",)
     unsupported_params = ("true_cfg_scale",)
     guidance_note = "and guidance_scale_2 for the low-noise expert of two-expert models"
-    kind = "video"
+    kind = ModelKind.VIDEO
     transformer_names = ("transformer", "transformer_2")
 
     # ------------------------------------------------------------------ model facts

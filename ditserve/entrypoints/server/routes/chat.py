@@ -40,6 +40,7 @@ from ditserve.entrypoints.server.request_ids import request_id_of
 from ditserve.entrypoints.server.state import ServerState, State
 from ditserve.entrypoints.server.uploads import check_upload_count
 from ditserve.entrypoints.server.videos import accelerator_peak_mb, stage_durations
+from ditserve.models.base import ModelKind
 from ditserve.request import RequestOutput
 
 
@@ -97,7 +98,7 @@ async def chat_completions(body: ChatCompletionRequest, http_request: HTTPReques
     check_upload_count(urls, "messages", state.accepted_uploads(), state.settings.served_model_name, state.kind)
     images = await state.read_image_urls(urls)
     dimensions = requested_dimensions(body.size, body.width, body.height)
-    if state.kind == "edit" and not dimensions:
+    if state.kind is ModelKind.EDIT and not dimensions:
         dimensions = state.auto_size(images) if images else {}
     # num_frames and fps go to every model: an image model's own rules refuse what it cannot use
     output, output_format = await generate_images(http_request, state, body, prompt, images, dimensions,

@@ -36,6 +36,7 @@ from ditserve.entrypoints.server.protocol import (
 from ditserve.entrypoints.server.request_ids import request_id_of
 from ditserve.entrypoints.server.state import ServerState, State
 from ditserve.entrypoints.server.uploads import Form, check_upload_count, read_form
+from ditserve.models.base import ModelKind
 from ditserve.request import RequestOutput
 
 #: edit inputs of the mirrored system that no model family served here takes, and why (refused: an edit that
@@ -89,7 +90,7 @@ EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data"
 
 async def create_images(body: ImageGenerationRequest, http_request: HTTPRequest, state: State) -> Any:
     check_fields(state, body, body.prompt)
-    state.require_kind("image", "POST /v1/images/generations")
+    state.require_kind(ModelKind.IMAGE, "POST /v1/images/generations")
     output, output_format = await generate_images(http_request, state, body, body.prompt, [],
                                                   requested_dimensions(body.size))
     return await images_answer(http_request, body, output, output_format)
@@ -97,7 +98,7 @@ async def create_images(body: ImageGenerationRequest, http_request: HTTPRequest,
 
 async def edit_images(http_request: HTTPRequest, state: State) -> Any:
     # the kind is the server's, not the request's: a model that edits nothing refuses before reading the body
-    state.require_kind("edit", "POST /v1/images/edits")
+    state.require_kind(ModelKind.EDIT, "POST /v1/images/edits")
     # the refused inputs are read as files or as (URL) text, as the mirrored system takes them, so that both
     # shapes get the reason
     form = await read_form(http_request, ("image", *EDIT_INPUTS_REFUSED), state.settings.max_body_bytes,

@@ -17,7 +17,7 @@ async def health(state: State) -> Response:
     degraded = state.store.degraded if state.store is not None else None
     status = "engine_down" if not alive else "degraded" if degraded else "ok"
     body = {"status": status, "model": state.settings.served_model_name,
-            "kind": state.kind, "queue_depth": state.engine.queue_depth()}
+            "kind": state.kind.value, "queue_depth": state.engine.queue_depth()}
     if degraded:
         body["reason"] = degraded
     # a load balancer must see a dead engine, or a video server that cannot save videos, as unhealthy

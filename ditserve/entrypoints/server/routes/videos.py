@@ -46,6 +46,7 @@ from ditserve.entrypoints.server.state import ServerState, State
 from ditserve.entrypoints.server.uploads import MULTIPART, URLENCODED, check_upload_count, read_form
 from ditserve.entrypoints.server.videos import VideoJob, VideoStore, new_video_id
 from ditserve.errors import DitServeError
+from ditserve.models.base import ModelKind
 from ditserve.request import Request
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ VideoIdParam = Annotated[str, PathParam(pattern=VIDEO_ID_PATTERN, max_length=38)
 
 
 async def create_video(http_request: HTTPRequest, state: State) -> VideoObject:
-    state.require_kind("video", "POST /v1/videos")
+    state.require_kind(ModelKind.VIDEO, "POST /v1/videos")
     fields, images, image_field = await read_video_request(http_request, state)
     videos = state.videos
     assert videos is not None  # a video model's server always has its job runner (require_kind above)
@@ -166,7 +167,7 @@ async def create_video(http_request: HTTPRequest, state: State) -> VideoObject:
 
 async def create_video_sync(http_request: HTTPRequest, state: State) -> Response:
     """Generate and answer with the MP4 itself: no job is recorded (the mirrored system's benchmark route)."""
-    state.require_kind("video", "POST /v1/videos/sync")
+    state.require_kind(ModelKind.VIDEO, "POST /v1/videos/sync")
     fields, images, image_field = await read_video_request(http_request, state)
     output = await generate(http_request, state, fields, fields.prompt, video_params(state, fields), images,
                             image_field)
