@@ -113,7 +113,8 @@ class LoRATrainConfig:
     # With preserve_base: the loss weight of those rows against the new-size rows' (whose tokens near the new-size
     # object already weigh 1 + size_weight): a LoRA on every Linear shifts ordinary prompts too unless held there.
     preserve_weight: float = 1.0
-    # A PEFT folder this command wrote (same rank and targets) to continue from, with a new learning-rate schedule.
+    # A PEFT folder this command wrote (same targets, same or smaller rank: a larger rank grows it) to continue
+    # from, with a new learning-rate schedule.
     # Batches are drawn by (seed, step), so a run continued with a seed of the runs before it replays their
     # batches: give it a new seed.
     init_lora: str = ""
@@ -181,18 +182,38 @@ def add_lora(pipe: FluxPipeline, cfg: LoRATrainConfig) -> list[torch.nn.Paramete
 
 
 def _load_lora_state(pipe: FluxPipeline, folder: Path) -> None:
-    """Copy a saved PEFT folder's weights into the fresh adapter; every key must match (same rank and targets)."""
+    """Copy a saved PEFT folder's weights into the fresh adapter (same targets). A run of a larger rank grows the
+    saved LoRA: its A rows and B columns come first, the new B columns start at zero (PEFT's own start), so the
+    grown LoRA begins as exactly the saved one's update, rescaled to this run's alpha / rank."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from ditserve.lora.files import PEFT_WEIGHTS_FILE
 
-    saved = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in load_file(str(folder / PEFT_WEIGHTS_FILE)).items()}
+    saved = {k.removeprefix(PEFT_KEY_PREFIX): v.float() for k, v in load_file(str(folder / PEFT_WEIGHTS_FILE)).items()}
+    saved_config = json.loads((folder / "adapter_config.json").read_text())
     expected = get_peft_model_state_dict(pipe.transformer)
-    if set(saved) != set(expected) or any(saved[k].shape != v.shape for k, v in expected.items()):
-        raise InvalidParameterError(f"init_lora {folder}: its weights do not match this run's rank and targets",
-                                    param="init_lora")
-    set_peft_model_state_dict(pipe.transformer, {k: v.float() for k, v in saved.items()})
+    saved_rank = saved_config["r"]
+    if set(saved) != set(expected) or any(not _fits(saved[k], v) for k, v in expected.items()):
+        raise InvalidParameterError(f"init_lora {folder}: its weights do not match this run's targets, or its rank "
+                                    f"({saved_rank}) is above this run's", param="init_lora")
+    config = pipe.transformer.peft_config["default"]
+    rescale = (saved_config["lora_alpha"] / saved_rank) / (config.lora_alpha / config.r)
+    grown = {}
+    for key, fresh in expected.items():
+        weight = fresh.detach().float().clone()
+        if "lora_A" in key:
+            weight[: saved[key].shape[0]] = saved[key]
+        else:
+            weight[:, : saved[key].shape[1]] = saved[key] * rescale
+        grown[key] = weight
+    set_peft_model_state_dict(pipe.transformer, grown)
+
+
+def _fits(saved: torch.Tensor, fresh: torch.Tensor) -> bool:
+    """A saved LoRA matrix fits a fresh one of the same or a larger rank (A: rank x in, B: out x rank)."""
+    return saved.dim() == fresh.dim() == 2 and all(a <= b for a, b in zip(saved.shape, fresh.shape, strict=True)) \
+        and sum(a != b for a, b in zip(saved.shape, fresh.shape, strict=True)) <= 1
 
 
 def save_lora(pipe: FluxPipeline, output_dir: Path, record: dict) -> Path:

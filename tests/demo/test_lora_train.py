@@ -80,7 +80,7 @@ def test_train_lora_with_probe_size_weights_and_base_preservation(tmp_path, demo
     assert read_adapter("trained", folder, demo_pipeline).rank == 4  # the probe is not part of the adapter
 
 
-def test_a_run_continues_from_a_saved_lora_of_the_same_rank_and_targets_only(tmp_path, caplog):
+def test_a_run_continues_from_a_saved_lora_of_its_targets_and_grows_its_rank_only(tmp_path, caplog):
     from safetensors.torch import load_file
 
     shipped = demo_lora_path()
@@ -101,6 +101,19 @@ def test_a_run_continues_from_a_saved_lora_of_the_same_rank_and_targets_only(tmp
     # its record carries the record of the run it continued
     shipped_record = json.loads((shipped / TRAINING_RECORD_FILE).read_text())
     assert json.loads((folder / TRAINING_RECORD_FILE).read_text())["continues"] == shipped_record
+    # a larger rank grows the saved LoRA: the same update to start from (the new directions' B columns are 0), at
+    # this run's alpha / rank
+    grown = load_file(str(train_lora(LoRATrainConfig(seed=7, steps=1, batch=2, lr=0.0, rank=16, alpha=32.0,
+                                                     max_minutes=0, init_lora=str(shipped)), tmp_path / "grown")
+                          / PEFT_WEIGHTS_FILE))
+    assert grown.keys() == before.keys()
+    a_keys = [k for k in before if "lora_A" in k]
+    for a_key in a_keys:
+        b_key = a_key.replace("lora_A", "lora_B")
+        assert grown[a_key].shape[0] == grown[b_key].shape[1] == 16
+        update_before = before[b_key].float() @ before[a_key].float()
+        update_grown = 2.0 * grown[b_key].float() @ grown[a_key].float()  # alpha / rank 32 / 16, against 8 / 8
+        assert torch.allclose(update_grown, update_before, atol=2e-3, rtol=2e-3)
     with pytest.raises(InvalidParameterError) as error:
         train_lora(LoRATrainConfig(steps=1, batch=2, rank=4, alpha=4.0, max_minutes=0, init_lora=str(shipped)),
                    tmp_path / "other")
