@@ -194,26 +194,30 @@ def _load_lora_state(pipe: FluxPipeline, folder: Path) -> None:
     saved_config = json.loads((folder / "adapter_config.json").read_text())
     expected = get_peft_model_state_dict(pipe.transformer)
     saved_rank = saved_config["r"]
-    if set(saved) != set(expected) or any(not _fits(saved[k], v) for k, v in expected.items()):
+    if set(saved) != set(expected) or any(not _fits(k, saved[k], v) for k, v in expected.items()):
         raise InvalidParameterError(f"init_lora {folder}: its weights do not match this run's targets, or its rank "
                                     f"({saved_rank}) is above this run's", param="init_lora")
     config = pipe.transformer.peft_config["default"]
     rescale = (saved_config["lora_alpha"] / saved_rank) / (config.lora_alpha / config.r)
     grown = {}
     for key, fresh in expected.items():
-        weight = fresh.detach().float().clone()
-        if "lora_A" in key:
-            weight[: saved[key].shape[0]] = saved[key]
-        else:
-            weight[:, : saved[key].shape[1]] = saved[key] * rescale
+        axis, weight = _rank_axis(key), fresh.detach().float().clone()
+        # the update is B A * alpha / rank: rescaling B alone keeps it
+        weight.narrow(axis, 0, saved[key].shape[axis]).copy_(saved[key] * (rescale if axis == 1 else 1.0))
         grown[key] = weight
     set_peft_model_state_dict(pipe.transformer, grown)
 
 
-def _fits(saved: torch.Tensor, fresh: torch.Tensor) -> bool:
-    """A saved LoRA matrix fits a fresh one of the same or a larger rank (A: rank x in, B: out x rank)."""
-    return saved.dim() == fresh.dim() == 2 and all(a <= b for a, b in zip(saved.shape, fresh.shape, strict=True)) \
-        and sum(a != b for a, b in zip(saved.shape, fresh.shape, strict=True)) <= 1
+def _rank_axis(key: str) -> int:
+    """The rank's axis of a LoRA matrix: A is rank x in, B is out x rank."""
+    return 0 if "lora_A" in key else 1
+
+
+def _fits(key: str, saved: torch.Tensor, fresh: torch.Tensor) -> bool:
+    """A saved LoRA matrix fits a fresh one of the same module at the same or a larger rank."""
+    axis = _rank_axis(key)
+    return (saved.dim() == fresh.dim() == 2 and saved.shape[1 - axis] == fresh.shape[1 - axis]
+            and saved.shape[axis] <= fresh.shape[axis])
 
 
 def save_lora(pipe: FluxPipeline, output_dir: Path, record: dict) -> Path:
