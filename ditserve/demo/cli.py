@@ -129,6 +129,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_edit(args: argparse.Namespace) -> None:
+    from ditserve.demo.data_parallel import launched_rank, leave
     from ditserve.demo.edit_evaluation import write_edit_defaults
     from ditserve.demo.edit_train import EditTrainConfig, train_edit
 
@@ -138,11 +139,16 @@ def _cmd_train_edit(args: argparse.Namespace) -> None:
             f"{config.run_dir} holds a checkpoint: pass --resume to continue it, or choose another --run-dir",
             param="resume")
     output = Path(args.output or "runs/ditserve-shapes-edit/final")
-    if output.exists():
+    main_process = launched_rank() == 0  # several under torchrun (data_parallel): rank 0 writes
+    if output.exists() and main_process:
         shutil.rmtree(output)
-    train_edit(config, output)
-    write_edit_defaults(output, args.cfg_scale)
-    print(f"trained edit pipeline written to {output}")
+    try:
+        train_edit(config, output)
+    finally:
+        leave()
+    if main_process:
+        write_edit_defaults(output, args.cfg_scale)
+        print(f"trained edit pipeline written to {output}")
 
 
 def _cmd_train_video(args: argparse.Namespace) -> None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from diffusers import FluxKontextPipeline, FluxPipeline
 from tqdm.auto import tqdm
 
+from ditserve.demo.data_parallel import DataShard
 from ditserve.demo.edit_language import EDIT_WORDS, Edit, sample_edits
 from ditserve.demo.language import MAX_OBJECTS, stage_seed
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH, build_clip_tokenizer, build_t5_tokenizer, encode_prompts
@@ -186,18 +187,22 @@ def changed_cells(sources: torch.Tensor, targets: torch.Tensor, tokens_per_side:
 
 
 def edit_flow_matching_loss(pipe: FluxKontextPipeline, instructions: list[str], sources: torch.Tensor,
-                            targets: torch.Tensor, generator: torch.Generator, change_weight: float = 0.0) -> torch.Tensor:
+                            targets: torch.Tensor, generator: torch.Generator, change_weight: float = 0.0,
+                            rows: slice = slice(None)) -> torch.Tensor:
     """Rectified-flow loss of editing ``sources`` into ``targets`` (pictures in [0, 1]) as instructed, the tokens
-    the edit changes weighted 1 + ``change_weight``."""
+    the edit changes weighted 1 + ``change_weight``, over the batch's ``rows`` (a data-parallel process's share:
+    the noise is drawn for the whole batch, so the shares together see what one process would)."""
     device = targets.device
+    drawn = targets.shape[0]
+    instructions, sources, targets = instructions[rows], sources[rows], targets[rows]
     batch = targets.shape[0]
     with torch.no_grad():
         context = _scaled_latents(pipe, _as_pipeline_input(sources))
         # The target's posterior mean, as train.py: this VAE's posterior noise is most of a sampled latent.
         x0 = _scaled_latents(pipe, targets * 2 - 1)
     _, channels, height, width = x0.shape
-    noise = torch.randn(x0.shape, generator=generator, device=device)
-    u = torch.rand(batch, generator=generator, device=device).clamp(1e-4, 1.0)
+    noise = torch.randn((drawn, *x0.shape[1:]), generator=generator, device=device)[rows]
+    u = torch.rand(drawn, generator=generator, device=device)[rows].clamp(1e-4, 1.0)
     # The pipeline's shift reads only the noisy tokens' count.
     sigma = _shifted_sigmas(pipe, u, (height // 2) * (width // 2))
     noisy = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
@@ -234,7 +239,8 @@ def _text_parameters(pipe: FluxKontextPipeline, mode: TextTraining) -> list[torc
 
 
 def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
-    """Train (resumable from ``cfg.run_dir``) and write the FluxKontextPipeline folder to ``output_dir``."""
+    """Train (resumable from ``cfg.run_dir``) and write the FluxKontextPipeline folder to ``output_dir``. Launched as
+    several processes (``data_parallel``), each trains on its share of every batch and rank 0 writes."""
     from ditserve.demo import demo_model_path
 
     if cfg.text_training not in [m.value for m in TextTraining]:
@@ -244,11 +250,14 @@ def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
         if getattr(cfg, name) < 0:
             raise InvalidParameterError(f"{name} must be >= 0, got {getattr(cfg, name)}", param=name)
     mode = TextTraining(cfg.text_training)
-    device = resolve_device(cfg.device)
+    shard = DataShard.from_environment(resolve_device(cfg.device))
+    device = shard.device(resolve_device(cfg.device))
+    rows = shard.rows(cfg.batch)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    logger = _Logger(run_dir / "log.jsonl")
+    if shard.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    logger = _Logger(run_dir / "log.jsonl") if shard.is_main else None
     torch.manual_seed(cfg.seed)
     pipe = load_edit_pipeline(cfg.init_from or demo_model_path()).to(device)
     pipe.vae.eval().requires_grad_(False)
@@ -288,9 +297,9 @@ def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
     parameters = [p for group in groups for p in group["params"]]
     began = time.perf_counter() - spent_before
     budget = 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
-    progress = tqdm(range(start, cfg.steps), desc="edit", initial=start, total=cfg.steps)
+    progress = tqdm(range(start, cfg.steps), desc="edit", initial=start, total=cfg.steps, disable=not shard.is_main)
     for step in progress:
-        fraction = max(step / cfg.steps, (time.perf_counter() - began) / budget)
+        fraction = max(step / cfg.steps, shard.agreed(time.perf_counter() - began) / budget)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * group["lr_scale"] * _lr_factor(step, cfg.steps, cfg.warmup_steps, fraction)
         edits = sample_edits(cfg.batch, stage_seed(cfg.seed, EDIT_DATA_STAGE, step), split="train")
@@ -300,40 +309,45 @@ def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
         instructions = _apply_prompt_dropout([e.instruction for e in edits], generator, cfg.prompt_dropout)
         sources, targets = rasterize(source, IMAGE_SIZE), rasterize(target, IMAGE_SIZE)
         with _autocast(device):
-            loss = edit_flow_matching_loss(pipe, instructions, sources, targets, generator, cfg.change_weight)
+            loss = edit_flow_matching_loss(pipe, instructions, sources, targets, generator, cfg.change_weight, rows)
             probe_loss = change_loss = torch.zeros(())
             if probe is not None:
-                objects = object_targets(target, tokens_per_side, cfg.probe_cells, [i != "" for i in instructions])
+                objects = object_targets(target, tokens_per_side, cfg.probe_cells, [i != "" for i in instructions])[rows]
                 if cfg.change_probe_weight > 0:
-                    objects = replace(objects, changed=changed_cells(sources, targets, tokens_per_side, cfg.probe_cells))
+                    changed = changed_cells(sources[rows], targets[rows], tokens_per_side, cfg.probe_cells)
+                    objects = replace(objects, changed=changed)
                 probe_losses = probe.losses(objects)
                 probe_loss, change_loss = probe_losses.objects, probe_losses.changed
         optimizer.zero_grad(set_to_none=True)
         (loss + cfg.probe_weight * probe_loss + cfg.change_probe_weight * change_loss).backward()
+        shard.average_gradients(parameters)
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         _update_ema(ema, modules, cfg.ema_decay, step)
         if step % cfg.log_every == 0:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            logger.write(stage="edit", step=step, loss=loss.item(), probe_loss=probe_loss.item(),
-                         change_loss=change_loss.item(),
-                         lr=optimizer.param_groups[0]["lr"],
-                         seconds=round(time.perf_counter() - began, 1))
-        out_of_time = time.perf_counter() - began > budget
-        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1 or out_of_time:
+            losses = [shard.mean(value.item()) for value in (loss, probe_loss, change_loss)]
+            progress.set_postfix(loss=f"{losses[0]:.4f}")
+            if logger is not None:
+                logger.write(stage="edit", step=step, loss=losses[0], probe_loss=losses[1], change_loss=losses[2],
+                             lr=optimizer.param_groups[0]["lr"], seconds=round(time.perf_counter() - began, 1))
+        out_of_time = shard.agreed(time.perf_counter() - began) > budget
+        checkpoint_due = (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1 or out_of_time
+        if checkpoint_due and shard.is_main:
             _save_checkpoint(checkpoint, {"step": step + 1, "seconds": time.perf_counter() - began,
                                           "modules": {name: m.state_dict() for name, m in modules.items()},
                                           "probe": probe.state_dict() if probe else None,
                                           "optimizer": optimizer.state_dict(), "ema": ema})
         if out_of_time:
-            logger.write(stage="edit", stopped_early_at_step=step + 1, of_steps=cfg.steps)
+            if logger is not None:
+                logger.write(stage="edit", stopped_early_at_step=step + 1, of_steps=cfg.steps)
             break
     if probe is not None:
         probe.detach()
     for name, module in modules.items():
         module.load_state_dict(ema[name])
         module.eval().requires_grad_(False)
-    logger.write(stage="done", total_seconds=time.perf_counter() - began, device=str(device))
     output_dir = Path(output_dir)
-    pipe.to("cpu").save_pretrained(output_dir, safe_serialization=True)
+    if shard.is_main:
+        logger.write(stage="done", total_seconds=time.perf_counter() - began, device=str(device), processes=shard.world)
+        pipe.to("cpu").save_pretrained(output_dir, safe_serialization=True)
     return output_dir
