@@ -7,6 +7,7 @@ import enum
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -128,8 +129,22 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"trained pipeline written to {output}")
 
 
-def _cmd_train_edit(args: argparse.Namespace) -> None:
+def _run_launched(train: Callable[[], object], fresh_output: Path | None = None) -> bool:
+    """Run ``train`` alone or as one process of a launched data-parallel run (torchrun; ``data_parallel``), first
+    emptying ``fresh_output``; returns whether this process is rank 0, the one that writes."""
     from ditserve.demo.data_parallel import launched_rank, leave
+
+    main_process = launched_rank() == 0
+    if main_process and fresh_output is not None and fresh_output.exists():
+        shutil.rmtree(fresh_output)
+    try:
+        train()
+    finally:
+        leave()
+    return main_process
+
+
+def _cmd_train_edit(args: argparse.Namespace) -> None:
     from ditserve.demo.edit_evaluation import write_edit_defaults
     from ditserve.demo.edit_train import EditTrainConfig, train_edit
 
@@ -139,14 +154,7 @@ def _cmd_train_edit(args: argparse.Namespace) -> None:
             f"{config.run_dir} holds a checkpoint: pass --resume to continue it, or choose another --run-dir",
             param="resume")
     output = Path(args.output or "runs/ditserve-shapes-edit/final")
-    main_process = launched_rank() == 0  # several under torchrun (data_parallel): rank 0 writes
-    if output.exists() and main_process:
-        shutil.rmtree(output)
-    try:
-        train_edit(config, output)
-    finally:
-        leave()
-    if main_process:
+    if _run_launched(lambda: train_edit(config, output), fresh_output=output):
         write_edit_defaults(output, args.cfg_scale)
         print(f"trained edit pipeline written to {output}")
 
@@ -163,19 +171,17 @@ def _cmd_train_video(args: argparse.Namespace) -> None:
         raise InvalidParameterError(
             f"{run_dir} holds checkpoints: pass --resume to continue them, or choose another --run-dir", param="resume")
     output = Path(args.output or "runs/ditserve-shapes-video/final")
-    if output.exists():
-        shutil.rmtree(output)
-    train_video(config, output)
-    write_video_defaults(output, args.cfg_scale, config.frames)
-    print(f"trained video pipeline written to {output}")
+    if _run_launched(lambda: train_video(config, output), fresh_output=output):
+        write_video_defaults(output, args.cfg_scale, config.frames)
+        print(f"trained video pipeline written to {output}")
 
 
 def _cmd_train_lora(args: argparse.Namespace) -> None:
     from ditserve.demo.lora_train import LoRATrainConfig, train_lora
 
     overrides = {f.name: getattr(args, f.name) for f in fields(LoRATrainConfig) if getattr(args, f.name, None) is not None}
-    output = train_lora(LoRATrainConfig(**overrides), args.output)
-    print(f"LoRA written to {output}")
+    if _run_launched(lambda: train_lora(LoRATrainConfig(**overrides), args.output)):
+        print(f"LoRA written to {args.output}")
 
 
 def _refuse_image_eval_options(args: argparse.Namespace) -> None:

@@ -29,6 +29,11 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launched_world() -> int:
+    """How many processes a launched run has (1 without a launcher), before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def leave() -> None:
     """End this process's part in a launched run (nothing without one)."""
     if dist.is_initialized():
@@ -47,7 +52,7 @@ class DataShard:
     def from_environment(cls, device: torch.device) -> DataShard:
         """One process (no launcher), or this process's shard of a launched run, joining its process group (gloo
         on CPU, NCCL on CUDA) unless the caller already did."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = launched_world()
         if world == 1:
             return cls()
         shard = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
@@ -70,6 +75,15 @@ class DataShard:
                                         f"({self.world})", param="batch")
         share = batch // self.world
         return slice(self.rank * share, (self.rank + 1) * share)
+
+    def start_alike(self, parameters: Sequence[torch.nn.Parameter]) -> None:
+        """Give every process rank 0's values of ``parameters`` (randomly initialised ones, such as a LoRA's A or a
+        probe's, differ between processes otherwise)."""
+        if self.world == 1:
+            return
+        with torch.no_grad():
+            for parameter in parameters:
+                dist.broadcast(parameter.data, src=0)
 
     def average_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> None:
         """Replace every gradient by its mean over the processes, in one collective. A parameter no process

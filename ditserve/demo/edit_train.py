@@ -295,6 +295,7 @@ def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         ema, start, spent_before = state["ema"], state["step"], state["seconds"]
     parameters = [p for group in groups for p in group["params"]]
+    shard.start_alike(parameters)
     began = time.perf_counter() - spent_before
     budget = 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
     progress = tqdm(range(start, cfg.steps), desc="edit", initial=start, total=cfg.steps, disable=not shard.is_main)

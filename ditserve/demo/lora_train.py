@@ -28,6 +28,7 @@ import torch
 from diffusers import FluxPipeline
 from tqdm.auto import tqdm
 
+from ditserve.demo.data_parallel import DataShard
 from ditserve.demo.language import ALL_SIZES, NEW_SIZE, sample_new_size_scenes, sample_scenes, stage_seed
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
 from ditserve.demo.object_probe import KINDS_WITH_NEW_SIZE, ObjectProbe, object_targets
@@ -242,8 +243,30 @@ def save_lora(pipe: FluxPipeline, output_dir: Path, record: dict) -> Path:
     return output_dir
 
 
+def step_losses(pipe: FluxPipeline, cfg: LoRATrainConfig, probe: ObjectProbe | None, step: int, rows: slice,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The denoising and the probe loss of step ``step``'s batch, on its ``rows`` (a data-parallel process's share)."""
+    tokens_per_side = IMAGE_SIZE // (2 * pipe.vae_scale_factor)  # FLUX packs 2x2 latent pixels per token
+    prompts, layout = _training_batch(cfg, step, device)
+    generator = _step_generator(device, cfg.seed, NOISE_STAGE, step)
+    prompts = _apply_prompt_dropout(prompts, generator, cfg.prompt_dropout)
+    fm = _flow_matching_batch(pipe, prompts, rasterize(layout, IMAGE_SIZE), generator, MAX_SEQUENCE_LENGTH, rows)
+    probe_loss = torch.zeros((), device=device)
+    if probe is not None:
+        targets = object_targets(layout, tokens_per_side, cfg.probe_cells, [p != "" for p in prompts])
+        probe_loss = probe.loss(targets[rows])
+    target = fm.target
+    weights = new_size_token_weights(layout, tokens_per_side, cfg.size_weight)[rows]
+    if cfg.preserve_base:
+        preserved = _preserved_rows(cfg, prompts, device)[rows]
+        target = _base_preserving_target(pipe, fm, preserved)
+        weights = torch.where(preserved[:, None], cfg.preserve_weight * weights, weights)
+    return weighted_token_mse(fm.prediction, target, weights), probe_loss
+
+
 def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
-    """Train the LoRA and write it as a PEFT folder to ``output_dir``."""
+    """Train the LoRA and write it as a PEFT folder to ``output_dir``. Launched as several processes
+    (``data_parallel``), each trains on its share of every batch and rank 0 writes."""
     from ditserve.demo import demo_model_path
 
     _check_config(cfg)
@@ -251,7 +274,9 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
     if cfg.seed in seeds_drawn(earlier):
         logger.warning("seed %d was a seed of the runs init_lora continues: this run replays their batches (pass "
                        "another --seed for new ones)", cfg.seed)
-    device = resolve_device(cfg.device)
+    shard = DataShard.from_environment(resolve_device(cfg.device))
+    device = shard.device(resolve_device(cfg.device))
+    rows = shard.rows(cfg.batch)
     model_dir = Path(cfg.model) if cfg.model else demo_model_path()
     pipe = FluxPipeline.from_pretrained(str(model_dir)).to(device)
     parameters = add_lora(pipe, cfg)
@@ -259,7 +284,7 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
     if cfg.probe_weight > 0:
         probe = ObjectProbe(pipe.transformer, cfg.probe_cells, KINDS_WITH_NEW_SIZE).to(device)
         parameters += list(probe.parameters())
-    tokens_per_side = IMAGE_SIZE // (2 * pipe.vae_scale_factor)  # FLUX packs 2x2 latent pixels per token
+    shard.start_alike(parameters)
     pipe.transformer.train()
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
     budget = 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
@@ -267,41 +292,29 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
     losses: list[float] = []
     probe_losses: list[float] = []
     step = 0
-    progress = tqdm(range(cfg.steps), desc="lora")
+    progress = tqdm(range(cfg.steps), desc="lora", disable=not shard.is_main)
     for step in progress:
-        fraction = max(step / cfg.steps, (time.perf_counter() - began) / budget)
+        fraction = max(step / cfg.steps, shard.agreed(time.perf_counter() - began) / budget)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup_steps, fraction)
-        prompts, layout = _training_batch(cfg, step, device)
-        generator = _step_generator(device, cfg.seed, NOISE_STAGE, step)
-        prompts = _apply_prompt_dropout(prompts, generator, cfg.prompt_dropout)
         with _autocast(device):
-            fm = _flow_matching_batch(pipe, prompts, rasterize(layout, IMAGE_SIZE), generator, MAX_SEQUENCE_LENGTH)
-            probe_loss = torch.zeros((), device=device)
-            if probe is not None:
-                targets = object_targets(layout, tokens_per_side, cfg.probe_cells, [p != "" for p in prompts])
-                probe_loss = probe.loss(targets)
-            target = fm.target
-            weights = new_size_token_weights(layout, tokens_per_side, cfg.size_weight)
-            if cfg.preserve_base:
-                rows = _preserved_rows(cfg, prompts, device)
-                target = _base_preserving_target(pipe, fm, rows)
-                weights = torch.where(rows[:, None], cfg.preserve_weight * weights, weights)
-            loss = weighted_token_mse(fm.prediction, target, weights)
+            loss, probe_loss = step_losses(pipe, cfg, probe, step, rows, device)
         optimizer.zero_grad(set_to_none=True)
         (loss + cfg.probe_weight * probe_loss).backward()
+        shard.average_gradients(parameters)
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         losses.append(loss.item())
         probe_losses.append(probe_loss.item())
         if step % cfg.log_every == 0:
-            recent = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])
-            recent_probe = sum(probe_losses[-cfg.log_every:]) / len(probe_losses[-cfg.log_every:])
+            recent = shard.mean(sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]))
+            recent_probe = shard.mean(sum(probe_losses[-cfg.log_every:]) / len(probe_losses[-cfg.log_every:]))
             progress.set_postfix(loss=f"{recent:.4f}")
-            print(json.dumps({"step": step, "loss": round(recent, 5), "probe_loss": round(recent_probe, 4),
-                              "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - began, 1)}),
-                  flush=True)
-        if time.perf_counter() - began > budget:
+            if shard.is_main:
+                print(json.dumps({"step": step, "loss": round(recent, 5), "probe_loss": round(recent_probe, 4),
+                                  "lr": optimizer.param_groups[0]["lr"],
+                                  "seconds": round(time.perf_counter() - began, 1)}), flush=True)
+        if shard.agreed(time.perf_counter() - began) > budget:
             break
     if probe is not None:
         probe.detach()
@@ -309,7 +322,9 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
     steps_done = step + 1
     record = {"config": asdict(cfg), "base_model": model_dir.name, "steps": steps_done,
               "pictures": steps_done * cfg.batch, "minutes": round((time.perf_counter() - began) / 60, 2),
-              "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 5)}
+              "final_loss": round(shard.mean(sum(losses[-100:]) / len(losses[-100:])), 5), "processes": shard.world}
+    if not shard.is_main:
+        return Path(output_dir)
     if earlier is not None:
         # the run this one continues, with the runs before it: the whole recipe travels with the folder
         record["continues"] = earlier

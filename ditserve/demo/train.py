@@ -340,8 +340,12 @@ class FlowMatchingBatch:
 
 
 def _flow_matching_batch(pipe: FluxPipeline, prompts: list[str], images: torch.Tensor, generator: torch.Generator,
-                         max_sequence_length: int) -> FlowMatchingBatch:
+                         max_sequence_length: int, rows: slice = slice(None)) -> FlowMatchingBatch:
+    """The batch's ``rows`` (a data-parallel process's share; the noise is drawn for the whole batch) noised and
+    through the transformer."""
     device = images.device
+    drawn = images.shape[0]
+    prompts, images = prompts[rows], images[rows]
     batch = images.shape[0]
     with torch.no_grad():
         # The posterior's mean, not a sample: this VAE's posterior std is about 0.8 of the scaled latents' spread
@@ -349,8 +353,8 @@ def _flow_matching_batch(pipe: FluxPipeline, prompts: list[str], images: torch.T
         latents = pipe.vae.encode(images * 2 - 1).latent_dist.mode()
         x0 = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
     _, channels, height, width = x0.shape
-    noise = torch.randn(x0.shape, generator=generator, device=device)
-    u = torch.rand(batch, generator=generator, device=device).clamp(1e-4, 1.0)
+    noise = torch.randn((drawn, *x0.shape[1:]), generator=generator, device=device)[rows]
+    u = torch.rand(drawn, generator=generator, device=device)[rows].clamp(1e-4, 1.0)
     sigma = _shifted_sigmas(pipe, u, (height // 2) * (width // 2))
     noisy = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
     text = encode_prompts(pipe, prompts, device, max_sequence_length)

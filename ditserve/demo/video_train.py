@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from diffusers import UniPCMultistepScheduler, WanPipeline
 from tqdm.auto import tqdm
 
+from ditserve.demo.data_parallel import DataShard, launched_world
 from ditserve.demo.language import Scene, ShapeObject, Split, stage_seed
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
 from ditserve.demo.object_probe import ObjectProbe, ObjectTargets, object_targets
@@ -393,14 +394,19 @@ class VideoFlowBatch:
 
 
 def flow_matching_batch(pipe: WanPipeline, prompts: list[str], videos: torch.Tensor, generator: torch.Generator,
-                        max_sequence_length: int, noise_draws: int = 1) -> VideoFlowBatch:
+                        max_sequence_length: int, noise_draws: int = 1, rows: slice = slice(None)) -> VideoFlowBatch:
     """Noise each clip's normalised latents at ``noise_draws`` levels and run the transformer on them as WanPipeline
-    does; ``videos`` (B, 3, F, H, W) in [0, 1], one prompt each ("" for a dropped one)."""
+    does; ``videos`` (B, 3, F, H, W) in [0, 1], one prompt each ("" for a dropped one). Only the clips ``rows`` (a
+    data-parallel process's share) are run; the noise is drawn for the whole batch."""
     device = videos.device
+    total = videos.shape[0] * noise_draws
+    clips = range(videos.shape[0])[rows]
+    shared = slice(clips.start * noise_draws, clips.stop * noise_draws)  # their rows among the repeated ones
+    prompts, videos = prompts[rows], videos[rows]
     with torch.no_grad():
         x0 = normalized_latents(pipe, videos).repeat_interleave(noise_draws, dim=0)
-    noise = torch.randn(x0.shape, generator=generator, device=device)
-    u = torch.rand(x0.shape[0], generator=generator, device=device).clamp(1e-4, 1.0)
+    noise = torch.randn((total, *x0.shape[1:]), generator=generator, device=device)[shared]
+    u = torch.rand(total, generator=generator, device=device)[shared].clamp(1e-4, 1.0)
     sigma = flow_sigmas(pipe.scheduler, u)
     noisy = (1 - sigma[:, None, None, None, None]) * x0 + sigma[:, None, None, None, None] * noise
     timestep = (sigma * pipe.scheduler.config.num_train_timesteps).long()
@@ -434,9 +440,11 @@ def _trainable_modules(pipe: WanPipeline, cfg: VideoTrainConfig) -> dict[str, to
 
 
 def train_video_transformer(pipe: WanPipeline, cfg: VideoTrainConfig, device: torch.device,
-                            logger: _Logger) -> dict[str, dict]:
+                            logger: _Logger | None, shard: DataShard = DataShard()) -> dict[str, dict]:
     """Train the transformer (and the text encoder when there is no parsing stage), with the object probe's loss
-    beside the denoising loss when ``cfg.probe_weight`` > 0; returns the EMA state dicts of the trained modules."""
+    beside the denoising loss when ``cfg.probe_weight`` > 0; returns the EMA state dicts of the trained modules.
+    Data parallel with ``shard``: this process trains on its share of every batch; rank 0 alone logs (``logger``)
+    and checkpoints."""
     modules = _trainable_modules(pipe, cfg)
     for module in modules.values():
         module.to(device).train().requires_grad_(True)
@@ -455,11 +463,13 @@ def train_video_transformer(pipe: WanPipeline, cfg: VideoTrainConfig, device: to
             probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
         ema, start, spent_before = state["ema"], state["step"], state["seconds"]
-    progress = tqdm(range(start, cfg.steps), desc="transformer", initial=start, total=cfg.steps)
+    shard.start_alike(parameters)
+    progress = tqdm(range(start, cfg.steps), desc="transformer", initial=start, total=cfg.steps,
+                    disable=not shard.is_main)
     began = time.perf_counter() - spent_before
     budget = 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
     for step in progress:
-        fraction = max(step / cfg.steps, (time.perf_counter() - began) / budget)
+        fraction = max(step / cfg.steps, shard.agreed(time.perf_counter() - began) / budget)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup_steps, fraction)
         first_frames = step < cfg.first_frame_steps
@@ -469,25 +479,30 @@ def train_video_transformer(pipe: WanPipeline, cfg: VideoTrainConfig, device: to
         generator = _step_generator(device, cfg.seed, TRANSFORMER_NOISE_STAGE, step)
         prompts = _apply_prompt_dropout([clip.to_prompt() for clip in clips], generator, cfg.prompt_dropout)
         long_padding = torch.rand(1, generator=generator, device=device).item() < cfg.long_padding_fraction
+        rows = shard.rows(len(clips))
         with _autocast(device):
             fm = flow_matching_batch(pipe, prompts, videos, generator,
-                                     PIPELINE_PADDING if long_padding else MAX_SEQUENCE_LENGTH, cfg.noise_draws)
+                                     PIPELINE_PADDING if long_padding else MAX_SEQUENCE_LENGTH, cfg.noise_draws, rows)
             loss = F.mse_loss(fm.prediction.float(), fm.target)
             probe_loss = torch.zeros((), device=device)
             if probe is not None:
                 targets = probe_targets(layout, len(clips), videos.shape[2], cfg.probe_cells, [p != "" for p in prompts])
-                probe_loss = probe.loss(_repeated(targets, cfg.noise_draws))
+                probe_loss = probe.loss(_repeated(targets[rows], cfg.noise_draws))
         optimizer.zero_grad(set_to_none=True)
         (loss + cfg.probe_weight * probe_loss).backward()
+        shard.average_gradients(parameters)
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         _update_ema(ema, modules, cfg.ema_decay, step)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            progress.set_postfix(loss=f"{loss.item():.4f}", probe=f"{probe_loss.item():.3f}")
-            logger.write(stage="transformer", step=step, frames=videos.shape[2], loss=loss.item(), probe_loss=probe_loss.item(),
-                         lr=optimizer.param_groups[0]["lr"], seconds=round(time.perf_counter() - began, 1))
-        out_of_time = time.perf_counter() - began > budget
-        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1 or out_of_time:
+            losses = [shard.mean(value.item()) for value in (loss, probe_loss)]
+            progress.set_postfix(loss=f"{losses[0]:.4f}", probe=f"{losses[1]:.3f}")
+            if logger is not None:
+                logger.write(stage="transformer", step=step, frames=videos.shape[2], loss=losses[0], probe_loss=losses[1],
+                             lr=optimizer.param_groups[0]["lr"], seconds=round(time.perf_counter() - began, 1))
+        out_of_time = shard.agreed(time.perf_counter() - began) > budget
+        checkpoint_due = (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1 or out_of_time
+        if checkpoint_due and shard.is_main:
             _save_checkpoint(checkpoint, {
                 "step": step + 1,
                 "seconds": time.perf_counter() - began,
@@ -497,7 +512,8 @@ def train_video_transformer(pipe: WanPipeline, cfg: VideoTrainConfig, device: to
                 "ema": ema,
             })
         if out_of_time:
-            logger.write(stage="transformer", stopped_early_at_step=step + 1, of_steps=cfg.steps)
+            if logger is not None:
+                logger.write(stage="transformer", stopped_early_at_step=step + 1, of_steps=cfg.steps)
             break
     if probe is not None:
         probe.detach()
@@ -505,15 +521,23 @@ def train_video_transformer(pipe: WanPipeline, cfg: VideoTrainConfig, device: to
 
 
 def train_video(cfg: VideoTrainConfig, output_dir: str | Path) -> Path:
-    """Full training (resumable from ``cfg.run_dir``); writes the WanPipeline folder to ``output_dir``."""
+    """Full training (resumable from ``cfg.run_dir``); writes the WanPipeline folder to ``output_dir``. Launched as
+    several processes (``data_parallel``), they share the transformer stage, continuing a model whose VAE and text
+    encoder are trained (``init_from``); rank 0 writes."""
     _check_config(cfg)
-    device = resolve_device(cfg.device)
+    if launched_world() > 1 and not cfg.init_from:
+        raise InvalidParameterError("several processes train only the transformer stage: pass --init-from a video "
+                                    "model whose VAE and text encoder are trained (one process trains those)",
+                                    param="init_from")
+    shard = DataShard.from_environment(resolve_device(cfg.device))
+    device = shard.device(resolve_device(cfg.device))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    logger = _Logger(run_dir / "log.jsonl")
+    if shard.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    logger = _Logger(run_dir / "log.jsonl") if shard.is_main else None
     torch.manual_seed(cfg.seed)
     pipe = video_pipeline_from(cfg.init_from) if cfg.init_from else build_video_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -528,12 +552,13 @@ def train_video(cfg: VideoTrainConfig, output_dir: str | Path) -> Path:
     if cfg.text_steps > 0 and not cfg.init_from:
         _train_text_encoder(pipe, cfg, device, logger)
     text_seconds = time.perf_counter() - started - vae_seconds
-    ema = train_video_transformer(pipe, cfg, device, logger)
+    ema = train_video_transformer(pipe, cfg, device, logger, shard)
     for name, module in _trainable_modules(pipe, cfg).items():
         module.load_state_dict(ema[name])
         module.eval().requires_grad_(False)
-    logger.write(stage="done", vae_seconds=vae_seconds, text_seconds=text_seconds,
-                 total_seconds=time.perf_counter() - started, device=str(device))
     output_dir = Path(output_dir)
-    pipe.to("cpu").save_pretrained(output_dir, safe_serialization=True)
+    if shard.is_main:
+        logger.write(stage="done", vae_seconds=vae_seconds, text_seconds=text_seconds,
+                     total_seconds=time.perf_counter() - started, device=str(device), processes=shard.world)
+        pipe.to("cpu").save_pretrained(output_dir, safe_serialization=True)
     return output_dir

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from ditserve import LoRARequest, Omni
 from ditserve.demo import NEW_SIZE, demo_lora_path, demo_model_path
 from ditserve.demo.cli import main
+from ditserve.demo.data_parallel import DataShard
 from ditserve.demo.language import SHAPES, parse_prompt
 from ditserve.demo.lora_train import (
     TARGET_MODULES,
@@ -26,6 +27,7 @@ from ditserve.demo.lora_train import (
     add_lora,
     new_size_token_weights,
     seeds_drawn,
+    step_losses,
     train_lora,
 )
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
@@ -150,6 +152,32 @@ def test_preserving_the_base_targets_its_velocity_on_ordinary_and_dropped_prompt
     torch.testing.assert_close(target[1:], base[1:].float(), rtol=1e-4, atol=1e-4)
     assert (fm.prediction[1:] - base[1:]).abs().max() > 1e-2  # the LoRA does change them
     torch.testing.assert_close(again, fm.prediction)  # and is switched on again afterwards
+
+
+def test_the_shares_of_a_batch_average_to_its_loss_and_gradients():
+    """Data parallel: two processes' shares of a step (their rows, the noise drawn for the whole batch) give, averaged,
+    the whole batch's loss and gradients (with uniform token weights, where the mean of the shares is the mean)."""
+    pipe = FluxPipeline.from_pretrained(str(demo_model_path()))
+    config = LoRATrainConfig(batch=4, rank=4, alpha=4.0, size_weight=0.0, preserve_weight=1.0)
+    parameters = add_lora(pipe, config)
+    with torch.no_grad():
+        for name, parameter in pipe.transformer.named_parameters():
+            if "lora_B" in name:  # then lora_A gets gradients too
+                parameter.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+
+    def share(rows: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for parameter in parameters:
+            parameter.grad = None
+        loss, _ = step_losses(pipe, config, None, 3, rows, torch.device("cpu"))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in parameters]
+
+    whole_loss, whole_grads = share(slice(None))
+    shares = [share(DataShard(rank, 2).rows(config.batch)) for rank in range(2)]
+    torch.testing.assert_close((shares[0][0] + shares[1][0]) / 2, whole_loss, rtol=1e-5, atol=1e-6)
+    for whole, first, second in zip(whole_grads, shares[0][1], shares[1][1], strict=True):
+        torch.testing.assert_close((first + second) / 2, whole, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(shares[0][1][0], shares[1][1][0])  # the shares saw different rows
 
 
 @pytest.mark.parametrize("targets", list(LoRATargets))

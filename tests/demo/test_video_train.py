@@ -6,6 +6,7 @@ import torch
 from diffusers import WanPipeline
 
 from ditserve.demo.cli import main
+from ditserve.demo.data_parallel import DataShard
 from ditserve.demo.language import COLORS, POSITIONS
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH
 from ditserve.demo.object_probe import ObjectProbe
@@ -138,6 +139,32 @@ def test_training_inputs_are_what_the_pipeline_feeds_the_transformer(video_pipe)
     torch.testing.assert_close(batch.noisy - batch.sigma[:, None, None, None, None] * batch.target,
                                x0.expand(3, -1, -1, -1, -1), rtol=0, atol=1e-4)
     assert len(set(batch.sigma.tolist())) == 3
+
+
+def test_a_data_parallel_share_is_its_rows_of_the_whole_batch(video_pipe):
+    """Two processes' shares of a batch (2 clips, 2 noise levels each): each share's noisy latents and targets are
+    its clip's rows of the whole batch's, so the noise is drawn for the whole batch."""
+    videos = render_clip_batch([parse_video_prompt(PROMPT)] * 2, 5)
+    prompts = [PROMPT, ""]
+
+    def batch(rows: slice):
+        with torch.no_grad():
+            return flow_matching_batch(video_pipe, prompts, videos, torch.Generator().manual_seed(0), MAX_SEQUENCE_LENGTH,
+                                       noise_draws=2, rows=rows)
+
+    whole = batch(slice(None))
+    for rank in range(2):
+        share = batch(DataShard(rank, 2).rows(2))
+        for name in ("noisy", "target", "sigma", "text"):
+            torch.testing.assert_close(getattr(share, name), getattr(whole, name)[2 * rank: 2 * rank + 2],
+                                       rtol=0, atol=1e-5)
+
+
+def test_several_processes_need_a_trained_vae_and_text_encoder(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InvalidParameterError, match="init-from") as error:
+        train_video(VideoTrainConfig(run_dir=str(tmp_path / "run")), tmp_path / "out")
+    assert error.value.param == "init_from"
 
 
 def test_a_transformer_predicting_the_training_target_generates_the_clip(video_pipe):
