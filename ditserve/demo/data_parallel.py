@@ -4,8 +4,8 @@ Started by ``torchrun --nproc-per-node N -m ditserve.demo train ...`` (or any la
 ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``), every process draws the same batch (batches are seeded by
 step), trains on its own block of rows and averages the gradients with the others before the optimiser step, so
 all processes keep identical weights and the run sees the batches a single process would. Rank 0 alone logs,
-checkpoints and writes the result. On a 2-core CPU, two one-thread processes use both cores for one run; on a
-multi-GPU machine each process takes the GPU of its ``LOCAL_RANK``.
+checkpoints and writes the result. It is for machines with several GPUs (each process takes the GPU of its
+``LOCAL_RANK``): on a 2-core CPU two one-thread processes run no faster than one process on two threads.
 
 Wall-clock decisions (the learning-rate schedule's progress, the time budget's end) are rank 0's, broadcast every
 step: clocks that differ by a millisecond must not give the processes different learning rates or stop them at
@@ -56,6 +56,8 @@ class DataShard:
         if world == 1:
             return cls()
         shard = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+        if device.type == "cuda":
+            torch.cuda.set_device(shard.local_rank)  # NCCL's own buffers go to the current device
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=shard.rank, world_size=world)
         return shard
