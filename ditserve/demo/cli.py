@@ -379,17 +379,25 @@ def _cmd_redundancy(args: argparse.Namespace) -> None:
     print(f"median change {sorted(changes)[len(changes) // 2]:.4f}; wrote {output_dir}/step_change.png and .json")
 
 
+# The annotations (strings, with postponed evaluation) of config fields that default to None.
+OPTIONAL_FIELD_TYPES: dict[str, type] = {"float | None": float, "int | None": int, "str | None": str}
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser, configs: dict[str, type]) -> None:
     """One option per field of the training config dataclasses (``configs``: task name -> class; a field several
     tasks share is one option), left None unless given. The help shows each task's own default."""
     defaults: dict[str, dict[str, object]] = {}
+    optional: dict[str, type] = {}  # fields whose default is None: the type they take when given
     for task, config_class in configs.items():
         for field in fields(config_class):
             defaults.setdefault(field.name, {})[task] = field.default
+            if field.default is None:
+                optional[field.name] = OPTIONAL_FIELD_TYPES[str(field.type)]
     for name, by_task in defaults.items():
         first = next(iter(by_task.values()))
         # booleans read as --flag / --no-flag; type=bool would take any text, "0" included, as True
-        parsing = {"action": argparse.BooleanOptionalAction} if isinstance(first, bool) else {"type": type(first)}
+        parsing = ({"action": argparse.BooleanOptionalAction} if isinstance(first, bool)
+                   else {"type": optional.get(name) or type(first)})
         shown = (f"default {first!r}" if len(configs) == 1 else
                  "default " + ", ".join(f"{value!r} ({task})" for task, value in by_task.items()))
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=shown, **parsing)

@@ -212,16 +212,25 @@ def heldout_prompts(n: int = 64, seed: int = 0) -> list[str]:
     return sample_prompts(n, seed, split="heldout")
 
 
-def sample_new_size_scenes(n: int, seed: int, split: Split = "train") -> list[Scene]:
+def sample_new_size_scenes(n: int, seed: int, split: Split = "train", pairs: float | None = None) -> list[Scene]:
     """``n`` random scenes of ``split`` with one NEW_SIZE object among 1 to NEW_SIZE_MAX_OBJECTS (the others of
-    the base sizes), reproducible from ``seed``: the LoRA's training data and its evaluation set."""
+    the base sizes), reproducible from ``seed``: the LoRA's training data and its evaluation set. ``pairs``: the
+    share of scenes with two objects (None: as the base scenes fall, about a third, as in the evaluation set)."""
     if split not in SPLITS:
         raise InvalidParameterError(f"split must be one of {list(SPLITS)}, got {split!r}", param="split")
+    if pairs is not None and not 0.0 <= pairs <= 1.0:
+        raise InvalidParameterError(f"pairs must be in [0, 1], got {pairs}", param="new_size_pairs")
     rng = random.Random(seed)
     scenes: list[Scene] = []
     while len(scenes) < n:
         base = _sample_any_scene(rng)
-        objects = list(base.objects[: rng.randint(1, NEW_SIZE_MAX_OBJECTS)])
+        if pairs is None:
+            count = rng.randint(1, NEW_SIZE_MAX_OBJECTS)
+        else:
+            count = 1 + (rng.random() < pairs)
+            while len(base.objects) < count:
+                base = _sample_any_scene(rng)
+        objects = list(base.objects[:count])
         slot = rng.randrange(len(objects))
         objects[slot] = ShapeObject(NEW_SIZE, objects[slot].color, objects[slot].shape, objects[slot].position)
         scene = Scene(objects=tuple(objects), background=base.background)

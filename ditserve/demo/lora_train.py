@@ -92,6 +92,9 @@ class LoRATrainConfig:
     # Fraction of each batch whose prompt holds the new size; the rest are ordinary prompts (rehearsal). The
     # new-size prompts rehearse every base word too, only with one medium object among them.
     new_size_fraction: float = 0.5
+    # Share of the new-size prompts with two objects, the other of a base size (None: about a third, as drawn). The
+    # medium objects the shipped LoRA draws wrong are mostly in such pairs, taking the other object's size.
+    new_size_pairs: float | None = None
     lr: float = 2e-3
     warmup_steps: int = 50
     # The empty prompt is true CFG's unconditional branch: it keeps being trained, so the LoRA leaves it alone.
@@ -123,7 +126,7 @@ class LoRATrainConfig:
 
 def _training_batch(cfg: LoRATrainConfig, step: int, device: torch.device) -> tuple[list[str], Layout]:
     new_count = round(cfg.batch * cfg.new_size_fraction)
-    scenes = (sample_new_size_scenes(new_count, stage_seed(cfg.seed, NEW_SIZE_STAGE, step), split="train")
+    scenes = (sample_new_size_scenes(new_count, stage_seed(cfg.seed, NEW_SIZE_STAGE, step), "train", cfg.new_size_pairs)
               + sample_scenes(cfg.batch - new_count, stage_seed(cfg.seed, BASE_STAGE, step), split="train"))
     generator = _step_generator(device, cfg.seed, NEW_SIZE_STAGE, step)
     return [s.to_prompt() for s in scenes], lay_out(scenes, MAX_JITTER, generator, device)

@@ -248,3 +248,13 @@ def test_eval_refuses_step_counts_that_are_not_whole_numbers_of_at_least_one(ste
 def test_select_cfg_refuses_a_lora_before_touching_the_model_defaults():
     with pytest.raises(InvalidParameterError, match="select-cfg"):
         main(["eval", "--select-cfg", "--lora", str(demo_lora_path())])
+
+
+def test_train_lora_takes_the_share_of_pairs_as_a_number_and_leaves_it_unset_by_default(monkeypatch, tmp_path):
+    from ditserve.demo import lora_train
+
+    seen = []
+    monkeypatch.setattr(lora_train, "train_lora", lambda config, output: seen.append(config))
+    main(["train-lora", "--new-size-pairs", "0.8", "--output", str(tmp_path)])
+    main(["train-lora", "--output", str(tmp_path)])
+    assert [config.new_size_pairs for config in seen] == [0.8, None]

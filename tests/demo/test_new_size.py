@@ -17,6 +17,7 @@ from ditserve.demo.language import (
 )
 from ditserve.demo.model import MAX_SEQUENCE_LENGTH, build_t5_tokenizer
 from ditserve.demo.render import BOX_SIDE
+from ditserve.errors import InvalidParameterError
 
 
 def test_new_size_stays_out_of_the_base_language():
@@ -33,6 +34,20 @@ def test_new_size_prompts_parse_and_hold_one_new_object():
         assert len(scene.objects) <= NEW_SIZE_MAX_OBJECTS
         assert not scene.is_heldout
     assert all(parse_prompt(p).is_heldout for p in new_size_prompts(32, 0))
+
+
+@pytest.mark.parametrize("pairs", [0.0, 0.75, 1.0])
+def test_the_share_of_two_object_new_size_scenes_is_what_was_asked(pairs):
+    scenes = sample_new_size_scenes(400, seed=5, split="train", pairs=pairs)
+    share = sum(len(scene.objects) == 2 for scene in scenes) / len(scenes)
+    assert share == pytest.approx(pairs, abs=0.06)
+    assert all([o.size for o in scene.objects].count(NEW_SIZE) == 1 for scene in scenes)
+
+
+def test_a_share_of_pairs_outside_zero_to_one_is_refused_by_name():
+    with pytest.raises(InvalidParameterError) as error:
+        sample_new_size_scenes(4, seed=0, pairs=1.5)
+    assert error.value.param == "new_size_pairs"
 
 
 def test_new_size_prompts_fit_the_text_padding_untruncated():
