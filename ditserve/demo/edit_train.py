@@ -250,8 +250,9 @@ def train_edit(cfg: EditTrainConfig, output_dir: str | Path) -> Path:
         if getattr(cfg, name) < 0:
             raise InvalidParameterError(f"{name} must be >= 0, got {getattr(cfg, name)}", param=name)
     mode = TextTraining(cfg.text_training)
-    shard = DataShard.from_environment(resolve_device(cfg.device))
-    device = shard.device(resolve_device(cfg.device))
+    requested = resolve_device(cfg.device)
+    shard = DataShard.from_environment(requested)
+    device = shard.device(requested)
     rows = shard.rows(cfg.batch)
     run_dir = Path(cfg.run_dir)
     if shard.is_main:

@@ -277,8 +277,9 @@ def train_lora(cfg: LoRATrainConfig, output_dir: str | Path) -> Path:
     if cfg.seed in seeds_drawn(earlier):
         logger.warning("seed %d was a seed of the runs init_lora continues: this run replays their batches (pass "
                        "another --seed for new ones)", cfg.seed)
-    shard = DataShard.from_environment(resolve_device(cfg.device))
-    device = shard.device(resolve_device(cfg.device))
+    requested = resolve_device(cfg.device)
+    shard = DataShard.from_environment(requested)
+    device = shard.device(requested)
     rows = shard.rows(cfg.batch)
     model_dir = Path(cfg.model) if cfg.model else demo_model_path()
     pipe = FluxPipeline.from_pretrained(str(model_dir)).to(device)

@@ -529,8 +529,9 @@ def train_video(cfg: VideoTrainConfig, output_dir: str | Path) -> Path:
         raise InvalidParameterError("several processes train only the transformer stage: pass --init-from a video "
                                     "model whose VAE and text encoder are trained (one process trains those)",
                                     param="init_from")
-    shard = DataShard.from_environment(resolve_device(cfg.device))
-    device = shard.device(resolve_device(cfg.device))
+    requested = resolve_device(cfg.device)
+    shard = DataShard.from_environment(requested)
+    device = shard.device(requested)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     run_dir = Path(cfg.run_dir)
