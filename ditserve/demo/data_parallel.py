@@ -55,7 +55,8 @@ class DataShard:
         world = launched_world()
         if world == 1:
             return cls()
-        shard = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+        rank = launched_rank()
+        shard = cls(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
         if device.type == "cuda":
             torch.cuda.set_device(shard.local_rank)  # NCCL's own buffers go to the current device
         if not dist.is_initialized():
